@@ -1,0 +1,16 @@
+"""nprerank: BAAI's bge-reranker-base cross-encoder in NumPy + Numba.
+
+    from nprerank import Reranker
+    reranker = Reranker.from_pretrained("BAAI/bge-reranker-base")
+    reranker.rerank("Which one is cooler?", [{"text": "a cyberpunk lizzard"}, {"text": "a cyberpunk cat"}])
+
+Modules, in the order they depend on each other (read them in this order too):
+config.py -> weights.py -> tokenizer.py -> reference.py -> kernels.py -> model.py -> reranker.py
+-> cli.py / server.py. docs/architecture.md walks the forward pass with shapes.
+"""
+
+from .config import ModelConfig, ModelError
+from .reranker import Reranker
+
+__version__ = "0.1.0"
+__all__ = ["Reranker", "ModelConfig", "ModelError", "__version__"]

@@ -1,0 +1,102 @@
+"""The model's configuration, read from a checkpoint's config.json.
+
+This module owns one thing: turning config.json into a small frozen `ModelConfig` holding only
+the fields the forward pass uses, and refusing any checkpoint we cannot run exactly. It must
+agree with transformers' `XLMRobertaConfig` on what each field means.
+
+Read next: weights.py (which tensors the config asks for) and reference.py (how they are used).
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class ModelError(ValueError):
+    """A model folder or file we cannot use; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 250002  # rows of the word embedding table
+    hidden_size: int = 768  # C: width of every token vector
+    num_hidden_layers: int = 12  # encoder layers, each attention + feed-forward
+    num_attention_heads: int = 12  # H: heads; head size D = C / H
+    intermediate_size: int = 3072  # F: width of the feed-forward layer
+    max_position_embeddings: int = 514  # rows of the position table (2 are never used, see below)
+    type_vocab_size: int = 1  # token-type rows; XLM-R uses only type 0
+    layer_norm_eps: float = 1e-5
+    pad_token_id: int = 1  # also RoBERTa's padding_idx for positions
+
+    @property
+    def head_size(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def max_tokens(self) -> int:
+        # RoBERTa numbers real tokens from padding_idx + 1, so the first padding_idx + 1 rows of
+        # the position table are never used by a real token.
+        return self.max_position_embeddings - self.pad_token_id - 1
+
+    @classmethod
+    def from_json(cls, path) -> "ModelConfig":
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ModelError(f"{path}: config.json not found") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ModelError(f"{path}: not a readable JSON file ({e})") from None
+        if not isinstance(raw, dict):
+            raise ModelError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+        return cls.from_dict(raw, source=str(path))
+
+    @classmethod
+    def from_dict(cls, raw: dict, source: str = "config") -> "ModelConfig":
+        _refuse_unsupported(raw, source)
+        values = {}
+        for name, field in cls.__dataclass_fields__.items():
+            value = raw.get(name, field.default)
+            kind = float if field.type in (float, "float") else int
+            smallest = 0 if name == "pad_token_id" else 1e-12
+            if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int) or value < smallest:
+                raise ModelError(f"{source}: {name} must be a positive {kind.__name__}, got {value!r}")
+            values[name] = kind(value)
+        config = cls(**values)
+        if config.hidden_size % config.num_attention_heads:
+            raise ModelError(
+                f"{source}: hidden_size {config.hidden_size} is not divisible by "
+                f"num_attention_heads {config.num_attention_heads}"
+            )
+        if config.max_tokens < 4:
+            raise ModelError(f"{source}: max_position_embeddings {config.max_position_embeddings} leaves no room for a pair")
+        return config
+
+
+# Options that change the maths. Anything but the value we implement is refused by name, so an
+# unsupported checkpoint fails loudly instead of producing plausible but wrong scores.
+_REQUIRED = {
+    "hidden_act": "gelu",  # the exact erf GELU; "gelu_new"/"gelu_pytorch_tanh" are other functions
+    "position_embedding_type": "absolute",
+}
+
+
+def _refuse_unsupported(raw: dict, source: str) -> None:
+    architectures = raw.get("architectures") or ["XLMRobertaForSequenceClassification"]
+    if architectures != ["XLMRobertaForSequenceClassification"] and architectures != ["RobertaForSequenceClassification"]:
+        raise ModelError(
+            f"{source}: architectures is {architectures!r}; nprerank runs "
+            "XLMRobertaForSequenceClassification cross-encoders only"
+        )
+    model_type = raw.get("model_type", "xlm-roberta")
+    if model_type not in ("xlm-roberta", "roberta"):
+        raise ModelError(f"{source}: model_type {model_type!r} is not supported (expected 'xlm-roberta')")
+    for name, wanted in _REQUIRED.items():
+        value = raw.get(name, wanted)
+        if value != wanted:
+            raise ModelError(f"{source}: {name} is {value!r}; only {wanted!r} is supported")
+    labels = raw.get("num_labels", len(raw.get("id2label") or {"0": "LABEL_0"}))
+    if labels != 1:
+        raise ModelError(f"{source}: num_labels/id2label gives {labels} labels; a reranker has exactly 1")
+    if raw.get("is_decoder") or raw.get("add_cross_attention"):
+        raise ModelError(f"{source}: decoder/cross-attention configs are not supported")

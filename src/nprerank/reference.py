@@ -1,0 +1,113 @@
+"""The readable forward pass: token ids -> one relevance logit per pair, in plain NumPy.
+
+One function per step of the maths, weights passed in explicitly, a shape on every line. This is
+the text to read to learn how the cross-encoder works, and the oracle the fast path (kernels.py,
+model.py) is tested against. It follows transformers' `XLMRobertaForSequenceClassification`
+(eager attention, fp32, inference) and must match its logits to 1e-4.
+
+Legend:  B pairs in a batch, T tokens in the longest pair, C hidden size (768), H heads (12),
+         D head size (C / H = 64), F feed-forward width (3072).
+
+Read next: model.py, the same steps fused and run over packed sequences.
+"""
+
+import math
+
+import numpy as np
+
+from .config import ModelConfig
+from .weights import Classifier, Embeddings, Layer, LayerNorm, Linear, Weights, embedding_rows
+
+
+def linear(x, p: Linear):
+    # [..., in] -> [..., out]; weights are [out, in] as torch stores them
+    return x @ p.weight.T + p.bias
+
+
+def layer_norm(x, p: LayerNorm, eps: float):
+    mean = x.mean(axis=-1, keepdims=True)  # [..., 1]
+    variance = x.var(axis=-1, keepdims=True)  # [..., 1], biased, as torch's LayerNorm
+    return (x - mean) / np.sqrt(variance + eps) * p.weight + p.bias  # [..., C]
+
+
+def erf(x):
+    # Abramowitz & Stegun 7.1.26, in float64: |error| < 1.5e-7, about one fp32 rounding step.
+    # NumPy has no erf, and this is short enough to read; the fast path uses its own (kernels.py).
+    z = np.abs(x.astype(np.float64))
+    t = 1.0 / (1.0 + 0.3275911 * z)
+    poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
+    return np.sign(x) * (1.0 - poly * np.exp(-z * z))
+
+
+def gelu(x):
+    # "gelu" in the config is the exact form x * Phi(x) with the erf, not GPT-2's tanh approximation
+    return (0.5 * x * (1.0 + erf(x / math.sqrt(2.0)))).astype(x.dtype)
+
+
+def softmax(x):
+    e = np.exp(x - x.max(axis=-1, keepdims=True))  # subtract the max for numerical stability
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def position_ids(input_ids, pad_token_id: int):
+    # RoBERTa numbers real tokens pad_token_id + 1, pad_token_id + 2, ...; pads get pad_token_id.
+    # (transformers' create_position_ids_from_input_ids)
+    mask = (input_ids != pad_token_id).astype(np.int64)  # [B, T]
+    return np.cumsum(mask, axis=1) * mask + pad_token_id  # [B, T]
+
+
+def embeddings(input_ids, p: Embeddings, config: ModelConfig):
+    word = embedding_rows(p.word, input_ids.ravel()).reshape(*input_ids.shape, -1)  # [B, T, C]
+    position = p.position[position_ids(input_ids, config.pad_token_id)]  # [B, T, C]
+    token_type = p.token_type[0]  # [C]; XLM-R has one segment, every token is type 0
+    return layer_norm(word + position + token_type, p.norm, config.layer_norm_eps)  # [B, T, C]
+
+
+def attention(x, padding, p: Layer, config: ModelConfig):
+    B, T, C = x.shape
+    H, D = config.num_attention_heads, config.head_size
+
+    def heads(t):
+        return t.reshape(B, T, H, D).transpose(0, 2, 1, 3)  # [B, T, C] -> [B, H, T, D]
+
+    query = heads(linear(x, p.query))  # [B, H, T, D]
+    key = heads(linear(x, p.key))  # [B, H, T, D]
+    value = heads(linear(x, p.value))  # [B, H, T, D]
+    scores = query @ key.transpose(0, 1, 3, 2) / np.float32(math.sqrt(D))  # [B, H, T, T]
+    # padded keys get the most negative float, so they receive zero weight (transformers' eager mask)
+    scores = scores + np.where(padding, np.finfo(np.float32).min, np.float32(0))[:, None, None, :]
+    context = softmax(scores) @ value  # [B, H, T, D]
+    context = context.transpose(0, 2, 1, 3).reshape(B, T, C)  # [B, T, C]
+    return linear(context, p.attention_output)  # [B, T, C]
+
+
+def feed_forward(x, p: Layer):
+    return linear(gelu(linear(x, p.intermediate)), p.output)  # [B, T, C] -> [B, T, F] -> [B, T, C]
+
+
+def encoder_layer(x, padding, p: Layer, config: ModelConfig):
+    # post-LN (original BERT): normalise after each residual sum, not before each block
+    x = layer_norm(x + attention(x, padding, p, config), p.attention_norm, config.layer_norm_eps)  # [B, T, C]
+    return layer_norm(x + feed_forward(x, p), p.output_norm, config.layer_norm_eps)  # [B, T, C]
+
+
+def classification_head(x, p: Classifier):
+    first = x[:, 0]  # [B, C]: the <s> token stands for the whole pair
+    return linear(np.tanh(linear(first, p.dense)), p.out_proj)[:, 0]  # [B, C] -> [B, C] -> [B]
+
+
+def forward(input_ids, weights: Weights, config: ModelConfig):
+    """[B, T] token ids, padded with config.pad_token_id -> [B] logits."""
+    padding = input_ids == config.pad_token_id  # [B, T]
+    x = embeddings(input_ids, weights.embeddings, config)  # [B, T, C]
+    for layer in weights.layers:
+        x = encoder_layer(x, padding, layer, config)  # [B, T, C]
+    return classification_head(x, weights.classifier)  # [B]
+
+
+def pad(sequences: list, pad_token_id: int) -> np.ndarray:
+    """[ids] * B -> [B, T] int64, right-padded to the longest."""
+    batch = np.full((len(sequences), max(map(len, sequences))), pad_token_id, dtype=np.int64)
+    for i, ids in enumerate(sequences):
+        batch[i, : len(ids)] = ids
+    return batch
