@@ -83,7 +83,7 @@ class Reranker:
         if not isinstance(contexts, (list, tuple)):
             raise ValueError(f"contexts must be a list, got {type(contexts).__name__}")
         texts = [_context_text(i, context) for i, context in enumerate(contexts)]
-        scores = sigmoid(self._logits([(query, text) for text in texts]))
+        scores = sigmoid(self.logits([(query, text) for text in texts]))
         return [{"id": i, "score": float(scores[i])} for i in _best_first(scores, top_k)]
 
     # --- FlagEmbedding ---------------------------------------------------------------------
@@ -92,7 +92,7 @@ class Reranker:
                       max_length: int | None = None) -> list:
         """FlagReranker.compute_score: [(query, passage)] -> [logit] (or sigmoid if normalize)."""
         pairs = _as_pairs(pairs)
-        logits = self._logits(pairs, batch_size=batch_size, max_length=max_length)
+        logits = self.logits(pairs, batch_size=batch_size, max_length=max_length)
         return (sigmoid(logits) if normalize else logits.astype(np.float64)).tolist()
 
     # --- sentence-transformers -------------------------------------------------------------
@@ -102,7 +102,7 @@ class Reranker:
         single = _is_pair(pairs)
         if activation not in ("sigmoid", None, "none"):
             raise ValueError(f"activation must be 'sigmoid' or None, got {activation!r}")
-        logits = self._logits(_as_pairs(pairs), batch_size=batch_size)
+        logits = self.logits(_as_pairs(pairs), batch_size=batch_size)
         scores = (sigmoid(logits) if activation == "sigmoid" else logits).astype(np.float32)
         return scores[0] if single else scores
 
@@ -125,8 +125,8 @@ class Reranker:
 
     # --- the work --------------------------------------------------------------------------
 
-    def _logits(self, pairs: list, batch_size: int | None = None, max_length: int | None = None) -> np.ndarray:
-        """[(query, passage)] * N -> [N] float32 logits, in input order."""
+    def logits(self, pairs: list, batch_size: int | None = None, max_length: int | None = None) -> np.ndarray:
+        """[(query, passage)] * N -> [N] float32 logits, in input order. The server batches through here."""
         if batch_size is not None:
             _check_int("batch_size", batch_size)
         if max_length is not None:
@@ -139,6 +139,12 @@ class Reranker:
         logits = np.full(len(pairs), -np.inf, dtype=np.float32)
         np.maximum.at(logits, owners, unit_logits)  # a chunked document scores as its best window
         return logits
+
+    def token_counts(self, pairs: list) -> list:
+        """Untruncated length of each `<s> q </s></s> p </s>`: to refuse over-long input instead of cutting it."""
+        queries = self.tokenizer.encode_texts([query for query, _ in pairs])
+        passages = self.tokenizer.encode_texts([passage for _, passage in pairs])
+        return [len(q) + len(p) + SPECIAL_TOKENS_IN_PAIR for q, p in zip(queries, passages)]
 
     def _encode(self, pairs: list, max_length: int | None) -> tuple:
         """Pairs -> (owner pair index per sequence, token-id sequences); one sequence per pair unless chunking."""

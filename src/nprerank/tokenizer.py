@@ -66,8 +66,8 @@ class PairTokenizer:
         max_length = self.max_length if max_length is None else max_length
         if not all(isinstance(t, str) for pair in pairs for t in pair):
             raise ValueError("every query and passage must be a string")
-        queries = self._encode([query for query, _ in pairs])
-        passages = self._encode([passage for _, passage in pairs])
+        queries = self.encode_texts([query for query, _ in pairs])
+        passages = self.encode_texts([passage for _, passage in pairs])
         budget = max_length - SPECIAL_TOKENS_IN_PAIR  # tokens left for query + passage
         encoded = []
         for query, passage in zip(queries, passages):
@@ -87,8 +87,8 @@ class PairTokenizer:
         tokens so that no sentence is only ever seen cut in half.
         """
         max_length = self.max_length if max_length is None else max_length
-        queries = self._encode([query for query, _ in pairs])
-        passages = self._encode([passage for _, passage in pairs])
+        queries = self.encode_texts([query for query, _ in pairs])
+        passages = self.encode_texts([passage for _, passage in pairs])
         encoded = []
         for query, passage in zip(queries, passages):
             query = query[: self._query_limit(max_length)]
@@ -106,7 +106,8 @@ class PairTokenizer:
     def _join(self, query: list, passage: list) -> list:
         return [self.bos, *query, self.eos, self.eos, *passage, self.eos]
 
-    def _encode(self, texts: list) -> list:
+    def encode_texts(self, texts: list) -> list:
+        """[text] -> [ids] without special tokens or truncation."""
         return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
 
 
