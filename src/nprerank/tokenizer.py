@@ -36,11 +36,11 @@ class PairTokenizer:
         if query_max_length is not None and (
             isinstance(query_max_length, bool)
             or not isinstance(query_max_length, int)
-            or not 1 <= query_max_length <= max_length - SPECIAL_TOKENS_IN_PAIR - 1
+            or not 1 <= query_max_length <= max_length - SPECIAL_TOKENS_IN_PAIR
         ):
             raise ValueError(
-                f"query_max_length must be an int from 1 to max_length - {SPECIAL_TOKENS_IN_PAIR + 1} "
-                f"= {max_length - SPECIAL_TOKENS_IN_PAIR - 1}, got {query_max_length!r}"
+                f"query_max_length must be an int from 1 to max_length - {SPECIAL_TOKENS_IN_PAIR} "
+                f"= {max_length - SPECIAL_TOKENS_IN_PAIR}, got {query_max_length!r}"
             )
         try:
             self.tokenizer = Tokenizer.from_file(str(path))
@@ -91,7 +91,7 @@ class PairTokenizer:
         passages = self.encode_texts([passage for _, passage in pairs])
         encoded = []
         for query, passage in zip(queries, passages):
-            query = query[: self._query_limit(max_length)]
+            query = query[: min(self._query_limit(max_length), max_length - SPECIAL_TOKENS_IN_PAIR - 1)]
             window = max_length - SPECIAL_TOKENS_IN_PAIR - len(query)
             step = window - min(overlap, window // 2)
             starts = range(0, max(1, len(passage) - window + step), step)
@@ -99,9 +99,9 @@ class PairTokenizer:
         return encoded
 
     def _query_limit(self, max_length: int) -> int:
-        # FlagEmbedding's default is 3/4 of the pair's max_length; at least one passage token stays
+        # FlagEmbedding's default is 3/4 of the pair's max_length (which a per-call max_length changes)
         limit = self.query_max_length or max_length * 3 // 4
-        return min(limit, max_length - SPECIAL_TOKENS_IN_PAIR - 1)
+        return min(limit, max_length - SPECIAL_TOKENS_IN_PAIR)
 
     def _join(self, query: list, passage: list) -> list:
         return [self.bos, *query, self.eos, self.eos, *passage, self.eos]
