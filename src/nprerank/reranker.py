@@ -55,12 +55,13 @@ class Reranker:
             )
 
     @classmethod
-    def from_pretrained(cls, path, max_length: int | None = None, truncation: str = "only_second",
+    def from_pretrained(cls, path="BAAI/bge-reranker-base", max_length: int | None = None, truncation: str = "only_second",
                         query_max_length: int | None = None, **options) -> "Reranker":
-        """Load a bge-reranker-base folder (config.json, tokenizer.json, model.safetensors)."""
-        folder = Path(path)
-        if not folder.is_dir():
-            raise ModelError(f"{folder}: no such model folder")
+        """Load a bge-reranker-base folder (config.json, tokenizer.json, model.safetensors), or a
+        Hugging Face repo id: found in the Hugging Face cache, else downloaded (hub.py)."""
+        from .hub import resolve
+
+        folder = resolve(path)
         missing = [name for name in MODEL_FILES if not (folder / name).is_file()]
         if missing:
             raise ModelError(f"{folder}: missing {', '.join(missing)} (a model folder needs {', '.join(MODEL_FILES)})")
