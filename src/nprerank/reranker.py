@@ -160,7 +160,9 @@ class Reranker:
     def run(self, sequences: list, batch_size: int | None = None) -> np.ndarray:
         """Token-id sequences -> [N] logits, in order, batched longest first under the token budget."""
         batch_size = batch_size or self.batch_size
-        order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+        # longest first, ties broken by content not position: the same inputs in any order form the
+        # same batches, so reordering the input never changes a score, not even in the last bit
+        order = sorted(range(len(sequences)), key=lambda i: (-len(sequences[i]), sequences[i]))
         logits = np.empty(len(sequences), dtype=np.float32)
         start = 0
         while start < len(order):

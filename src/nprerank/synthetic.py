@@ -152,7 +152,8 @@ def _calibrate_head(model, tokenizer_folder: Path) -> None:
 
     texts = corpus(16, seed=1)
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_folder))
-    batch = tokenizer(texts[:8], texts[8:], truncation=True, max_length=64, padding=True, return_tensors="pt")
+    max_length = min(64, model.config.max_position_embeddings - model.config.pad_token_id - 1)
+    batch = tokenizer(texts[:8], texts[8:], truncation=True, max_length=max_length, padding=True, return_tensors="pt")
     logits = model(**batch).logits[:, 0]
     head = model.classifier.out_proj
     head.weight.mul_(2.0 / (logits.std() + 1e-6))
