@@ -1,0 +1,747 @@
+"""`nprerank bench`: nprerank against torch and ONNX Runtime on the same weights, in one run.
+
+What it owns: the three workloads of issue 3 (fixed seeds), one adapter per engine that turns
+token-id sequences into logits, the interleaved timing loop, the fresh-process measurements of
+memory and start-up time, and the report (a table, or one JSON document with `--json`).
+
+Engines:
+- nprerank-fast / nprerank-reference: `Reranker.from_pretrained(folder, engine=...)`, batched by
+  `Reranker.run` exactly as a user's call is.
+- torch-eager / torch-sdpa: transformers' `XLMRobertaForSequenceClassification`, fp32,
+  `torch.inference_mode`, padded length-sorted batches (FlagEmbedding's way of batching).
+- onnxruntime: the same weights exported once with `torch.onnx.export` (dynamic batch and
+  sequence axes, cached), run with every graph optimisation on, padded length-sorted batches.
+Every engine gets the same token ids (nprerank's tokenizer, "only_second" truncation), and each
+engine's logits are compared with nprerank-reference's so that nobody times a broken engine.
+Engines that cannot run here are reported as skipped with the reason.
+
+Method (docs/performance.md says why): a warm-up call per engine and workload (compiling,
+allocating), then `--repeats` rounds; in each round every workload runs on every engine, the
+engine order rotating from round to round, so machine noise falls on all engines alike. Speed is
+pairs per second (median and min of the rounds) and, from the model's useful FLOPs (no padding),
+GFLOP/s against an sgemm ceiling measured in the same rounds. Peak memory and the time from
+process start to first score come from a fresh process per engine (`--_child`), since a process
+that has loaded torch cannot tell what nprerank alone costs.
+
+Read next: docs/performance.md (method and measured tables); reranker.py (what is being timed).
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .config import ModelConfig, ModelError
+
+ENGINES = ("nprerank-fast", "nprerank-reference", "torch-eager", "torch-sdpa", "onnxruntime")
+WORKLOADS = ("rerank-100", "long", "single")
+REFERENCE = "nprerank-reference"  # the oracle every engine's logits are compared with
+FAST = "nprerank-fast"
+AGREEMENT = 1e-4  # max |logit difference| an engine may have from the reference (issue 3's parity bar)
+BENCH_EXTRA = "pip install 'nprerank[bench]'"
+CHILD_MARK = "nprerank-bench-child: "  # prefixes the one JSON line a child prints
+SGEMM_SIZE = 2048  # the ceiling: [2048, 2048] @ [2048, 2048] fp32, 17 GFLOP, ~0.1 s on 2 cores
+
+# Issue 3's acceptance bars: (what, engine it is compared with, workload, bar).
+SPEED_BARS = (("rerank-100", "onnxruntime", 1.15), ("rerank-100", "torch-sdpa", 1.15),
+              ("long", "onnxruntime", 1.0), ("single", "onnxruntime", 1.0))
+PEAK_RSS_BAR_MB = 600
+PRIVATE_BAR_MB = 200
+FIRST_SCORE_BAR_S = 1.5
+
+
+# --- workloads -------------------------------------------------------------------------------
+
+@dataclass
+class Workload:
+    name: str
+    lengths: list  # token count of each pair, <s> and </s> included
+    batch_size: int  # pairs per call to the model (a peer's padded batch; nprerank's upper bound)
+    calls: int  # calls per timed run: "single" measures latency, one pair per call, several calls
+    seed: int
+    sequences: list = None  # token ids, filled in by `tokenize`
+    texts: list = None  # the (query, passage) pair behind each sequence
+
+    @property
+    def pairs_per_run(self) -> int:
+        return len(self.lengths) * self.calls
+
+
+def make_workloads(names: list, max_tokens: int, quick: bool) -> list:
+    """Issue 3's workloads (or tiny ones with --quick), lengths capped at what the model can take."""
+    cap = lambda n: min(n, max_tokens)  # noqa: E731
+    rng = np.random.default_rng(100)
+    if quick:
+        specs = {
+            "rerank-100": Workload("rerank-100", [cap(int(n)) for n in rng.integers(10, 61, size=8)], 4, 1, 100),
+            "long": Workload("long", [cap(512)] * 2, 32, 1, 512),
+            "single": Workload("single", [cap(128)], 1, 2, 128),
+        }
+    else:
+        specs = {
+            "rerank-100": Workload("rerank-100", [cap(int(n)) for n in rng.integers(40, 251, size=100)], 32, 1, 100),
+            "long": Workload("long", [cap(512)] * 16, 32, 1, 512),
+            "single": Workload("single", [cap(128)], 1, 10, 128),
+        }
+    return [specs[name] for name in names]
+
+
+QUERY = "what is the giant panda and why does it eat bamboo in the mountains of china"
+
+
+def tokenize(workload: Workload, tokenizer) -> None:
+    """Give each pair of the workload real text and exactly its token count.
+
+    rerank-100 is one query against many passages; long and single pair the query with
+    different passages too. Passages are deterministic multilingual text (synthetic.corpus),
+    made longer than needed and cut by the tokenizer to the wanted length ("only_second": the
+    query stays whole), so the token counts are real counts of the model's own tokenizer.
+    """
+    from .synthetic import corpus
+
+    workload.sequences, workload.texts = [], []
+    for i, length in enumerate(workload.lengths):
+        lines = 40
+        while True:
+            passage = " ".join(corpus(lines=lines, seed=workload.seed * 1000 + i))
+            (ids,) = tokenizer.encode_pairs([(QUERY, passage)], max_length=length)
+            if len(ids) == length or lines > 5000:
+                break
+            lines *= 2  # this tokenizer packs the text densely: take more of it
+        if len(ids) != length:
+            raise ModelError(f"could not make a {length}-token pair for {workload.name} with this tokenizer")
+        workload.sequences.append(ids)
+        workload.texts.append((QUERY, passage))
+
+
+def useful_flops(tokens: int, config: ModelConfig) -> float:
+    """Multiply-adds x 2 that one unpadded pair of `tokens` tokens needs (elementwise work not counted)."""
+    T, C, F = tokens, config.hidden_size, config.intermediate_size
+    projections = 2 * T * C * 4 * C  # query, key, value, attention output: [T, C] @ [C, C] each
+    attention = 2 * 2 * T * T * C  # scores Q K^T and the weighted sum P V, over all heads
+    feed_forward = 2 * 2 * T * C * F  # [T, C] @ [C, F] and [T, F] @ [F, C]
+    head = 2 * C * C + 2 * C  # dense + out_proj on the first token only
+    return config.num_hidden_layers * (projections + attention + feed_forward) + head
+
+
+# --- engines ---------------------------------------------------------------------------------
+# Each engine: `.tokenizer` (nprerank's PairTokenizer) and `.logits(sequences, batch_size)` ->
+# [N] float32 logits in input order.
+
+class NprerankEngine:
+    def __init__(self, folder: Path, threads: int, engine: str):
+        from .reranker import Reranker
+
+        self.reranker = Reranker.from_pretrained(folder, engine=engine, threads=threads)
+        self.tokenizer = self.reranker.tokenizer
+
+    def logits(self, sequences: list, batch_size: int) -> np.ndarray:
+        return self.reranker.run(sequences, batch_size)
+
+
+def padded_batches(sequences: list, batch_size: int, pad_token_id: int):
+    """Longest first, `batch_size` pairs at a time, each batch padded to its longest pair.
+
+    This is how FlagEmbedding and sentence-transformers batch for torch: sorting wastes less on
+    padding than input order, but the shorter pairs of each batch still carry pad tokens.
+    Yields (input positions, [B, T] int64 ids, [B, T] int64 attention mask).
+    """
+    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        longest = len(sequences[batch[0]])
+        ids = np.full((len(batch), longest), pad_token_id, dtype=np.int64)  # [B, T]
+        mask = np.zeros((len(batch), longest), dtype=np.int64)  # [B, T]
+        for row, i in enumerate(batch):
+            ids[row, : len(sequences[i])] = sequences[i]
+            mask[row, : len(sequences[i])] = 1
+        yield batch, ids, mask
+
+
+def _peer_tokenizer(folder: Path):
+    from .tokenizer import PairTokenizer
+
+    config = ModelConfig.from_json(folder / "config.json")
+    return PairTokenizer(folder / "tokenizer.json", min(512, config.max_tokens)), config.pad_token_id
+
+
+class TorchEngine:
+    def __init__(self, folder: Path, threads: int, attention: str):
+        import torch
+        from transformers import XLMRobertaForSequenceClassification
+        from transformers.utils import logging
+
+        logging.set_verbosity_error()
+        logging.disable_progress_bar()
+        torch.set_num_threads(threads)
+        self.torch = torch
+        self.tokenizer, self.pad_token_id = _peer_tokenizer(folder)
+        model = XLMRobertaForSequenceClassification.from_pretrained(str(folder), attn_implementation=attention)
+        self.model = model.float().eval()
+
+    def logits(self, sequences: list, batch_size: int) -> np.ndarray:
+        out = np.empty(len(sequences), dtype=np.float32)
+        with self.torch.inference_mode():
+            for batch, ids, mask in padded_batches(sequences, batch_size, self.pad_token_id):
+                result = self.model(input_ids=self.torch.from_numpy(ids), attention_mask=self.torch.from_numpy(mask))
+                out[batch] = result.logits[:, 0].numpy()
+        return out
+
+
+def onnx_path(folder: Path) -> Path:
+    """Where the ONNX export of this model folder is cached (keyed by the checkpoint's identity)."""
+    import hashlib
+
+    from .synthetic import cache_dir
+
+    weights = (folder / "model.safetensors").resolve()
+    stat = weights.stat()
+    key = hashlib.sha256(f"{weights}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_dir() / f"onnx-{key}" / "model.onnx"
+
+
+def export_onnx(folder: Path) -> Path:
+    """Export the checkpoint with torch.onnx.export (once; later runs reuse the file)."""
+    path = onnx_path(folder)
+    if path.exists():
+        return path
+    import warnings
+
+    import torch
+    from transformers import XLMRobertaForSequenceClassification
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    print(f"exporting {folder} to ONNX (once, cached in {path.parent}) ...", file=sys.stderr, flush=True)
+    model = XLMRobertaForSequenceClassification.from_pretrained(str(folder), attn_implementation="eager")
+    model = model.float().eval()
+    ids = torch.tensor([[0, 5, 6, 7, 2, 2, 8, 9, 2], [0, 5, 6, 2, 2, 8, 2, 1, 1]])
+    mask = (ids != 1).long()
+    tmp = path.with_name(f"model.tmp{os.getpid()}.onnx")
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    axes = {"batch": 0, "sequence": 1}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # tracer warnings about Python-side branches on shapes
+        torch.onnx.export(
+            model, (ids, mask), str(tmp), input_names=["input_ids", "attention_mask"], output_names=["logits"],
+            dynamic_axes={"input_ids": {v: k for k, v in axes.items()}, "attention_mask": {v: k for k, v in axes.items()},
+                          "logits": {0: "batch"}},
+            opset_version=17, dynamo=False,
+        )
+    os.replace(tmp, path)
+    return path
+
+
+class OnnxRuntimeEngine:
+    def __init__(self, folder: Path, threads: int):
+        import onnxruntime as ort
+
+        path = onnx_path(folder)
+        if not path.exists():
+            raise ModelError(f"no ONNX export at {path}: the parent bench process makes it")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.tokenizer, self.pad_token_id = _peer_tokenizer(folder)
+
+    def logits(self, sequences: list, batch_size: int) -> np.ndarray:
+        out = np.empty(len(sequences), dtype=np.float32)
+        for batch, ids, mask in padded_batches(sequences, batch_size, self.pad_token_id):
+            (result,) = self.session.run(["logits"], {"input_ids": ids, "attention_mask": mask})
+            out[batch] = result[:, 0]
+        return out
+
+
+def missing(engine: str) -> str | None:
+    """Why an engine cannot run here, or None. Checks installs only; loading may still fail."""
+    needs = {"torch-eager": ("torch", "transformers"), "torch-sdpa": ("torch", "transformers"),
+             "onnxruntime": ("onnxruntime",)}.get(engine, ())
+    absent = [name for name in needs if importlib.util.find_spec(name) is None]
+    if absent:
+        return f"{' and '.join(absent)} not installed ({BENCH_EXTRA})"
+    return None
+
+
+def load_engine(engine: str, folder: Path, threads: int):
+    if engine == FAST:
+        return NprerankEngine(folder, threads, "fast")
+    if engine == REFERENCE:
+        return NprerankEngine(folder, threads, "reference")
+    if engine == "torch-eager":
+        return TorchEngine(folder, threads, "eager")
+    if engine == "torch-sdpa":
+        return TorchEngine(folder, threads, "sdpa")
+    if engine == "onnxruntime":
+        return OnnxRuntimeEngine(folder, threads)
+    raise ValueError(f"unknown engine {engine!r}")
+
+
+# --- the machine: BLAS, sgemm ceiling, memory, process start ---------------------------------
+
+def _openblas():
+    """numpy's OpenBLAS as a ctypes library and its symbol naming, or (None, None)."""
+    import ctypes
+
+    with open("/proc/self/maps") as maps:
+        paths = {line.split()[-1] for line in maps if "openblas" in line.lower() and "/" in line}
+    for path in sorted(paths, key=lambda p: "numpy" not in p):  # numpy's own copy first
+        library = ctypes.CDLL(path)
+        for prefix, suffix in (("scipy_openblas_", "64_"), ("openblas_", "64_"), ("scipy_openblas_", ""), ("openblas_", "")):
+            if hasattr(library, f"{prefix}get_corename{suffix}"):
+                return library, (path, prefix, suffix)
+    return None, None
+
+
+def blas_runtime() -> dict:
+    """Which BLAS numpy calls, which kernel it picked for this CPU, and its thread count."""
+    config = np.show_config(mode="dicts").get("Build Dependencies", {}).get("blas", {})
+    info = {"name": config.get("name"), "version": config.get("version"),
+            "env": {k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS",
+                                                "OMP_NUM_THREADS") if k in os.environ}}
+    if importlib.util.find_spec("threadpoolctl"):
+        from threadpoolctl import threadpool_info
+
+        for pool in threadpool_info():
+            if pool.get("user_api") == "blas" and "numpy" in pool.get("filepath", ""):
+                info.update(kernel=pool.get("architecture"), threads=pool.get("num_threads"), source="threadpoolctl")
+                return info
+    import ctypes
+
+    library, naming = _openblas()
+    if library is not None:
+        _, prefix, suffix = naming
+        corename = getattr(library, f"{prefix}get_corename{suffix}")
+        corename.restype = ctypes.c_char_p
+        info.update(kernel=corename().decode(), threads=getattr(library, f"{prefix}get_num_threads{suffix}")(),
+                    source="OpenBLAS get_corename via ctypes")
+    return info
+
+
+def set_blas_threads(threads: int) -> None:
+    """Set numpy's BLAS threads (OpenBLAS; threadpoolctl for other BLAS when installed)."""
+    import ctypes
+
+    library, naming = _openblas()
+    if library is not None:
+        _, prefix, suffix = naming
+        getattr(library, f"{prefix}set_num_threads{suffix}")(ctypes.c_int(threads))
+    elif importlib.util.find_spec("threadpoolctl"):
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(limits=threads, user_api="blas")
+
+
+def sgemm_gflops(size: int = SGEMM_SIZE, tries: int = 5) -> float:
+    """Best of `tries` fp32 [size, size] @ [size, size] products: what BLAS can reach here, now."""
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((size, size), dtype=np.float32) for _ in range(2))
+    out = np.empty((size, size), dtype=np.float32)
+    np.matmul(a, b, out=out)  # first call: threads start, pages fault in
+    best = min(_seconds(lambda: np.matmul(a, b, out=out)) for _ in range(tries))
+    return 2 * size**3 / best / 1e9
+
+
+def _seconds(work) -> float:
+    start = time.perf_counter()
+    work()
+    return time.perf_counter() - start
+
+
+def seconds_since_process_start() -> float:
+    """Now minus the kernel's record of this process's start (/proc/self/stat field 22, 10 ms ticks)."""
+    with open("/proc/self/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()  # fields from the 3rd on; the name may hold spaces
+    start = int(fields[22 - 3]) / os.sysconf("SC_CLK_TCK")
+    return time.clock_gettime(time.CLOCK_BOOTTIME) - start
+
+
+def _proc_kb(path: str, names: tuple) -> dict:
+    values = dict.fromkeys(names, 0)
+    with open(path) as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key in values:
+                values[key] = int(rest.split()[0])
+    return values
+
+
+class AnonymousMemoryPeak:
+    """Samples RssAnon (resident anonymous memory) every few ms on a thread and keeps the peak.
+
+    The kernel keeps a peak for the whole RSS (ru_maxrss) but not for anonymous memory, the part
+    that is really this process's own: memory-mapped weights are page cache, shared and droppable.
+    """
+
+    def __init__(self, interval: float = 0.005):
+        self.peak_kb, self.interval, self.running = 0, interval, True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+
+    def _sample(self):
+        while self.running:
+            self.peak_kb = max(self.peak_kb, _proc_kb("/proc/self/status", ("RssAnon",))["RssAnon"])
+            time.sleep(self.interval)
+
+    def stop(self) -> int:
+        self.running = False
+        self.thread.join()
+        return max(self.peak_kb, _proc_kb("/proc/self/status", ("RssAnon",))["RssAnon"])
+
+
+# --- fresh-process measurements --------------------------------------------------------------
+
+def child_main(args) -> int:
+    """In a fresh process: load one engine, score one pair (first score), then rerank-100; print JSON."""
+    sampler = AnonymousMemoryPeak()
+    folder = Path(args.model)
+    work = json.loads(Path(args.child_input).read_text())
+    if args.child != FAST:
+        set_blas_threads(args.threads)  # nprerank-fast sets its own threads from `threads=`
+    engine = load_engine(args.child, folder, args.threads)
+    query, passage, max_length = work["first"]
+    engine.logits(engine.tokenizer.encode_pairs([(query, passage)], max_length=max_length), 1)
+    first_score = seconds_since_process_start()
+    engine.logits(work["rerank"], work["batch_size"])
+    peak_anonymous_kb = sampler.stop()
+    rollup = _proc_kb("/proc/self/smaps_rollup", ("Rss", "Anonymous", "Private_Clean", "Private_Dirty"))
+    result = {
+        "first_score_s": round(first_score, 3),
+        # VmHWM, not ru_maxrss: Linux carries the parent's RSS at fork into the child's ru_maxrss
+        "peak_rss_mb": _proc_kb("/proc/self/status", ("VmHWM",))["VmHWM"] * 1024 / 1e6,
+        "peak_anonymous_mb": peak_anonymous_kb * 1024 / 1e6,
+        "end_anonymous_mb": rollup["Anonymous"] * 1024 / 1e6,
+        "end_private_mb": (rollup["Private_Clean"] + rollup["Private_Dirty"]) * 1024 / 1e6,
+        "end_rss_mb": rollup["Rss"] * 1024 / 1e6,
+    }
+    print(CHILD_MARK + json.dumps(result), flush=True)
+    return 0
+
+
+def measure_start(engine: str, folder: Path, threads: int, work_file: Path, env: dict | None = None) -> dict:
+    """Run `python -m nprerank.bench --_child ENGINE` and read its one JSON line."""
+    command = [sys.executable, "-m", "nprerank.bench", "--_child", engine, "--model", str(folder),
+               "--threads", str(threads), "--_child-input", str(work_file)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=1200, env={**os.environ, **(env or {})})
+    for line in reversed(done.stdout.splitlines()):
+        if line.startswith(CHILD_MARK):
+            return json.loads(line[len(CHILD_MARK):])
+    last = " | ".join(done.stderr.strip().splitlines()[-3:])
+    return {"error": f"child exited {done.returncode}: {last or 'no output'}"}
+
+
+def measure_starts(engines: list, folder: Path, threads: int, single: Workload, rerank: Workload) -> dict:
+    """Start-up time and memory per engine, each in fresh processes; nprerank-fast cold and cached.
+
+    The cold start compiles every Numba kernel: the child runs with NUMBA_CACHE_DIR pointing at
+    an empty folder (so nobody's cache is deleted); the second child with the same folder finds
+    the compiled kernels there, as every later start does.
+    """
+    starts = {}
+    with tempfile.TemporaryDirectory(prefix="nprerank-bench-") as tmp:
+        work_file = Path(tmp) / "work.json"
+        work_file.write_text(json.dumps({"first": [*single.texts[0], single.lengths[0]],
+                                         "rerank": rerank.sequences, "batch_size": rerank.batch_size}))
+        for engine in engines:
+            _progress(f"fresh process: {engine}")
+            if engine == FAST:
+                numba_cache = {"NUMBA_CACHE_DIR": str(Path(tmp) / "numba-cache")}
+                cold = measure_start(engine, folder, threads, work_file, numba_cache)
+                starts[engine] = {**measure_start(engine, folder, threads, work_file, numba_cache), "cold": cold}
+            else:
+                starts[engine] = measure_start(engine, folder, threads, work_file)
+    return starts
+
+
+# --- the run ---------------------------------------------------------------------------------
+
+def _progress(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def resolve_model(args) -> tuple:
+    """(folder, description) from --model or --random; ModelError with the reason otherwise."""
+    if args.random:
+        absent = [name for name in ("torch", "transformers", "sentencepiece") if importlib.util.find_spec(name) is None]
+        if absent:
+            raise ModelError(f"--random builds a random checkpoint with {', '.join(absent)}, not installed ({BENCH_EXTRA})")
+        from .synthetic import BGE_RERANKER_BASE, make_model
+
+        _progress("random bge-reranker-base-shaped checkpoint (seed 1; about a minute to build the first time)")
+        return make_model(seed=1, **BGE_RERANKER_BASE), "random weights, bge-reranker-base shape (synthetic.make_model(seed=1))"
+    folder = Path(args.model)
+    for name in ("config.json", "tokenizer.json", "model.safetensors"):
+        if not (folder / name).is_file():
+            raise ModelError(f"{folder}: no {name} (--model wants a bge-reranker-base folder)")
+    return folder, str(folder)
+
+
+def run(args) -> dict:
+    folder, description = resolve_model(args)
+    config = ModelConfig.from_json(folder / "config.json")
+    set_blas_threads(args.threads)
+    report = {
+        "command": " ".join(getattr(args, "command", None) or [Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "model": {"path": str(folder), "description": description, "layers": config.num_hidden_layers,
+                  "hidden_size": config.hidden_size, "vocab_size": config.vocab_size},
+        "threads": args.threads, "repeats": args.repeats, "quick": args.quick,
+        "machine": machine_info(),
+        "engines": {}, "workloads": {}, "startup": {},
+    }
+
+    engines = {}  # name -> loaded engine
+    for name in dict.fromkeys([REFERENCE, *args.engines]):  # the reference always: it checks the others
+        reason = missing(name)
+        if reason is None and name == "onnxruntime" and not onnx_path(folder).exists():
+            if missing("torch-eager"):
+                reason = f"the ONNX export needs torch: {missing('torch-eager')}"
+            else:
+                try:
+                    export_onnx(folder)
+                except Exception as e:  # report, don't crash the whole bench
+                    reason = f"ONNX export failed: {type(e).__name__}: {e}"
+        if reason is None:
+            _progress(f"loading {name}")
+            try:
+                engines[name] = load_engine(name, folder, args.threads)
+            except Exception as e:
+                reason = f"failed to load: {type(e).__name__}: {e}"
+        report["engines"][name] = {"status": "ok"} if reason is None else {"status": "skipped", "reason": reason}
+    if REFERENCE not in engines:
+        raise ModelError(f"nprerank-reference could not load: {report['engines'][REFERENCE]['reason']}")
+    timed = [name for name in args.engines if name in engines]
+    if REFERENCE not in args.engines:
+        report["engines"][REFERENCE]["note"] = "used for the logit check only, not timed"
+
+    workloads = make_workloads(args.workloads, config.max_tokens, args.quick)
+    tokenizer = engines[REFERENCE].tokenizer
+    for workload in workloads:
+        tokenize(workload, tokenizer)
+
+    # warm-up: compile, allocate, and keep each engine's logits to compare with the reference
+    logits = {}
+    for workload in workloads:
+        for name in dict.fromkeys([REFERENCE, *timed]):
+            _progress(f"warm-up {workload.name} on {name}")
+            logits[workload.name, name] = engines[name].logits(workload.sequences, workload.batch_size)
+
+    seconds = {(w.name, name): [] for w in workloads for name in timed}
+    sgemm = []
+    for round_ in range(args.repeats):
+        sgemm.append(sgemm_gflops())
+        for workload in workloads:
+            shift = round_ % len(timed)
+            for name in timed[shift:] + timed[:shift]:  # rotate who goes first
+                engine = engines[name]
+                time.sleep(0.05)  # let the previous engine's spinning threads go idle
+                seconds[workload.name, name].append(_seconds(
+                    lambda: [engine.logits(workload.sequences, workload.batch_size) for _ in range(workload.calls)]))
+            _progress(f"round {round_ + 1}/{args.repeats} {workload.name}: " + ", ".join(
+                f"{name} {workload.pairs_per_run / seconds[workload.name, name][-1]:.2f}" for name in timed) + " pairs/s")
+    ceiling = statistics.median(sgemm)
+    report["machine"]["sgemm_gflops"] = {"median": ceiling, "runs": sgemm, "size": SGEMM_SIZE}
+
+    for workload in workloads:
+        flops = sum(useful_flops(n, config) for n in workload.lengths) * workload.calls
+        entry = {"pairs": len(workload.lengths), "calls": workload.calls, "batch_size": workload.batch_size,
+                 "tokens": sum(workload.lengths), "min_tokens": min(workload.lengths),
+                 "max_tokens": max(workload.lengths), "useful_gflop_per_run": flops / 1e9, "results": {}}
+        reference_logits = logits[workload.name, REFERENCE]
+        for name in timed:
+            rates = [workload.pairs_per_run / s for s in seconds[workload.name, name]]
+            difference = float(np.max(np.abs(logits[workload.name, name] - reference_logits)))
+            entry["results"][name] = {
+                "pairs_per_s": {"median": statistics.median(rates), "min": min(rates), "runs": rates},
+                "seconds": seconds[workload.name, name],
+                "gflops": flops / 1e9 / statistics.median(seconds[workload.name, name]),
+                "max_abs_logit_diff_vs_reference": difference,
+                "agrees": difference <= AGREEMENT,
+            }
+            entry["results"][name]["ceiling_fraction"] = entry["results"][name]["gflops"] / ceiling
+        if FAST in entry["results"]:
+            fast = entry["results"][FAST]["pairs_per_s"]["median"]
+            for result in entry["results"].values():
+                result["fast_ratio"] = fast / result["pairs_per_s"]["median"]
+        report["workloads"][workload.name] = entry
+
+    if not args.no_startup:
+        single = next((w for w in workloads if w.name == "single"), None) or make_workloads(["single"], config.max_tokens, args.quick)[0]
+        rerank = next((w for w in workloads if w.name == "rerank-100"), None) or make_workloads(["rerank-100"], config.max_tokens, args.quick)[0]
+        for workload in (single, rerank):
+            if workload.sequences is None:
+                tokenize(workload, tokenizer)
+        report["startup"] = measure_starts(timed, folder, args.threads, single, rerank)
+    report["acceptance"] = acceptance(report)
+    return report
+
+
+def machine_info() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    versions = {}
+    for name in ("numpy", "numba", "torch", "transformers", "onnxruntime"):
+        if importlib.util.find_spec(name):
+            from importlib.metadata import PackageNotFoundError, version
+
+            try:
+                versions[name] = version(name)
+            except PackageNotFoundError:
+                pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "versions": versions,
+            "blas": blas_runtime(),
+            "env": {k: v for k, v in os.environ.items() if k.startswith(("NUMBA_", "NPRERANK_", "OMP_", "MKL_"))}}
+
+
+def acceptance(report: dict) -> list:
+    """Issue 3's bars as [{check, value, bar, status}]; status PASS, FAIL or N/A (with why)."""
+    checks = []
+    for workload, peer, bar in SPEED_BARS:
+        check = {"check": f"{FAST} / {peer} on {workload}", "bar": f">= {bar:.2f}x"}
+        results = report["workloads"].get(workload, {}).get("results", {})
+        if FAST in results and peer in results:
+            ratio = results[FAST]["pairs_per_s"]["median"] / results[peer]["pairs_per_s"]["median"]
+            check.update(value=f"{ratio:.2f}x", status="PASS" if ratio >= bar else "FAIL")
+        else:
+            check.update(value=None, status="N/A", why=f"{workload} not run on {FAST} and {peer}")
+        checks.append(check)
+    start = report["startup"].get(FAST, {})
+    for name, key, bar, unit in (("peak RSS", "peak_rss_mb", PEAK_RSS_BAR_MB, " MB"),
+                                 ("peak private (anonymous) memory", "peak_anonymous_mb", PRIVATE_BAR_MB, " MB"),
+                                 ("cached start to first score", "first_score_s", FIRST_SCORE_BAR_S, " s")):
+        check = {"check": f"{FAST} {name}", "bar": f"<= {bar}{unit}"}
+        if key in start:
+            check.update(value=f"{start[key]:.{2 if unit == ' s' else 0}f}{unit}",
+                         status="PASS" if start[key] <= bar else "FAIL")
+        else:
+            check.update(value=None, status="N/A", why=start.get("error", "start-up not measured"))
+        checks.append(check)
+    return checks
+
+
+# --- the report ------------------------------------------------------------------------------
+
+def format_report(report: dict) -> str:
+    blas = report["machine"]["blas"]
+    sgemm = report["machine"]["sgemm_gflops"]
+    lines = [
+        f"nprerank bench  {report['date']}",
+        f"model: {report['model']['description']}",
+        f"threads {report['threads']}, repeats {report['repeats']}{', QUICK workloads' if report['quick'] else ''}; "
+        f"{report['machine']['cpu']}, {report['machine']['cores']} cores",
+        f"numpy BLAS: {blas.get('name')} {blas.get('version')}, kernel {blas.get('kernel', '?')}"
+        + (f" ({', '.join(f'{k}={v}' for k, v in blas['env'].items())})" if blas.get("env") else ""),
+        f"sgemm ceiling: {sgemm['median']:.0f} GFLOP/s (fp32 {sgemm['size']}^3 matmul, median of rounds, "
+        f"best of 5 each)",
+    ]
+    for name, state in report["engines"].items():
+        if state["status"] != "ok":
+            lines.append(f"skipped: {name}: {state['reason']}")
+    for name, entry in report["workloads"].items():
+        lines += ["", f"{name}: {entry['pairs']} pair(s) x {entry['calls']} call(s), {entry['min_tokens']}-"
+                      f"{entry['max_tokens']} tokens ({entry['tokens']} in all), batches of {entry['batch_size']}, "
+                      f"{entry['useful_gflop_per_run']:.4g} useful GFLOP per run"]
+        header = f"  {'engine':<20}{'pairs/s med':>12}{'min':>8}{'fast / it':>11}{'GFLOP/s':>9}{'% ceil':>8}{'max|dlogit|':>13}"
+        lines.append(header)
+        for engine, r in entry["results"].items():
+            lines.append(f"  {engine:<20}{r['pairs_per_s']['median']:>12.2f}{r['pairs_per_s']['min']:>8.2f}"
+                         f"{_ratio(r.get('fast_ratio')):>11}{r['gflops']:>9.1f}{100 * r['ceiling_fraction']:>7.0f}%"
+                         f"{r['max_abs_logit_diff_vs_reference']:>13.1e}" + ("" if r["agrees"] else "  DISAGREES"))
+    if report["startup"]:
+        lines += ["", "fresh process per engine: start -> first score (1 pair), then rerank-100; memory in MB",
+                  f"  {'engine':<28}{'first score s':>14}{'peak RSS':>10}{'peak anon':>11}{'end private':>13}"]
+        for engine, s in report["startup"].items():
+            rows = ([(f"{engine} (cold: compiling)", s["cold"])] if "cold" in s else []) + [
+                (f"{engine} (cached)" if "cold" in s else engine, s)]
+            for label, row in rows:
+                if "error" in row:
+                    lines.append(f"  {label:<28}{row['error']}")
+                else:
+                    lines.append(f"  {label:<28}{row['first_score_s']:>14.2f}{row['peak_rss_mb']:>10.0f}"
+                                 f"{row['peak_anonymous_mb']:>11.0f}{row['end_private_mb']:>13.0f}")
+    lines += ["", "issue 3 acceptance (bars are for the full-size model on 2 threads):"]
+    for check in report["acceptance"]:
+        value = check["value"] if check["value"] is not None else f"({check['why']})"
+        lines.append(f"  {check['status']:<5} {check['check']}: {value} (bar {check['bar']})")
+    return "\n".join(lines)
+
+
+def _ratio(value) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+# --- command line ----------------------------------------------------------------------------
+
+def _names(allowed: tuple):
+    def parse(text: str) -> list:
+        names = [name.strip() for name in text.split(",") if name.strip()]
+        unknown = [name for name in names if name not in allowed]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(f"{', '.join(unknown) or 'nothing'} not among {', '.join(allowed)}")
+        return list(dict.fromkeys(names))
+
+    return parse
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--model", metavar="PATH", help="a bge-reranker-base folder (config.json, tokenizer.json, model.safetensors)")
+    model.add_argument("--random", action="store_true",
+                       help="a random full-size bge-reranker-base-shaped checkpoint, built once and cached (needs the bench extra)")
+    parser.add_argument("--engines", type=_names(ENGINES), default=list(ENGINES),
+                        help=f"comma-separated, default all: {','.join(ENGINES)}")
+    parser.add_argument("--workloads", type=_names(WORKLOADS), default=list(WORKLOADS),
+                        help=f"comma-separated, default all: {','.join(WORKLOADS)}")
+    parser.add_argument("--threads", type=_positive, default=2, help="threads for every engine (default 2)")
+    parser.add_argument("--repeats", type=_positive, default=3, help="timed rounds per engine and workload (default 3)")
+    parser.add_argument("--quick", action="store_true", help="tiny workloads (a few pairs): checks the bench, measures nothing")
+    parser.add_argument("--no-startup", action="store_true", help="skip the fresh-process memory and start-up measurements")
+    parser.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
+    parser.add_argument("--_child", dest="child", choices=ENGINES, help=argparse.SUPPRESS)
+    parser.add_argument("--_child-input", dest="child_input", help=argparse.SUPPRESS)
+
+
+def run_from_args(args) -> int:
+    if getattr(args, "child", None):
+        return child_main(args)
+    try:
+        report = run(args)
+    except (ModelError, ValueError, OSError) as e:
+        print(f"nprerank bench: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=1) if args.json else format_report(report))
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="nprerank bench", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    args.command = ["python -m nprerank.bench", *(sys.argv[1:] if argv is None else argv)]
+    return run_from_args(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

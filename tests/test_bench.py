@@ -1,0 +1,151 @@
+"""`nprerank bench` on the tiny model with --quick workloads: the report's structure and arithmetic.
+
+No timing is asserted (the machine is shared and noisy); what is checked is that every engine is
+either measured or skipped with a reason, that the engines agree on the logits, that the ratios
+and GFLOP/s follow from the measured times, and that bad input gets a one-line error.
+"""
+
+import json
+import statistics
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from nprerank import bench
+from nprerank.config import ModelConfig
+
+
+def run_bench(*args, hide=()):
+    """`python -m nprerank.bench ARGS` in a fresh process (it sets thread counts process-wide)."""
+    # a module set to None in sys.modules is "not installed" to importlib.util.find_spec
+    code = f"import sys; sys.modules.update(dict.fromkeys({list(hide)!r})); from nprerank.bench import main; sys.exit(main())"
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def report(tiny_model):
+    done = run_bench("--model", tiny_model, "--quick", "--repeats", "2", "--no-startup", "--json")
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_every_engine_is_measured_or_skipped_with_a_reason(report):
+    assert set(report["engines"]) == set(bench.ENGINES)
+    for name, state in report["engines"].items():
+        assert state["status"] in ("ok", "skipped"), name
+        if state["status"] == "skipped":
+            assert state["reason"], name
+    measured = {name for name, state in report["engines"].items() if state["status"] == "ok"}
+    assert {"nprerank-fast", "nprerank-reference"} <= measured
+    assert set(report["workloads"]) == set(bench.WORKLOADS)
+    for workload in report["workloads"].values():
+        assert set(workload["results"]) == measured
+
+
+def test_engines_agree_with_the_reference(report):
+    for workload_name, workload in report["workloads"].items():
+        for engine, result in workload["results"].items():
+            difference = result["max_abs_logit_diff_vs_reference"]
+            assert result["agrees"] and difference <= 1e-4, f"{engine} on {workload_name}: max |dlogit| {difference:.2e}"
+        assert workload["results"]["nprerank-reference"]["max_abs_logit_diff_vs_reference"] == 0.0
+
+
+def test_rates_ratios_and_flops_follow_from_the_times(report, tiny_model):
+    config = ModelConfig.from_json(tiny_model / "config.json")
+    for name, workload in report["workloads"].items():
+        fast = workload["results"]["nprerank-fast"]["pairs_per_s"]["median"]
+        assert workload["pairs"] * workload["calls"] > 0
+        assert workload["min_tokens"] <= workload["max_tokens"] <= config.max_tokens
+        for engine, result in workload["results"].items():
+            rates = result["pairs_per_s"]
+            assert len(result["seconds"]) == report["repeats"] == len(rates["runs"])
+            assert rates["runs"] == pytest.approx([workload["pairs"] * workload["calls"] / s for s in result["seconds"]])
+            assert rates["median"] == pytest.approx(statistics.median(rates["runs"]))
+            assert rates["min"] == pytest.approx(min(rates["runs"]))
+            assert result["fast_ratio"] == pytest.approx(fast / rates["median"]), (name, engine)
+            assert result["gflops"] == pytest.approx(workload["useful_gflop_per_run"] / statistics.median(result["seconds"]))
+            assert result["ceiling_fraction"] == pytest.approx(result["gflops"] / report["machine"]["sgemm_gflops"]["median"])
+        assert workload["results"]["nprerank-fast"]["fast_ratio"] == pytest.approx(1.0)
+    assert report["machine"]["sgemm_gflops"]["median"] > 0
+    assert report["machine"]["blas"]["name"]
+
+
+def test_quick_workloads_have_the_lengths_they_promise(tiny_model):
+    from nprerank.reranker import Reranker
+
+    tokenizer = Reranker.from_pretrained(tiny_model, engine="reference").tokenizer
+    max_tokens = ModelConfig.from_json(tiny_model / "config.json").max_tokens
+    for workload in bench.make_workloads(list(bench.WORKLOADS), max_tokens, quick=True):
+        bench.tokenize(workload, tokenizer)
+        assert [len(ids) for ids in workload.sequences] == workload.lengths
+        assert all(ids[0] == 0 and ids[-1] == 2 for ids in workload.sequences)  # <s> ... </s>
+    full = bench.make_workloads(["rerank-100", "long", "single"], 512, quick=False)
+    assert [len(w.lengths) for w in full] == [100, 16, 1]
+    assert 40 <= min(full[0].lengths) and max(full[0].lengths) <= 250 and full[1].lengths == [512] * 16
+
+
+def test_useful_flops_counts_every_matrix_product():
+    config = ModelConfig()  # bge-reranker-base
+    T, C, F = 100, 768, 3072
+    per_layer = 4 * (2 * T * C * C) + 2 * (2 * T * C * F) + 2 * (2 * T * T * C)
+    assert bench.useful_flops(T, config) == 12 * per_layer + 2 * C * C + 2 * C
+    assert bench.useful_flops(200, config) > 2 * bench.useful_flops(100, config)  # attention grows as T^2
+
+
+def test_padded_batches_sort_longest_first_and_mask_only_padding():
+    sequences = [[0, 5, 2], [0, 5, 6, 7, 8, 2], [0, 2], [0, 9, 9, 2]]
+    batches = list(bench.padded_batches(sequences, 2, pad_token_id=1))
+    assert [list(positions) for positions, _, _ in batches] == [[1, 3], [0, 2]]
+    for positions, ids, mask in batches:
+        assert ids.shape == mask.shape and ids.shape[1] == len(sequences[positions[0]])
+        for row, i in enumerate(positions):
+            assert ids[row, : len(sequences[i])].tolist() == sequences[i]
+            assert mask[row].sum() == len(sequences[i]) and np.all(ids[row][mask[row] == 0] == 1)
+
+
+def test_fresh_process_start_and_memory_and_acceptance_lines(tiny_model):
+    done = run_bench("--model", tiny_model, "--quick", "--repeats", "1", "--workloads", "single",
+                     "--engines", "nprerank-fast,nprerank-reference")
+    assert done.returncode == 0, done.stderr
+    for label in ("nprerank-fast (cold: compiling)", "nprerank-fast (cached)", "nprerank-reference",
+                  "acceptance", "sgemm ceiling", "kernel"):
+        assert label in done.stdout
+    # speed bars against engines that were not run are N/A, never PASS
+    assert "N/A   nprerank-fast / onnxruntime on rerank-100" in done.stdout
+    checks = [line.split()[0] for line in done.stdout.splitlines() if line.startswith("  ") and line.split()[0]
+              in ("PASS", "FAIL", "N/A") and ("peak" in line or "first score" in line)]
+    assert checks and len(checks) == 3 and "N/A" not in checks, done.stdout
+
+    done = run_bench("--model", tiny_model, "--quick", "--repeats", "1", "--workloads", "single",
+                     "--engines", "nprerank-fast", "--json")
+    start = json.loads(done.stdout)["startup"]["nprerank-fast"]
+    for row in (start, start["cold"]):
+        assert 0 < row["first_score_s"] < 300
+        assert 0 < row["peak_anonymous_mb"] <= row["peak_rss_mb"]
+        assert row["end_anonymous_mb"] <= row["peak_anonymous_mb"] + 1
+
+
+def test_a_missing_engine_is_reported_as_skipped(tiny_model):
+    done = run_bench("--model", tiny_model, "--quick", "--repeats", "1", "--workloads", "single", "--no-startup",
+                     "--engines", "nprerank-fast,onnxruntime", "--json", hide=["onnxruntime"])
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["engines"]["onnxruntime"]["status"] == "skipped"
+    assert "onnxruntime not installed" in report["engines"]["onnxruntime"]["reason"]
+    assert set(report["workloads"]["single"]["results"]) == {"nprerank-fast"}
+    assert report["engines"]["nprerank-reference"]["note"]  # still loaded, to check the logits
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "/nonexistent/model"], "no config.json"),
+    (["--random", "--model", "x"], "not allowed with argument"),
+    (["--model", "x", "--engines", "nprerank-fast,bogus"], "bogus not among"),
+    (["--model", "x", "--threads", "0"], "expected an integer >= 1"),
+    ([], "one of the arguments --model --random is required"),
+])
+def test_bad_input_gets_a_one_line_error(args, message):
+    done = run_bench(*args)
+    assert done.returncode == 2
+    assert message in done.stderr and "Traceback" not in done.stderr
