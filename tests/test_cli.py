@@ -1,0 +1,268 @@
+"""The `nprerank` command line, run as users run it: in a subprocess (`python -m nprerank` and the
+installed `nprerank` script). Output is checked against the library's own `Reranker.rerank` on
+the tiny test model; every error must be one line on stderr with the documented exit code
+(0 ok, 1 runtime error, 2 usage error, 130 interrupted).
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import nprerank
+from nprerank import Reranker
+
+QUERY = "what is panda?"
+CONTEXTS = [
+    "hi",
+    "The giant panda (Ailuropoda melanoleuca) is a bear species endemic to China.",
+    "a cyberpunk lizard",
+    "熊猫 是 一种 生活 在 中国 的 熊",
+    "pandas eat bamboo in the mountains",
+]
+
+
+def run(*args, input=None, env=None, script=False, timeout=120):
+    command = [shutil.which("nprerank")] if script else [sys.executable, "-m", "nprerank"]
+    # offline unless a test says otherwise: a test must never reach the real Hub
+    full_env = {key: value for key, value in os.environ.items() if key != "NPRERANK_MODEL"}
+    full_env.update({"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", **(env or {})})
+    return subprocess.run(command + [str(a) for a in args], input=input, capture_output=True, text=True,
+                          env=full_env, timeout=timeout, stdin=None if input is not None else subprocess.DEVNULL)
+
+
+def assert_error(result, code: int, *phrases):
+    """One line on stderr, `nprerank: error: ...`, the right exit code, nothing on stdout."""
+    assert result.returncode == code, (result.returncode, result.stderr)
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("nprerank: error: "), lines[0]
+    assert "Traceback" not in result.stderr
+    for phrase in phrases:
+        assert phrase in lines[0], (phrase, lines[0])
+    assert result.stdout == ""
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_model):
+    reranker = Reranker.from_pretrained(tiny_model)
+    return reranker.rerank(QUERY, [{"text": t} for t in CONTEXTS])
+
+
+def parse_table(stdout: str) -> list:
+    header, *rows = stdout.splitlines()
+    assert header.split() == ["rank", "id", "score", "text"]
+    parsed = []
+    for row in rows:
+        rank, index, score, text = row.split(maxsplit=3)
+        parsed.append({"rank": int(rank), "id": int(index), "score": float(score), "text": text})
+    return parsed
+
+
+def assert_same_ranking(got: list, expected: list, tolerance: float = 1e-6):
+    assert [hit["id"] for hit in got] == [hit["id"] for hit in expected]
+    for hit, want in zip(got, expected):
+        assert abs(hit["score"] - want["score"]) <= tolerance, (hit, want)
+
+
+def test_table_is_the_library_ranking_best_first(tiny_model, expected):
+    result = run("rerank", QUERY, *CONTEXTS, "--model", tiny_model)
+    assert result.returncode == 0, result.stderr
+    rows = parse_table(result.stdout)
+    assert [row["rank"] for row in rows] == list(range(1, len(CONTEXTS) + 1))
+    assert_same_ranking(rows, expected, tolerance=5e-7 + 1e-9)  # printed with 6 decimals
+    assert all(rows[i]["score"] >= rows[i + 1]["score"] for i in range(len(rows) - 1))
+    for row in rows:
+        assert row["text"] == CONTEXTS[row["id"]]
+
+
+def test_json_output_and_top_k(tiny_model, expected):
+    result = run("rerank", QUERY, *CONTEXTS, "--model", tiny_model, "--json", "--top-k", "2")
+    assert result.returncode == 0, result.stderr
+    response = json.loads(result.stdout)["response"]
+    assert_same_ranking(response, expected[:2])
+    assert [hit["text"] for hit in response] == [CONTEXTS[hit["id"]] for hit in expected[:2]]
+
+
+def test_long_text_preview_is_cut_to_one_line(tiny_model):
+    long_text = "pandas eat bamboo\nin the mountains " * 20
+    result = run("rerank", QUERY, long_text, "short", "--model", tiny_model, env={"COLUMNS": "60"})
+    assert result.returncode == 0, result.stderr
+    rows = result.stdout.splitlines()
+    assert len(rows) == 3 and all(len(row) <= 60 for row in rows), rows
+    assert any(row.endswith("...") for row in rows)
+
+
+def test_model_options_reach_the_reranker(tiny_model):
+    # a short max_length with chunking: the CLI must score exactly as the library does with them
+    long_context = " ".join(CONTEXTS * 6)
+    contexts = [long_context, CONTEXTS[1], CONTEXTS[2]]
+    for options, flags in [
+        (dict(max_length=24, long_documents="chunk"), ["--max-length", "24", "--long-documents", "chunk"]),
+        (dict(max_length=24, truncation="longest_first"), ["--max-length", "24", "--truncation", "longest_first"]),
+    ]:
+        want = Reranker.from_pretrained(tiny_model, **options).rerank(QUERY, [{"text": t} for t in contexts])
+        result = run("rerank", QUERY, *contexts, "--model", tiny_model, "--json", "--threads", "1", *flags)
+        assert result.returncode == 0, result.stderr
+        assert_same_ranking(json.loads(result.stdout)["response"], want)
+    default = Reranker.from_pretrained(tiny_model, max_length=24).rerank(QUERY, [{"text": t} for t in contexts])
+    chunked = json.loads(run("rerank", QUERY, *contexts, "--model", tiny_model, "--json", "--max-length", "24",
+                             "--long-documents", "chunk").stdout)["response"]
+    assert {h["id"]: h["score"] for h in default}[0] != {h["id"]: h["score"] for h in chunked}[0]
+
+
+def test_model_from_environment(tiny_model, expected):
+    result = run("rerank", QUERY, *CONTEXTS, "--json", env={"NPRERANK_MODEL": str(tiny_model)})
+    assert result.returncode == 0, result.stderr
+    assert_same_ranking(json.loads(result.stdout)["response"], expected)
+
+
+def test_stdin_plain_lines_and_json(tiny_model, expected):
+    result = run("rerank", QUERY, "--model", tiny_model, "--json", input="\n".join(CONTEXTS) + "\n\n")
+    assert result.returncode == 0, result.stderr
+    assert_same_ranking(json.loads(result.stdout)["response"], expected)
+    result = run("rerank", QUERY, "--model", tiny_model, "--json", input=json.dumps(CONTEXTS))
+    assert result.returncode == 0, result.stderr
+    assert_same_ranking(json.loads(result.stdout)["response"], expected)
+
+
+@pytest.mark.parametrize("form", ["strings", "objects", "cloudflare", "jsonl", "jsonl-strings"])
+def test_file_inputs(tiny_model, expected, tmp_path, form):
+    query = [QUERY]
+    if form == "strings":
+        path, text = tmp_path / "c.json", json.dumps(CONTEXTS)
+    elif form == "objects":
+        path, text = tmp_path / "c.json", json.dumps([{"text": t} for t in CONTEXTS])
+    elif form == "cloudflare":  # the query and top_k may come from the body
+        path, query = tmp_path / "body.json", []
+        text = json.dumps({"query": QUERY, "contexts": [{"text": t} for t in CONTEXTS], "top_k": 3})
+    elif form == "jsonl":
+        path, text = tmp_path / "c.jsonl", "\n".join(json.dumps({"text": t, "source": "x"}) for t in CONTEXTS)
+    else:
+        path, text = tmp_path / "c.jsonl", "\n".join(json.dumps(t) for t in CONTEXTS) + "\n"
+    path.write_text(text, encoding="utf-8")
+    result = run("rerank", *query, "--file", path, "--model", tiny_model, "--json")
+    assert result.returncode == 0, result.stderr
+    assert_same_ranking(json.loads(result.stdout)["response"], expected[:3] if form == "cloudflare" else expected)
+
+
+def test_script_and_module_agree(tiny_model):
+    if shutil.which("nprerank") is None:
+        pytest.skip("the nprerank script is not installed (pip install -e .)")
+    args = ("rerank", QUERY, *CONTEXTS, "--model", tiny_model)
+    via_script, via_module = run(*args, script=True), run(*args)
+    assert via_script.returncode == via_module.returncode == 0, via_script.stderr
+    assert via_script.stdout == via_module.stdout
+
+
+@pytest.mark.parametrize("args,code,phrases", [
+    (["rerank", "", "a"], 2, ["query is empty"]),
+    (["rerank", "   ", "a"], 2, ["query is empty"]),
+    (["rerank", QUERY], 2, ["no contexts"]),
+    (["rerank"], 2, ["QUERY is required"]),
+    (["rerank", QUERY, "a", "--top-k", "0"], 2, ["--top-k", "'0'"]),
+    (["rerank", QUERY, "a", "--top-k", "-3"], 2, ["--top-k"]),
+    (["rerank", QUERY, "a", "--top-k", "two"], 2, ["--top-k", "'two'"]),
+    (["rerank", QUERY, "a", "--top-k", "1.5"], 2, ["--top-k"]),
+    (["rerank", QUERY, "a", "--truncation", "middle"], 2, ["--truncation"]),
+    (["rerank", QUERY, "a", "--bogus"], 2, ["unrecognized arguments: --bogus"]),
+    (["frobnicate"], 2, ["frobnicate"]),
+    ([], 2, ["COMMAND"]),
+])
+def test_usage_errors(tiny_model, args, code, phrases):
+    assert_error(run(*args, "--model", tiny_model) if args[:1] == ["rerank"] else run(*args), code, *phrases)
+
+
+def test_runtime_errors(tiny_model, tmp_path):
+    assert_error(run("rerank", QUERY, "a", "--model", tmp_path / "missing"), 1, "no such model folder", "missing")
+    assert_error(run("rerank", QUERY, "a", "--model", tmp_path), 1, "missing config.json")  # a folder, but not a model
+    assert_error(run("rerank", QUERY, "a", "--model", tiny_model, "--max-length", "4000"), 1, "max_length")
+
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"text": "a"},', encoding="utf-8")
+    assert_error(run("rerank", QUERY, "--file", bad, "--model", tiny_model), 1, "bad.json", "not valid JSON")
+    bad.write_text('{"contexts": "a"}', encoding="utf-8")
+    assert_error(run("rerank", QUERY, "--file", bad, "--model", tiny_model), 1, "bad.json", "contexts")
+    bad.write_text('[{"text": 3}]', encoding="utf-8")
+    assert_error(run("rerank", QUERY, "--file", bad, "--model", tiny_model), 1, "item 0", "'text' string")
+    bad.write_text('["a", ""]', encoding="utf-8")
+    assert_error(run("rerank", QUERY, "--file", bad, "--model", tiny_model), 1, "item 1 is empty")
+    jsonl = tmp_path / "bad.jsonl"
+    jsonl.write_text('"a"\n"b"\n{"text": \n', encoding="utf-8")
+    assert_error(run("rerank", QUERY, "--file", jsonl, "--model", tiny_model), 1, "line 3", "not valid JSON")
+    assert_error(run("rerank", QUERY, "--file", tmp_path / "nope.json", "--model", tiny_model), 1, "nope.json", "no such file")
+
+
+def test_repo_id_with_nothing_cached_offline_fails_fast(tmp_path):
+    start = time.perf_counter()
+    result = run("rerank", QUERY, "a", env={"HF_HOME": str(tmp_path / "hf")})  # default model, HF_HUB_OFFLINE=1
+    assert time.perf_counter() - start < 20  # includes starting Python
+    assert_error(result, 1, "BAAI/bge-reranker-base", "HF_HUB_OFFLINE", "local model folder")
+
+
+def test_interrupt_exits_130_without_traceback(tiny_model):
+    process = subprocess.Popen([sys.executable, "-m", "nprerank", "rerank", QUERY, "--model", str(tiny_model)],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.5)  # it is now waiting for contexts on stdin
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr and stderr.strip() == "nprerank: interrupted"
+
+
+def test_version_and_help():
+    result = run("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"nprerank {nprerank.__version__}"
+    result = run("--help")
+    assert result.returncode == 0
+    for word in ("rerank", "serve", "download", "bench", "examples:", "nprerank rerank \"Which one is cooler?\""):
+        assert word in result.stdout, word
+    result = run("rerank", "--help")
+    assert result.returncode == 0
+    for word in ("--top-k", "--json", "--file", "--model", "--threads", "--max-length", "--truncation",
+                 "--long-documents", "JSONL", "stdin"):
+        assert word in result.stdout, word
+    result = run("download", "--help")
+    assert result.returncode == 0 and "--dir" in result.stdout
+
+
+def test_serve_and_bench_help_come_from_their_modules():
+    for command, module, flag in (("serve", "server", "--port"), ("bench", "bench", "--repeats")):
+        try:
+            __import__(f"nprerank.{module}")
+        except ImportError as e:
+            pytest.skip(f"nprerank.{module} cannot be imported here ({e})")
+        result = run(command, "--help")
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith(f"usage: nprerank {command}") and flag in result.stdout
+        assert_error(run(command, "--no-such-flag"), 2)  # argparse's usage error, as one line
+
+
+def test_download_command_against_a_local_hub(tiny_model, tmp_path):
+    from test_hub import REPO, FakeHub, model_files
+
+    hub_server = FakeHub(model_files(tiny_model))
+    env = {"HF_ENDPOINT": hub_server.url, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0"}
+    try:
+        result = run("download", REPO, "--dir", tmp_path / "weights", env=env)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == str((tmp_path / "weights").resolve())
+        assert (tmp_path / "weights" / "model.safetensors").read_bytes() == (tiny_model / "model.safetensors").read_bytes()
+        # into the Hugging Face cache (HF_HOME), then used by repo id with the Hub gone
+        result = run("download", REPO, env=env)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip().startswith(str(tmp_path / "hf" / "hub" / "models--test-org--tiny-reranker"))
+        assert_error(run("download", "test-org/unknown", env=env), 1, "test-org/unknown", "no such model")
+    finally:
+        hub_server.stop()
+    offline_env = {**env, "HF_HUB_OFFLINE": "1"}
+    from_cache = run("rerank", QUERY, *CONTEXTS, "--model", REPO, "--json", env=offline_env)
+    from_folder = run("rerank", QUERY, *CONTEXTS, "--model", tiny_model, "--json")
+    assert from_cache.returncode == 0, from_cache.stderr
+    assert from_cache.stdout == from_folder.stdout
+    assert_error(run("download", REPO, env=offline_env), 1, "HF_HUB_OFFLINE")
