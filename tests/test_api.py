@@ -1,0 +1,150 @@
+"""The Python API's sentence-transformers face (`predict`, `rank`) and long documents (chunk mode).
+
+`predict` must be `sigmoid(compute_score)` as float32 (a scalar for one pair), `rank` must be
+CrossEncoder.rank's shape best first, and in chunk mode a long document must score exactly as
+its best window, the windows being made by `reranker.tokenizer.encode_chunked` and scored by
+`reranker.run` here, independently of `Reranker.logits`.
+"""
+
+import numpy as np
+import pytest
+
+from nprerank import Reranker
+from nprerank.reranker import sigmoid
+from nprerank.synthetic import corpus
+from nprerank.tokenizer import SPECIAL_TOKENS_IN_PAIR
+
+QUERY = "what is panda?"
+DOCUMENTS = [
+    "hi",
+    "The giant panda (Ailuropoda melanoleuca) is a bear species endemic to China.",
+    "a cyberpunk lizard",
+    "pandas eat bamboo in the mountains",
+    "熊猫 是 一种 生活 在 中国 的 熊",
+]
+FILLER = "the river bank city night rain music apple orange car search engine model " * 4
+TOLERANCE = 1e-4  # logits of the same sequence batched with different neighbours, padded to other lengths
+
+
+@pytest.fixture(scope="module")
+def reranker(tiny_model):
+    return Reranker.from_pretrained(tiny_model)
+
+
+def test_predict_is_float32_sigmoid_of_compute_score(reranker):
+    pairs = [(QUERY, d) for d in DOCUMENTS]
+    scores = reranker.predict(pairs)
+    logits = np.array(reranker.compute_score(pairs))
+    assert isinstance(scores, np.ndarray) and scores.dtype == np.float32 and scores.shape == (len(pairs),)
+    np.testing.assert_allclose(scores, sigmoid(logits).astype(np.float32), rtol=1e-6)
+    np.testing.assert_allclose(scores, reranker.compute_score(pairs, normalize=True), rtol=1e-6)
+    assert len(set(scores.tolist())) == len(pairs)  # the calibrated test model spreads its scores
+    np.testing.assert_allclose(reranker.predict(pairs, activation=None), logits, rtol=1e-6)
+    np.testing.assert_allclose(reranker.predict(pairs, batch_size=2), scores, atol=TOLERANCE)
+
+
+def test_predict_one_pair_is_a_scalar(reranker):
+    score = reranker.predict((QUERY, DOCUMENTS[1]))
+    assert isinstance(score, np.float32) and np.ndim(score) == 0
+    in_a_list = reranker.predict([(QUERY, DOCUMENTS[1]), (QUERY, DOCUMENTS[0])])[0]
+    assert abs(score - in_a_list) < TOLERANCE
+    (logit,) = reranker.compute_score([QUERY, DOCUMENTS[1]])  # FlagEmbedding: a list even for one pair
+    assert score == pytest.approx(float(sigmoid(logit)), rel=1e-6)
+    with pytest.raises(ValueError, match="activation"):
+        reranker.predict([(QUERY, "a")], activation="softmax")
+
+
+def test_rank_is_best_first_with_corpus_ids(reranker):
+    scores = reranker.predict([(QUERY, d) for d in DOCUMENTS])
+    ranked = reranker.rank(QUERY, DOCUMENTS, return_documents=True)
+    assert [hit["corpus_id"] for hit in ranked] == list(np.argsort(-scores, kind="stable"))
+    for hit in ranked:
+        assert set(hit) == {"corpus_id", "score", "text"}
+        assert hit["text"] == DOCUMENTS[hit["corpus_id"]]
+        assert hit["score"] == pytest.approx(float(scores[hit["corpus_id"]]), abs=TOLERANCE)
+    assert [h["score"] for h in ranked] == sorted((h["score"] for h in ranked), reverse=True)
+    top = reranker.rank(QUERY, DOCUMENTS, top_k=2)
+    assert [set(hit) for hit in top] == [{"corpus_id", "score"}] * 2
+    assert [hit["corpus_id"] for hit in top] == [hit["corpus_id"] for hit in ranked[:2]]
+    assert reranker.rank(QUERY, []) == []
+    with pytest.raises(ValueError, match="top_k"):
+        reranker.rank(QUERY, DOCUMENTS, top_k=0)
+    with pytest.raises(ValueError, match="documents"):
+        reranker.rank(QUERY, [DOCUMENTS[0], 3])
+
+
+def _windows(reranker, query: str, document: str) -> list:
+    return reranker.tokenizer.encode_chunked([(query, document)], None, reranker.chunk_overlap)[0]
+
+
+def _long_document(tiny_model, max_length: int) -> str:
+    """A document longer than max_length whose best part is at its end.
+
+    A random model has no idea of relevance, so "the relevant part" is chosen by the model itself:
+    of sample sentences, the ones it scores lowest are the filler, the ones it scores highest the
+    ending, and the pair is kept whose last window beats its first by the widest margin.
+    """
+    chunked = Reranker.from_pretrained(tiny_model, max_length=max_length, long_documents="chunk", chunk_overlap=4)
+    sentences = corpus(40, seed=3)
+    order = np.argsort(chunked.compute_score([(QUERY, s) for s in sentences]))
+    best, best_margin = None, -np.inf
+    for low in order[:3]:
+        for high in order[-3:]:
+            document = (sentences[low] + " ") * 6 + sentences[high]
+            logits = chunked.run(_windows(chunked, QUERY, document))
+            if logits[-1] - logits[0] > best_margin:
+                best, best_margin = document, logits[-1] - logits[0]
+    assert best_margin > 0.5, f"no ending outscores the filler (margin {best_margin})"
+    return best
+
+
+@pytest.mark.parametrize("max_length", [24, 40])
+def test_chunk_mode_scores_a_long_document_as_its_best_window(tiny_model, max_length):
+    chunked = Reranker.from_pretrained(tiny_model, max_length=max_length, long_documents="chunk", chunk_overlap=4)
+    truncated = Reranker.from_pretrained(tiny_model, max_length=max_length)
+    document = _long_document(tiny_model, max_length)
+    windows = _windows(chunked, QUERY, document)
+
+    # the windows: each fits, each starts with the whole query, neighbours share 4 tokens, the last reaches the end
+    query_ids = chunked.tokenizer.encode_texts([QUERY])[0]
+    passage_ids = chunked.tokenizer.encode_texts([document])[0]
+    head = [chunked.tokenizer.bos, *query_ids, chunked.tokenizer.eos, chunked.tokenizer.eos]
+    assert len(passage_ids) > max_length and len(windows) >= 2
+    pieces = []
+    for window in windows:
+        assert len(window) <= max_length and window[: len(head)] == head and window[-1] == chunked.tokenizer.eos
+        pieces.append(window[len(head) : -1])
+    for left, right in zip(pieces, pieces[1:]):
+        assert left[-4:] == right[:4]
+    assert pieces[0] == passage_ids[: len(pieces[0])] and pieces[-1] == passage_ids[-len(pieces[-1]) :]
+
+    window_logits = chunked.run(windows)
+    others = [(QUERY, "hi"), (QUERY, "a cyberpunk lizard")]  # short: one window each
+    chunk_logits = np.array(chunked.compute_score(others + [(QUERY, document)]))
+    assert abs(chunk_logits[-1] - window_logits.max()) < TOLERANCE, (chunk_logits[-1], window_logits)
+    assert window_logits.argmax() > 0  # the best window is not the start: truncation would miss it
+
+    # truncate mode sees only the first window
+    truncate_logit = truncated.compute_score([(QUERY, document)])[0]
+    assert abs(truncate_logit - window_logits[0]) < TOLERANCE
+    assert chunk_logits[-1] > truncate_logit + 0.05
+    # short documents are one window: both modes agree on them
+    np.testing.assert_allclose(chunk_logits[:2], truncated.compute_score(others), atol=TOLERANCE)
+    # and the other entry points agree with compute_score
+    hits = {hit["id"]: hit["score"] for hit in chunked.rerank(QUERY, [{"text": d} for _, d in others] + [{"text": document}])}
+    assert hits[2] == pytest.approx(float(sigmoid(window_logits.max())), abs=TOLERANCE)
+    assert chunked.predict((QUERY, document)) == pytest.approx(float(sigmoid(window_logits.max())), abs=TOLERANCE)
+
+
+def test_chunk_options_are_checked(tiny_model):
+    with pytest.raises(ValueError, match="long_documents"):
+        Reranker.from_pretrained(tiny_model, long_documents="split")
+    with pytest.raises(ValueError, match="chunk_overlap"):
+        Reranker.from_pretrained(tiny_model, long_documents="chunk", chunk_overlap=-1)
+
+
+def test_default_overlap_windows_fit(tiny_model):
+    chunked = Reranker.from_pretrained(tiny_model, max_length=32, long_documents="chunk")
+    windows = _windows(chunked, QUERY, FILLER * 3)
+    assert len(windows) > 2 and all(len(w) <= 32 for w in windows)
+    assert all(len(w) - SPECIAL_TOKENS_IN_PAIR > 0 for w in windows)
