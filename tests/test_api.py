@@ -148,3 +148,20 @@ def test_default_overlap_windows_fit(tiny_model):
     windows = _windows(chunked, QUERY, FILLER * 3)
     assert len(windows) > 2 and all(len(w) <= 32 for w in windows)
     assert all(len(w) - SPECIAL_TOKENS_IN_PAIR > 0 for w in windows)
+
+
+def test_docs_api_examples_run(tiny_model, capsys):
+    """Every ```python block of docs/api.md, in order, on the tiny model instead of the real one."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).parent.parent / "docs" / "api.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert len(blocks) >= 7
+    namespace = {}
+    for block in blocks:
+        block = block.replace('"BAAI/bge-reranker-base"', repr(str(tiny_model)))
+        block = block.replace("max_length=512", "max_length=128")  # the tiny model has 128 positions
+        exec(block, namespace)
+    printed = capsys.readouterr().out
+    assert "no such model folder" in printed and "query must be a non-empty string" in printed
