@@ -177,7 +177,8 @@ class Reranker:
 
 def sigmoid(logits: np.ndarray) -> np.ndarray:
     # in float64: a float32 sigmoid of a large logit rounds to exactly 1.0 and ties the ranking
-    return 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64)))
+    # 1 / (1 + exp(-x)) written as exp(-log(1 + exp(-x))): no overflow for very negative logits
+    return np.exp(-np.logaddexp(0.0, -np.asarray(logits, dtype=np.float64)))
 
 
 def _best_first(scores: np.ndarray, top_k: int | None) -> list:
