@@ -190,7 +190,7 @@ def test_unreachable_hub_fails_fast_saying_what_to_do(fake_hub):
         hub.resolve(REPO)
     assert time.perf_counter() - start < 10
     message = str(error.value)
-    assert "cannot reach" in message and fake_hub.url in message
+    assert "cannot reach" in message and fake_hub.url in message and "neither a local folder nor in the cache" in message
     assert "local model folder" in message and "HF_ENDPOINT" in message and "nprerank download" in message
     assert "\n" not in message
 
@@ -231,6 +231,8 @@ def test_missing_local_folder_is_not_looked_up_on_the_hub(fake_hub, tmp_path, mo
     for name in (str(tmp_path / "nowhere"), "./weights", "weights/", "a/b/c", "~/no-such-folder-here/"):
         with pytest.raises(ModelError, match="no such model folder"):
             hub.resolve(name)
+    with pytest.raises(ModelError, match="no such model folder"):
+        hub.resolve(Path("weights"))  # a Path is a folder, never a repo id
     with pytest.raises(ModelError, match="neither a model folder nor a valid Hugging Face repo id"):
         hub.resolve("bad name!")
     assert fake_hub.requests == []

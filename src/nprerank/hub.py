@@ -46,6 +46,8 @@ def resolve(name_or_path=DEFAULT_MODEL, cache_dir=None, offline: bool | None = N
     path = Path(os.path.expanduser(str(name_or_path)))
     if path.is_dir():
         return path
+    if isinstance(name_or_path, os.PathLike):  # a Path is never a repo id
+        raise ModelError(f"{name_or_path}: no such model folder")
     repo_id = _repo_id(str(name_or_path))
     cached = _cached_folder(repo_id, revision, cache_dir)
     if cached is not None:
@@ -144,8 +146,8 @@ def _listing(repo_id: str, revision: str | None) -> dict:
     except Exception as e:  # connection refused, DNS failure, timeout, proxy ...: the Hub is unreachable
         raise ModelError(
             f"cannot reach the Hugging Face Hub at {_endpoint_shown()} to download {what} ({type(e).__name__}: "
-            f"{_one_line(e)}) and it is not in the cache; pass a local model folder, set HF_ENDPOINT to a reachable "
-            f"mirror, or run `nprerank download {repo_id} --dir weights/` where there is network"
+            f"{_one_line(e)}), and it is neither a local folder nor in the cache; pass a local model folder, set "
+            f"HF_ENDPOINT to a reachable mirror, or run `nprerank download {repo_id} --dir weights/` where there is network"
         ) from None
     return {sibling.rfilename: sibling for sibling in info.siblings or []}
 
