@@ -107,24 +107,28 @@ def test_padded_batches_sort_longest_first_and_mask_only_padding():
 
 def test_fresh_process_start_and_memory_and_acceptance_lines(tiny_model):
     done = run_bench("--model", tiny_model, "--quick", "--repeats", "1", "--workloads", "single",
-                     "--engines", "nprerank-fast,nprerank-reference")
+                     "--engines", "nprerank-fast,nprerank-reference", "--json")
     assert done.returncode == 0, done.stderr
-    for label in ("nprerank-fast (cold: compiling)", "nprerank-fast (cached)", "nprerank-reference",
-                  "acceptance", "sgemm ceiling", "kernel"):
-        assert label in done.stdout
-    # speed bars against engines that were not run are N/A, never PASS
-    assert "N/A   nprerank-fast / onnxruntime on rerank-100" in done.stdout
-    checks = [line.split()[0] for line in done.stdout.splitlines() if line.startswith("  ") and line.split()[0]
-              in ("PASS", "FAIL", "N/A") and ("peak" in line or "first score" in line)]
-    assert checks and len(checks) == 3 and "N/A" not in checks, done.stdout
-
-    done = run_bench("--model", tiny_model, "--quick", "--repeats", "1", "--workloads", "single",
-                     "--engines", "nprerank-fast", "--json")
-    start = json.loads(done.stdout)["startup"]["nprerank-fast"]
-    for row in (start, start["cold"]):
+    report = json.loads(done.stdout)
+    assert set(report["startup"]) == {"nprerank-fast", "nprerank-reference"}
+    fast = report["startup"]["nprerank-fast"]
+    for row in (fast, fast["cold"], report["startup"]["nprerank-reference"]):
         assert 0 < row["first_score_s"] < 300
         assert 0 < row["peak_anonymous_mb"] <= row["peak_rss_mb"]
         assert row["end_anonymous_mb"] <= row["peak_anonymous_mb"] + 1
+
+    statuses = {check["check"]: check["status"] for check in report["acceptance"]}
+    assert len(statuses) == len(bench.SPEED_BARS) + 3
+    # speed bars against engines that were not run are N/A, never PASS; the fresh-process ones are judged
+    assert statuses["nprerank-fast / onnxruntime on rerank-100"] == "N/A"
+    assert {statuses[f"nprerank-fast {name}"] for name in ("peak RSS", "cached start to first score")} <= {"PASS", "FAIL"}
+    peak_rss = next(c for c in report["acceptance"] if c["check"] == "nprerank-fast peak RSS")
+    assert peak_rss["status"] == ("PASS" if fast["peak_rss_mb"] <= bench.PEAK_RSS_BAR_MB else "FAIL")
+
+    table = bench.format_report(report)
+    for label in ("nprerank-fast (cold: compiling)", "nprerank-fast (cached)", "nprerank-reference",
+                  "N/A   nprerank-fast / onnxruntime on rerank-100", "sgemm ceiling", "kernel"):
+        assert label in table
 
 
 def test_a_missing_engine_is_reported_as_skipped(tiny_model):

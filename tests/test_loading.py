@@ -1,0 +1,139 @@
+"""Broken or unsupported model folders fail with a message naming the file and the problem."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from nprerank import ModelError, Reranker
+from nprerank.config import ModelConfig
+from nprerank.weights import load_weights
+
+
+@pytest.fixture
+def folder(tiny_model, tmp_path):
+    copy = tmp_path / "model"
+    shutil.copytree(tiny_model, copy)
+    return copy
+
+
+def rewrite_config(folder, **changes):
+    config = json.loads((folder / "config.json").read_text())
+    config.update(changes)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def rewrite_tensors(folder, change):
+    tensors = load_file(folder / "model.safetensors")
+    change(tensors)
+    save_file(tensors, folder / "model.safetensors")
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(architectures=["BertForMaskedLM"]), r"architectures is \['BertForMaskedLM'\]"),
+        (dict(id2label={"0": "NO", "1": "YES"}), "2 labels; a reranker has exactly 1"),
+        (dict(num_labels=3), "3 labels"),
+        (dict(position_embedding_type="relative_key"), "position_embedding_type is 'relative_key'"),
+        (dict(hidden_act="gelu_new"), "hidden_act is 'gelu_new'; only 'gelu'"),
+        (dict(model_type="bert"), "model_type 'bert'"),
+        (dict(hidden_size=33), "hidden_size 33 is not divisible by num_attention_heads 4"),
+        (dict(num_hidden_layers=0), "num_hidden_layers must be a positive int"),
+        (dict(layer_norm_eps="tiny"), "layer_norm_eps must be a positive float"),
+        (dict(is_decoder=True), "decoder"),
+    ],
+)
+def test_unsupported_configs_are_refused_by_name(folder, changes, message):
+    rewrite_config(folder, **changes)
+    with pytest.raises(ModelError, match=message):
+        Reranker.from_pretrained(folder)
+
+
+def test_config_reads_the_fields_we_use(tiny_model):
+    config = ModelConfig.from_json(tiny_model / "config.json")
+    raw = json.loads((tiny_model / "config.json").read_text())
+    assert config.hidden_size == raw["hidden_size"] and config.layer_norm_eps == raw["layer_norm_eps"]
+    assert config.head_size * config.num_attention_heads == config.hidden_size
+    assert config.max_tokens == raw["max_position_embeddings"] - 2
+
+
+def test_missing_folder_and_files(folder, tmp_path):
+    with pytest.raises(ModelError, match="no such model folder"):
+        Reranker.from_pretrained(tmp_path / "nowhere")
+    (folder / "model.safetensors").unlink()
+    (folder / "tokenizer.json").unlink()
+    with pytest.raises(ModelError, match="missing tokenizer.json, model.safetensors"):
+        Reranker.from_pretrained(folder)
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda b: b[: len(b) // 2], "truncated"),
+        (lambda b: b[:4], "too short to be safetensors"),
+        (lambda b: b"", "too short to be safetensors"),
+        (lambda b: b[:8] + b"{not json" + b[17:], "header is not valid JSON"),
+        (lambda b: (10**12).to_bytes(8, "little") + b[8:], "header claims"),
+    ],
+)
+def test_corrupt_safetensors(folder, damage, message):
+    path = folder / "model.safetensors"
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(ModelError, match=message) as error:
+        Reranker.from_pretrained(folder)
+    assert "model.safetensors" in str(error.value)
+
+
+def test_missing_and_unknown_tensors_are_named(folder):
+    rewrite_tensors(folder, lambda t: t.pop("roberta.encoder.layer.1.intermediate.dense.bias"))
+    with pytest.raises(ModelError, match=r"missing tensors roberta\.encoder\.layer\.1\.intermediate\.dense\.bias"):
+        Reranker.from_pretrained(folder)
+
+
+def test_unknown_tensors_are_refused(folder):
+    rewrite_tensors(folder, lambda t: t.update({"lm_head.dense.weight": np.zeros((2, 2), np.float32)}))
+    with pytest.raises(ModelError, match=r"unexpected tensors lm_head\.dense\.weight"):
+        Reranker.from_pretrained(folder)
+
+
+def test_wrong_shapes_are_named(folder):
+    rewrite_config(folder, intermediate_size=48)
+    with pytest.raises(ModelError, match=r"roberta\.encoder\.layer\.0\.intermediate\.dense\.weight has shape \[64, 32\], config.json implies \[48, 32\]"):
+        Reranker.from_pretrained(folder)
+
+
+def test_unsupported_dtype_is_named(folder):
+    rewrite_tensors(folder, lambda t: t.update({"classifier.out_proj.bias": t["classifier.out_proj.bias"].astype(np.float64)}))
+    with pytest.raises(ModelError, match="classifier.out_proj.bias is stored as F64"):
+        Reranker.from_pretrained(folder)
+
+
+def test_known_extras_and_old_names_are_accepted(folder, tiny_model):
+    def old_style(tensors):
+        tensors["roberta.embeddings.position_ids"] = np.arange(130, dtype=np.float32)[None]
+        tensors["roberta.pooler.dense.weight"] = np.zeros((32, 32), np.float32)
+        tensors["roberta.pooler.dense.bias"] = np.zeros(32, np.float32)
+        for name in [n for n in tensors if n.endswith("LayerNorm.weight")]:
+            tensors[name.replace(".weight", ".gamma")] = tensors.pop(name)
+        for name in [n for n in tensors if n.endswith("LayerNorm.bias")]:
+            tensors[name.replace(".bias", ".beta")] = tensors.pop(name)
+
+    rewrite_tensors(folder, old_style)
+    pairs = [("what is panda?", "a bear"), ("q", "p")]
+    assert Reranker.from_pretrained(folder).compute_score(pairs) == Reranker.from_pretrained(tiny_model).compute_score(pairs)
+
+
+def test_fp32_weights_are_memory_mapped_not_copied(tiny_model):
+    config = ModelConfig.from_json(tiny_model / "config.json")
+    weights = load_weights(tiny_model / "model.safetensors", config)
+    for array in (weights.embeddings.word, weights.layers[0].query.weight, weights.classifier.out_proj.bias):
+        assert not array.flags.owndata and not array.flags.writeable  # a read-only view of the file
+
+
+def test_broken_tokenizer_json(folder):
+    (folder / "tokenizer.json").write_text("{ not a tokenizer")
+    with pytest.raises(ModelError, match="tokenizer.json"):
+        Reranker.from_pretrained(folder)
