@@ -456,7 +456,8 @@ def build_app(reranker_or_loader, api_key: str | None = None, model_name: str = 
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not given.strip():
             raise ApiError("unauthorized", "missing API key: send the header 'Authorization: Bearer <key>'")
-        if not hmac.compare_digest(given.strip().encode(), api_key.encode()):
+        # header values arrive decoded as latin-1: back to the raw bytes, compared to the key's UTF-8
+        if not hmac.compare_digest(given.strip().encode("latin-1"), api_key.encode()):
             raise ApiError("unauthorized", "invalid API key")
 
     async def read_body(request, dialect: Dialect) -> bytes:
