@@ -266,3 +266,17 @@ def test_download_command_against_a_local_hub(tiny_model, tmp_path):
     assert from_cache.returncode == 0, from_cache.stderr
     assert from_cache.stdout == from_folder.stdout
     assert_error(run("download", REPO, env=offline_env), 1, "HF_HUB_OFFLINE")
+
+
+def test_reader_closing_the_pipe_early_is_not_an_error(tiny_model, tmp_path):
+    # `nprerank rerank ... | head -3`: more output than a pipe holds, and the reader leaves
+    contexts = tmp_path / "many.txt"
+    contexts.write_text("\n".join(f"passage number {i} about pandas and bamboo" for i in range(3000)), encoding="utf-8")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "nprerank", "rerank", QUERY, "--file", str(contexts), "--model", str(tiny_model),
+         "--max-length", "32"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stdout.readline().split() == ["rank", "id", "score", "text"]
+    process.stdout.close()
+    stderr = process.stderr.read()
+    assert process.wait(timeout=120) == 0, stderr
+    assert stderr == ""

@@ -131,6 +131,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("nprerank: interrupted\n")
         return 130
+    except BrokenPipeError:  # `nprerank rerank ... | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush cannot fail again
+        return 0
     except (ModelError, ValueError, OSError) as e:
         sys.stderr.write(f"nprerank: error: {_one_line(e)}\n")
         return 1
@@ -141,7 +144,7 @@ def main(argv=None) -> int:
 
 def _rerank(args, rest) -> int:
     query, contexts, top_k = args.query, list(args.contexts), args.top_k
-    if args.file is not None or (not contexts and not sys.stdin.isatty()):
+    if args.file is not None or (not contexts and sys.stdin is not None and not sys.stdin.isatty()):
         source = args.file if args.file not in (None, "-") else "<stdin>"
         text = sys.stdin.read() if source == "<stdin>" else _read_file(args.file)
         file_query, file_contexts, file_top_k = read_contexts(text, source)
