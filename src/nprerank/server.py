@@ -9,13 +9,13 @@ client written for the original service keeps working when pointed here:
 - Cohere / Jina: `POST /v1/rerank`.
 - `GET /health` (200 ready, 503 loading) and `GET /openapi.json`.
 
-How a request flows: check the API key, read the body (never more than --max-body-bytes), parse
-it by the dialect's rules, count its tokens, put it in a bounded queue and await its scores. One
-worker thread owns the model (`Batcher`): it takes whatever is waiting, up to a token budget,
-runs ONE `Reranker.logits` call over all those requests' pairs and hands each request its slice.
-So concurrent small requests share a forward pass, memory stays bounded, and a full queue
-answers 429 at once instead of piling up. The model loads in that thread after the port is bound,
-so /health can say 503 meanwhile.
+How a request flows: check the API key, take one of --queue-size places (none free: 429 at once,
+before the body is read, so memory stays bounded), read the body (at most --max-body-bytes), parse
+it by the dialect's rules, count its tokens, queue it and await its scores. One worker thread owns
+the model (`Batcher`): it takes whatever is waiting, up to a token budget, runs ONE
+`Reranker.logits` call over all those requests' pairs and hands each request its slice, so
+concurrent small requests share a forward pass. A client that leaves has its job skipped. The
+model loads in that thread after the port is bound, so /health can say 503 meanwhile.
 
 Starlette and Uvicorn are the optional `nprerank[server]` extra and are imported only to serve;
 everything above `build_app` is plain Python. Read next: docs/server.md (every route with a curl
@@ -53,7 +53,7 @@ class Limits:
 
     max_body_bytes: int = 4 * 1024 * 1024  # a larger request body is refused with 413
     max_contexts: int = 1000  # contexts / texts / documents in one request
-    queue_size: int = 64  # requests waiting for the model; one more is refused with 429
+    queue_size: int = 64  # requests in progress (read, waiting or scored); one more is refused with 429
     batch_tokens: int = 16384  # tokens the worker takes from the queue for one forward call
     auto_truncate: bool = False  # TEI's `truncate` when a request leaves it out (TEI's default)
 
@@ -325,19 +325,19 @@ class Job:
 
 
 class Batcher:
-    """A bounded queue of jobs and one thread that loads the model, then scores jobs in batches.
+    """A queue of jobs and one thread that loads the model, then scores the jobs in batches.
 
     The thread takes the oldest job, adds later ones while their tokens fit in `batch_tokens`,
     and runs one `reranker.logits` over all their pairs (the Reranker sorts and sub-batches them
     under its own memory budget). A job whose client went away is cancelled and skipped.
     """
 
-    def __init__(self, reranker_or_loader, queue_size: int, batch_tokens: int):
+    def __init__(self, reranker_or_loader, batch_tokens: int):
         if callable(reranker_or_loader) and not hasattr(reranker_or_loader, "logits"):
             self.reranker, self._load = None, reranker_or_loader
         else:
             self.reranker, self._load = reranker_or_loader, None
-        self.queue = queue.Queue(maxsize=queue_size)
+        self.queue = queue.Queue()  # unbounded here: build_app admits at most --queue-size requests
         self.batch_tokens = batch_tokens
         self.load_error = None
         self.on_load_failure = lambda: None  # serve() sets this to stop the server
@@ -364,15 +364,17 @@ class Batcher:
         if self.reranker is None:
             raise ApiError("loading", "the model is still loading; retry in a few seconds (GET /health says when ready)")
 
-    def submit(self, pairs: list, tokens: int) -> concurrent.futures.Future:
+    def submit(self, pairs: list, tokens: int) -> Job:
         self.check_ready()
-        future = concurrent.futures.Future()
-        try:
-            self.queue.put_nowait(Job(pairs, tokens, future))
-        except queue.Full:
-            raise ApiError("overloaded", f"the server is busy: {self.queue.maxsize} requests are already waiting "
-                                         "(--queue-size); retry shortly") from None
-        return future
+        job = Job(pairs, tokens, concurrent.futures.Future())
+        self.queue.put(job)
+        return job
+
+    @staticmethod
+    def cancel(job: Job) -> None:
+        """The client left: skip the job if it has not started, and let go of its texts now."""
+        if job.future.cancel():
+            job.pairs = []
 
     def _work(self):
         if self._load is not None:
@@ -447,7 +449,7 @@ def build_app(reranker_or_loader, api_key: str | None = None, model_name: str = 
     from starlette.routing import Route
 
     limits = Limits(**limits)
-    batcher = Batcher(reranker_or_loader, limits.queue_size, limits.batch_tokens)
+    batcher = Batcher(reranker_or_loader, limits.batch_tokens)
     cloudflare, tei, cohere = Cloudflare(), TEI(limits.auto_truncate), Cohere()
 
     def check_key(request):
@@ -481,9 +483,26 @@ def build_app(reranker_or_loader, api_key: str | None = None, model_name: str = 
         while (await request.receive())["type"] != "http.disconnect":
             pass
 
+    admitted = 0  # requests being read, tokenized, queued or scored; only the event loop touches it
+
     async def rerank(request, dialect: Dialect):
+        nonlocal admitted
         try:
             check_key(request)
+            if admitted >= limits.queue_size:  # refused before its body is read: memory stays bounded
+                raise ApiError("overloaded", f"the server is busy: {admitted} requests are in progress "
+                                             "(--queue-size); retry shortly")
+            admitted += 1
+            try:
+                return await admitted_rerank(request, dialect)
+            finally:
+                admitted -= 1
+        except ApiError as error:
+            status, body = dialect.error(error)
+            return JSONResponse(body, status_code=status)
+
+    async def admitted_rerank(request, dialect: Dialect):
+        try:
             query = dialect.parse(parse_json(await read_body(request, dialect)), limits)
             batcher.check_ready()
             pairs = [(query.query, text) for text in query.texts]
@@ -496,16 +515,16 @@ def build_app(reranker_or_loader, api_key: str | None = None, model_name: str = 
                                                    f"tokens. Given: {count} (texts[{i}] with the query); "
                                                    "send truncate: true to cut it instead")
             tokens = sum(min(count, max_length) for count in counts)
-            result = asyncio.wrap_future(batcher.submit(pairs, tokens))
+            job = batcher.submit(pairs, tokens)
             gone = asyncio.ensure_future(client_gone(request))
             try:
-                await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait({asyncio.wrap_future(job.future), gone}, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 gone.cancel()
-            if not result.done():  # the client left: drop its job if the worker has not started it
-                result.cancel()
+            if not job.future.done():  # the client left before its answer
+                batcher.cancel(job)
                 return Response(status_code=499)
-            status, body = 200, dialect.answer(query, result.result(), tokens, model_name)
+            status, body = 200, dialect.answer(query, job.future.result(), tokens, model_name)
         except ApiError as error:
             status, body = dialect.error(error)
         except ClientDisconnect:
@@ -654,7 +673,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-contexts", type=int, default=default.max_contexts,
                         help=f"most contexts/texts/documents in one request (default {default.max_contexts})")
     parser.add_argument("--queue-size", type=int, default=default.queue_size,
-                        help=f"requests that may wait for the model; more get 429 (default {default.queue_size})")
+                        help=f"requests in progress at once (being read, waiting or scored); more get 429 "
+                             f"(default {default.queue_size})")
     parser.add_argument("--batch-tokens", type=int, default=default.batch_tokens,
                         help=f"tokens of waiting requests scored in one forward call (default {default.batch_tokens})")
     parser.add_argument("--auto-truncate", action="store_true",
