@@ -92,7 +92,7 @@ else:
 def exp32(x):
     """exp(x) in float32 to ~1 ulp: 2^k * exp(r) with k = round(x / ln2), |r| <= ln2 / 2."""
     x = min(max(x, EXP_MIN), EXP_MAX)
-    k = math.floor(x * LOG2E + HALF)
+    k = np.floor(x * LOG2E + HALF)  # np.floor stays float32; math.floor returns int64
     r = (x - k * LN2_HI) - k * LN2_LO
     p = ONE + r * (ONE + r * (EXP_C2 + r * (EXP_C3 + r * (EXP_C4 + r * (EXP_C5 + r * (EXP_C6 + r * EXP_C7))))))
     return p * float_from_bits((np.int32(k) + np.int32(127)) << np.int32(23))  # 2^k built from its bits
@@ -172,24 +172,37 @@ def attention_forward(context, query, key, value, query_bias, key_bias, value_bi
             b, h = item // H, item % H
             start, T = offsets[b], offsets[b + 1] - offsets[b]
             first = query_offsets[b]
-            c0 = h * D
-            # this head's keys transposed, [D, T], so the score loop runs along contiguous memory
+            heads = slice(h * D, h * D + D)  # this head's D columns
+            # Copy this head's keys (transposed, [D, T]) and values ([T, D]) into small contiguous
+            # blocks: the inner loops then run over unit-stride memory that LLVM turns into SIMD.
             key_t = np.empty((D, T), dtype=np.float32)
+            value_h = np.empty((T, D), dtype=np.float32)
+            k_bias, q_bias, v_bias = key_bias[heads], query_bias[heads], value_bias[heads]
             for j in range(T):
+                k_row, v_row = key[start + j, heads], value[start + j, heads]
                 for d in range(D):
-                    key_t[d, j] = key[start + j, c0 + d] + key_bias[c0 + d]
+                    key_t[d, j] = k_row[d] + k_bias[d]
+                    value_h[j, d] = v_row[d]
             q = np.empty(D, dtype=np.float32)
             scores = np.empty(T, dtype=np.float32)
             weighted = np.empty(D, dtype=np.float32)
             for i in range(query_offsets[b + 1] - first):
+                q_row = query[first + i, heads]
                 for d in range(D):
-                    q[d] = (query[first + i, c0 + d] + query_bias[c0 + d]) * scale
+                    q[d] = (q_row[d] + q_bias[d]) * scale
+                # scores = q . k_j for every key j, as T-long vector updates; four rows of key_t per
+                # pass over `scores`, so the loads and stores of `scores` are a quarter of the FMAs
                 for j in range(T):
                     scores[j] = 0.0
-                for d in range(D):  # scores = q . k_j for every key j, as T-long vector updates
-                    qd = q[d]
+                for d in range(0, D - 3, 4):
+                    q0, q1, q2, q3 = q[d], q[d + 1], q[d + 2], q[d + 3]
+                    k0, k1, k2, k3 = key_t[d], key_t[d + 1], key_t[d + 2], key_t[d + 3]
                     for j in range(T):
-                        scores[j] += qd * key_t[d, j]
+                        scores[j] += q0 * k0[j] + q1 * k1[j] + q2 * k2[j] + q3 * k3[j]
+                for d in range(D - D % 4, D):
+                    qd, kd = q[d], key_t[d]
+                    for j in range(T):
+                        scores[j] += qd * kd[j]
                 highest = scores[0]
                 for j in range(1, T):
                     highest = max(highest, scores[j])
@@ -200,13 +213,19 @@ def attention_forward(context, query, key, value, query_bias, key_bias, value_bi
                     total += e
                 for d in range(D):
                     weighted[d] = 0.0
-                for j in range(T):
-                    p = scores[j]
+                for j in range(0, T - 3, 4):  # weighted = sum_j p_j v_j, again four rows per pass
+                    p0, p1, p2, p3 = scores[j], scores[j + 1], scores[j + 2], scores[j + 3]
+                    v0, v1, v2, v3 = value_h[j], value_h[j + 1], value_h[j + 2], value_h[j + 3]
                     for d in range(D):
-                        weighted[d] += p * value[start + j, c0 + d]
+                        weighted[d] += p0 * v0[d] + p1 * v1[d] + p2 * v2[d] + p3 * v3[d]
+                for j in range(T - T % 4, T):
+                    p, v = scores[j], value_h[j]
+                    for d in range(D):
+                        weighted[d] += p * v[d]
                 norm = ONE / total
+                out_row = context[first + i, heads]
                 for d in range(D):
-                    context[first + i, c0 + d] = weighted[d] * norm + value_bias[c0 + d]
+                    out_row[d] = weighted[d] * norm + v_bias[d]
 
 
 @parallel_kernel
