@@ -39,6 +39,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
+from .config import ModelError
 from .reranker import sigmoid
 
 DEFAULT_MODEL = "BAAI/bge-reranker-base"
@@ -436,7 +437,7 @@ def _require(module: str):
     try:
         return __import__(module)
     except ImportError:
-        raise SystemExit(f"nprerank serve needs {module}: pip install 'nprerank[server]'") from None
+        raise OSError(f"nprerank serve needs {module}: pip install 'nprerank[server]'") from None
 
 
 def build_app(reranker_or_loader, api_key: str | None = None, model_name: str = DEFAULT_MODEL, **limits):
@@ -662,29 +663,39 @@ def _version() -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The `serve` flags; `nprerank serve` and `python -m nprerank.server` share them."""
     default = Limits()
-    parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help=f"model folder or Hugging Face repo id (default {DEFAULT_MODEL})")
+    parser.add_argument("--model", default=os.environ.get("NPRERANK_MODEL") or DEFAULT_MODEL,
+                        help=f"model folder or Hugging Face repo id (default $NPRERANK_MODEL or {DEFAULT_MODEL})")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    parser.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
-    parser.add_argument("--api-key", default=None,
+    parser.add_argument("--port", metavar="PORT", type=_positive_int, default=8080, help="port to listen on (default 8080)")
+    parser.add_argument("--api-key", metavar="KEY", default=None,
                         help=f"require 'Authorization: Bearer KEY' on every route but /health (or set ${API_KEY_ENV})")
-    parser.add_argument("--max-body-bytes", type=int, default=default.max_body_bytes,
+    parser.add_argument("--max-body-bytes", metavar="BYTES", type=_positive_int, default=default.max_body_bytes,
                         help=f"largest request body; larger is refused with 413 (default {default.max_body_bytes})")
-    parser.add_argument("--max-contexts", type=int, default=default.max_contexts,
+    parser.add_argument("--max-contexts", metavar="N", type=_positive_int, default=default.max_contexts,
                         help=f"most contexts/texts/documents in one request (default {default.max_contexts})")
-    parser.add_argument("--queue-size", type=int, default=default.queue_size,
+    parser.add_argument("--queue-size", metavar="N", type=_positive_int, default=default.queue_size,
                         help=f"requests in progress at once (being read, waiting or scored); more get 429 "
                              f"(default {default.queue_size})")
-    parser.add_argument("--batch-tokens", type=int, default=default.batch_tokens,
+    parser.add_argument("--batch-tokens", metavar="N", type=_positive_int, default=default.batch_tokens,
                         help=f"tokens of waiting requests scored in one forward call (default {default.batch_tokens})")
     parser.add_argument("--auto-truncate", action="store_true",
                         help="TEI /rerank: cut over-long inputs when a request does not say `truncate` "
                              "(default: refuse them with 413, as TEI does)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for the model (default: all cores)")
+    parser.add_argument("--threads", metavar="N", type=_positive_int, default=None, help="CPU threads for the model (default: all cores)")
     parser.add_argument("--long-documents", choices=("truncate", "chunk"), default="truncate",
                         help="a passage longer than the model takes: cut it (default), or score its best window")
     parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                         help="uvicorn's log level (default info)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
 
 
 def serve_from_args(args: argparse.Namespace) -> None:
@@ -696,7 +707,7 @@ def serve_from_args(args: argparse.Namespace) -> None:
 
 def serve(model: str = DEFAULT_MODEL, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None,
           threads: int | None = None, long_documents: str = "truncate", log_level: str = "info", **limits) -> None:
-    """Serve `model` until Ctrl-C or SIGTERM; returns normally then. Raises RuntimeError if the model fails to load."""
+    """Serve `model` until Ctrl-C or SIGTERM, then return. Raises ModelError if the model fails to load."""
     uvicorn = _require("uvicorn")
     from .reranker import Reranker
 
@@ -709,6 +720,8 @@ def serve(model: str = DEFAULT_MODEL, host: str = "127.0.0.1", port: int = 8080,
         return Reranker.from_pretrained(model, **options)
 
     app = build_app(load, api_key=api_key, model_name=str(model), **limits)
+    if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("listening on %s without --api-key: anyone who can reach this port can use it", host)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
                             timeout_graceful_shutdown=10)
     server = uvicorn.Server(config)
@@ -716,7 +729,7 @@ def serve(model: str = DEFAULT_MODEL, host: str = "127.0.0.1", port: int = 8080,
     with _signals_end_quietly():
         server.run()
     if app.state.batcher.load_error:
-        raise RuntimeError(f"could not load the model {model}: {app.state.batcher.load_error}")
+        raise ModelError(f"could not load the model {model}: {app.state.batcher.load_error}")
 
 
 @contextlib.contextmanager
@@ -741,7 +754,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         serve_from_args(args)
-    except (RuntimeError, ValueError) as e:
+    except (ValueError, OSError) as e:  # ModelError is a ValueError
         print(f"nprerank serve: {e}", file=sys.stderr)
         return 1
     return 0
