@@ -615,3 +615,31 @@ def test_signal_stops_cleanly(tiny_model, tmp_path, reranker, sig):
     check_tei(httpx.post(server.url + "/rerank", json={"query": "q", "texts": ["a"]}), reranker, "q", ["a"])
     assert server.stop(sig) == 0, server.log()
     assert "Traceback" not in server.log()
+
+
+# --- the documentation's examples -------------------------------------------------------------
+
+
+def shape(value):
+    """The structure of a JSON value: keys and types, not the numbers (the docs used another model)."""
+    if isinstance(value, dict):
+        return {key: shape(item) for key, item in value.items() if key != "id" or not isinstance(item, str)}
+    if isinstance(value, list):
+        return [shape(item) for item in value]
+    return type(value).__name__
+
+
+@pytest.mark.skipif(not shutil.which("curl"), reason="curl is not installed")
+def test_docs_curl_examples(server):
+    """Every curl example in docs/server.md runs against the server and answers in the documented shape."""
+    text = (Path(__file__).parent.parent / "docs" / "server.md").read_text()
+    blocks = text.split("```")
+    examples = [(blocks[i].removeprefix("sh\n"), blocks[i + 2].removeprefix("json\n"))
+                for i in range(1, len(blocks) - 2, 2)
+                if blocks[i].startswith("sh\ncurl ") and blocks[i + 2].startswith("json\n")]
+    assert len(examples) >= 5, "docs/server.md lost its curl examples"
+    env = {**os.environ, "CLOUDFLARE_ACCOUNT_ID": "account", "CLOUDFLARE_AUTH_TOKEN": "token"}
+    for command, documented in examples:
+        command = command.replace("http://127.0.0.1:8080", server.url).replace("curl ", "curl -s ", 1)
+        out = subprocess.run(["bash", "-c", command], env=env, capture_output=True, text=True, timeout=30).stdout
+        assert shape(json.loads(out)) == shape(json.loads(documented)), f"{command}\nanswered {out}\ndocumented {documented}"
