@@ -1,0 +1,249 @@
+"""Every fast kernel against its reference.py twin, then FastModel against reference.forward.
+
+Tolerances, per level (all float32):
+- exp32: relative 2e-7 of np.exp (about 2 ulp).
+- GELU: 1e-6 * max(1, |x|) absolute: both use the same A&S erf; the kernel computes it in fp32,
+  the reference in fp64, so they differ by fp32 rounding only.
+- LayerNorm, embeddings, attention, head: 2e-5 absolute on O(1) values (summation order differs:
+  the kernels add in SIMD lanes, NumPy pairwise).
+- Whole model: logits within 1e-4 of reference.forward and the same ranking (issue 3).
+On failure each check prints the largest difference and the first values side by side.
+
+Also runs with NUMBA_DISABLE_JIT=1 (the kernels are then plain Python): the full-size model is
+skipped there, being far too slow without compilation.
+"""
+
+import math
+import os
+
+import numba
+import numpy as np
+import pytest
+
+from nprerank import kernels, reference
+from nprerank.config import ModelConfig
+from nprerank.model import FastModel, pack, set_blas_threads, set_threads
+from nprerank.synthetic import make_model
+from nprerank.weights import Classifier, Embeddings, Layer, LayerNorm, Linear, load_weights
+
+JIT = not numba.config.DISABLE_JIT
+
+
+def assert_close(name, got, want, atol, rtol=0.0):
+    got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
+    assert got.shape == want.shape, f"{name}: shape {got.shape} != {want.shape}"
+    diff = np.abs(got - want)
+    limit = atol + rtol * np.abs(want)
+    if not (diff <= limit).all():
+        worst = np.unravel_index(np.argmax(diff - limit), diff.shape)
+        side = "\n".join(f"  {g: .8f}  {w: .8f}" for g, w in zip(got.ravel()[:6], want.ravel()[:6]))
+        pytest.fail(f"{name}: max |diff| {diff.max():.3e} (worst at {worst}: {got[worst]} vs {want[worst]}), "
+                    f"tolerance atol={atol} rtol={rtol}\n  fast         reference\n{side}")
+    print(f"{name}: max |diff| {diff.max():.3e}")
+
+
+def random(rng, *shape, scale=1.0):
+    return (scale * rng.standard_normal(shape)).astype(np.float32)
+
+
+def linear_params(rng, out, inp):
+    return Linear(random(rng, out, inp, scale=1 / math.sqrt(inp)), random(rng, out, scale=0.1))
+
+
+def norm_params(rng, C):
+    return LayerNorm(1 + random(rng, C, scale=0.1), random(rng, C, scale=0.1))
+
+
+def packed_from_padded(padded, lengths):
+    """[B, T, C] padded -> [N, C] packed rows of the real tokens."""
+    return np.concatenate([padded[b, :n] for b, n in enumerate(lengths)])
+
+
+def offsets_of(lengths):
+    return np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+
+
+# Very different lengths in one pack, a one-token sequence, and odd sizes.
+LENGTHS = [1, 17, 3, 40, 2]
+
+
+def test_exp32_matches_numpy():
+    x = np.concatenate([np.linspace(-87, 88, 20001), [0.0, -1e-8, 1e-8, -0.34657, 0.34657]]).astype(np.float32)
+    got = np.array([kernels.exp32(v) for v in x[:: 1 if JIT else 40]])
+    want = np.exp(x[:: 1 if JIT else 40].astype(np.float64))
+    assert_close("exp32", got, want, atol=0.0, rtol=2e-7)
+
+
+def test_gelu_forward_matches_reference():
+    rng = np.random.default_rng(1)
+    x = random(rng, 7, 13, scale=4.0)
+    x[0, :5] = [0.0, -0.0, 1e-7, -12.0, 12.0]
+    bias = random(rng, 13)
+    out = np.empty_like(x)
+    kernels.gelu_forward(out, x, bias)
+    want = reference.gelu(x + bias)
+    assert_close("gelu_forward", out, want, atol=1e-6, rtol=1e-6)
+    kernels.gelu_forward(x, x, bias)  # in place, as model.py calls it
+    assert_close("gelu_forward in place", x, want, atol=1e-6, rtol=1e-6)
+
+
+def test_residual_layer_norm_forward_matches_reference():
+    rng = np.random.default_rng(2)
+    N, C = 9, 30
+    x, residual, bias = random(rng, N, C, scale=3.0), random(rng, N, C), random(rng, C)
+    norm = norm_params(rng, C)
+    want = reference.layer_norm(x + bias + residual, norm, 1e-5)
+    out = np.empty_like(x)
+    kernels.residual_layer_norm_forward(out, x, bias, residual, norm.weight, norm.bias, np.float32(1e-5))
+    assert_close("residual_layer_norm_forward", out, want, atol=2e-5)
+    kernels.residual_layer_norm_forward(residual, x, bias, residual, norm.weight, norm.bias, np.float32(1e-5))
+    assert_close("residual_layer_norm_forward into residual", residual, want, atol=2e-5)
+
+
+@pytest.mark.parametrize("table_dtype", ["float32", "float16", "bfloat16"])
+def test_embeddings_forward_matches_reference(table_dtype):
+    rng = np.random.default_rng(3)
+    C, vocab, pad = 24, 50, 1
+    config = ModelConfig(vocab_size=vocab, hidden_size=C, num_attention_heads=4, max_position_embeddings=45,
+                         pad_token_id=pad)
+    word = random(rng, vocab, C)
+    if table_dtype == "float16":
+        word = word.astype(np.float16)
+    elif table_dtype == "bfloat16":
+        word = (word.view(np.uint32) >> 16).astype(np.uint16)  # bf16 bits, as weights.py keeps them
+    p = Embeddings(word=word, position=random(rng, 45, C), token_type=random(rng, 1, C), norm=norm_params(rng, C))
+    sequences = [[0] + list(rng.integers(2, vocab, n - 1)) for n in LENGTHS]
+    want = reference.embeddings(reference.pad(sequences, pad), p, config)  # [B, T, C]
+    ids, offsets = pack(sequences, config)
+    from nprerank.model import embeddings
+
+    got = embeddings(ids, offsets, p, config)
+    assert_close(f"embeddings_forward ({table_dtype} table)", got, packed_from_padded(want, LENGTHS), atol=2e-5)
+
+
+@pytest.mark.parametrize("C,H", [(30, 5), (64, 4)])  # head size 6 (odd, not a multiple of 4) and 16
+def test_attention_forward_matches_reference(C, H):
+    rng = np.random.default_rng(4)
+    layer = Layer(*(linear_params(rng, C, C) for _ in range(4)), norm_params(rng, C),
+                  linear_params(rng, 2 * C, C), linear_params(rng, C, 2 * C), norm_params(rng, C))
+    config = ModelConfig(hidden_size=C, num_attention_heads=H)
+    B, T = len(LENGTHS), max(LENGTHS)
+    padded = random(rng, B, T, C)
+    padding = np.arange(T)[None, :] >= np.array(LENGTHS)[:, None]  # [B, T]
+    want = packed_from_padded(reference.attention(padded, padding, layer, config), LENGTHS)  # [N, C]
+
+    x = packed_from_padded(padded, LENGTHS)  # [N, C]
+    offsets = offsets_of(LENGTHS)
+    query, key, value = (np.ascontiguousarray(x @ p.weight.T) for p in (layer.query, layer.key, layer.value))
+    context = np.empty_like(query)
+    kernels.attention_forward(context, query, key, value, layer.query.bias, layer.key.bias, layer.value.bias,
+                              offsets, offsets, H, 2)
+    got = reference.linear(context, layer.attention_output)
+    assert_close(f"attention_forward C={C} H={H}", got, want, atol=2e-5)
+
+    # only each sequence's first token asks (the last layer), written over its query rows
+    first = np.ascontiguousarray(query[offsets[:-1]])
+    kernels.attention_forward(first, first, key, value, layer.query.bias, layer.key.bias, layer.value.bias,
+                              offsets, np.arange(B + 1), H, 3)
+    got_first = reference.linear(first, layer.attention_output)
+    assert_close(f"attention_forward first tokens C={C} H={H}", got_first, want[offsets[:-1]], atol=2e-5)
+
+
+def test_classification_head_forward_matches_reference():
+    rng = np.random.default_rng(5)
+    B, C = 3, 20
+    p = Classifier(dense=linear_params(rng, C, C), out_proj=linear_params(rng, 1, C))
+    hidden = random(rng, B, 4, C)
+    logits = np.empty(B, dtype=np.float32)
+    kernels.classification_head_forward(logits, np.ascontiguousarray(hidden[:, 0]), p.dense.weight, p.dense.bias,
+                                        p.out_proj.weight, p.out_proj.bias)
+    assert_close("classification_head_forward", logits, reference.classification_head(hidden, p), atol=2e-5)
+
+
+# --- the whole model -------------------------------------------------------------------------
+
+
+def load(folder):
+    config = ModelConfig.from_json(folder / "config.json")
+    return load_weights(folder / "model.safetensors", config), config
+
+
+def check_model(name, folder, lengths, seed=0):
+    weights, config = load(folder)
+    rng = np.random.default_rng(seed)
+    lengths = [min(n, config.max_tokens) for n in lengths]
+    sequences = [[0] + [int(i) for i in rng.integers(3, config.vocab_size, n - 1)] for n in lengths]
+    got = FastModel(weights, config, threads=2)(sequences)
+    # the reference runs them as one padded batch; the fast path packs them
+    want = reference.forward(reference.pad(sequences, config.pad_token_id), weights, config)
+    assert got.dtype == np.float32 and got.shape == (len(sequences),)
+    assert_close(f"FastModel {name}", got, want, atol=1e-4)
+    assert np.argsort(-got, kind="stable").tolist() == np.argsort(-want, kind="stable").tolist(), (
+        f"{name}: ranking differs\n  fast {got}\n  ref  {want}")
+
+
+def test_fast_model_matches_reference_on_tiny_models(tiny_models):
+    check_model(tiny_models.name, tiny_models, [1, 30, 4, 90, 2, 17])
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_fast_model_on_half_precision_checkpoints(dtype):
+    check_model(dtype, make_model(dtype=dtype), [5, 64, 1, 33])
+
+
+@pytest.mark.skipif(not JIT, reason="the full-size model is far too slow with NUMBA_DISABLE_JIT=1")
+def test_fast_model_matches_reference_on_full_model(full_model):
+    check_model("full size", full_model, [128, 3, 60, 200, 1, 37, 255, 90], seed=1)
+
+
+def test_fast_model_rejects_bad_sequences(tiny_model):
+    weights, config = load(tiny_model)
+    model = FastModel(weights, config)
+    cases = {
+        "non-empty list": [],
+        "sequence 1 is empty": [[0, 5], []],
+        f"must be in [0, {config.vocab_size})": [[0, config.vocab_size]],
+        "must be in": [[0, -3]],
+        "not the pad id": [[0, 5, config.pad_token_id]],
+        "at most": [[0] * (config.max_tokens + 1)],
+    }
+    for message, sequences in cases.items():
+        with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+            model(sequences)
+
+
+def test_thread_control(monkeypatch):
+    try:
+        assert set_threads(1) == 1
+        assert numba.get_num_threads() == 1
+        monkeypatch.setenv("NPRERANK_NUM_THREADS", "1")
+        assert set_threads(None) == 1
+        monkeypatch.setenv("NPRERANK_NUM_THREADS", "two")
+        with pytest.raises(ValueError, match="NPRERANK_NUM_THREADS"):
+            set_threads(None)
+        with pytest.raises(ValueError, match="threads must be a positive integer"):
+            set_threads(0)
+        monkeypatch.delenv("NPRERANK_NUM_THREADS")
+        assert set_threads(None) is None
+    finally:
+        set_threads(numba.config.NUMBA_NUM_THREADS)
+
+
+def test_blas_thread_count_is_set():
+    """NumPy's bundled OpenBLAS is found and its thread count really changes."""
+    import ctypes
+
+    from nprerank.model import _loaded_blas_libraries
+
+    libraries = [path for path in _loaded_blas_libraries() if "openblas" in path.lower()]
+    if not libraries:
+        pytest.skip("NumPy does not use OpenBLAS here")
+    handle = ctypes.CDLL(libraries[0])
+    getter = next((getattr(handle, n) for n in ("scipy_openblas_get_num_threads64_", "openblas_get_num_threads64_",
+                                                 "openblas_get_num_threads") if hasattr(handle, n)), None)
+    try:
+        assert set_blas_threads(1)
+        if getter is not None:
+            assert getter() == 1
+    finally:
+        set_blas_threads(os.cpu_count() or 1)
