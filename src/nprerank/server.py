@@ -400,6 +400,8 @@ class Batcher:
                     job = self.queue.get_nowait()
                 except queue.Empty:
                     break
+                if job.future.cancelled():  # its client left: it takes no room in the batch
+                    continue
                 if tokens + job.tokens > self.batch_tokens:
                     held = job
                     break
