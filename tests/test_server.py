@@ -6,6 +6,7 @@ this process on the same model folder, so every score the server sends is checke
 library's own result for that request. Needs the `test` extra (httpx, starlette, uvicorn).
 """
 
+import functools
 import json
 import os
 import random
@@ -38,6 +39,10 @@ API_KEY = "test-key-\u00e9-not-secret"  # non-ASCII on purpose: compared as byte
 # 4.7e-6 in scores and 1.9e-5 in logits on the tiny model (whose head is scaled up, see
 # synthetic.py), in-process, with no server involved. A mixed-up answer is off by ~1e-2.
 SCORE_TOLERANCE, LOGIT_TOLERANCE = 2e-5, 1e-4
+
+# generous: the first request may wait for the fast engine's JIT, and the machine may be busy
+post = functools.partial(httpx.post, timeout=60)
+get = functools.partial(httpx.get, timeout=60)
 
 TEXTS = [
     "a cyberpunk lizzard", "a cyberpunk cat", "the giant panda lives in the mountains of china",
@@ -249,7 +254,7 @@ def test_cloudflare_seed_curl_example(server, reranker):
         out = subprocess.run(["bash", "-c", command], env=env, capture_output=True, text=True, timeout=30, check=True).stdout
         response = httpx.Response(200, content=out)
     else:  # the same request: curl -d sends form-urlencoded
-        response = httpx.post(f"{server.url}/client/v4/accounts/{account}/ai/run/@cf/baai/bge-reranker-base",
+        response = post(f"{server.url}/client/v4/accounts/{account}/ai/run/@cf/baai/bge-reranker-base",
                               content=body, headers={"Authorization": f"Bearer {token}",
                                                      "content-type": "application/x-www-form-urlencoded"})
     check_cloudflare(response, reranker, "Which one is better?", ["a cyberpunk lizzard", "a cyberpunk cat"])
@@ -427,29 +432,29 @@ def test_too_many_contexts(client, reranker):
 
 def test_api_key(limited_server, reranker):
     url, good = limited_server.url, {"Authorization": f"Bearer {API_KEY}"}
-    assert httpx.get(url + "/health").status_code == 200  # /health needs no key
+    assert get(url + "/health").status_code == 200  # /health needs no key
     for headers, word in (({}, "missing"), ({"Authorization": "Bearer wrong"}, "invalid"),
                           ({"Authorization": API_KEY}, "missing"), ({"Authorization": "Basic " + API_KEY}, "missing")):
         headers = {k: v.encode() for k, v in headers.items()}
-        cloudflare_error(httpx.post(url + CF_LONG, json={"query": "q", "contexts": [{"text": "a"}]}, headers=headers),
+        cloudflare_error(post(url + CF_LONG, json={"query": "q", "contexts": [{"text": "a"}]}, headers=headers),
                          401, word, code=10000)
-        tei_error(httpx.post(url + "/rerank", json={"query": "q", "texts": ["a"]}, headers=headers), 401, word,
+        tei_error(post(url + "/rerank", json={"query": "q", "texts": ["a"]}, headers=headers), 401, word,
                   error_type="unauthorized")
-        cohere_error(httpx.post(url + "/v1/rerank", json={"query": "q", "documents": ["a"]}, headers=headers), 401, word)
-        assert httpx.get(url + "/openapi.json", headers=headers).status_code == 401
+        cohere_error(post(url + "/v1/rerank", json={"query": "q", "documents": ["a"]}, headers=headers), 401, word)
+        assert get(url + "/openapi.json", headers=headers).status_code == 401
     good = {k: v.encode() for k, v in good.items()}
-    check_cloudflare(httpx.post(url + CF_LONG, json={"query": "q", "contexts": [{"text": "a"}]}, headers=good),
+    check_cloudflare(post(url + CF_LONG, json={"query": "q", "contexts": [{"text": "a"}]}, headers=good),
                      reranker, "q", ["a"])
-    check_tei(httpx.post(url + "/rerank", json={"query": "q", "texts": ["a"]}, headers=good), reranker, "q", ["a"])
-    assert httpx.get(url + "/openapi.json", headers=good).status_code == 200
+    check_tei(post(url + "/rerank", json={"query": "q", "texts": ["a"]}, headers=good), reranker, "q", ["a"])
+    assert get(url + "/openapi.json", headers=good).status_code == 200
 
 
 def test_limit_flags(limited_server, reranker):
     url, key = limited_server.url, {"Authorization": f"Bearer {API_KEY}".encode()}
     nine = [f"text {i}" for i in range(9)]
-    tei_error(httpx.post(url + "/rerank", json={"query": "q", "texts": nine}, headers=key), 413, "at most 8")
-    check_tei(httpx.post(url + "/rerank", json={"query": "q", "texts": nine[:8]}, headers=key), reranker, "q", nine[:8])
-    cohere_error(httpx.post(url + "/v1/rerank", json={"query": "q", "documents": ["x" * 30000]}, headers=key), 413, "20000")
+    tei_error(post(url + "/rerank", json={"query": "q", "texts": nine}, headers=key), 413, "at most 8")
+    check_tei(post(url + "/rerank", json={"query": "q", "texts": nine[:8]}, headers=key), reranker, "q", nine[:8])
+    cohere_error(post(url + "/v1/rerank", json={"query": "q", "documents": ["x" * 30000]}, headers=key), 413, "20000")
 
 
 def test_full_queue_answers_429(limited_server, reranker):
@@ -462,7 +467,7 @@ def test_full_queue_answers_429(limited_server, reranker):
 
     def call(i):
         path, body = calls[i % 3]
-        return path, httpx.post(url + path, json=body, headers=key, timeout=60)
+        return path, post(url + path, json=body, headers=key)
 
     with ThreadPoolExecutor(24) as pool:
         answers = list(pool.map(call, range(72)))
@@ -583,17 +588,17 @@ def test_503_while_loading(tiny_model, reranker, tmp_path):
     server = Server([str(tiny_model), str(gate)], tmp_path / "log", script=GATED_SERVER)
     try:
         server.wait(status=503)
-        assert httpx.get(server.url + "/health").json()["status"] == "loading"
-        cloudflare_error(httpx.post(server.url + CF_SHORT, json={"query": "q", "contexts": [{"text": "a"}]}),
+        assert get(server.url + "/health").json()["status"] == "loading"
+        cloudflare_error(post(server.url + CF_SHORT, json={"query": "q", "contexts": [{"text": "a"}]}),
                          503, "loading", code=3040)
-        tei_error(httpx.post(server.url + "/rerank", json={"query": "q", "texts": ["a"]}), 503, "loading",
+        tei_error(post(server.url + "/rerank", json={"query": "q", "texts": ["a"]}), 503, "loading",
                   error_type="unhealthy")
-        cohere_error(httpx.post(server.url + "/v1/rerank", json={"query": "q", "documents": ["a"]}), 503, "loading")
+        cohere_error(post(server.url + "/v1/rerank", json={"query": "q", "documents": ["a"]}), 503, "loading")
         # bad input is still told apart from loading
-        tei_error(httpx.post(server.url + "/rerank", json={"query": "q", "texts": []}), 400, "empty", error_type="empty")
+        tei_error(post(server.url + "/rerank", json={"query": "q", "texts": []}), 400, "empty", error_type="empty")
         gate.touch()
         server.wait(status=200)
-        check_tei(httpx.post(server.url + "/rerank", json={"query": "q", "texts": ["a"]}), reranker, "q", ["a"])
+        check_tei(post(server.url + "/rerank", json={"query": "q", "texts": ["a"]}), reranker, "q", ["a"])
     finally:
         server.stop()
 
@@ -612,7 +617,7 @@ def test_model_that_fails_to_load_stops_the_server(tmp_path):
 def test_signal_stops_cleanly(tiny_model, tmp_path, reranker, sig):
     server = Server(["--model", str(tiny_model)], tmp_path / "log")
     server.wait()
-    check_tei(httpx.post(server.url + "/rerank", json={"query": "q", "texts": ["a"]}), reranker, "q", ["a"])
+    check_tei(post(server.url + "/rerank", json={"query": "q", "texts": ["a"]}), reranker, "q", ["a"])
     assert server.stop(sig) == 0, server.log()
     assert "Traceback" not in server.log()
 
