@@ -12,12 +12,11 @@ the input order, the sigmoid, and the ranking. It speaks the interfaces users al
 Read next: model.py (the fast forward pass it calls) and reference.py (the readable one).
 """
 
-from pathlib import Path
-
 import numpy as np
 
 from . import reference
 from .config import ModelConfig, ModelError
+from .hub import resolve
 from .tokenizer import SPECIAL_TOKENS_IN_PAIR, PairTokenizer
 from .weights import load_weights
 
@@ -59,8 +58,6 @@ class Reranker:
                         query_max_length: int | None = None, **options) -> "Reranker":
         """Load a bge-reranker-base folder (config.json, tokenizer.json, model.safetensors), or a
         Hugging Face repo id: found in the Hugging Face cache, else downloaded (hub.py)."""
-        from .hub import resolve
-
         folder = resolve(path)
         missing = [name for name in MODEL_FILES if not (folder / name).is_file()]
         if missing:
