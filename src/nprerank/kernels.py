@@ -183,49 +183,105 @@ def attention_forward(context, query, key, value, query_bias, key_bias, value_bi
                 for d in range(D):
                     key_t[d, j] = k_row[d] + k_bias[d]
                     value_h[j, d] = v_row[d]
-            q = np.empty(D, dtype=np.float32)
-            scores = np.empty(T, dtype=np.float32)
-            weighted = np.empty(D, dtype=np.float32)
-            for i in range(query_offsets[b + 1] - first):
-                q_row = query[first + i, heads]
-                for d in range(D):
-                    q[d] = (q_row[d] + q_bias[d]) * scale
-                # scores = q . k_j for every key j, as T-long vector updates; four rows of key_t per
-                # pass over `scores`, so the loads and stores of `scores` are a quarter of the FMAs
-                for j in range(T):
-                    scores[j] = 0.0
-                for d in range(0, D - 3, 4):
-                    q0, q1, q2, q3 = q[d], q[d + 1], q[d + 2], q[d + 3]
-                    k0, k1, k2, k3 = key_t[d], key_t[d + 1], key_t[d + 2], key_t[d + 3]
-                    for j in range(T):
-                        scores[j] += q0 * k0[j] + q1 * k1[j] + q2 * k2[j] + q3 * k3[j]
-                for d in range(D - D % 4, D):
-                    qd, kd = q[d], key_t[d]
-                    for j in range(T):
-                        scores[j] += qd * kd[j]
-                highest = scores[0]
-                for j in range(1, T):
-                    highest = max(highest, scores[j])
-                total = f32(0.0)
-                for j in range(T):  # subtract the max for numerical stability, as reference.softmax
-                    e = exp32(scores[j] - highest)
-                    scores[j] = e
-                    total += e
-                for d in range(D):
-                    weighted[d] = 0.0
-                for j in range(0, T - 3, 4):  # weighted = sum_j p_j v_j, again four rows per pass
-                    p0, p1, p2, p3 = scores[j], scores[j + 1], scores[j + 2], scores[j + 3]
-                    v0, v1, v2, v3 = value_h[j], value_h[j + 1], value_h[j + 2], value_h[j + 3]
+            # Queries go four at a time: each key and value row loaded from cache then feeds four
+            # multiply-adds instead of one. A short last block repeats its last row (same result).
+            q = np.empty((ROWS, D), dtype=np.float32)
+            scores = np.empty((ROWS, T), dtype=np.float32)
+            weighted = np.empty((ROWS, D), dtype=np.float32)
+            totals = np.empty(ROWS, dtype=np.float32)
+            count = query_offsets[b + 1] - first
+            for i in range(0, count, ROWS):
+                for r in range(ROWS):
+                    q_row = query[first + min(i + r, count - 1), heads]
                     for d in range(D):
-                        weighted[d] += p0 * v0[d] + p1 * v1[d] + p2 * v2[d] + p3 * v3[d]
-                for j in range(T - T % 4, T):
-                    p, v = scores[j], value_h[j]
+                        q[r, d] = (q_row[d] + q_bias[d]) * scale
+                _scores_block(scores, q, key_t)  # [ROWS, T]
+                for r in range(ROWS):
+                    totals[r] = _exp_shifted_row(scores[r])  # softmax numerators, in place
+                _weighted_block(weighted, scores, value_h)  # [ROWS, D]
+                for r in range(ROWS):
+                    out_row = context[first + min(i + r, count - 1), heads]
+                    norm = ONE / totals[r]
                     for d in range(D):
-                        weighted[d] += p * v[d]
-                norm = ONE / total
-                out_row = context[first + i, heads]
-                for d in range(D):
-                    out_row[d] = weighted[d] * norm + v_bias[d]
+                        out_row[d] = weighted[r, d] * norm + v_bias[d]
+
+
+ROWS = 4  # query rows per block in attention_forward (the inner kernels below are written for 4)
+
+
+@kernel
+def _scores_block(scores, q, key_t):
+    """scores[r, j] = q[r] . key_t[:, j] for 4 query rows: [4, D] x [D, T] -> [4, T]."""
+    D, T = key_t.shape
+    s0, s1, s2, s3 = scores[0], scores[1], scores[2], scores[3]
+    q0, q1, q2, q3 = q[0], q[1], q[2], q[3]
+    for j in range(T):
+        s0[j] = 0.0
+        s1[j] = 0.0
+        s2[j] = 0.0
+        s3[j] = 0.0
+    for d in range(0, D - 1, 2):  # two key rows per pass: the 4 score rows are loaded half as often
+        k0, k1 = key_t[d], key_t[d + 1]
+        a0, a1, b0, b1 = q0[d], q0[d + 1], q1[d], q1[d + 1]
+        c0, c1, e0, e1 = q2[d], q2[d + 1], q3[d], q3[d + 1]
+        for j in range(T):
+            x0, x1 = k0[j], k1[j]
+            s0[j] += a0 * x0 + a1 * x1
+            s1[j] += b0 * x0 + b1 * x1
+            s2[j] += c0 * x0 + c1 * x1
+            s3[j] += e0 * x0 + e1 * x1
+    for d in range(D - D % 2, D):
+        k0 = key_t[d]
+        for j in range(T):
+            s0[j] += q0[d] * k0[j]
+            s1[j] += q1[d] * k0[j]
+            s2[j] += q2[d] * k0[j]
+            s3[j] += q3[d] * k0[j]
+
+
+@kernel
+def _exp_shifted_row(x):
+    """x = exp(x - max(x)) in place, returning the sum: reference.softmax before its division.
+    Subtracting the max keeps every exp <= 1 (numerical stability) and changes nothing else."""
+    highest = x[0]
+    for j in range(1, x.shape[0]):
+        highest = max(highest, x[j])
+    total = f32(0.0)
+    for j in range(x.shape[0]):
+        e = exp32(x[j] - highest)
+        x[j] = e
+        total += e
+    return total
+
+
+@kernel
+def _weighted_block(weighted, p, value_h):
+    """weighted[r] = sum_j p[r, j] value_h[j] for 4 rows: [4, T] x [T, D] -> [4, D]."""
+    T, D = value_h.shape
+    w0, w1, w2, w3 = weighted[0], weighted[1], weighted[2], weighted[3]
+    p0, p1, p2, p3 = p[0], p[1], p[2], p[3]
+    for d in range(D):
+        w0[d] = 0.0
+        w1[d] = 0.0
+        w2[d] = 0.0
+        w3[d] = 0.0
+    for j in range(0, T - 1, 2):  # two value rows per pass, each feeding four rows of output
+        v0, v1 = value_h[j], value_h[j + 1]
+        a0, a1, b0, b1 = p0[j], p0[j + 1], p1[j], p1[j + 1]
+        c0, c1, e0, e1 = p2[j], p2[j + 1], p3[j], p3[j + 1]
+        for d in range(D):
+            x0, x1 = v0[d], v1[d]
+            w0[d] += a0 * x0 + a1 * x1
+            w1[d] += b0 * x0 + b1 * x1
+            w2[d] += c0 * x0 + c1 * x1
+            w3[d] += e0 * x0 + e1 * x1
+    for j in range(T - T % 2, T):
+        v0 = value_h[j]
+        for d in range(D):
+            w0[d] += p0[j] * v0[d]
+            w1[d] += p1[j] * v0[d]
+            w2[d] += p2[j] * v0[d]
+            w3[d] += p3[j] * v0[d]
 
 
 @parallel_kernel
@@ -271,3 +327,4 @@ def classification_head_forward(logits, first, dense_weight, dense_bias, out_wei
                 pre += first[b, c] * dense_weight[o, c]
             logit += math.tanh(pre) * out_weight[0, o]
         logits[b] = logit
+
