@@ -13,6 +13,7 @@ PAIRS = [
     ("  leading and trailing  ", "\ttabs\nnewlines\r\n  and   runs   of spaces  "),
     ("zero\u200bwidth and\u00a0nbsp", "soft\u00adhyphen \u3000ideographic space"),
     ("Привет мир", "γεια σου κόσμε नमस्ते दुनिया 東京 日本語の猫です 한국어 고양이"),
+    ("special <s> tokens </s> typed", "a literal <pad> and <mask> in the text"),  # attended, like transformers
     ("a", ""),  # FlagReranker allows an empty passage
     ("short query", LONG),  # far beyond max_length: the passage is cut
     (LONG, "short passage"),  # a long query: each policy cuts differently

@@ -19,9 +19,9 @@ TOLERANCE = 1e-4  # model vs transformers, fp32, absolute on logits
 
 def transformers_logits(folder, sequences, pad_token_id=1):
     model = XLMRobertaForSequenceClassification.from_pretrained(str(folder), attn_implementation="eager").eval()
-    input_ids = torch.from_numpy(pad(sequences, pad_token_id))
+    input_ids, attention_mask = (torch.from_numpy(a) for a in pad(sequences, pad_token_id))
     with torch.inference_mode():
-        return model(input_ids=input_ids, attention_mask=(input_ids != pad_token_id).long()).logits[:, 0].numpy()
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].numpy()
 
 
 def assert_close(ours, theirs, pairs, tolerance=TOLERANCE):
@@ -62,9 +62,9 @@ def test_half_precision_checkpoints_load(dtype):
     reranker = Reranker.from_pretrained(folder, engine="reference")
     sequences = reranker.tokenizer.encode_pairs(PAIRS)
     model = XLMRobertaForSequenceClassification.from_pretrained(str(folder), dtype=torch.float32).eval()
-    input_ids = torch.from_numpy(pad(sequences, 1))
+    input_ids, attention_mask = (torch.from_numpy(a) for a in pad(sequences, 1))
     with torch.inference_mode():
-        expected = model(input_ids=input_ids, attention_mask=(input_ids != 1).long()).logits[:, 0].numpy()
+        expected = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].numpy()
     assert_close(reranker.compute_score(PAIRS), expected, PAIRS)
 
 

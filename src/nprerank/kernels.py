@@ -114,18 +114,23 @@ def gelu32(x):
 
 
 @parallel_kernel
-def embeddings_forward(out, word, position, token_type, norm_weight, norm_bias, offsets, pad_token_id, eps):
+def embeddings_forward(out, word, position, token_type, norm_weight, norm_bias, ids, offsets, pad_token_id, eps):
     """reference.embeddings over a packed batch: LN(word + position + token_type[0]).
 
     out [N, C]; word [N, C] the gathered word rows (may be `out`); position [P, C]; token_type
-    [types, C]; offsets [B+1]. Positions restart in every sequence at pad_token_id + 1, as
-    RoBERTa numbers real tokens (reference.position_ids); there are no pads in a packed batch.
+    [types, C]; ids [N]; offsets [B+1]. Positions restart in every sequence at pad_token_id + 1,
+    as RoBERTa numbers tokens (reference.position_ids). A packed batch has no padding, but a
+    "<pad>" typed in a text is id pad_token_id too: like transformers, it gets position
+    pad_token_id and does not advance the count.
     """
     B = offsets.shape[0] - 1
     C = out.shape[1]
     for b in prange(B):
+        counted = pad_token_id
         for n in range(offsets[b], offsets[b + 1]):
-            row = pad_token_id + 1 + (n - offsets[b])
+            if ids[n] != pad_token_id:
+                counted += 1
+            row = counted if ids[n] != pad_token_id else pad_token_id
             for c in range(C):
                 out[n, c] = word[n, c] + position[row, c] + token_type[0, c]
             _layer_norm_row(out, n, norm_weight, norm_bias, eps)

@@ -62,12 +62,11 @@ def pack(sequences: list, config: ModelConfig) -> tuple:
         raise ValueError(f"sequence {int(np.argmin(lengths))} is empty")
     if lengths.max() > config.max_tokens:
         raise ValueError(f"sequence {int(np.argmax(lengths))} has {lengths.max()} tokens; the model takes at most {config.max_tokens}")
-    bad = (ids < 0) | (ids >= config.vocab_size) | (ids == config.pad_token_id)
+    bad = (ids < 0) | (ids >= config.vocab_size)
     if bad.any():
         where = int(np.searchsorted(offsets, np.argmax(bad), side="right") - 1)
         raise ValueError(
-            f"sequence {where} holds token id {ids[np.argmax(bad)]}: ids must be in [0, {config.vocab_size}) "
-            f"and not the pad id {config.pad_token_id} (a packed batch has no padding)"
+            f"sequence {where} holds token id {ids[np.argmax(bad)]}: ids must be in [0, {config.vocab_size})"
         )
     return ids, offsets
 
@@ -80,7 +79,7 @@ def linear_nobias(out, x, weight):
 def embeddings(ids, offsets, p: Embeddings, config: ModelConfig):
     x = embedding_rows(p.word, ids)  # [N, C], a fresh fp32 array whatever the table's dtype
     x = np.ascontiguousarray(x, dtype=np.float32)
-    kernels.embeddings_forward(x, x, p.position, p.token_type, p.norm.weight, p.norm.bias, offsets,
+    kernels.embeddings_forward(x, x, p.position, p.token_type, p.norm.weight, p.norm.bias, ids, offsets,
                                config.pad_token_id, np.float32(config.layer_norm_eps))
     return x  # [N, C]
 

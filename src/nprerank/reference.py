@@ -96,18 +96,22 @@ def classification_head(x, p: Classifier):
     return linear(np.tanh(linear(first, p.dense)), p.out_proj)[:, 0]  # [B, C] -> [B, C] -> [B]
 
 
-def forward(input_ids, weights: Weights, config: ModelConfig):
-    """[B, T] token ids, padded with config.pad_token_id -> [B] logits."""
-    padding = input_ids == config.pad_token_id  # [B, T]
+def forward(input_ids, attention_mask, weights: Weights, config: ModelConfig):
+    """[B, T] token ids and [B, T] mask (1 = real token, 0 = padding) -> [B] logits."""
+    # The mask, not the pad id, says what is padding: a literal "<pad>" typed in a text is token 1
+    # too, and transformers attends to it (though position_ids skips it, as it does here).
+    padding = attention_mask == 0  # [B, T]
     x = embeddings(input_ids, weights.embeddings, config)  # [B, T, C]
     for layer in weights.layers:
         x = encoder_layer(x, padding, layer, config)  # [B, T, C]
     return classification_head(x, weights.classifier)  # [B]
 
 
-def pad(sequences: list, pad_token_id: int) -> np.ndarray:
-    """[ids] * B -> [B, T] int64, right-padded to the longest."""
-    batch = np.full((len(sequences), max(map(len, sequences))), pad_token_id, dtype=np.int64)
+def pad(sequences: list, pad_token_id: int) -> tuple:
+    """[ids] * B -> input_ids [B, T] int64 right-padded to the longest, attention_mask [B, T] int64."""
+    input_ids = np.full((len(sequences), max(map(len, sequences))), pad_token_id, dtype=np.int64)
+    attention_mask = np.zeros(input_ids.shape, dtype=np.int64)
     for i, ids in enumerate(sequences):
-        batch[i, : len(ids)] = ids
-    return batch
+        input_ids[i, : len(ids)] = ids
+        attention_mask[i, : len(ids)] = 1
+    return input_ids, attention_mask

@@ -50,7 +50,7 @@ class Reranker:
             self.model = FastModel(weights, config, threads=threads)
         else:
             self.model = lambda sequences: reference.forward(
-                reference.pad(sequences, config.pad_token_id), weights, config
+                *reference.pad(sequences, config.pad_token_id), weights, config
             )
 
     @classmethod
