@@ -9,7 +9,7 @@ from safetensors.numpy import load_file, save_file
 
 from nprerank import ModelError, Reranker
 from nprerank.config import ModelConfig
-from nprerank.weights import load_weights
+from nprerank.weights import embedding_rows, load_weights, read_safetensors
 
 
 @pytest.fixture
@@ -129,8 +129,28 @@ def test_known_extras_and_old_names_are_accepted(folder, tiny_model):
 def test_fp32_weights_are_memory_mapped_not_copied(tiny_model):
     config = ModelConfig.from_json(tiny_model / "config.json")
     weights = load_weights(tiny_model / "model.safetensors", config)
-    for array in (weights.embeddings.word, weights.layers[0].query.weight, weights.classifier.out_proj.bias):
+    for array in (weights.embeddings.position, weights.layers[0].query.weight, weights.classifier.out_proj.bias):
         assert not array.flags.owndata and not array.flags.writeable  # a read-only view of the file
+
+
+def _resident_file_kb() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("RssFile:"):
+            return int(line.split()[1])
+    pytest.skip("no RssFile in /proc/self/status on this system")
+
+
+def test_word_embedding_rows_are_read_not_mapped(full_model):
+    """Scattered rows of the 768 MB table must not make the table resident (see weights.RowsOnDisk)."""
+    config = ModelConfig.from_json(full_model / "config.json")
+    weights = load_weights(full_model / "model.safetensors", config)
+    ids = np.random.default_rng(0).integers(0, config.vocab_size, 5000)
+    before = _resident_file_kb()
+    rows = embedding_rows(weights.embeddings.word, ids)  # [5000, 768]
+    grown_mb = (_resident_file_kb() - before) / 1024
+    assert grown_mb < 16, f"gathering 5000 rows made {grown_mb:.0f} MB of the file resident"
+    table = read_safetensors(full_model / "model.safetensors")["roberta.embeddings.word_embeddings.weight"][0]
+    assert rows.dtype == np.float32 and np.array_equal(rows, table[ids])
 
 
 def test_broken_tokenizer_json(folder):
