@@ -22,7 +22,8 @@ import pytest
 
 from nprerank import kernels, reference
 from nprerank.config import ModelConfig
-from nprerank.model import FastModel, pack, set_blas_threads, set_threads
+from nprerank.blas import blas_function, set_blas_threads
+from nprerank.model import FastModel, pack, set_threads
 from nprerank.synthetic import make_model
 from nprerank.weights import Classifier, Embeddings, Layer, LayerNorm, Linear, load_weights
 
@@ -231,19 +232,11 @@ def test_thread_control(monkeypatch):
 
 def test_blas_thread_count_is_set():
     """NumPy's bundled OpenBLAS is found and its thread count really changes."""
-    import ctypes
-
-    from nprerank.model import _loaded_blas_libraries
-
-    libraries = [path for path in _loaded_blas_libraries() if "openblas" in path.lower()]
-    if not libraries:
+    getter = blas_function("get_num_threads")
+    if getter is None:
         pytest.skip("NumPy does not use OpenBLAS here")
-    handle = ctypes.CDLL(libraries[0])
-    getter = next((getattr(handle, n) for n in ("scipy_openblas_get_num_threads64_", "openblas_get_num_threads64_",
-                                                 "openblas_get_num_threads") if hasattr(handle, n)), None)
     try:
-        assert set_blas_threads(1)
-        if getter is not None:
-            assert getter() == 1
+        assert set_blas_threads(1) and getter() == 1
+        assert set_blas_threads(2) and getter() == min(2, os.cpu_count() or 1)
     finally:
         set_blas_threads(os.cpu_count() or 1)

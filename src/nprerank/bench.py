@@ -42,6 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .arguments import positive_int
+from .blas import blas_function, set_blas_threads
 from .config import ModelConfig, ModelError
 
 ENGINES = ("nprerank-fast", "nprerank-reference", "torch-eager", "torch-sdpa", "onnxruntime")
@@ -292,20 +294,6 @@ def load_engine(engine: str, folder: Path, threads: int):
 
 # --- the machine: BLAS, sgemm ceiling, memory, process start ---------------------------------
 
-def _openblas():
-    """numpy's OpenBLAS as a ctypes library and its symbol naming, or (None, None)."""
-    import ctypes
-
-    with open("/proc/self/maps") as maps:
-        paths = {line.split()[-1] for line in maps if "openblas" in line.lower() and "/" in line}
-    for path in sorted(paths, key=lambda p: "numpy" not in p):  # numpy's own copy first
-        library = ctypes.CDLL(path)
-        for prefix, suffix in (("scipy_openblas_", "64_"), ("openblas_", "64_"), ("scipy_openblas_", ""), ("openblas_", "")):
-            if hasattr(library, f"{prefix}get_corename{suffix}"):
-                return library, (path, prefix, suffix)
-    return None, None
-
-
 def blas_runtime() -> dict:
     """Which BLAS numpy calls, which kernel it picked for this CPU, and its thread count."""
     config = np.show_config(mode="dicts").get("Build Dependencies", {}).get("blas", {})
@@ -321,28 +309,12 @@ def blas_runtime() -> dict:
                 return info
     import ctypes
 
-    library, naming = _openblas()
-    if library is not None:
-        _, prefix, suffix = naming
-        corename = getattr(library, f"{prefix}get_corename{suffix}")
+    corename = blas_function("get_corename")
+    if corename is not None:
         corename.restype = ctypes.c_char_p
-        info.update(kernel=corename().decode(), threads=getattr(library, f"{prefix}get_num_threads{suffix}")(),
+        info.update(kernel=corename().decode(), threads=blas_function("get_num_threads")(),
                     source="OpenBLAS get_corename via ctypes")
     return info
-
-
-def set_blas_threads(threads: int) -> None:
-    """Set numpy's BLAS threads (OpenBLAS; threadpoolctl for other BLAS when installed)."""
-    import ctypes
-
-    library, naming = _openblas()
-    if library is not None:
-        _, prefix, suffix = naming
-        getattr(library, f"{prefix}set_num_threads{suffix}")(ctypes.c_int(threads))
-    elif importlib.util.find_spec("threadpoolctl"):
-        from threadpoolctl import threadpool_limits
-
-        threadpool_limits(limits=threads, user_api="blas")
 
 
 def sgemm_gflops(size: int = SGEMM_SIZE, tries: int = 5) -> float:
@@ -695,16 +667,6 @@ def _names(allowed: tuple):
     return parse
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     model = parser.add_mutually_exclusive_group(required=True)
     model.add_argument("--model", metavar="PATH", help="a bge-reranker-base folder (config.json, tokenizer.json, model.safetensors)")
@@ -714,8 +676,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated, default all: {','.join(ENGINES)}")
     parser.add_argument("--workloads", type=_names(WORKLOADS), default=list(WORKLOADS),
                         help=f"comma-separated, default all: {','.join(WORKLOADS)}")
-    parser.add_argument("--threads", type=_positive, default=2, help="threads for every engine (default 2)")
-    parser.add_argument("--repeats", type=_positive, default=3, help="timed rounds per engine and workload (default 3)")
+    parser.add_argument("--threads", type=positive_int, default=2, help="threads for every engine (default 2)")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="timed rounds per engine and workload (default 3)")
     parser.add_argument("--quick", action="store_true", help="tiny workloads (a few pairs): checks the bench, measures nothing")
     parser.add_argument("--no-startup", action="store_true", help="skip the fresh-process memory and start-up measurements")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of the table")

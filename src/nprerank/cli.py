@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from .arguments import positive_int
 from .config import ModelError
 from .hub import DEFAULT_MODEL
 
@@ -79,7 +80,7 @@ def build_parser() -> _Parser:
     rerank.add_argument("query", metavar="QUERY", nargs="?", help="the query (may come from a --file Cloudflare body instead)")
     rerank.add_argument("contexts", metavar="CONTEXT", nargs="*", help="texts to rank")
     rerank.add_argument("--file", "-f", metavar="PATH", help="read contexts from this JSON/JSONL/text file ('-' for stdin)")
-    rerank.add_argument("--top-k", type=_positive_int, metavar="K", help="print only the K best")
+    rerank.add_argument("--top-k", type=positive_int, metavar="K", help="print only the K best")
     rerank.add_argument("--json", action="store_true", help='print {"response": [{"id", "score", "text"}]} instead of a table')
     _add_model_arguments(rerank)
     rerank.set_defaults(run=_rerank)
@@ -108,8 +109,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--model", "-m", default=os.environ.get("NPRERANK_MODEL") or DEFAULT_MODEL,
                        help="a model folder or Hugging Face repo id (default: $NPRERANK_MODEL or %(default)s)")
-    group.add_argument("--threads", type=_positive_int, metavar="N", help="CPU threads to use (default: all, or $NPRERANK_NUM_THREADS)")
-    group.add_argument("--max-length", type=_positive_int, metavar="N", help="tokens per query+context pair (default 512)")
+    group.add_argument("--threads", type=positive_int, metavar="N", help="CPU threads to use (default: all, or $NPRERANK_NUM_THREADS)")
+    group.add_argument("--max-length", type=positive_int, metavar="N", help="tokens per query+context pair (default 512)")
     group.add_argument("--truncation", choices=("only_second", "longest_first"), default="only_second",
                        help="only_second cuts the context, never the query (FlagEmbedding); longest_first cuts "
                        "the longer one (sentence-transformers, TEI). Default %(default)s")
@@ -281,16 +282,6 @@ def _optional_module(name: str, command: str, install: str):
         if e.name == f"{__package__}.{name}":
             raise OSError(f"`nprerank {command}` is not part of this installation") from None
         raise OSError(f"`nprerank {command}` needs {e.name}: {install}") from None
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
 
 
 def _one_line(error: Exception) -> str:

@@ -200,10 +200,10 @@ def attention_forward(context, query, key, value, query_bias, key_bias, value_bi
                     q_row = query[first + min(i + r, count - 1), heads]
                     for d in range(D):
                         q[r, d] = (q_row[d] + q_bias[d]) * scale
-                _scores_block(scores, q, key_t)  # [ROWS, T]
+                _four_rows_matmul(scores, q, key_t)  # [ROWS, D] x [D, T] -> [ROWS, T]
                 for r in range(ROWS):
                     totals[r] = _exp_shifted_row(scores[r])  # softmax numerators, in place
-                _weighted_block(weighted, scores, value_h)  # [ROWS, D]
+                _four_rows_matmul(weighted, scores, value_h)  # [ROWS, T] x [T, D] -> [ROWS, D]
                 for r in range(ROWS):
                     out_row = context[first + min(i + r, count - 1), heads]
                     norm = ONE / totals[r]
@@ -215,33 +215,39 @@ ROWS = 4  # query rows per block in attention_forward (the inner kernels below a
 
 
 @kernel
-def _scores_block(scores, q, key_t):
-    """scores[r, j] = q[r] . key_t[:, j] for 4 query rows: [4, D] x [D, T] -> [4, T]."""
-    D, T = key_t.shape
-    s0, s1, s2, s3 = scores[0], scores[1], scores[2], scores[3]
-    q0, q1, q2, q3 = q[0], q[1], q[2], q[3]
-    for j in range(T):
-        s0[j] = 0.0
-        s1[j] = 0.0
-        s2[j] = 0.0
-        s3[j] = 0.0
-    for d in range(0, D - 1, 2):  # two key rows per pass: the 4 score rows are loaded half as often
-        k0, k1 = key_t[d], key_t[d + 1]
-        a0, a1, b0, b1 = q0[d], q0[d + 1], q1[d], q1[d + 1]
-        c0, c1, e0, e1 = q2[d], q2[d + 1], q3[d], q3[d + 1]
-        for j in range(T):
-            x0, x1 = k0[j], k1[j]
-            s0[j] += a0 * x0 + a1 * x1
-            s1[j] += b0 * x0 + b1 * x1
-            s2[j] += c0 * x0 + c1 * x1
-            s3[j] += e0 * x0 + e1 * x1
-    for d in range(D - D % 2, D):
-        k0 = key_t[d]
-        for j in range(T):
-            s0[j] += q0[d] * k0[j]
-            s1[j] += q1[d] * k0[j]
-            s2[j] += q2[d] * k0[j]
-            s3[j] += q3[d] * k0[j]
+def _four_rows_matmul(out, a, b):
+    """out = a @ b for four rows of a: [4, K] x [K, M] -> [4, M].
+
+    Attention's two products are of this shape: q k^T (a = 4 query rows [4, D], b = keys
+    transposed [D, T]) and p v (a = 4 rows of probabilities [4, T], b = values [T, D]). Four
+    output rows share every load of b, and two rows of b go per pass, so each loaded b row feeds
+    eight multiply-adds; LLVM vectorises the inner loop over M.
+    """
+    K, M = b.shape
+    o0, o1, o2, o3 = out[0], out[1], out[2], out[3]
+    r0, r1, r2, r3 = a[0], a[1], a[2], a[3]
+    for m in range(M):
+        o0[m] = 0.0
+        o1[m] = 0.0
+        o2[m] = 0.0
+        o3[m] = 0.0
+    for k in range(0, K - 1, 2):
+        b0, b1 = b[k], b[k + 1]
+        a00, a01, a10, a11 = r0[k], r0[k + 1], r1[k], r1[k + 1]
+        a20, a21, a30, a31 = r2[k], r2[k + 1], r3[k], r3[k + 1]
+        for m in range(M):
+            x0, x1 = b0[m], b1[m]
+            o0[m] += a00 * x0 + a01 * x1
+            o1[m] += a10 * x0 + a11 * x1
+            o2[m] += a20 * x0 + a21 * x1
+            o3[m] += a30 * x0 + a31 * x1
+    for k in range(K - K % 2, K):  # an odd K leaves one row of b
+        b0 = b[k]
+        for m in range(M):
+            o0[m] += r0[k] * b0[m]
+            o1[m] += r1[k] * b0[m]
+            o2[m] += r2[k] * b0[m]
+            o3[m] += r3[k] * b0[m]
 
 
 @kernel
@@ -257,36 +263,6 @@ def _exp_shifted_row(x):
         x[j] = e
         total += e
     return total
-
-
-@kernel
-def _weighted_block(weighted, p, value_h):
-    """weighted[r] = sum_j p[r, j] value_h[j] for 4 rows: [4, T] x [T, D] -> [4, D]."""
-    T, D = value_h.shape
-    w0, w1, w2, w3 = weighted[0], weighted[1], weighted[2], weighted[3]
-    p0, p1, p2, p3 = p[0], p[1], p[2], p[3]
-    for d in range(D):
-        w0[d] = 0.0
-        w1[d] = 0.0
-        w2[d] = 0.0
-        w3[d] = 0.0
-    for j in range(0, T - 1, 2):  # two value rows per pass, each feeding four rows of output
-        v0, v1 = value_h[j], value_h[j + 1]
-        a0, a1, b0, b1 = p0[j], p0[j + 1], p1[j], p1[j + 1]
-        c0, c1, e0, e1 = p2[j], p2[j + 1], p3[j], p3[j + 1]
-        for d in range(D):
-            x0, x1 = v0[d], v1[d]
-            w0[d] += a0 * x0 + a1 * x1
-            w1[d] += b0 * x0 + b1 * x1
-            w2[d] += c0 * x0 + c1 * x1
-            w3[d] += e0 * x0 + e1 * x1
-    for j in range(T - T % 2, T):
-        v0 = value_h[j]
-        for d in range(D):
-            w0[d] += p0[j] * v0[d]
-            w1[d] += p1[j] * v0[d]
-            w2[d] += p2[j] * v0[d]
-            w3[d] += p3[j] * v0[d]
 
 
 @parallel_kernel

@@ -23,13 +23,13 @@ Legend:  N tokens in the packed batch, B sequences, C hidden size, H heads, F fe
 Read next: kernels.py (what each kernel fuses), reference.py (the maths in plain NumPy).
 """
 
-import ctypes
 import os
 
 import numba
 import numpy as np
 
 from . import kernels
+from .blas import set_blas_threads
 from .config import ModelConfig
 from .weights import Classifier, Embeddings, Layer, Weights, embedding_rows
 
@@ -175,44 +175,6 @@ def set_threads(threads: int | None) -> int | None:
     numba.set_num_threads(threads)
     set_blas_threads(threads)
     return threads
-
-
-# OpenBLAS names its thread setter differently in each build: NumPy's wheels bundle a
-# "scipy_openblas" with a suffix, system builds use the plain name.
-_BLAS_SETTERS = ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads", "openblas_set_num_threads64_",
-                 "openblas_set_num_threads", "MKL_Set_Num_Threads")
-
-
-def set_blas_threads(threads: int) -> bool:
-    """Set the thread count of the BLAS that NumPy loaded; False when none could be found."""
-    for library in _loaded_blas_libraries():
-        try:
-            handle = ctypes.CDLL(library)
-        except OSError:
-            continue
-        for name in _BLAS_SETTERS:
-            setter = getattr(handle, name, None)
-            if setter is not None:
-                setter(ctypes.c_int(threads))
-                return True
-    return False
-
-
-def _loaded_blas_libraries() -> list:
-    """Paths of the shared libraries in this process that look like a BLAS (Linux: /proc/self/maps)."""
-    found = []
-    try:
-        with open("/proc/self/maps") as maps:
-            for line in maps:
-                path = line.split()[-1] if "/" in line else ""
-                name = os.path.basename(path).lower()
-                if ("openblas" in name or "mkl_rt" in name) and path not in found:
-                    found.append(path)
-    except OSError:  # not Linux: look beside NumPy instead
-        folder = os.path.join(os.path.dirname(np.__file__), "..", "numpy.libs")
-        if os.path.isdir(folder):
-            found = [os.path.join(folder, f) for f in os.listdir(folder) if "openblas" in f.lower()]
-    return found
 
 
 def _check_float32(weights: Weights) -> None:

@@ -39,6 +39,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
+from .arguments import positive_int
 from .config import ModelError
 from .reranker import sigmoid
 
@@ -668,36 +669,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=os.environ.get("NPRERANK_MODEL") or DEFAULT_MODEL,
                         help=f"model folder or Hugging Face repo id (default $NPRERANK_MODEL or {DEFAULT_MODEL})")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    parser.add_argument("--port", metavar="PORT", type=_positive_int, default=8080, help="port to listen on (default 8080)")
+    parser.add_argument("--port", metavar="PORT", type=positive_int, default=8080, help="port to listen on (default 8080)")
     parser.add_argument("--api-key", metavar="KEY", default=None,
                         help=f"require 'Authorization: Bearer KEY' on every route but /health (or set ${API_KEY_ENV})")
-    parser.add_argument("--max-body-bytes", metavar="BYTES", type=_positive_int, default=default.max_body_bytes,
+    parser.add_argument("--max-body-bytes", metavar="BYTES", type=positive_int, default=default.max_body_bytes,
                         help=f"largest request body; larger is refused with 413 (default {default.max_body_bytes})")
-    parser.add_argument("--max-contexts", metavar="N", type=_positive_int, default=default.max_contexts,
+    parser.add_argument("--max-contexts", metavar="N", type=positive_int, default=default.max_contexts,
                         help=f"most contexts/texts/documents in one request (default {default.max_contexts})")
-    parser.add_argument("--queue-size", metavar="N", type=_positive_int, default=default.queue_size,
+    parser.add_argument("--queue-size", metavar="N", type=positive_int, default=default.queue_size,
                         help=f"requests in progress at once (being read, waiting or scored); more get 429 "
                              f"(default {default.queue_size})")
-    parser.add_argument("--batch-tokens", metavar="N", type=_positive_int, default=default.batch_tokens,
+    parser.add_argument("--batch-tokens", metavar="N", type=positive_int, default=default.batch_tokens,
                         help=f"tokens of waiting requests scored in one forward call (default {default.batch_tokens})")
     parser.add_argument("--auto-truncate", action="store_true",
                         help="TEI /rerank: cut over-long inputs when a request does not say `truncate` "
                              "(default: refuse them with 413, as TEI does)")
-    parser.add_argument("--threads", metavar="N", type=_positive_int, default=None, help="CPU threads for the model (default: all cores)")
+    parser.add_argument("--threads", metavar="N", type=positive_int, default=None, help="CPU threads for the model (default: all cores)")
     parser.add_argument("--long-documents", choices=("truncate", "chunk"), default="truncate",
                         help="a passage longer than the model takes: cut it (default), or score its best window")
     parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                         help="uvicorn's log level (default info)")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
 
 
 def serve_from_args(args: argparse.Namespace) -> None:

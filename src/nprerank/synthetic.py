@@ -147,7 +147,6 @@ def _calibrate_head(model, tokenizer_folder: Path) -> None:
     Random encoders give every pair nearly the same logit; this makes rankings and sigmoid
     scores of a random model as varied as a trained model's, so tests of them can fail.
     """
-    import torch
     from transformers import AutoTokenizer
 
     texts = corpus(16, seed=1)

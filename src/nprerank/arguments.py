@@ -1,0 +1,14 @@
+"""Argument types shared by the command-line front ends (cli.py, server.py, bench.py)."""
+
+import argparse
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1, else a usage error (exit 2) that quotes what was given."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
