@@ -117,6 +117,27 @@ def _text(value, name: str) -> str:
     return value
 
 
+def _query(payload: dict, ranked: str) -> str:
+    if "query" not in payload:
+        raise ApiError("invalid", f"query is required: the text to rank the {ranked} against")
+    return _text(payload["query"], "query")
+
+
+def _texts(items: list, name: str, objects: bool = True, strings: bool = True) -> list:
+    """The text of each item: a string, or an object {"text": ...}, as far as the dialect allows."""
+    texts = []
+    for i, item in enumerate(items):
+        if objects and isinstance(item, dict):
+            if "text" not in item:
+                raise ApiError("invalid", f"{name}[{i}] has no text field")
+            texts.append(_text(item["text"], f"{name}[{i}].text"))
+        elif strings:
+            texts.append(_text(item, f"{name}[{i}]"))
+        else:
+            raise ApiError("invalid", f'{name}[{i}] must be an object {{"text": "..."}}, got {_json_type(item)}')
+    return texts
+
+
 def _list(payload: dict, name: str, limits: Limits, shape: str) -> list:
     if payload.get(name) is None:
         raise ApiError("invalid", f"{name} is required: {shape}")
@@ -193,17 +214,9 @@ class Cloudflare(Dialect):
 
     def parse(self, payload, limits):
         payload = _object(payload)
-        if "query" not in payload:
-            raise ApiError("invalid", "query is required: the text to rank the contexts against")
-        query = _text(payload["query"], "query")
+        query = _query(payload, "contexts")
         contexts = _list(payload, "contexts", limits, 'a list of {"text": "..."} objects')
-        texts = []
-        for i, context in enumerate(contexts):
-            if not isinstance(context, dict):
-                raise ApiError("invalid", f'contexts[{i}] must be an object {{"text": "..."}}, got {_json_type(context)}')
-            if "text" not in context:
-                raise ApiError("invalid", f"contexts[{i}] has no text field")
-            texts.append(_text(context["text"], f"contexts[{i}].text"))
+        texts = _texts(contexts, "contexts", strings=False)
         return Query(query, texts, top=_optional(payload, "top_k", int))
 
     def answer(self, query, logits, tokens, model_name):
@@ -238,12 +251,8 @@ class TEI(Dialect):
 
     def parse(self, payload, limits):
         payload = _object(payload)
-        if "query" not in payload:
-            raise ApiError("invalid", "query is required: the text to rank the texts against")
-        query = _text(payload["query"], "query")
-        texts = _list(payload, "texts", limits, "a list of strings")
-        for i, text in enumerate(texts):
-            _text(text, f"texts[{i}]")
+        query = _query(payload, "texts")
+        texts = _texts(_list(payload, "texts", limits, "a list of strings"), "texts", objects=False)
         direction = payload.get("truncation_direction")
         if direction is not None and (not isinstance(direction, str) or direction.lower() not in ("right", "left")):
             raise ApiError("invalid", f'truncation_direction must be "Right" or "Left", got {direction!r:.40}')
@@ -281,19 +290,9 @@ class Cohere(Dialect):
 
     def parse(self, payload, limits):
         payload = _object(payload)
-        if "query" not in payload:
-            raise ApiError("invalid", "query is required: the text to rank the documents against")
-        query = _text(payload["query"], "query")
+        query = _query(payload, "documents")
         documents = _list(payload, "documents", limits, 'a list of strings or {"text": "..."} objects')
-        texts = []
-        for i, document in enumerate(documents):
-            if isinstance(document, dict):
-                if "text" not in document:
-                    raise ApiError("invalid", f"documents[{i}] has no text field")
-                document = document["text"]
-                texts.append(_text(document, f"documents[{i}].text"))
-            else:
-                texts.append(_text(document, f"documents[{i}]"))
+        texts = _texts(documents, "documents")
         model = payload.get("model")
         if model is not None and not isinstance(model, str):
             raise ApiError("invalid", f"model must be a string, got {_json_type(model)}")
