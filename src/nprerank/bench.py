@@ -45,6 +45,7 @@ import numpy as np
 from .arguments import positive_int
 from .blas import blas_function, set_blas_threads
 from .config import ModelConfig, ModelError
+from .reference import pad
 
 ENGINES = ("nprerank-fast", "nprerank-reference", "torch-eager", "torch-sdpa", "onnxruntime")
 WORKLOADS = ("rerank-100", "long", "single")
@@ -162,12 +163,7 @@ def padded_batches(sequences: list, batch_size: int, pad_token_id: int):
     order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
     for start in range(0, len(order), batch_size):
         batch = order[start : start + batch_size]
-        longest = len(sequences[batch[0]])
-        ids = np.full((len(batch), longest), pad_token_id, dtype=np.int64)  # [B, T]
-        mask = np.zeros((len(batch), longest), dtype=np.int64)  # [B, T]
-        for row, i in enumerate(batch):
-            ids[row, : len(sequences[i])] = sequences[i]
-            mask[row, : len(sequences[i])] = 1
+        ids, mask = pad([sequences[i] for i in batch], pad_token_id)  # [B, T], [B, T]
         yield batch, ids, mask
 
 
@@ -175,7 +171,7 @@ def _peer_tokenizer(folder: Path):
     from .tokenizer import PairTokenizer
 
     config = ModelConfig.from_json(folder / "config.json")
-    return PairTokenizer(folder / "tokenizer.json", min(512, config.max_tokens)), config.pad_token_id
+    return PairTokenizer(folder / "tokenizer.json", config.default_max_length), config.pad_token_id
 
 
 class TorchEngine:

@@ -38,6 +38,11 @@ class ModelConfig:
         # the position table are never used by a real token.
         return self.max_position_embeddings - self.pad_token_id - 1
 
+    @property
+    def default_max_length(self) -> int:
+        # 512, the length bge-reranker-base was trained at, unless the position table is shorter
+        return min(512, self.max_tokens)
+
     @classmethod
     def from_json(cls, path) -> "ModelConfig":
         path = Path(path)

@@ -64,7 +64,7 @@ class Reranker:
             raise ModelError(f"{folder}: missing {', '.join(missing)} (a model folder needs {', '.join(MODEL_FILES)})")
         config = ModelConfig.from_json(folder / "config.json")
         if max_length is None:
-            max_length = min(512, config.max_tokens)
+            max_length = config.default_max_length
         elif isinstance(max_length, int) and max_length > config.max_tokens:
             raise ValueError(f"max_length {max_length} exceeds the model's {config.max_tokens} usable positions")
         tokenizer = PairTokenizer(folder / "tokenizer.json", max_length, truncation, query_max_length)
