@@ -82,7 +82,7 @@ class Reranker:
             raise ValueError(f"contexts must be a list, got {type(contexts).__name__}")
         texts = [_context_text(i, context) for i, context in enumerate(contexts)]
         scores = sigmoid(self.logits([(query, text) for text in texts]))
-        return [{"id": i, "score": float(scores[i])} for i in _best_first(scores, top_k)]
+        return [{"id": i, "score": float(scores[i])} for i in best_first(scores, top_k)]
 
     # --- FlagEmbedding ---------------------------------------------------------------------
 
@@ -112,10 +112,10 @@ class Reranker:
             _check_int("top_k", top_k)
         if not isinstance(documents, (list, tuple)) or not all(isinstance(d, str) for d in documents):
             raise ValueError("documents must be a list of strings")
-        scores = self.predict([(query, d) for d in documents], batch_size=batch_size) if documents else np.zeros(0)
+        scores = sigmoid(self.logits([(query, d) for d in documents], batch_size=batch_size)).astype(np.float32)
         ranked = []
-        for i in _best_first(np.atleast_1d(scores), top_k):
-            hit = {"corpus_id": i, "score": float(np.atleast_1d(scores)[i])}
+        for i in best_first(scores, top_k):
+            hit = {"corpus_id": i, "score": float(scores[i])}
             if return_documents:
                 hit["text"] = documents[i]
             ranked.append(hit)
@@ -178,8 +178,9 @@ def sigmoid(logits: np.ndarray) -> np.ndarray:
     return np.exp(-np.logaddexp(0.0, -np.asarray(logits, dtype=np.float64)))
 
 
-def _best_first(scores: np.ndarray, top_k: int | None) -> list:
-    order = sorted(range(len(scores)), key=lambda i: -scores[i])  # stable: ties keep input order
+def best_first(scores: np.ndarray, top_k: int | None = None) -> list:
+    """Indices of `scores` from best to worst, at most top_k; ties keep their input order."""
+    order = np.argsort(-np.asarray(scores), kind="stable").tolist()
     return order[:top_k] if top_k is not None else order
 
 

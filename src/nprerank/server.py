@@ -41,7 +41,7 @@ import numpy as np
 
 from .arguments import positive_int
 from .config import ModelError
-from .reranker import sigmoid
+from .reranker import best_first, sigmoid
 
 DEFAULT_MODEL = "BAAI/bge-reranker-base"
 CLOUDFLARE_MODEL = "@cf/baai/bge-reranker-base"
@@ -170,11 +170,6 @@ def _json_type(value) -> str:
     return names.get(type(value), type(value).__name__)
 
 
-def _best_first(scores: np.ndarray, top: int | None) -> list:
-    order = np.argsort(-scores, kind="stable").tolist()  # stable: ties keep input order, as Reranker.rerank
-    return order[:top] if top is not None else order
-
-
 # --- the dialects -----------------------------------------------------------------------------
 
 
@@ -221,7 +216,7 @@ class Cloudflare(Dialect):
 
     def answer(self, query, logits, tokens, model_name):
         scores = sigmoid(logits)
-        response = [{"id": i, "score": float(scores[i])} for i in _best_first(scores, query.top)]
+        response = [{"id": i, "score": float(scores[i])} for i in best_first(scores, query.top)]
         return {"result": {"response": response}, "success": True, "errors": [], "messages": []}
 
     def error(self, error):
@@ -265,7 +260,7 @@ class TEI(Dialect):
     def answer(self, query, logits, tokens, model_name):
         scores = logits.astype(np.float64) if query.raw_scores else sigmoid(logits)
         ranks = []
-        for i in _best_first(scores, None):
+        for i in best_first(scores, None):
             rank = {"index": i, "score": float(scores[i])}
             if query.return_text:
                 rank["text"] = query.texts[i]
@@ -302,7 +297,7 @@ class Cohere(Dialect):
     def answer(self, query, logits, tokens, model_name):
         scores = sigmoid(logits)
         results = []
-        for i in _best_first(scores, query.top):
+        for i in best_first(scores, query.top):
             result = {"index": i, "relevance_score": float(scores[i])}
             if query.return_text:
                 result["document"] = {"text": query.texts[i]}
