@@ -122,8 +122,31 @@ def test_embeddings_forward_matches_reference(table_dtype):
     assert_close(f"embeddings_forward ({table_dtype} table)", got, packed_from_padded(want, LENGTHS), atol=2e-5)
 
 
+@pytest.mark.parametrize("products", ["blas", "loops"])
+@pytest.mark.parametrize("M,K,N", [(7, 30, 50), (600, 48, 33), (2, 5, 1)])  # column split, row split, N < 16
+def test_linear_forward_matches_numpy(M, K, N, products):
+    """x @ W split over threads (by columns for few rows, by rows for many), by BLAS or by loops."""
+    from nprerank.model import BLAS_INT, SGEMM
+
+    rng = np.random.default_rng(6)
+    x, matrix = random(rng, M, K), random(rng, K, N)
+    want = x.astype(np.float64) @ matrix.astype(np.float64)
+    set_blas_threads(1)
+    for threads in (1, 2, 3):
+        out = np.full((M, N), np.nan, dtype=np.float32)
+        kernels.linear_forward(out, x, matrix, threads, SGEMM if products == "blas" else 0, BLAS_INT)
+        assert_close(f"linear_forward {M}x{K}x{N} {threads} threads", out, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("products", ["blas", "loops"])
 @pytest.mark.parametrize("C,H", [(30, 5), (64, 4)])  # head size 6 (odd, not a multiple of 4) and 16
-def test_attention_forward_matches_reference(C, H):
+def test_attention_forward_matches_reference(C, H, products):
+    """Both ways of multiplying inside attention: OpenBLAS's sgemm, or plain loops where none is found.
+    The layer's key bias is random: the kernel leaves it out (softmax ignores a shift per row)."""
+    from nprerank.model import BLAS_INT, SGEMM
+
+    assert SGEMM != 0, "no cblas_sgemm found in the OpenBLAS NumPy loaded: attention would run on plain loops"
+    sgemm = SGEMM if products == "blas" else 0
     rng = np.random.default_rng(4)
     layer = Layer(*(linear_params(rng, C, C) for _ in range(4)), norm_params(rng, C),
                   linear_params(rng, 2 * C, C), linear_params(rng, C, 2 * C), norm_params(rng, C))
@@ -137,15 +160,16 @@ def test_attention_forward_matches_reference(C, H):
     offsets = offsets_of(LENGTHS)
     query, key, value = (np.ascontiguousarray(x @ p.weight.T) for p in (layer.query, layer.key, layer.value))
     context = np.empty_like(query)
-    kernels.attention_forward(context, query, key, value, layer.query.bias, layer.key.bias, layer.value.bias,
-                              offsets, offsets, H, 2)
+    set_blas_threads(1)
+    kernels.attention_forward(context, query, key, value, layer.query.bias, layer.value.bias,
+                              offsets, offsets, H, 2, sgemm, BLAS_INT)
     got = reference.linear(context, layer.attention_output)
     assert_close(f"attention_forward C={C} H={H}", got, want, atol=2e-5)
 
     # only each sequence's first token asks (the last layer), written over its query rows
     first = np.ascontiguousarray(query[offsets[:-1]])
-    kernels.attention_forward(first, first, key, value, layer.query.bias, layer.key.bias, layer.value.bias,
-                              offsets, np.arange(B + 1), H, 3)
+    kernels.attention_forward(first, first, key, value, layer.query.bias, layer.value.bias,
+                              offsets, np.arange(B + 1), H, 3, sgemm, BLAS_INT)
     got_first = reference.linear(first, layer.attention_output)
     assert_close(f"attention_forward first tokens C={C} H={H}", got_first, want[offsets[:-1]], atol=2e-5)
 
@@ -211,6 +235,31 @@ def test_fast_model_rejects_bad_sequences(tiny_model):
     for message, sequences in cases.items():
         with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
             model(sequences)
+
+
+def test_fast_model_without_openblas(tiny_model, monkeypatch):
+    """Where NumPy's BLAS is not an OpenBLAS we can call, products go through NumPy and attention's
+    through plain loops: same logits."""
+    import nprerank.model
+
+    monkeypatch.setattr(nprerank.model, "SGEMM", 0)
+    check_model("no OpenBLAS", tiny_model, [1, 30, 4, 90, 2, 17])
+
+
+def test_blas_threads_after_a_forward_pass(tiny_model):
+    """OpenBLAS runs single-threaded while Numba's threads call it, then gets the model's count back
+    (NumPy's products on few rows use OpenBLAS's own threads), whether the pass ends well or not."""
+    getter = blas_function("get_num_threads")
+    if getter is None:
+        pytest.skip("NumPy does not use OpenBLAS here")
+    weights, config = load(tiny_model)
+    model = FastModel(weights, config, threads=2)
+    expected = min(2, numba.config.NUMBA_NUM_THREADS)
+    model([[0] + [5] * 100 + [2]] * 6)  # enough rows for linear_forward to split them
+    assert getter() == expected
+    with pytest.raises(ValueError):
+        model([[0, config.vocab_size]])
+    assert getter() == expected
 
 
 def test_thread_control(monkeypatch):

@@ -55,6 +55,10 @@ AGREEMENT = 1e-4  # max |logit difference| an engine may have from the reference
 BENCH_EXTRA = "install torch (CPU build) and then pip install 'nprerank[bench]'"
 CHILD_MARK = "nprerank-bench-child: "  # prefixes the one JSON line a child prints
 SGEMM_SIZE = 2048  # the ceiling: [2048, 2048] @ [2048, 2048] fp32, 17 GFLOP, ~0.1 s on 2 cores
+# Seconds of rest before each timed run. Thread pools spin after their work before they sleep
+# (OpenBLAS's for 2^28 cycles, about 0.1 s; ONNX Runtime's and OpenMP's for less), and a spinning
+# pool takes a core from whichever engine runs next.
+SETTLE = 0.25
 
 # Issue 3's acceptance bars: (what, engine it is compared with, workload, bar).
 SPEED_BARS = (("rerank-100", "onnxruntime", 1.15), ("rerank-100", "torch-sdpa", 1.15),
@@ -201,7 +205,7 @@ def onnx_path(folder: Path) -> Path:
     """Where the ONNX export of this model folder is cached (keyed by the checkpoint's identity)."""
     import hashlib
 
-    from .synthetic import cache_dir
+    from .layout import cache_dir
 
     weights = (folder / "model.safetensors").resolve()
     stat = weights.stat()
@@ -414,9 +418,10 @@ def measure_start(engine: str, folder: Path, threads: int, work_file: Path, env:
 def measure_starts(engines: list, folder: Path, threads: int, single: Workload, rerank: Workload) -> dict:
     """Start-up time and memory per engine, each in fresh processes; nprerank-fast cold and cached.
 
-    The cold start compiles every Numba kernel: the child runs with NUMBA_CACHE_DIR pointing at
-    an empty folder (so nobody's cache is deleted); the second child with the same folder finds
-    the compiled kernels there, as every later start does.
+    The cold start compiles every Numba kernel and writes the weight layout file (layout.py): the
+    child runs with NUMBA_CACHE_DIR and NPRERANK_CACHE pointing at empty folders (so nobody's
+    cache is deleted); the second child with the same folders finds both there, as every later
+    start does.
     """
     starts = {}
     with tempfile.TemporaryDirectory(prefix="nprerank-bench-") as tmp:
@@ -426,9 +431,9 @@ def measure_starts(engines: list, folder: Path, threads: int, single: Workload, 
         for engine in engines:
             _progress(f"fresh process: {engine}")
             if engine == FAST:
-                numba_cache = {"NUMBA_CACHE_DIR": str(Path(tmp) / "numba-cache")}
-                cold = measure_start(engine, folder, threads, work_file, numba_cache)
-                starts[engine] = {**measure_start(engine, folder, threads, work_file, numba_cache), "cold": cold}
+                caches = {"NUMBA_CACHE_DIR": str(Path(tmp) / "numba-cache"), "NPRERANK_CACHE": str(Path(tmp) / "cache")}
+                cold = measure_start(engine, folder, threads, work_file, caches)
+                starts[engine] = {**measure_start(engine, folder, threads, work_file, caches), "cold": cold}
             else:
                 starts[engine] = measure_start(engine, folder, threads, work_file)
     return starts
@@ -515,7 +520,7 @@ def run(args) -> dict:
             shift = round_ % len(timed)
             for name in timed[shift:] + timed[:shift]:  # rotate who goes first
                 engine = engines[name]
-                time.sleep(0.05)  # let the previous engine's spinning threads go idle
+                time.sleep(SETTLE)  # let the previous engine's spinning threads go idle
                 seconds[workload.name, name].append(_seconds(
                     lambda: [engine.logits(workload.sequences, workload.batch_size) for _ in range(workload.calls)]))
             _progress(f"round {round_ + 1}/{args.repeats} {workload.name}: " + ", ".join(

@@ -1,15 +1,18 @@
-"""Finding the OpenBLAS that NumPy loaded, to set its thread count and ask which kernel it runs.
+"""Finding the OpenBLAS that NumPy loaded: its thread count, its kernel name, and its sgemm.
 
-NumPy does every x @ W.T of the fast path through OpenBLAS, which starts its own threads. The
+NumPy does every x @ W of the fast path through OpenBLAS, which starts its own threads. The
 fast path's `threads=` must bound those too (model.set_threads), and the benchmark reports which
-CPU kernel OpenBLAS chose. NumPy offers neither, so we call OpenBLAS's own functions through
-ctypes, from the copy of the library mapped into this process. Without one (another BLAS, or not
-Linux) nothing is set and BLAS keeps its defaults.
+CPU kernel OpenBLAS chose. Attention's small per-head products call OpenBLAS's cblas_sgemm from
+inside a Numba kernel (kernels.attention_forward), so they need its address. NumPy offers none of
+this, so we look the functions up through ctypes, in the copy of the library mapped into this
+process. Without one (another BLAS, or not Linux) nothing is set, BLAS keeps its defaults and
+attention multiplies with plain loops.
 
-Read next: model.py (set_threads).
+Read next: model.py (set_threads), kernels.py (sgemm).
 """
 
 import ctypes
+import functools
 import os
 
 import numpy as np
@@ -20,6 +23,7 @@ import numpy as np
 _BLAS_NAMINGS = (("scipy_openblas_", "64_"), ("scipy_openblas_", ""), ("openblas_", "64_"), ("openblas_", ""))
 
 
+@functools.cache
 def blas_function(name: str):
     """OpenBLAS's `name` ("set_num_threads", "get_corename", ...) from the copy NumPy loaded, or None."""
     for library in _loaded_blas_libraries():
@@ -34,12 +38,36 @@ def blas_function(name: str):
     return None
 
 
-def set_blas_threads(threads: int) -> bool:
+def cblas_sgemm() -> tuple:
+    """(address of OpenBLAS's cblas_sgemm, its integer width in bits), or (0, 0) when not found.
+
+    NumPy's wheels bundle an ILP64 OpenBLAS (64-bit integers, names ending in 64_); other builds
+    take 32-bit integers. The caller must pass integers of the width given here.
+    """
+    for library in _loaded_blas_libraries():
+        try:
+            handle = ctypes.CDLL(library)
+        except OSError:
+            continue
+        for name, bits in (("scipy_cblas_sgemm64_", 64), ("cblas_sgemm64_", 64), ("scipy_cblas_sgemm", 32), ("cblas_sgemm", 32)):
+            function = getattr(handle, name, None)
+            if function is not None:
+                return ctypes.cast(function, ctypes.c_void_p).value, bits
+    return 0, 0
+
+
+def set_blas_threads(threads: int | None) -> bool:
     """Set the thread count of the OpenBLAS that NumPy loaded; False when none could be found."""
     setter = blas_function("set_num_threads")
-    if setter is not None:
+    if setter is not None and threads is not None:
         setter(ctypes.c_int(threads))
     return setter is not None
+
+
+def get_blas_threads() -> int | None:
+    """The thread count of the OpenBLAS that NumPy loaded, or None when none could be found."""
+    getter = blas_function("get_num_threads")
+    return getter() if getter is not None else None
 
 
 def _loaded_blas_libraries() -> list:

@@ -1,11 +1,12 @@
-"""Numba kernels for the fast forward pass: the elementwise and attention work between the GEMMs.
+"""Numba kernels for the fast forward pass: the threads, the GEMMs' split, attention, elementwise work.
 
 model.py runs the same steps as reference.py, but over a *packed* batch: the tokens of all B
 sequences lie back to back in one [N, C] matrix, sequence b in rows offsets[b]:offsets[b+1], so
-no pad token is ever multiplied. The big matrix products (x @ W.T, about 85% of the work) stay in
-BLAS, called from model.py; the kernels here do everything else, each in one pass over memory
-and with the bias of the GEMM before it folded in. Every kernel names the reference.py function
-it must equal; tests/test_kernels.py checks each one against that twin.
+no pad token is ever multiplied. The matrix products (about 85% of the work) are OpenBLAS's
+sgemm, called from these kernels on Numba's threads (linear_forward, attention_forward); the
+rest is done here, each step in one pass over memory and with the bias of the GEMM before it
+folded in. Every kernel names the reference.py function it must equal; tests/test_kernels.py
+checks each one against that twin.
 
 Legend:  N tokens in the packed batch, B sequences, offsets [B+1] row ranges of the sequences,
          C hidden size (768), H heads (12), D head size (C / H = 64), F feed-forward width (3072).
@@ -32,10 +33,11 @@ from numba import njit, prange
 #   "ninf" or "afn": max/compare keep their meaning and no library function is approximated
 #   behind our back. tests/test_kernels.py measures the effect against reference.py.
 # error_model="numpy": a division by zero gives inf instead of a Python exception check per divide.
-# Threading layer "workqueue": Numba's own pool, whose workers sleep between parallel regions.
-#   The OpenMP layer's workers spin after each region and steal the cores that OpenBLAS needs
-#   for the GEMM that follows (REFERENCE.md: 0.279 s vs 0.183 s for one pair); see
-#   docs/performance.md. An explicit NUMBA_THREADING_LAYER in the environment still wins.
+# Threading layer "workqueue": Numba's own pool, whose workers sleep between parallel regions
+#   (starting a region costs about 100 us here, as the OS wakes them). The OpenMP layer starts
+#   one in 2 us, but it shares the process's libgomp with torch: with both in one process torch
+#   ran 5x slower (docs/performance.md). An explicit NUMBA_THREADING_LAYER in the environment
+#   still wins.
 FASTMATH = {"reassoc", "contract"}
 OPTIONS = dict(cache=True, fastmath=FASTMATH, error_model="numpy")
 if "NUMBA_THREADING_LAYER" not in os.environ:
@@ -153,18 +155,46 @@ def _layer_norm_row(x, n, weight, bias, eps):
 
 
 @parallel_kernel
-def attention_forward(context, query, key, value, query_bias, key_bias, value_bias, offsets, query_offsets,
-                      H, n_threads):
+def linear_forward(out, x, weight, n_threads, sgemm, blas_int):
+    """out = x @ weight, reference.linear without its bias: x [M, K], weight [K, N] ([in, out]).
+
+    One single-threaded BLAS product per thread (the caller sets OpenBLAS to one thread): with
+    many rows each thread takes a block of rows (every thread reads all of the weight, which BLAS
+    packs once per call); with few rows each takes a block of columns, so the weight is read once
+    in all. Blocks of columns start at multiples of 16 (one AVX-512 register of float32).
+    """
+    M, N = out.shape
+    by_rows = M >= ROWS_PER_THREAD * n_threads
+    for part in prange(n_threads):
+        if by_rows:
+            r0, r1 = M * part // n_threads, M * (part + 1) // n_threads
+            matmul(out[r0:r1], x[r0:r1], weight, False, ONE, sgemm, blas_int)
+        else:
+            n0 = N * part // n_threads // 16 * 16
+            n1 = N if part == n_threads - 1 else N * (part + 1) // n_threads // 16 * 16
+            matmul(out[:, n0:n1], x, weight[:, n0:n1], False, ONE, sgemm, blas_int)
+
+
+ROWS_PER_THREAD = 256  # linear_forward splits rows from this many per thread, columns below it
+
+
+@parallel_kernel
+def attention_forward(context, query, key, value, query_bias, value_bias, offsets, query_offsets, H, n_threads,
+                      sgemm, blas_int):
     """softmax(q k^T / sqrt(D)) v of reference.attention, per packed sequence and head.
 
     context [Q, C] (may be `query`); query [Q, C], key and value [N, C]: the three projections
-    *without* their biases, which are added here (query_bias, key_bias, value_bias [C]).
-    Sequence b's keys are rows offsets[b]:offsets[b+1]; its queries are rows
-    query_offsets[b]:query_offsets[b+1], the first tokens of the sequence in order (all of them,
-    or only the first when the caller needs just the classification token).
+    *without* their biases. Sequence b's keys are rows offsets[b]:offsets[b+1]; its queries are
+    rows query_offsets[b]:query_offsets[b+1], the first tokens of the sequence in order (all of
+    them, or only the first when the caller needs just the classification token). sgemm and
+    blas_int: see `matmul` (the caller sets BLAS to one thread: the threads here share the items).
 
-    Why the value bias is added after the weighted sum: softmax weights sum to 1, so
-    sum_j p_j (v_j + bias) = sum_j p_j v_j + bias, D adds per row instead of T * D.
+    The biases cost almost nothing here:
+    - query bias: added while copying the head's queries into a small contiguous block.
+    - key bias: not needed at all. It adds q . bias_k to every score of query q, the same amount
+      along the row, and softmax does not change when a whole row is shifted.
+    - value bias: added after the weighted sum. Softmax weights sum to 1, so
+      sum_j p_j (v_j + bias) = sum_j p_j v_j + bias: D adds per row instead of T * D.
     """
     C = query.shape[1]
     D = C // H
@@ -176,78 +206,96 @@ def attention_forward(context, query, key, value, query_bias, key_bias, value_bi
         for item in range(thread, B * H, n_threads):
             b, h = item // H, item % H
             start, T = offsets[b], offsets[b + 1] - offsets[b]
-            first = query_offsets[b]
+            first, count = query_offsets[b], query_offsets[b + 1] - query_offsets[b]
             heads = slice(h * D, h * D + D)  # this head's D columns
-            # Copy this head's keys (transposed, [D, T]) and values ([T, D]) into small contiguous
-            # blocks: the inner loops then run over unit-stride memory that LLVM turns into SIMD.
-            key_t = np.empty((D, T), dtype=np.float32)
-            value_h = np.empty((T, D), dtype=np.float32)
-            k_bias, q_bias, v_bias = key_bias[heads], query_bias[heads], value_bias[heads]
-            for j in range(T):
-                k_row, v_row = key[start + j, heads], value[start + j, heads]
+            q = query[first : first + count, heads] + query_bias[heads]  # [count, D], contiguous
+            scores = np.empty((count, T), dtype=np.float32)
+            matmul(scores, q, key[start : start + T, heads], True, scale, sgemm, blas_int)  # q k^T / sqrt(D)
+            totals = np.empty(count, dtype=np.float32)
+            for i in range(count):
+                totals[i] = _exp_shifted_row(scores[i])  # softmax numerators, in place
+            out = context[first : first + count, heads]  # [count, D]: q's rows were read above
+            matmul(out, scores, value[start : start + T, heads], False, ONE, sgemm, blas_int)  # [count, T] x [T, D]
+            for i in range(count):
+                norm = ONE / totals[i]
                 for d in range(D):
-                    key_t[d, j] = k_row[d] + k_bias[d]
-                    value_h[j, d] = v_row[d]
-            # Queries go four at a time: each key and value row loaded from cache then feeds four
-            # multiply-adds instead of one. A short last block repeats its last row (same result).
-            q = np.empty((ROWS, D), dtype=np.float32)
-            scores = np.empty((ROWS, T), dtype=np.float32)
-            weighted = np.empty((ROWS, D), dtype=np.float32)
-            totals = np.empty(ROWS, dtype=np.float32)
-            count = query_offsets[b + 1] - first
-            for i in range(0, count, ROWS):
-                for r in range(ROWS):
-                    q_row = query[first + min(i + r, count - 1), heads]
-                    for d in range(D):
-                        q[r, d] = (q_row[d] + q_bias[d]) * scale
-                _four_rows_matmul(scores, q, key_t)  # [ROWS, D] x [D, T] -> [ROWS, T]
-                for r in range(ROWS):
-                    totals[r] = _exp_shifted_row(scores[r])  # softmax numerators, in place
-                _four_rows_matmul(weighted, scores, value_h)  # [ROWS, T] x [T, D] -> [ROWS, D]
-                for r in range(ROWS):
-                    out_row = context[first + min(i + r, count - 1), heads]
-                    norm = ONE / totals[r]
-                    for d in range(D):
-                        out_row[d] = weighted[r, d] * norm + v_bias[d]
+                    out[i, d] = out[i, d] * norm + value_bias[h * D + d]
 
 
-ROWS = 4  # query rows per block in attention_forward (the inner kernels below are written for 4)
+# --- small matrix products: OpenBLAS called from Numba, or plain loops --------------------------
+# Attention's products (per sequence and head: [T, D] x [D, T], then [T, T] x [T, D]) are too small
+# to split over threads, but there are B * H of them: each thread takes whole items and multiplies
+# with single-threaded BLAS. Numba can call a C function at an address, which we give it as a
+# plain integer (blas.cblas_sgemm), so the compiled kernel can still be cached: the address
+# is an argument, not a constant baked into the machine code.
+
+CBLAS_ROW_MAJOR, CBLAS_NO_TRANS, CBLAS_TRANS = 101, 111, 112
 
 
 @kernel
-def _four_rows_matmul(out, a, b):
-    """out = a @ b for four rows of a: [4, K] x [K, M] -> [4, M].
+def matmul(out, a, b, b_transposed, alpha, sgemm, blas_int):
+    """out = alpha * a @ b ([M, K] x [K, N]), or alpha * a @ b.T when b_transposed (b is [N, K]).
 
-    Attention's two products are of this shape: q k^T (a = 4 query rows [4, D], b = keys
-    transposed [D, T]) and p v (a = 4 rows of probabilities [4, T], b = values [T, D]). Four
-    output rows share every load of b, and two rows of b go per pass, so each loaded b row feeds
-    eight multiply-adds; LLVM vectorises the inner loop over M.
+    out, a, b are 2-D float32 views whose rows may be strided but whose columns are contiguous
+    (a head's columns of a [rows, C] matrix). sgemm is the address of cblas_sgemm, whose integers
+    have the type of blas_int (int32 or int64); with sgemm == 0, plain loops do the work.
     """
-    K, M = b.shape
-    o0, o1, o2, o3 = out[0], out[1], out[2], out[3]
-    r0, r1, r2, r3 = a[0], a[1], a[2], a[3]
-    for m in range(M):
-        o0[m] = 0.0
-        o1[m] = 0.0
-        o2[m] = 0.0
-        o3[m] = 0.0
-    for k in range(0, K - 1, 2):
-        b0, b1 = b[k], b[k + 1]
-        a00, a01, a10, a11 = r0[k], r0[k + 1], r1[k], r1[k + 1]
-        a20, a21, a30, a31 = r2[k], r2[k + 1], r3[k], r3[k + 1]
-        for m in range(M):
-            x0, x1 = b0[m], b1[m]
-            o0[m] += a00 * x0 + a01 * x1
-            o1[m] += a10 * x0 + a11 * x1
-            o2[m] += a20 * x0 + a21 * x1
-            o3[m] += a30 * x0 + a31 * x1
-    for k in range(K - K % 2, K):  # an odd K leaves one row of b
-        b0 = b[k]
-        for m in range(M):
-            o0[m] += r0[k] * b0[m]
-            o1[m] += r1[k] * b0[m]
-            o2[m] += r2[k] * b0[m]
-            o3[m] += r3[k] * b0[m]
+    M, K = a.shape
+    N = b.shape[0] if b_transposed else b.shape[1]
+    if M == 0 or N == 0:
+        return
+    if sgemm == 0:
+        for i in range(M):
+            for j in range(N):
+                out[i, j] = 0.0
+            for k in range(K):
+                factor = alpha * a[i, k]
+                for j in range(N):
+                    out[i, j] += factor * (b[j, k] if b_transposed else b[k, j])
+        return
+    trans = CBLAS_TRANS if b_transposed else CBLAS_NO_TRANS
+    call_sgemm(sgemm, blas_int, trans, M, N, K, alpha, a.ctypes.data, a.strides[0] // 4,
+               b.ctypes.data, b.strides[0] // 4, out.ctypes.data, out.strides[0] // 4)
+
+
+if numba.config.DISABLE_JIT:
+
+    def call_sgemm(address, blas_int, trans_b, m, n, k, alpha, a, lda, b, ldb, c, ldc):
+        """cblas_sgemm(row-major, a not transposed, trans_b, ...) through ctypes (JIT disabled)."""
+        import ctypes
+
+        integer = ctypes.c_int64 if np.asarray(blas_int).dtype == np.int64 else ctypes.c_int32
+        pointer, single = ctypes.c_void_p, ctypes.c_float
+        prototype = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_int, ctypes.c_int, integer, integer, integer, single,
+                                     pointer, integer, pointer, integer, single, pointer, integer)
+        prototype(address)(CBLAS_ROW_MAJOR, CBLAS_NO_TRANS, trans_b, m, n, k, alpha, a, lda, b, ldb, 0.0, c, ldc)
+
+else:
+
+    @intrinsic
+    def call_sgemm(typingctx, address, blas_int, trans_b, m, n, k, alpha, a, lda, b, ldb, c, ldc):
+        """cblas_sgemm(row-major, a not transposed, trans_b, m, n, k, alpha, a, lda, b, ldb, 0, c, ldc),
+        the function at `address`; a, b, c are addresses; integers are cast to blas_int's width."""
+        signature = types.void(address, blas_int, trans_b, m, n, k, alpha, a, lda, b, ldb, c, ldc)
+
+        def codegen(context, builder, sig, args):
+            integer, enum, single = ir.IntType(blas_int.bitwidth), ir.IntType(32), ir.FloatType()
+            pointer = ir.IntType(8).as_pointer()
+            function_type = ir.FunctionType(ir.VoidType(), [enum, enum, enum, integer, integer, integer, single, pointer,
+                                                            integer, pointer, integer, single, pointer, integer])
+            function = builder.inttoptr(args[0], function_type.as_pointer())
+
+            def cast(i, to):
+                return context.cast(builder, args[i], sig.args[i], to)
+
+            whole = [cast(i, blas_int) for i in (3, 4, 5, 8, 10, 12)]  # m, n, k, lda, ldb, ldc
+            a_, b_, c_ = (builder.inttoptr(args[i], pointer) for i in (7, 9, 11))
+            builder.call(function, [enum(CBLAS_ROW_MAJOR), enum(CBLAS_NO_TRANS), cast(2, types.int32),
+                                    *whole[:3], cast(6, types.float32), a_, whole[3], b_, whole[4],
+                                    single(0.0), c_, whole[5]])
+            return context.get_dummy_value()
+
+        return signature, codegen
 
 
 @kernel

@@ -20,6 +20,8 @@ import random
 import shutil
 from pathlib import Path
 
+from .layout import cache_dir
+
 GENERATOR_VERSION = 2  # bump when the recipe changes, so caches are rebuilt
 
 # The full bge-reranker-base shape (REFERENCE.md): 278M parameters.
@@ -41,10 +43,6 @@ _WORDS = {
     "arabic": "الباندا حيوان يعيش في الصين ويأكل الخيزران البحث عن المستندات ذات الصلة مرحبا".split(),
     "other": "Привет мир панда медведь γεια σου κόσμε नमस्ते दुनिया 🐼 🐱 🚀 ① ｆｕｌｌｗｉｄｔｈ ﬁ".split(),
 }
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("NPRERANK_CACHE", Path.home() / ".cache" / "nprerank"))
 
 
 def _key(**spec) -> str:

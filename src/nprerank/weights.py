@@ -14,7 +14,7 @@ truncated or corrupt file is reported by name instead of crashing inside a reade
 `TABLE` is the one place that maps checkpoint names (transformers' module tree, verbatim) to our
 fields. Every tensor of the checkpoint is either used once or named as a known, ignored extra;
 every shape is checked against the config. Linear weights stay in the checkpoint's [out, in]
-layout: `x @ weight.T` hands BLAS a transposed view, so no weight is ever copied.
+layout, as reference.py uses them; the fast path's [in, out] copies are layout.py's business.
 
 Read next: reference.py, which uses these arrays step by step.
 """
@@ -94,6 +94,7 @@ class Weights:
     embeddings: Embeddings
     layers: list  # [Layer] * num_hidden_layers
     classifier: Classifier
+    source: Path | None = None  # the model.safetensors they were read from (layout.py keys its cache on it)
 
 
 def _table(config: ModelConfig) -> dict:
@@ -190,6 +191,7 @@ def load_weights(path, config: ModelConfig) -> Weights:
         ),
         layers=layers,
         classifier=Classifier(dense=linear("classifier.dense"), out_proj=linear("classifier.out_proj")),
+        source=path,
     )
 
 

@@ -1,0 +1,85 @@
+"""layout.py: the [in, out] weight copies, written once to the cache and memory-mapped after."""
+
+import shutil
+import warnings
+
+import numpy as np
+import pytest
+
+from nprerank.config import ModelConfig
+from nprerank.layout import MATRICES, gemm_weights
+from nprerank.weights import load_weights
+
+
+def load(folder):
+    config = ModelConfig.from_json(folder / "config.json")
+    return load_weights(folder / "model.safetensors", config)
+
+
+def assert_transposed(matrices, weights):
+    for layer, layer_matrices in zip(weights.layers, matrices, strict=True):
+        for name in MATRICES:
+            array = getattr(layer_matrices, name)
+            assert array.dtype == np.float32 and array.flags.c_contiguous
+            np.testing.assert_array_equal(array, getattr(layer, name).weight.T)
+
+
+def test_written_once_then_mapped(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("NPRERANK_CACHE", str(tmp_path))
+    weights = load(tiny_model)
+    matrices = gemm_weights(weights)
+    files = list(tmp_path.glob("layout-*.safetensors"))
+    assert len(files) == 1, files
+    assert not list(tmp_path.glob("*.tmp")), "the temporary file was left behind"
+    assert_transposed(matrices, weights)
+    assert not matrices[0].query.flags.writeable, "expected a read-only view of the memory-mapped file"
+    written = files[0].stat().st_mtime_ns
+    assert_transposed(gemm_weights(load(tiny_model)), weights)
+    assert files[0].stat().st_mtime_ns == written, "a second load wrote the file again"
+
+
+def test_changed_checkpoint_gets_a_new_layout(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("NPRERANK_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model, folder)
+    gemm_weights(load(folder))
+    data = bytearray((folder / "model.safetensors").read_bytes())
+    weights = load(folder)
+    offset = data.index(weights.layers[0].query.weight.tobytes())  # change one weight of layer 0's query
+    data[offset : offset + 4] = np.float32(123.0).tobytes()
+    (folder / "model.safetensors").write_bytes(bytes(data))
+    changed = load(folder)
+    matrices = gemm_weights(changed)
+    assert matrices[0].query[0, 0] == 123.0
+    assert_transposed(matrices, changed)
+    assert len(list((tmp_path / "cache").glob("layout-*.safetensors"))) == 2
+
+
+def test_damaged_layout_is_written_again(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("NPRERANK_CACHE", str(tmp_path))
+    weights = load(tiny_model)
+    gemm_weights(weights)
+    (path,) = tmp_path.glob("layout-*.safetensors")
+    path.write_bytes(path.read_bytes()[:1000])  # truncated
+    assert_transposed(gemm_weights(weights), weights)
+
+
+def test_unwritable_cache_keeps_copies_in_memory(tiny_model, tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("NPRERANK_CACHE", str(blocker / "cache"))
+    weights = load(tiny_model)
+    with pytest.warns(UserWarning, match="cannot write the weight layout cache"):
+        matrices = gemm_weights(weights)
+    assert_transposed(matrices, weights)
+
+
+def test_weights_without_a_file_are_copied_in_memory(tiny_model, tmp_path, monkeypatch):
+    import dataclasses
+
+    monkeypatch.setenv("NPRERANK_CACHE", str(tmp_path))
+    weights = dataclasses.replace(load(tiny_model), source=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert_transposed(gemm_weights(weights), weights)
+    assert not list(tmp_path.iterdir())
