@@ -9,8 +9,10 @@ A copy in memory would cost 340 MB of private memory for bge-reranker-base, abov
 budget. Instead it is written once, on the first load, to a file in the nprerank cache
 ($NPRERANK_CACHE, default ~/.cache/nprerank), and then memory-mapped like the checkpoint: pages
 are read from disk when touched, are shared between processes, and count as file-backed memory.
-The file is a plain safetensors file; its name is a hash of the checkpoint's path, size and
-modification time, so a changed checkpoint gets a new file. Writing it takes a second or two.
+The file is a plain safetensors file named by a hash of the checkpoint's path; its metadata
+records the checkpoint's size and modification time, and a checkpoint that no longer matches
+them has its file written again (one file per checkpoint, never a pile of stale ones). Writing it
+takes a second or two.
 
 Where the cache cannot be written (a read-only home, a full disk) the copies are made in memory
 instead, with a warning. Weights built in memory (no file behind them) are copied too.
@@ -54,25 +56,37 @@ def gemm_weights(weights: Weights) -> list:
     """[LayerMatrices] * L for `weights`: memory-mapped from the cache file, written first if needed."""
     if weights.source is None:
         return [_in_memory(layer) for layer in weights.layers]
-    path = cache_dir() / f"layout-{_key(weights.source)}.safetensors"
-    if not path.is_file():
+    name = hashlib.sha256(str(Path(weights.source).resolve()).encode()).hexdigest()[:16]
+    path = cache_dir() / f"layout-{name}.safetensors"
+    stamp = _stamp(weights.source)
+    if _metadata(path) != stamp:
         try:
-            _write(path, weights.layers)
+            _write(path, weights.layers, stamp)
         except OSError as e:
             warnings.warn(f"nprerank: cannot write the weight layout cache {path} ({e}); keeping the [in, out] "
                           f"copies in memory instead (about {_bytes(weights.layers) >> 20} MB)", stacklevel=3)
             return [_in_memory(layer) for layer in weights.layers]
     try:
         return _read(path, weights.layers)
-    except ModelError:  # damaged (a full disk, another writer gone wrong): write it again, once
-        _write(path, weights.layers)
+    except ModelError:  # damaged after its metadata was written (a full disk): write it again, once
+        _write(path, weights.layers, stamp)
         return _read(path, weights.layers)
 
 
-def _key(source: Path) -> str:
+def _stamp(source: Path) -> dict:
+    """What identifies the checkpoint's contents well enough: safetensors metadata is all strings."""
     stat = os.stat(source)
-    blob = json.dumps([LAYOUT_VERSION, str(Path(source).resolve()), stat.st_size, stat.st_mtime_ns])
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return {"layout_version": str(LAYOUT_VERSION), "source_size": str(stat.st_size), "source_mtime_ns": str(stat.st_mtime_ns)}
+
+
+def _metadata(path: Path) -> dict | None:
+    """The __metadata__ of the safetensors file at `path`, or None when it is missing or unreadable."""
+    try:
+        with open(path, "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        return header.get("__metadata__")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _in_memory(layer: Layer) -> LayerMatrices:
@@ -83,10 +97,10 @@ def _bytes(layers: list) -> int:
     return sum(getattr(layer, name).weight.nbytes for layer in layers for name in MATRICES)
 
 
-def _write(path: Path, layers: list) -> None:
+def _write(path: Path, layers: list, stamp: dict) -> None:
     """Write every layer's matrices transposed to `path` as safetensors: to a temporary file first,
     then renamed into place, so a reader never sees half a file."""
-    header, offset = {}, 0
+    header, offset = {"__metadata__": stamp}, 0
     for n, layer in enumerate(layers):
         for name in MATRICES:
             out, inp = getattr(layer, name).weight.shape
