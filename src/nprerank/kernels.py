@@ -222,12 +222,12 @@ def attention_forward(context, query, key, value, query_bias, value_bias, offset
                     out[i, d] = out[i, d] * norm + value_bias[h * D + d]
 
 
-# --- small matrix products: OpenBLAS called from Numba, or plain loops --------------------------
-# Attention's products (per sequence and head: [T, D] x [D, T], then [T, T] x [T, D]) are too small
-# to split over threads, but there are B * H of them: each thread takes whole items and multiplies
-# with single-threaded BLAS. Numba can call a C function at an address, which we give it as a
-# plain integer (blas.cblas_sgemm), so the compiled kernel can still be cached: the address
-# is an argument, not a constant baked into the machine code.
+# --- matrix products on Numba's threads: OpenBLAS called from Numba, or plain loops -------------
+# Each thread of linear_forward and attention_forward multiplies its own blocks with
+# single-threaded BLAS: a block of a big product, or one (sequence, head) item of attention, whose
+# products ([T, D] x [D, T], then [T, T] x [T, D]) are too small to split further. Numba can call
+# a C function at an address, which we give it as a plain integer (blas.cblas_sgemm), so the
+# compiled kernels can still be cached: the address is an argument, not a constant in the code.
 
 CBLAS_ROW_MAJOR, CBLAS_NO_TRANS, CBLAS_TRANS = 101, 111, 112
 

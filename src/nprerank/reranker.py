@@ -27,7 +27,7 @@ MODEL_FILES = ("config.json", "tokenizer.json", "model.safetensors")
 
 class Reranker:
     def __init__(self, config: ModelConfig, weights, tokenizer: PairTokenizer, engine: str = "fast",
-                 batch_size: int = 32, max_batch_tokens: int = 4096, long_documents: str = "truncate",
+                 batch_size: int = 32, max_batch_tokens: int = 2048, long_documents: str = "truncate",
                  chunk_overlap: int = 32, threads: int | None = None):
         _check_int("batch_size", batch_size)
         _check_int("max_batch_tokens", max_batch_tokens, minimum=tokenizer.max_length)
