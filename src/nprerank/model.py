@@ -39,7 +39,7 @@ from .layout import LayerMatrices, gemm_weights
 from .weights import Classifier, Embeddings, Layer, Weights, embedding_rows
 
 FFN_ROWS = 1024  # rows of the [rows, F] feed-forward activation made at once: 12 MB, BLAS-sized
-SGEMM, _BITS = cblas_sgemm()  # attention's per-head products (kernels.matmul); address 0: plain loops
+SGEMM, _BITS = cblas_sgemm()  # for products made on Numba's threads (kernels.matmul); 0: NumPy and plain loops
 BLAS_INT = np.int64(0) if _BITS == 64 else np.int32(0)  # tells the kernel the width of BLAS's integers
 
 
