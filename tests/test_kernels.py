@@ -122,31 +122,47 @@ def test_embeddings_forward_matches_reference(table_dtype):
     assert_close(f"embeddings_forward ({table_dtype} table)", got, packed_from_padded(want, LENGTHS), atol=2e-5)
 
 
+def sgemm_for(products):
+    """cblas_sgemm's address for the "blas" cases (skipped without an OpenBLAS), 0 for "loops"."""
+    from nprerank.model import SGEMM
+
+    if products == "blas" and SGEMM == 0:
+        pytest.skip("no cblas_sgemm found in the OpenBLAS NumPy loaded")
+    return SGEMM if products == "blas" else 0
+
+
+@pytest.fixture
+def one_blas_thread():
+    """OpenBLAS on one thread, as model.single_threaded_blas sets it around these kernels."""
+    from nprerank.model import single_threaded_blas
+
+    with single_threaded_blas():
+        yield
+
+
 @pytest.mark.parametrize("products", ["blas", "loops"])
-@pytest.mark.parametrize("M,K,N", [(7, 30, 50), (600, 48, 33), (2, 5, 1)])  # column split, row split, N < 16
-def test_linear_forward_matches_numpy(M, K, N, products):
-    """x @ W split over threads (by columns for few rows, by rows for many), by BLAS or by loops."""
-    from nprerank.model import BLAS_INT, SGEMM
+@pytest.mark.parametrize("M,K,N", [(7, 30, 50), (600, 48, 33), (2, 5, 1)])  # fewer rows than threads too
+def test_linear_forward_matches_numpy(M, K, N, products, one_blas_thread):
+    """x @ W split by rows over threads, by BLAS or by loops."""
+    from nprerank.model import BLAS_INT
 
     rng = np.random.default_rng(6)
     x, matrix = random(rng, M, K), random(rng, K, N)
     want = x.astype(np.float64) @ matrix.astype(np.float64)
-    set_blas_threads(1)
     for threads in (1, 2, 3):
         out = np.full((M, N), np.nan, dtype=np.float32)
-        kernels.linear_forward(out, x, matrix, threads, SGEMM if products == "blas" else 0, BLAS_INT)
+        kernels.linear_forward(out, x, matrix, threads, sgemm_for(products), BLAS_INT)
         assert_close(f"linear_forward {M}x{K}x{N} {threads} threads", out, want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("products", ["blas", "loops"])
 @pytest.mark.parametrize("C,H", [(30, 5), (64, 4)])  # head size 6 (odd, not a multiple of 4) and 16
-def test_attention_forward_matches_reference(C, H, products):
+def test_attention_forward_matches_reference(C, H, products, one_blas_thread):
     """Both ways of multiplying inside attention: OpenBLAS's sgemm, or plain loops where none is found.
     The layer's key bias is random: the kernel leaves it out (softmax ignores a shift per row)."""
-    from nprerank.model import BLAS_INT, SGEMM
+    from nprerank.model import BLAS_INT
 
-    assert SGEMM != 0, "no cblas_sgemm found in the OpenBLAS NumPy loaded: attention would run on plain loops"
-    sgemm = SGEMM if products == "blas" else 0
+    sgemm = sgemm_for(products)
     rng = np.random.default_rng(4)
     layer = Layer(*(linear_params(rng, C, C) for _ in range(4)), norm_params(rng, C),
                   linear_params(rng, 2 * C, C), linear_params(rng, C, 2 * C), norm_params(rng, C))
@@ -160,7 +176,6 @@ def test_attention_forward_matches_reference(C, H, products):
     offsets = offsets_of(LENGTHS)
     query, key, value = (np.ascontiguousarray(x @ p.weight.T) for p in (layer.query, layer.key, layer.value))
     context = np.empty_like(query)
-    set_blas_threads(1)
     kernels.attention_forward(context, query, key, value, layer.query.bias, layer.value.bias,
                               offsets, offsets, H, 2, sgemm, BLAS_INT)
     got = reference.linear(context, layer.attention_output)
@@ -247,19 +262,26 @@ def test_fast_model_without_openblas(tiny_model, monkeypatch):
 
 
 def test_blas_threads_after_a_forward_pass(tiny_model):
-    """OpenBLAS runs single-threaded while Numba's threads call it, then gets the model's count back
-    (NumPy's products on few rows use OpenBLAS's own threads), whether the pass ends well or not."""
+    """OpenBLAS runs single-threaded while Numba's threads call it, then gets its previous count
+    back (the caller's own NumPy products keep theirs), whether the pass ends well or not."""
     getter = blas_function("get_num_threads")
     if getter is None:
         pytest.skip("NumPy does not use OpenBLAS here")
     weights, config = load(tiny_model)
-    model = FastModel(weights, config, threads=2)
-    expected = min(2, numba.config.NUMBA_NUM_THREADS)
-    model([[0] + [5] * 100 + [2]] * 6)  # enough rows for linear_forward to split them
-    assert getter() == expected
-    with pytest.raises(ValueError):
-        model([[0, config.vocab_size]])
-    assert getter() == expected
+    model = FastModel(weights, config)  # no threads=: OpenBLAS's count is the caller's
+    previous = getter()
+    try:
+        set_blas_threads(1)
+        model([[0] + [5] * 100 + [2]] * 6)  # enough rows for linear_forward to split them
+        assert getter() == 1
+        set_blas_threads(2)
+        model([[0] + [5] * 100 + [2]] * 6)
+        assert getter() == min(2, os.cpu_count() or 1)
+        with pytest.raises(ValueError):
+            model([[0, config.vocab_size]])
+        assert getter() == min(2, os.cpu_count() or 1)
+    finally:
+        set_blas_threads(previous)
 
 
 def test_thread_control(monkeypatch):

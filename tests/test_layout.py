@@ -69,7 +69,7 @@ def test_unwritable_cache_keeps_copies_in_memory(tiny_model, tmp_path, monkeypat
     blocker.write_text("not a folder")
     monkeypatch.setenv("NPRERANK_CACHE", str(blocker / "cache"))
     weights = load(tiny_model)
-    with pytest.warns(UserWarning, match="cannot write the weight layout cache"):
+    with pytest.warns(UserWarning, match="cannot use the weight layout cache"):
         matrices = gemm_weights(weights)
     assert_transposed(matrices, weights)
 
@@ -83,3 +83,41 @@ def test_weights_without_a_file_are_copied_in_memory(tiny_model, tmp_path, monke
         warnings.simplefilter("error")
         assert_transposed(gemm_weights(weights), weights)
     assert not list(tmp_path.iterdir())
+
+
+def test_garbage_layout_file_is_replaced(tiny_model, tmp_path, monkeypatch):
+    """A file that is not safetensors at all (a header size of 2^64 - 1) is written over, not trusted."""
+    monkeypatch.setenv("NPRERANK_CACHE", str(tmp_path))
+    weights = load(tiny_model)
+    gemm_weights(weights)
+    (path,) = tmp_path.glob("layout-*.safetensors")
+    path.write_bytes(b"\xff" * 64)
+    assert_transposed(gemm_weights(weights), weights)
+
+
+def test_checkpoint_copied_over_with_its_times_gets_a_new_layout(tiny_model, tmp_path, monkeypatch):
+    """cp -p keeps size and mtime; the inode and change time still give the new contents away."""
+    import os
+
+    monkeypatch.setenv("NPRERANK_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model, folder)
+    target = folder / "model.safetensors"
+    gemm_weights(load(folder))
+    stat = target.stat()
+    data = bytearray(target.read_bytes())
+    offset = data.index(load(folder).layers[0].query.weight.tobytes())
+    data[offset : offset + 4] = np.float32(7.0).tobytes()
+    replacement = tmp_path / "replacement.safetensors"
+    replacement.write_bytes(bytes(data))
+    os.utime(replacement, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same size, same mtime
+    os.replace(replacement, target)
+    assert gemm_weights(load(folder))[0].query[0, 0] == 7.0
+
+
+def test_no_home_and_no_cache_setting_keeps_copies_in_memory(tiny_model, monkeypatch):
+    monkeypatch.delenv("NPRERANK_CACHE", raising=False)
+    monkeypatch.setattr("pathlib.Path.home", lambda: (_ for _ in ()).throw(RuntimeError("no home directory")))
+    weights = load(tiny_model)
+    with pytest.warns(UserWarning, match="no home directory"):
+        assert_transposed(gemm_weights(weights), weights)

@@ -1,9 +1,10 @@
 """Finding the OpenBLAS that NumPy loaded: its thread count, its kernel name, and its sgemm.
 
-NumPy does every x @ W of the fast path through OpenBLAS, which starts its own threads. The
-fast path's `threads=` must bound those too (model.set_threads), and the benchmark reports which
-CPU kernel OpenBLAS chose. Attention's small per-head products call OpenBLAS's cblas_sgemm from
-inside a Numba kernel (kernels.attention_forward), so they need its address. NumPy offers none of
+The fast path's matrix products run on OpenBLAS: through NumPy on few rows, where OpenBLAS
+starts its own threads, and as cblas_sgemm called from inside Numba kernels
+(kernels.linear_forward, kernels.attention_forward), which need its address and its integer
+width. The fast path's `threads=` must bound OpenBLAS's threads too (model.set_threads), and the
+benchmark reports which CPU kernel OpenBLAS chose. NumPy offers none of
 this, so we look the functions up through ctypes, in the copy of the library mapped into this
 process. Without one (another BLAS, or not Linux) nothing is set, BLAS keeps its defaults and
 attention multiplies with plain loops.
@@ -24,35 +25,47 @@ _BLAS_NAMINGS = (("scipy_openblas_", "64_"), ("scipy_openblas_", ""), ("openblas
 
 
 @functools.cache
-def blas_function(name: str):
-    """OpenBLAS's `name` ("set_num_threads", "get_corename", ...) from the copy NumPy loaded, or None."""
-    for library in _loaded_blas_libraries():
+def _library():
+    """A ctypes handle on the OpenBLAS NumPy loaded, or None. NumPy's own copy comes first: SciPy
+    (imported by torch or transformers, say) may have mapped a second OpenBLAS into the process."""
+    for path in _loaded_blas_libraries():
         try:
-            handle = ctypes.CDLL(library)
+            return ctypes.CDLL(path)
         except OSError:
             continue
-        for prefix, suffix in _BLAS_NAMINGS:
-            function = getattr(handle, f"{prefix}{name}{suffix}", None)
-            if function is not None:
-                return function
+    return None
+
+
+@functools.cache
+def blas_function(name: str):
+    """OpenBLAS's `name` ("set_num_threads", "get_corename", ...) from the copy NumPy loaded, or None."""
+    library = _library()
+    for prefix, suffix in _BLAS_NAMINGS if library is not None else ():
+        function = getattr(library, f"{prefix}{name}{suffix}", None)
+        if function is not None:
+            return function
     return None
 
 
 def cblas_sgemm() -> tuple:
     """(address of OpenBLAS's cblas_sgemm, its integer width in bits), or (0, 0) when not found.
 
-    NumPy's wheels bundle an ILP64 OpenBLAS (64-bit integers, names ending in 64_); other builds
-    take 32-bit integers. The caller must pass integers of the width given here.
+    NumPy's wheels bundle an ILP64 OpenBLAS (64-bit integers); other builds may take 32-bit ones.
+    The width comes from the build's own configuration string (USE64BITINT), or else from the
+    name (ILP64 builds of NumPy's wheels end their names in 64_). The caller must pass integers
+    of that width: a wrong one corrupts memory.
     """
-    for library in _loaded_blas_libraries():
-        try:
-            handle = ctypes.CDLL(library)
-        except OSError:
-            continue
-        for name, bits in (("scipy_cblas_sgemm64_", 64), ("cblas_sgemm64_", 64), ("scipy_cblas_sgemm", 32), ("cblas_sgemm", 32)):
-            function = getattr(handle, name, None)
-            if function is not None:
-                return ctypes.cast(function, ctypes.c_void_p).value, bits
+    library = _library()
+    for name in ("scipy_cblas_sgemm64_", "cblas_sgemm64_", "scipy_cblas_sgemm", "cblas_sgemm") if library else ():
+        function = getattr(library, name, None)
+        if function is not None:
+            config = blas_function("get_config")
+            if config is not None:
+                config.restype = ctypes.c_char_p
+                bits = 64 if b"USE64BITINT" in (config() or b"") else 32
+            else:
+                bits = 64 if name.endswith("64_") else 32
+            return ctypes.cast(function, ctypes.c_void_p).value, bits
     return 0, 0
 
 
@@ -84,4 +97,5 @@ def _loaded_blas_libraries() -> list:
         folder = os.path.join(os.path.dirname(np.__file__), "..", "numpy.libs")
         if os.path.isdir(folder):
             found = [os.path.join(folder, f) for f in os.listdir(folder) if "openblas" in f.lower()]
-    return found
+    numpy_folder = os.path.dirname(os.path.realpath(np.__file__))  # numpy/ and numpy.libs/ beside it
+    return sorted(found, key=lambda path: not os.path.realpath(path).startswith(numpy_folder))

@@ -11,8 +11,9 @@ checks each one against that twin.
 Legend:  N tokens in the packed batch, B sequences, offsets [B+1] row ranges of the sequences,
          C hidden size (768), H heads (12), D head size (C / H = 64), F feed-forward width (3072).
 
-Signatures: output first, then inputs, then sizes. Arrays are float32 and C-contiguous; model.py
-checks that once at its boundary, never inside these loops. An output may be the same array as
+Signatures: output first, then inputs, then sizes. Arrays are float32 and C-contiguous (model.py
+checks that once at its boundary, never inside these loops), except the strided views `matmul`
+takes. An output may be the same array as
 an input where the docstring says so (every element is read before it is written).
 
 Read next: model.py, which calls these in reference.py's order.
@@ -158,24 +159,18 @@ def _layer_norm_row(x, n, weight, bias, eps):
 def linear_forward(out, x, weight, n_threads, sgemm, blas_int):
     """out = x @ weight, reference.linear without its bias: x [M, K], weight [K, N] ([in, out]).
 
-    One single-threaded BLAS product per thread (the caller sets OpenBLAS to one thread): with
-    many rows each thread takes a block of rows (every thread reads all of the weight, which BLAS
-    packs once per call); with few rows each takes a block of columns, so the weight is read once
-    in all. Blocks of columns start at multiples of 16 (one AVX-512 register of float32).
+    Each thread multiplies its own block of rows with single-threaded BLAS (the caller sets
+    OpenBLAS to one thread). Every thread reads all of the weight, which BLAS packs once per call,
+    so blocks should be large: model.py sends products on fewer than ROWS_PER_THREAD rows per
+    thread to OpenBLAS's own threads instead.
     """
-    M, N = out.shape
-    by_rows = M >= ROWS_PER_THREAD * n_threads
+    M = x.shape[0]
     for part in prange(n_threads):
-        if by_rows:
-            r0, r1 = M * part // n_threads, M * (part + 1) // n_threads
-            matmul(out[r0:r1], x[r0:r1], weight, False, ONE, sgemm, blas_int)
-        else:
-            n0 = N * part // n_threads // 16 * 16
-            n1 = N if part == n_threads - 1 else N * (part + 1) // n_threads // 16 * 16
-            matmul(out[:, n0:n1], x, weight[:, n0:n1], False, ONE, sgemm, blas_int)
+        r0, r1 = M * part // n_threads, M * (part + 1) // n_threads
+        matmul(out[r0:r1], x[r0:r1], weight, False, ONE, sgemm, blas_int)
 
 
-ROWS_PER_THREAD = 256  # linear_forward splits rows from this many per thread, columns below it
+ROWS_PER_THREAD = 256  # model.py splits products from this many rows per thread
 
 
 @parallel_kernel

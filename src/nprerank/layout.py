@@ -10,12 +10,12 @@ budget. Instead it is written once, on the first load, to a file in the nprerank
 ($NPRERANK_CACHE, default ~/.cache/nprerank), and then memory-mapped like the checkpoint: pages
 are read from disk when touched, are shared between processes, and count as file-backed memory.
 The file is a plain safetensors file named by a hash of the checkpoint's path; its metadata
-records the checkpoint's size and modification time, and a checkpoint that no longer matches
-them has its file written again (one file per checkpoint, never a pile of stale ones). Writing it
-takes a second or two.
+records the checkpoint's size, inode, and modification and change times, and a checkpoint that
+no longer matches them has its file written again (one file per checkpoint path: a checkpoint
+updated in place does not leave its old layout behind). Writing it takes a second or two.
 
-Where the cache cannot be written (a read-only home, a full disk) the copies are made in memory
-instead, with a warning. Weights built in memory (no file behind them) are copied too.
+Where the cache cannot be written (a read-only or missing home, a full disk) the copies are made
+in memory instead, with a warning. Weights built in memory (no file behind them) are copied too.
 
 Read next: model.py, which multiplies by these.
 """
@@ -23,6 +23,7 @@ Read next: model.py, which multiplies by these.
 import hashlib
 import json
 import os
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +50,8 @@ class LayerMatrices:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("NPRERANK_CACHE", Path.home() / ".cache" / "nprerank"))
+    """$NPRERANK_CACHE, else ~/.cache/nprerank (RuntimeError when there is no home to find)."""
+    return Path(os.environ.get("NPRERANK_CACHE") or Path.home() / ".cache" / "nprerank")
 
 
 def gemm_weights(weights: Weights) -> list:
@@ -57,35 +59,40 @@ def gemm_weights(weights: Weights) -> list:
     if weights.source is None:
         return [_in_memory(layer) for layer in weights.layers]
     name = hashlib.sha256(str(Path(weights.source).resolve()).encode()).hexdigest()[:16]
-    path = cache_dir() / f"layout-{name}.safetensors"
     stamp = _stamp(weights.source)
-    if _metadata(path) != stamp:
-        try:
-            _write(path, weights.layers, stamp)
-        except OSError as e:
-            warnings.warn(f"nprerank: cannot write the weight layout cache {path} ({e}); keeping the [in, out] "
-                          f"copies in memory instead (about {_bytes(weights.layers) >> 20} MB)", stacklevel=3)
-            return [_in_memory(layer) for layer in weights.layers]
     try:
-        return _read(path, weights.layers)
-    except ModelError:  # damaged after its metadata was written (a full disk): write it again, once
-        _write(path, weights.layers, stamp)
-        return _read(path, weights.layers)
+        path = cache_dir() / f"layout-{name}.safetensors"
+        if _metadata(path) != stamp:
+            _write(path, weights.layers, stamp)
+        try:
+            return _read(path, weights.layers)
+        except ModelError:  # changed under us since its metadata was read: write it once more
+            _write(path, weights.layers, stamp)
+            return _read(path, weights.layers)
+    except (OSError, RuntimeError, ModelError) as e:
+        warnings.warn(f"nprerank: cannot use the weight layout cache ({e}); keeping the [in, out] copies in "
+                      f"memory instead (about {_bytes(weights.layers) >> 20} MB)", stacklevel=3)
+        return [_in_memory(layer) for layer in weights.layers]
 
 
 def _stamp(source: Path) -> dict:
-    """What identifies the checkpoint's contents well enough: safetensors metadata is all strings."""
+    """What tells this checkpoint file from a changed one (safetensors metadata is all strings).
+    The change time cannot be set back by cp -p, rsync -a or tar, unlike the modification time."""
     stat = os.stat(source)
-    return {"layout_version": str(LAYOUT_VERSION), "source_size": str(stat.st_size), "source_mtime_ns": str(stat.st_mtime_ns)}
+    fields = {"size": stat.st_size, "inode": stat.st_ino, "mtime_ns": stat.st_mtime_ns, "ctime_ns": stat.st_ctime_ns}
+    return {"layout_version": str(LAYOUT_VERSION), **{f"source_{key}": str(value) for key, value in fields.items()}}
 
 
 def _metadata(path: Path) -> dict | None:
     """The __metadata__ of the safetensors file at `path`, or None when it is missing or unreadable."""
     try:
         with open(path, "rb") as f:
-            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-        return header.get("__metadata__")
-    except (OSError, ValueError, AttributeError):
+            size = int.from_bytes(f.read(8), "little")
+            if not 0 < size <= os.fstat(f.fileno()).st_size - 8:
+                return None
+            metadata = json.loads(f.read(size)).get("__metadata__")
+        return metadata if isinstance(metadata, dict) else None
+    except Exception:  # any damage at all only means: write it again
         return None
 
 
@@ -109,16 +116,18 @@ def _write(path: Path, layers: list, stamp: dict) -> None:
     text = json.dumps(header).encode()
     text += b" " * (-(8 + len(text)) % 64)  # the data starts 64-byte aligned
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    handle, temporary = tempfile.mkstemp(prefix=f"{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with open(temporary, "wb") as f:
+        with os.fdopen(handle, "wb") as f:
             f.write(len(text).to_bytes(8, "little") + text)
             for layer in layers:
                 for name in MATRICES:  # one matrix at a time: at most 9 MB of extra memory
                     f.write(np.ascontiguousarray(getattr(layer, name).weight.T, dtype=np.float32).data)
+            f.flush()
+            os.fsync(f.fileno())  # the data is on disk before the name points at it
         os.replace(temporary, path)
     finally:
-        temporary.unlink(missing_ok=True)
+        Path(temporary).unlink(missing_ok=True)
 
 
 def _read(path: Path, layers: list) -> list:

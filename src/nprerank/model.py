@@ -33,7 +33,7 @@ import numba
 import numpy as np
 
 from . import kernels
-from .blas import cblas_sgemm, set_blas_threads
+from .blas import cblas_sgemm, get_blas_threads, set_blas_threads
 from .config import ModelConfig
 from .layout import LayerMatrices, gemm_weights
 from .weights import Classifier, Embeddings, Layer, Weights, embedding_rows
@@ -89,21 +89,22 @@ def linear_nobias(out, x, matrix):
     threads = numba.get_num_threads()
     if SGEMM == 0 or len(x) < kernels.ROWS_PER_THREAD * threads:
         return np.matmul(x, matrix, out=out)
-    with single_threaded_blas(threads):
+    with single_threaded_blas():
         kernels.linear_forward(out, x, matrix, threads, SGEMM, BLAS_INT)
     return out
 
 
 @contextmanager
-def single_threaded_blas(threads: int):
-    """OpenBLAS on one thread while Numba's `threads` threads each call it (kernels.matmul);
-    `threads` again after. Two pools on the same cores fight: OpenBLAS's workers spin for ~0.1 s
+def single_threaded_blas():
+    """OpenBLAS on one thread while Numba's threads each call it (kernels.matmul), its previous
+    count again after. Two pools on the same cores fight: OpenBLAS's workers spin for ~0.1 s
     after each product, and a Numba kernel sharing their cores ran 1.5x slower."""
+    previous = get_blas_threads()
     set_blas_threads(1)
     try:
         yield
     finally:
-        set_blas_threads(threads)
+        set_blas_threads(previous)
 
 
 def embeddings(ids, offsets, p: Embeddings, config: ModelConfig):
@@ -126,7 +127,7 @@ def attention(query_rows, x, offsets, query_offsets, p: Layer, m: LayerMatrices,
     linear_nobias(value, x, m.value)  # [N, C]
     context = query  # each (row, head) block of the query is read just before its context replaces it
     threads = numba.get_num_threads()
-    with single_threaded_blas(threads):
+    with single_threaded_blas():
         kernels.attention_forward(context, query, key, value, p.query.bias, p.value.bias, offsets, query_offsets,
                                   config.num_attention_heads, threads, SGEMM, BLAS_INT)
     return context  # [Q, C]
