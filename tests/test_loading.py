@@ -149,7 +149,7 @@ def test_word_embedding_rows_are_read_not_mapped(full_model):
     rows = embedding_rows(weights.embeddings.word, ids)  # [5000, 768]
     grown_mb = (_resident_file_kb() - before) / 1024
     assert grown_mb < 16, f"gathering 5000 rows made {grown_mb:.0f} MB of the file resident"
-    table = read_safetensors(full_model / "model.safetensors")["roberta.embeddings.word_embeddings.weight"][0]
+    table = read_safetensors(full_model / "model.safetensors")[0]["roberta.embeddings.word_embeddings.weight"][0]
     assert rows.dtype == np.float32 and np.array_equal(rows, table[ids])
 
 

@@ -13,8 +13,8 @@ Legend:  N tokens in the packed batch, B sequences, offsets [B+1] row ranges of 
 
 Signatures: output first, then inputs, then sizes. Arrays are float32 and C-contiguous (model.py
 checks that once at its boundary, never inside these loops), except the strided views `matmul`
-takes. An output may be the same array as
-an input where the docstring says so (every element is read before it is written).
+takes. An output may be the same array as an input where the docstring says so (every element
+is read before it is written).
 
 Read next: model.py, which calls these in reference.py's order.
 """
@@ -161,16 +161,13 @@ def linear_forward(out, x, weight, n_threads, sgemm, blas_int):
 
     Each thread multiplies its own block of rows with single-threaded BLAS (the caller sets
     OpenBLAS to one thread). Every thread reads all of the weight, which BLAS packs once per call,
-    so blocks should be large: model.py sends products on fewer than ROWS_PER_THREAD rows per
-    thread to OpenBLAS's own threads instead.
+    so blocks should be large: model.py sends products on fewer rows (model.ROWS_PER_THREAD) to
+    OpenBLAS's own threads instead.
     """
     M = x.shape[0]
     for part in prange(n_threads):
         r0, r1 = M * part // n_threads, M * (part + 1) // n_threads
         matmul(out[r0:r1], x[r0:r1], weight, False, ONE, sgemm, blas_int)
-
-
-ROWS_PER_THREAD = 256  # model.py splits products from this many rows per thread
 
 
 @parallel_kernel

@@ -62,13 +62,11 @@ def gemm_weights(weights: Weights) -> list:
     stamp = _stamp(weights.source)
     try:
         path = cache_dir() / f"layout-{name}.safetensors"
-        if _metadata(path) != stamp:
-            _write(path, weights.layers, stamp)
         try:
-            return _read(path, weights.layers)
-        except ModelError:  # changed under us since its metadata was read: write it once more
+            return _read(path, weights.layers, stamp)
+        except ModelError:  # missing, stale or damaged: write it, once
             _write(path, weights.layers, stamp)
-            return _read(path, weights.layers)
+            return _read(path, weights.layers, stamp)
     except (OSError, RuntimeError, ModelError) as e:
         warnings.warn(f"nprerank: cannot use the weight layout cache ({e}); keeping the [in, out] copies in "
                       f"memory instead (about {_bytes(weights.layers) >> 20} MB)", stacklevel=3)
@@ -81,19 +79,6 @@ def _stamp(source: Path) -> dict:
     stat = os.stat(source)
     fields = {"size": stat.st_size, "inode": stat.st_ino, "mtime_ns": stat.st_mtime_ns, "ctime_ns": stat.st_ctime_ns}
     return {"layout_version": str(LAYOUT_VERSION), **{f"source_{key}": str(value) for key, value in fields.items()}}
-
-
-def _metadata(path: Path) -> dict | None:
-    """The __metadata__ of the safetensors file at `path`, or None when it is missing or unreadable."""
-    try:
-        with open(path, "rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            if not 0 < size <= os.fstat(f.fileno()).st_size - 8:
-                return None
-            metadata = json.loads(f.read(size)).get("__metadata__")
-        return metadata if isinstance(metadata, dict) else None
-    except Exception:  # any damage at all only means: write it again
-        return None
 
 
 def _in_memory(layer: Layer) -> LayerMatrices:
@@ -130,8 +115,12 @@ def _write(path: Path, layers: list, stamp: dict) -> None:
         Path(temporary).unlink(missing_ok=True)
 
 
-def _read(path: Path, layers: list) -> list:
-    tensors = read_safetensors(path)
+def _read(path: Path, layers: list, stamp: dict) -> list:
+    """The matrices in the file at `path`; ModelError unless it exists, is whole and was written
+    for the checkpoint `stamp` describes."""
+    tensors, metadata = read_safetensors(path)
+    if metadata != stamp:
+        raise ModelError(f"{path}: written for another checkpoint or layout version")
     matrices = []
     for n, layer in enumerate(layers):
         arrays = []

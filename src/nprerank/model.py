@@ -39,6 +39,7 @@ from .layout import LayerMatrices, gemm_weights
 from .weights import Classifier, Embeddings, Layer, Weights, embedding_rows
 
 FFN_ROWS = 1024  # rows of the [rows, F] feed-forward activation made at once: 12 MB, BLAS-sized
+ROWS_PER_THREAD = 256  # products on at least this many rows per thread are split over Numba's threads
 SGEMM, _BITS = cblas_sgemm()  # for products made on Numba's threads (kernels.matmul); 0: NumPy and plain loops
 BLAS_INT = np.int64(0) if _BITS == 64 else np.int32(0)  # tells the kernel the width of BLAS's integers
 
@@ -87,7 +88,7 @@ def linear_nobias(out, x, matrix):
     spin between calls and so start at once, where waking Numba's costs ~100 us per product.
     """
     threads = numba.get_num_threads()
-    if SGEMM == 0 or len(x) < kernels.ROWS_PER_THREAD * threads:
+    if SGEMM == 0 or len(x) < ROWS_PER_THREAD * threads:
         return np.matmul(x, matrix, out=out)
     with single_threaded_blas():
         kernels.linear_forward(out, x, matrix, threads, SGEMM, BLAS_INT)

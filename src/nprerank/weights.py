@@ -142,7 +142,7 @@ _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
 def load_weights(path, config: ModelConfig) -> Weights:
     """Map model.safetensors at `path` and return its tensors as `Weights`, checked against `config`."""
     path = Path(path)
-    tensors = read_safetensors(path)
+    tensors, _ = read_safetensors(path)
     for old, new in _OLD_NAMES.items():
         tensors = {(k[: -len(old)] + new if k.endswith(old) else k): v for k, v in tensors.items()}
     table = _table(config)
@@ -211,8 +211,9 @@ def _as_float32(array: np.ndarray, dtype: str) -> np.ndarray:
     return array.astype(np.float32)
 
 
-def read_safetensors(path: Path) -> dict:
-    """Name -> (read-only array over a memory map, safetensors dtype, byte offset in the file).
+def read_safetensors(path: Path) -> tuple:
+    """(tensors, metadata): name -> (read-only array over a memory map, safetensors dtype, byte
+    offset in the file), and the header's string-to-string __metadata__ ({} when absent).
 
     Validates the header against the file's size before anything is read.
     """
@@ -236,7 +237,9 @@ def read_safetensors(path: Path) -> dict:
         raise ModelError(f"{path}: header is not valid JSON ({e}); the file is corrupt") from None
     if not isinstance(header, dict):
         raise ModelError(f"{path}: header is not a JSON object; the file is corrupt")
-    header.pop("__metadata__", None)
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise ModelError(f"{path}: header's __metadata__ is not a JSON object; the file is corrupt")
 
     data_start = 8 + header_size
     tensors = {}
@@ -256,7 +259,7 @@ def read_safetensors(path: Path) -> dict:
         if not array.flags.aligned:
             array = array.copy()  # BLAS and Numba want aligned data; current writers align, old ones may not
         tensors[name] = (array, dtype, data_start + begin)
-    return tensors
+    return tensors, metadata
 
 
 def _shortlist(names: list) -> str:
