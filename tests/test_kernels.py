@@ -22,6 +22,7 @@ import pytest
 
 from nprerank import kernels, reference
 from nprerank.config import ModelConfig
+from nprerank.layout import _pack
 from nprerank.blas import blas_function, set_blas_threads
 from nprerank.model import FastModel, pack, set_threads
 from nprerank.synthetic import make_model
@@ -75,30 +76,11 @@ def test_exp32_matches_numpy():
     assert_close("exp32", got, want, atol=0.0, rtol=2e-7)
 
 
-def test_gelu_forward_matches_reference():
-    rng = np.random.default_rng(1)
-    x = random(rng, 7, 13, scale=4.0)
-    x[0, :5] = [0.0, -0.0, 1e-7, -12.0, 12.0]
-    bias = random(rng, 13)
-    out = np.empty_like(x)
-    kernels.gelu_forward(out, x, bias)
-    want = reference.gelu(x + bias)
-    assert_close("gelu_forward", out, want, atol=1e-6, rtol=1e-6)
-    kernels.gelu_forward(x, x, bias)  # in place, as model.py calls it
-    assert_close("gelu_forward in place", x, want, atol=1e-6, rtol=1e-6)
-
-
-def test_residual_layer_norm_forward_matches_reference():
-    rng = np.random.default_rng(2)
-    N, C = 9, 30
-    x, residual, bias = random(rng, N, C, scale=3.0), random(rng, N, C), random(rng, C)
-    norm = norm_params(rng, C)
-    want = reference.layer_norm(x + bias + residual, norm, 1e-5)
-    out = np.empty_like(x)
-    kernels.residual_layer_norm_forward(out, x, bias, residual, norm.weight, norm.bias, np.float32(1e-5))
-    assert_close("residual_layer_norm_forward", out, want, atol=2e-5)
-    kernels.residual_layer_norm_forward(residual, x, bias, residual, norm.weight, norm.bias, np.float32(1e-5))
-    assert_close("residual_layer_norm_forward into residual", residual, want, atol=2e-5)
+def test_gelu32_matches_reference():
+    x = np.concatenate([np.linspace(-12, 12, 4001), [0.0, -0.0, 1e-7, -1e-7, -30.0, 30.0]]).astype(np.float32)
+    got = np.array([kernels.gelu32(v) for v in x[:: 1 if JIT else 20]])
+    want = reference.gelu(x[:: 1 if JIT else 20].astype(np.float64))
+    assert_close("gelu32", got, want, atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("table_dtype", ["float32", "float16", "bfloat16"])
@@ -122,70 +104,70 @@ def test_embeddings_forward_matches_reference(table_dtype):
     assert_close(f"embeddings_forward ({table_dtype} table)", got, packed_from_padded(want, LENGTHS), atol=2e-5)
 
 
-def sgemm_for(products):
-    """cblas_sgemm's address for the "blas" cases (skipped without an OpenBLAS), 0 for "loops"."""
-    from nprerank.model import SGEMM
-
-    if products == "blas" and SGEMM == 0:
-        pytest.skip("no cblas_sgemm found in the OpenBLAS NumPy loaded")
-    return SGEMM if products == "blas" else 0
-
-
-@pytest.fixture
-def one_blas_thread():
-    """OpenBLAS on one thread, as model.single_threaded_blas sets it around these kernels."""
-    from nprerank.model import single_threaded_blas
-
-    with single_threaded_blas():
-        yield
-
-
-@pytest.mark.parametrize("products", ["blas", "loops"])
-@pytest.mark.parametrize("M,K,N", [(7, 30, 50), (600, 48, 33), (2, 5, 1)])  # fewer rows than threads too
-def test_linear_forward_matches_numpy(M, K, N, products, one_blas_thread):
-    """x @ W split by rows over threads, by BLAS or by loops."""
-    from nprerank.model import BLAS_INT
-
+# M: fewer rows than threads, a ragged last tile, more than PANEL_ROWS; K: more than DEPTH (sums of
+# slices); N: not a multiple of PANEL (zero columns in the last panel)
+@pytest.mark.parametrize("M,K,N", [(2, 5, 1), (7, 30, 50), (kernels.PANEL_ROWS + 17, 600, 33)])
+def test_linear_forward_matches_numpy(M, K, N):
+    """x @ W + b on layout.py's panels, split over 1-3 threads, from a strided view into columns 5... of out."""
     rng = np.random.default_rng(6)
-    x, matrix = random(rng, M, K), random(rng, K, N)
-    want = x.astype(np.float64) @ matrix.astype(np.float64)
+    linear = linear_params(rng, N, K)
+    panels, bias = _pack([linear])
+    x = random(rng, M, K + 3)[:, 1 : K + 1]  # rows 4 * (K + 3) bytes apart
+    want = x.astype(np.float64) @ linear.weight.T.astype(np.float64) + linear.bias
     for threads in (1, 2, 3):
-        out = np.full((M, N), np.nan, dtype=np.float32)
-        kernels.linear_forward(out, x, matrix, threads, sgemm_for(products), BLAS_INT)
-        assert_close(f"linear_forward {M}x{K}x{N} {threads} threads", out, want, atol=1e-5, rtol=1e-5)
+        out = np.full((M, 5 + len(bias) + 8), np.nan, dtype=np.float32)
+        kernels.linear_forward(out, 5, x, panels, bias, threads)
+        assert_close(f"linear_forward {M}x{K}x{N} {threads} threads", out[:, 5 : 5 + N], want, atol=2e-5, rtol=1e-5)
+        assert (out[:, 5 + N : 5 + len(bias)] == 0).all(), "the padding columns should come out zero"
+        assert np.isnan(out[:, :5]).all() and np.isnan(out[:, 5 + len(bias) :]).all(), "wrote outside its columns"
 
 
-@pytest.mark.parametrize("products", ["blas", "loops"])
-@pytest.mark.parametrize("C,H", [(30, 5), (64, 4)])  # head size 6 (odd, not a multiple of 4) and 16
-def test_attention_forward_matches_reference(C, H, products, one_blas_thread):
-    """Both ways of multiplying inside attention: OpenBLAS's sgemm, or plain loops where none is found.
-    The layer's key bias is random: the kernel leaves it out (softmax ignores a shift per row)."""
-    from nprerank.model import BLAS_INT
+def test_output_feed_forward_matches_reference():
+    """Everything after attention in reference.encoder_layer, with rows split over 1-3 threads."""
+    rng = np.random.default_rng(7)
+    C, F, M = 40, 3 * kernels.PANEL + 5, kernels.BLOCK_TILES * kernels.TILE_ROWS + 9  # two blocks of rows
+    layer = Layer(*(linear_params(rng, C, C) for _ in range(4)), norm_params(rng, C),
+                  linear_params(rng, F, C), linear_params(rng, C, F), norm_params(rng, C))
+    hidden, context = random(rng, M, C), random(rng, M, C)
+    eps = 1e-5
+    h = reference.layer_norm(hidden + reference.linear(context, layer.attention_output), layer.attention_norm, eps)
+    want = reference.layer_norm(h + reference.feed_forward(h, layer), layer.output_norm, eps)
+    packed = {name: _pack([getattr(layer, name)]) for name in ("attention_output", "intermediate", "output")}
+    for threads in (1, 2, 3):
+        got = hidden.copy()
+        kernels.output_feed_forward(got, context, *packed["attention_output"], layer.attention_norm.weight,
+                                    layer.attention_norm.bias, *packed["intermediate"], *packed["output"],
+                                    layer.output_norm.weight, layer.output_norm.bias, np.float32(eps), threads)
+        assert_close(f"output_feed_forward {threads} threads", got, want, atol=3e-5)
 
-    sgemm = sgemm_for(products)
+
+@pytest.mark.parametrize("C,H", [(30, 5), (64, 4), (4 * 80, 4)])  # head size 6, 16 and 80 (> PANEL)
+def test_attention_forward_matches_reference(C, H):
+    """Query, key and value side by side in one [N, 3C] array, as model.py passes them. One
+    sequence is longer than DEPTH, so its probabilities times v is summed in slices."""
+    lengths = LENGTHS + [kernels.DEPTH + 44]
     rng = np.random.default_rng(4)
     layer = Layer(*(linear_params(rng, C, C) for _ in range(4)), norm_params(rng, C),
                   linear_params(rng, 2 * C, C), linear_params(rng, C, 2 * C), norm_params(rng, C))
     config = ModelConfig(hidden_size=C, num_attention_heads=H)
-    B, T = len(LENGTHS), max(LENGTHS)
+    B, T = len(lengths), max(lengths)
     padded = random(rng, B, T, C)
-    padding = np.arange(T)[None, :] >= np.array(LENGTHS)[:, None]  # [B, T]
-    want = packed_from_padded(reference.attention(padded, padding, layer, config), LENGTHS)  # [N, C]
+    padding = np.arange(T)[None, :] >= np.array(lengths)[:, None]  # [B, T]
+    want = packed_from_padded(reference.attention(padded, padding, layer, config), lengths)  # [N, C]
 
-    x = packed_from_padded(padded, LENGTHS)  # [N, C]
-    offsets = offsets_of(LENGTHS)
-    query, key, value = (np.ascontiguousarray(x @ p.weight.T) for p in (layer.query, layer.key, layer.value))
-    context = np.empty_like(query)
-    kernels.attention_forward(context, query, key, value, layer.query.bias, layer.value.bias,
-                              offsets, offsets, H, 2, sgemm, BLAS_INT)
+    x = packed_from_padded(padded, lengths)  # [N, C]
+    offsets = offsets_of(lengths)
+    qkv = np.concatenate([reference.linear(x, p) for p in (layer.query, layer.key, layer.value)], axis=1)
+    context = np.empty((len(x), C), dtype=np.float32)
+    kernels.attention_forward(context, qkv, qkv, C, offsets, offsets, H, 2)
     got = reference.linear(context, layer.attention_output)
     assert_close(f"attention_forward C={C} H={H}", got, want, atol=2e-5)
 
-    # only each sequence's first token asks (the last layer), written over its query rows
-    first = np.ascontiguousarray(query[offsets[:-1]])
-    kernels.attention_forward(first, first, key, value, layer.query.bias, layer.value.bias,
-                              offsets, np.arange(B + 1), H, 3, sgemm, BLAS_INT)
-    got_first = reference.linear(first, layer.attention_output)
+    # only each sequence's first token asks (the last layer)
+    first = np.ascontiguousarray(qkv[offsets[:-1], :C])
+    context = np.empty((B, C), dtype=np.float32)
+    kernels.attention_forward(context, first, qkv, C, offsets, np.arange(B + 1), H, 3)
+    got_first = reference.linear(context, layer.attention_output)
     assert_close(f"attention_forward first tokens C={C} H={H}", got_first, want[offsets[:-1]], atol=2e-5)
 
 
@@ -250,38 +232,6 @@ def test_fast_model_rejects_bad_sequences(tiny_model):
     for message, sequences in cases.items():
         with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
             model(sequences)
-
-
-def test_fast_model_without_openblas(tiny_model, monkeypatch):
-    """Where NumPy's BLAS is not an OpenBLAS we can call, products go through NumPy and attention's
-    through plain loops: same logits."""
-    import nprerank.model
-
-    monkeypatch.setattr(nprerank.model, "SGEMM", 0)
-    check_model("no OpenBLAS", tiny_model, [1, 30, 4, 90, 2, 17])
-
-
-def test_blas_threads_after_a_forward_pass(tiny_model):
-    """OpenBLAS runs single-threaded while Numba's threads call it, then gets its previous count
-    back (the caller's own NumPy products keep theirs), whether the pass ends well or not."""
-    getter = blas_function("get_num_threads")
-    if getter is None:
-        pytest.skip("NumPy does not use OpenBLAS here")
-    weights, config = load(tiny_model)
-    model = FastModel(weights, config)  # no threads=: OpenBLAS's count is the caller's
-    previous = getter()
-    try:
-        set_blas_threads(1)
-        model([[0] + [5] * 100 + [2]] * 6)  # enough rows for linear_forward to split them
-        assert getter() == 1
-        set_blas_threads(2)
-        model([[0] + [5] * 100 + [2]] * 6)
-        assert getter() == min(2, os.cpu_count() or 1)
-        with pytest.raises(ValueError):
-            model([[0, config.vocab_size]])
-        assert getter() == min(2, os.cpu_count() or 1)
-    finally:
-        set_blas_threads(previous)
 
 
 def test_thread_control(monkeypatch):

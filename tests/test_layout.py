@@ -1,4 +1,4 @@
-"""layout.py: the [in, out] weight copies, written once to the cache and memory-mapped after."""
+"""layout.py: the packed weight panels, written once to the cache and memory-mapped after."""
 
 import shutil
 import warnings
@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from nprerank.config import ModelConfig
-from nprerank.layout import MATRICES, gemm_weights
+from nprerank.kernels import PANEL
+from nprerank.layout import PRODUCTS, gemm_weights
 from nprerank.weights import load_weights
 
 
@@ -16,12 +17,30 @@ def load(folder):
     return load_weights(folder / "model.safetensors", config)
 
 
-def assert_transposed(matrices, weights):
+def unpack(panels, bias):
+    """panels [P, in, PANEL] and bias [P * PANEL] -> the weight [P * PANEL, in] and bias they hold."""
+    count, inp, width = panels.shape
+    assert width == PANEL and bias.shape == (count * PANEL,)
+    return panels.transpose(0, 2, 1).reshape(count * PANEL, inp), bias
+
+
+def assert_packed(matrices, weights):
+    """Each layer's panels hold its weights and biases, each Linear padded with zeros to whole panels."""
     for layer, layer_matrices in zip(weights.layers, matrices, strict=True):
-        for name in MATRICES:
-            array = getattr(layer_matrices, name)
-            assert array.dtype == np.float32 and array.flags.c_contiguous
-            np.testing.assert_array_equal(array, getattr(layer, name).weight.T)
+        for name, fields in PRODUCTS.items():
+            panels, bias = getattr(layer_matrices, name), getattr(layer_matrices, f"{name}_bias")
+            assert panels.dtype == bias.dtype == np.float32 and panels.flags.c_contiguous
+            weight, bias = unpack(panels, bias)
+            start = 0
+            for field in fields:
+                linear = getattr(layer, field)
+                out = linear.weight.shape[0]
+                np.testing.assert_array_equal(weight[start : start + out], linear.weight)
+                np.testing.assert_array_equal(bias[start : start + out], linear.bias)
+                padded = -(-out // PANEL) * PANEL
+                assert not weight[start + out : start + padded].any() and not bias[start + out : start + padded].any()
+                start += padded
+            assert start == len(weight)
 
 
 def test_written_once_then_mapped(tiny_model, tmp_path, monkeypatch):
@@ -31,10 +50,10 @@ def test_written_once_then_mapped(tiny_model, tmp_path, monkeypatch):
     files = list(tmp_path.glob("layout-*.safetensors"))
     assert len(files) == 1, files
     assert not list(tmp_path.glob("*.tmp")), "the temporary file was left behind"
-    assert_transposed(matrices, weights)
-    assert not matrices[0].query.flags.writeable, "expected a read-only view of the memory-mapped file"
+    assert_packed(matrices, weights)
+    assert not matrices[0].qkv.flags.writeable, "expected a read-only view of the memory-mapped file"
     written = files[0].stat().st_mtime_ns
-    assert_transposed(gemm_weights(load(tiny_model)), weights)
+    assert_packed(gemm_weights(load(tiny_model)), weights)
     assert files[0].stat().st_mtime_ns == written, "a second load wrote the file again"
 
 
@@ -50,8 +69,8 @@ def test_changed_checkpoint_gets_a_new_layout(tiny_model, tmp_path, monkeypatch)
     (folder / "model.safetensors").write_bytes(bytes(data))
     changed = load(folder)
     matrices = gemm_weights(changed)
-    assert matrices[0].query[0, 0] == 123.0
-    assert_transposed(matrices, changed)
+    assert matrices[0].qkv[0, 0, 0] == 123.0  # query's [out 0, in 0]
+    assert_packed(matrices, changed)
     assert len(list((tmp_path / "cache").glob("layout-*.safetensors"))) == 1, "the stale layout was kept"
 
 
@@ -61,7 +80,7 @@ def test_damaged_layout_is_written_again(tiny_model, tmp_path, monkeypatch):
     gemm_weights(weights)
     (path,) = tmp_path.glob("layout-*.safetensors")
     path.write_bytes(path.read_bytes()[:1000])  # truncated
-    assert_transposed(gemm_weights(weights), weights)
+    assert_packed(gemm_weights(weights), weights)
 
 
 def test_unwritable_cache_keeps_copies_in_memory(tiny_model, tmp_path, monkeypatch):
@@ -71,7 +90,7 @@ def test_unwritable_cache_keeps_copies_in_memory(tiny_model, tmp_path, monkeypat
     weights = load(tiny_model)
     with pytest.warns(UserWarning, match="cannot use the weight layout cache"):
         matrices = gemm_weights(weights)
-    assert_transposed(matrices, weights)
+    assert_packed(matrices, weights)
 
 
 def test_weights_without_a_file_are_copied_in_memory(tiny_model, tmp_path, monkeypatch):
@@ -81,7 +100,7 @@ def test_weights_without_a_file_are_copied_in_memory(tiny_model, tmp_path, monke
     weights = dataclasses.replace(load(tiny_model), source=None)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert_transposed(gemm_weights(weights), weights)
+        assert_packed(gemm_weights(weights), weights)
     assert not list(tmp_path.iterdir())
 
 
@@ -92,7 +111,7 @@ def test_garbage_layout_file_is_replaced(tiny_model, tmp_path, monkeypatch):
     gemm_weights(weights)
     (path,) = tmp_path.glob("layout-*.safetensors")
     path.write_bytes(b"\xff" * 64)
-    assert_transposed(gemm_weights(weights), weights)
+    assert_packed(gemm_weights(weights), weights)
 
 
 def test_checkpoint_copied_over_with_its_times_gets_a_new_layout(tiny_model, tmp_path, monkeypatch):
@@ -112,7 +131,7 @@ def test_checkpoint_copied_over_with_its_times_gets_a_new_layout(tiny_model, tmp
     replacement.write_bytes(bytes(data))
     os.utime(replacement, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same size, same mtime
     os.replace(replacement, target)
-    assert gemm_weights(load(folder))[0].query[0, 0] == 7.0
+    assert gemm_weights(load(folder))[0].qkv[0, 0, 0] == 7.0
 
 
 def test_no_home_and_no_cache_setting_keeps_copies_in_memory(tiny_model, monkeypatch):
@@ -120,4 +139,4 @@ def test_no_home_and_no_cache_setting_keeps_copies_in_memory(tiny_model, monkeyp
     monkeypatch.setattr("pathlib.Path.home", lambda: (_ for _ in ()).throw(RuntimeError("no home directory")))
     weights = load(tiny_model)
     with pytest.warns(UserWarning, match="no home directory"):
-        assert_transposed(gemm_weights(weights), weights)
+        assert_packed(gemm_weights(weights), weights)

@@ -1,15 +1,12 @@
-"""Finding the OpenBLAS that NumPy loaded: its thread count, its kernel name, and its sgemm.
+"""Finding the OpenBLAS that NumPy loaded: its thread count and its kernel name.
 
-The fast path's matrix products run on OpenBLAS: through NumPy on few rows, where OpenBLAS
-starts its own threads, and as cblas_sgemm called from inside Numba kernels
-(kernels.linear_forward, kernels.attention_forward), which need its address and its integer
-width. The fast path's `threads=` must bound OpenBLAS's threads too (model.set_threads), and the
-benchmark reports which CPU kernel OpenBLAS chose. NumPy offers none of
-this, so we look the functions up through ctypes, in the copy of the library mapped into this
-process. Without one (another BLAS, or not Linux) nothing is set, BLAS keeps its defaults and
-attention multiplies with plain loops.
+The reference path's products run on NumPy, and so on its OpenBLAS (the fast path multiplies
+with its own kernel, kernels._tile). `threads=` must bound OpenBLAS's threads as well as Numba's
+(model.set_threads), and the benchmark reports which CPU kernel OpenBLAS chose. NumPy offers
+neither, so we look the functions up through ctypes, in the copy of the library mapped into this
+process. Without one (another BLAS, or not Linux) nothing is set and BLAS keeps its defaults.
 
-Read next: model.py (set_threads), kernels.py (sgemm).
+Read next: model.py (set_threads).
 """
 
 import ctypes
@@ -47,40 +44,12 @@ def blas_function(name: str):
     return None
 
 
-def cblas_sgemm() -> tuple:
-    """(address of OpenBLAS's cblas_sgemm, its integer width in bits), or (0, 0) when not found.
-
-    NumPy's wheels bundle an ILP64 OpenBLAS (64-bit integers); other builds may take 32-bit ones.
-    The width comes from the build's own configuration string (USE64BITINT), or else from the
-    name (ILP64 builds of NumPy's wheels end their names in 64_). The caller must pass integers
-    of that width: a wrong one corrupts memory.
-    """
-    library = _library()
-    for name in ("scipy_cblas_sgemm64_", "cblas_sgemm64_", "scipy_cblas_sgemm", "cblas_sgemm") if library else ():
-        function = getattr(library, name, None)
-        if function is not None:
-            config = blas_function("get_config")
-            if config is not None:
-                config.restype = ctypes.c_char_p
-                bits = 64 if b"USE64BITINT" in (config() or b"") else 32
-            else:
-                bits = 64 if name.endswith("64_") else 32
-            return ctypes.cast(function, ctypes.c_void_p).value, bits
-    return 0, 0
-
-
 def set_blas_threads(threads: int | None) -> bool:
     """Set the thread count of the OpenBLAS that NumPy loaded; False when none could be found."""
     setter = blas_function("set_num_threads")
     if setter is not None and threads is not None:
         setter(ctypes.c_int(threads))
     return setter is not None
-
-
-def get_blas_threads() -> int | None:
-    """The thread count of the OpenBLAS that NumPy loaded, or None when none could be found."""
-    getter = blas_function("get_num_threads")
-    return getter() if getter is not None else None
 
 
 def _loaded_blas_libraries() -> list:

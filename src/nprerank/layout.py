@@ -1,23 +1,28 @@
-"""The fast path's weight matrices in the layout its GEMMs want: [in, out], cached on disk.
+"""The fast path's weights in the layout its matrix product wants: packed panels, cached on disk.
 
-torch.nn.Linear stores a weight [out, in], and y = x @ W.T. BLAS can multiply by the transposed
-view directly, but OpenBLAS is faster when the weight lies [in, out] (row-major, "NN"): at one
-128-token pair, 173 against 154 GFLOP/s on 2 threads over all 12 layers (docs/performance.md).
-So the fast path uses [in, out] copies of the six matrices of every layer.
+torch.nn.Linear stores a weight W [out, in], and y = x @ W.T + b. kernels.linear_forward makes
+y PANEL columns at a time (PANEL = 32 with AVX-512): for each k it reads the PANEL weights
+W[j, k] of those columns at once, as two vectors. So W is stored as panels [P, in, PANEL]: panel
+p holds columns p * PANEL ... of W.T, row k of it being exactly what step k reads, and a whole
+panel lies in one contiguous block that streams from memory in order. BLAS makes the same copy
+(it "packs" W) inside every call; we make it once. The query, key and value weights go side by
+side into one [C, 3C] product, and each Linear is padded with zero columns to whole panels (the
+bias too), so the kernels never meet a partial panel.
 
 A copy in memory would cost 340 MB of private memory for bge-reranker-base, above our 200 MB
 budget. Instead it is written once, on the first load, to a file in the nprerank cache
 ($NPRERANK_CACHE, default ~/.cache/nprerank), and then memory-mapped like the checkpoint: pages
 are read from disk when touched, are shared between processes, and count as file-backed memory.
 The file is a plain safetensors file named by a hash of the checkpoint's path; its metadata
-records the checkpoint's size, inode, and modification and change times, and a checkpoint that
-no longer matches them has its file written again (one file per checkpoint path: a checkpoint
-updated in place does not leave its old layout behind). Writing it takes a second or two.
+records the layout's version and PANEL, and the checkpoint's size, inode, and modification and
+change times, and a checkpoint that no longer matches them has its file written again (one file
+per checkpoint path: a checkpoint updated in place does not leave its old layout behind).
+Writing it takes a second or two.
 
 Where the cache cannot be written (a read-only or missing home, a full disk) the copies are made
 in memory instead, with a warning. Weights built in memory (no file behind them) are copied too.
 
-Read next: model.py, which multiplies by these.
+Read next: kernels.py (linear_forward, _tile), model.py, which multiplies by these.
 """
 
 import hashlib
@@ -31,22 +36,27 @@ from pathlib import Path
 import numpy as np
 
 from .config import ModelError
+from .kernels import PANEL
 from .weights import Layer, Weights, read_safetensors
 
-LAYOUT_VERSION = 1  # bump when the file's contents change meaning
-MATRICES = ("query", "key", "value", "attention_output", "intermediate", "output")  # Layer's Linear fields
+LAYOUT_VERSION = 2  # bump when the file's contents change meaning
+PRODUCTS = {"qkv": ("query", "key", "value"), "attention_output": ("attention_output",),
+            "intermediate": ("intermediate",), "output": ("output",)}  # packed name -> Layer's Linear fields
 
 
 @dataclass(frozen=True)
 class LayerMatrices:
-    """One encoder layer's weight matrices, each [in, out] float32 C-contiguous: y = x @ matrix."""
+    """One encoder layer's four products, packed for kernels.linear_forward: panels [P, in, PANEL]
+    float32 C-contiguous (out rounded up to P * PANEL with zero columns), and the bias [P * PANEL]."""
 
-    query: np.ndarray  # [C, C]
-    key: np.ndarray  # [C, C]
-    value: np.ndarray  # [C, C]
-    attention_output: np.ndarray  # [C, C]
-    intermediate: np.ndarray  # [C, F]
-    output: np.ndarray  # [F, C]
+    qkv: np.ndarray  # [3 Pc, C, PANEL]: the query, key and value panels, in that order (Pc = C / PANEL)
+    qkv_bias: np.ndarray  # [3 Pc PANEL]
+    attention_output: np.ndarray  # [Pc, C, PANEL]
+    attention_output_bias: np.ndarray
+    intermediate: np.ndarray  # [Pf, C, PANEL]
+    intermediate_bias: np.ndarray
+    output: np.ndarray  # [Pc, F, PANEL]
+    output_bias: np.ndarray
 
 
 def cache_dir() -> Path:
@@ -68,7 +78,7 @@ def gemm_weights(weights: Weights) -> list:
             _write(path, weights.layers, stamp)
             return _read(path, weights.layers, stamp)
     except (OSError, RuntimeError, ModelError) as e:
-        warnings.warn(f"nprerank: cannot use the weight layout cache ({e}); keeping the [in, out] copies in "
+        warnings.warn(f"nprerank: cannot use the weight layout cache ({e}); keeping the packed copies in "
                       f"memory instead (about {_bytes(weights.layers) >> 20} MB)", stacklevel=3)
         return [_in_memory(layer) for layer in weights.layers]
 
@@ -78,26 +88,57 @@ def _stamp(source: Path) -> dict:
     The change time cannot be set back by cp -p, rsync -a or tar, unlike the modification time."""
     stat = os.stat(source)
     fields = {"size": stat.st_size, "inode": stat.st_ino, "mtime_ns": stat.st_mtime_ns, "ctime_ns": stat.st_ctime_ns}
-    return {"layout_version": str(LAYOUT_VERSION), **{f"source_{key}": str(value) for key, value in fields.items()}}
+    return {"layout_version": str(LAYOUT_VERSION), "panel": str(PANEL), **{f"source_{key}": str(value) for key, value in fields.items()}}
+
+
+def _pack(linears: list) -> tuple:
+    """Linear layers [out, in] side by side -> (panels [P, in, PANEL], bias [P * PANEL]): panel p
+    holds output columns p * PANEL ... as [in, PANEL] rows, each layer padded with zero columns
+    to whole panels (so kernels.linear_forward never meets a partial one)."""
+    panels, biases = [], []
+    for linear in linears:
+        out, inp = linear.weight.shape
+        count = -(-out // PANEL)
+        weight = np.zeros((count * PANEL, inp), dtype=np.float32)
+        weight[:out] = linear.weight
+        panels.append(weight.reshape(count, PANEL, inp).transpose(0, 2, 1))  # [count, in, PANEL]
+        biases.append(np.pad(np.asarray(linear.bias, dtype=np.float32), (0, count * PANEL - out)))
+    return np.ascontiguousarray(np.concatenate(panels)), np.concatenate(biases)
+
+
+def _packed(layer: Layer):
+    """(name, array) for every array of the layer's LayerMatrices, made one product at a time."""
+    for name, fields in PRODUCTS.items():
+        panels, bias = _pack([getattr(layer, field) for field in fields])
+        yield name, panels
+        yield f"{name}_bias", bias
+
+
+def _shapes(layer: Layer):
+    """(name, shape) of what _packed(layer) makes, without making it."""
+    for name, fields in PRODUCTS.items():
+        count = sum(-(-getattr(layer, field).weight.shape[0] // PANEL) for field in fields)
+        yield name, [count, getattr(layer, fields[0]).weight.shape[1], PANEL]
+        yield f"{name}_bias", [count * PANEL]
 
 
 def _in_memory(layer: Layer) -> LayerMatrices:
-    return LayerMatrices(*(np.ascontiguousarray(getattr(layer, name).weight.T) for name in MATRICES))
+    return LayerMatrices(**dict(_packed(layer)))
 
 
 def _bytes(layers: list) -> int:
-    return sum(getattr(layer, name).weight.nbytes for layer in layers for name in MATRICES)
+    return sum(4 * int(np.prod(shape)) for layer in layers for _, shape in _shapes(layer))
 
 
 def _write(path: Path, layers: list, stamp: dict) -> None:
-    """Write every layer's matrices transposed to `path` as safetensors: to a temporary file first,
-    then renamed into place, so a reader never sees half a file."""
+    """Write every layer's packed arrays to `path` as safetensors: to a temporary file first, then
+    renamed into place, so a reader never sees half a file."""
     header, offset = {"__metadata__": stamp}, 0
     for n, layer in enumerate(layers):
-        for name in MATRICES:
-            out, inp = getattr(layer, name).weight.shape
-            header[f"layers.{n}.{name}"] = {"dtype": "F32", "shape": [inp, out], "data_offsets": [offset, offset + 4 * out * inp]}
-            offset += 4 * out * inp
+        for name, shape in _shapes(layer):
+            size = 4 * int(np.prod(shape))
+            header[f"layers.{n}.{name}"] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + size]}
+            offset += size
     text = json.dumps(header).encode()
     text += b" " * (-(8 + len(text)) % 64)  # the data starts 64-byte aligned
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -106,8 +147,8 @@ def _write(path: Path, layers: list, stamp: dict) -> None:
         with os.fdopen(handle, "wb") as f:
             f.write(len(text).to_bytes(8, "little") + text)
             for layer in layers:
-                for name in MATRICES:  # one matrix at a time: at most 9 MB of extra memory
-                    f.write(np.ascontiguousarray(getattr(layer, name).weight.T, dtype=np.float32).data)
+                for _, array in _packed(layer):  # one product at a time: at most ~30 MB of extra memory
+                    f.write(array.data)
             f.flush()
             os.fsync(f.fileno())  # the data is on disk before the name points at it
         os.replace(temporary, path)
@@ -116,19 +157,18 @@ def _write(path: Path, layers: list, stamp: dict) -> None:
 
 
 def _read(path: Path, layers: list, stamp: dict) -> list:
-    """The matrices in the file at `path`; ModelError unless it exists, is whole and was written
-    for the checkpoint `stamp` describes."""
+    """The packed arrays in the file at `path`; ModelError unless it exists, is whole and was
+    written for the checkpoint `stamp` describes."""
     tensors, metadata = read_safetensors(path)
     if metadata != stamp:
         raise ModelError(f"{path}: written for another checkpoint or layout version")
     matrices = []
     for n, layer in enumerate(layers):
-        arrays = []
-        for name in MATRICES:
-            want = getattr(layer, name).weight.shape[::-1]
+        arrays = {}
+        for name, shape in _shapes(layer):
             array, dtype, _ = tensors.get(f"layers.{n}.{name}", (None, None, None))
-            if array is None or dtype != "F32" or array.shape != want:
-                raise ModelError(f"{path}: layers.{n}.{name} is missing or not F32 {list(want)}")
-            arrays.append(array)
-        matrices.append(LayerMatrices(*arrays))
+            if array is None or dtype != "F32" or list(array.shape) != shape:
+                raise ModelError(f"{path}: layers.{n}.{name} is missing or not F32 {shape}")
+            arrays[name] = array
+        matrices.append(LayerMatrices(**arrays))
     return matrices
