@@ -381,7 +381,10 @@ def attention_forward(context, queries, qkv, width, offsets, query_offsets, H, n
             for t in range(T):
                 for d in range(D):
                     keys[t // PANEL, d, t % PANEL] = key[start + t, h * D + d]
-                    values[d // PANEL, t, d % PANEL] = value[start + t, h * D + d]
+            for q in range(head_width // PANEL):
+                for t in range(T):
+                    for j in range(min(PANEL, D - q * PANEL)):
+                        values[q, t, j] = value[start + t, h * D + q * PANEL + j]
             scores = np.empty((count, span), dtype=np.float32)
             _panels_product(scores, query[first : first + count, h * D : h * D + D], keys, zeros, 0, span // PANEL)
             totals = np.empty(count, dtype=np.float32)
