@@ -140,3 +140,31 @@ def test_no_home_and_no_cache_setting_keeps_copies_in_memory(tiny_model, monkeyp
     weights = load(tiny_model)
     with pytest.warns(UserWarning, match="no home directory"):
         assert_packed(gemm_weights(weights), weights)
+
+
+def test_layouts_of_deleted_checkpoints_are_pruned(tiny_model, tmp_path, monkeypatch):
+    """Writing a layout deletes those of checkpoints that are gone, and old temporary files; a
+    layout whose checkpoint is still there, and a temporary file being written now, stay."""
+    import os
+    import time
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("NPRERANK_CACHE", str(cache))
+    layouts = {}
+    for name in ("kept", "deleted"):
+        shutil.copytree(tiny_model, tmp_path / name)
+        before = set(cache.glob("layout-*.safetensors"))
+        gemm_weights(load(tmp_path / name))
+        (layouts[name],) = set(cache.glob("layout-*.safetensors")) - before
+    shutil.rmtree(tmp_path / "deleted")
+    old, fresh = cache / "layout-x.safetensors.a.tmp", cache / "layout-y.safetensors.b.tmp"
+    for path in (old, fresh):
+        path.write_bytes(b"partial")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    assert layouts["deleted"].exists()
+
+    shutil.copytree(tiny_model, tmp_path / "new")
+    gemm_weights(load(tmp_path / "new"))
+    assert layouts["kept"].exists() and fresh.exists()
+    assert not layouts["deleted"].exists() and not old.exists()
+    assert len(list(cache.glob("layout-*.safetensors"))) == 2

@@ -14,10 +14,11 @@ budget. Instead it is written once, on the first load, to a file in the nprerank
 ($NPRERANK_CACHE, default ~/.cache/nprerank), and then memory-mapped like the checkpoint: pages
 are read from disk when touched, are shared between processes, and count as file-backed memory.
 The file is a plain safetensors file named by a hash of the checkpoint's path; its metadata
-records the layout's version and PANEL, and the checkpoint's size, inode, and modification and
-change times, and a checkpoint that no longer matches them has its file written again (one file
-per checkpoint path: a checkpoint updated in place does not leave its old layout behind).
-Writing it takes a second or two.
+records the layout's version and PANEL, and the checkpoint's path, size, inode, and modification
+and change times, and a checkpoint that no longer matches them has its file written again (one
+file per checkpoint path: a checkpoint updated in place does not leave its old layout behind).
+Writing it takes a second or two, after which the layouts of checkpoints that are gone or have
+changed are deleted.
 
 Where the cache cannot be written (a read-only or missing home, a full disk) the copies are made
 in memory instead, with a warning. Weights built in memory (no file behind them) are copied too.
@@ -25,10 +26,12 @@ in memory instead, with a warning. Weights built in memory (no file behind them)
 Read next: kernels.py (linear_forward, _tile), model.py, which multiplies by these.
 """
 
+import contextlib
 import hashlib
 import json
 import os
 import tempfile
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +79,7 @@ def gemm_weights(weights: Weights) -> list:
             return _read(path, weights.layers, stamp)
         except ModelError:  # missing, stale or damaged: write it, once
             _write(path, weights.layers, stamp)
+            _prune(path.parent, keep=path)
             return _read(path, weights.layers, stamp)
     except (OSError, RuntimeError, ModelError) as e:
         warnings.warn(f"nprerank: cannot use the weight layout cache ({e}); keeping the packed copies in "
@@ -87,8 +91,32 @@ def _stamp(source: Path) -> dict:
     """What tells this checkpoint file from a changed one (safetensors metadata is all strings).
     The change time cannot be set back by cp -p, rsync -a or tar, unlike the modification time."""
     stat = os.stat(source)
-    fields = {"size": stat.st_size, "inode": stat.st_ino, "mtime_ns": stat.st_mtime_ns, "ctime_ns": stat.st_ctime_ns}
+    fields = {"path": Path(source).resolve(), "size": stat.st_size, "inode": stat.st_ino, "mtime_ns": stat.st_mtime_ns,
+              "ctime_ns": stat.st_ctime_ns}
     return {"layout_version": str(LAYOUT_VERSION), "panel": str(PANEL), **{f"source_{key}": str(value) for key, value in fields.items()}}
+
+
+def _prune(folder: Path, keep: Path) -> None:
+    """Delete the layout files whose checkpoint is gone or has changed since they were written (a
+    deleted model folder, an old Hugging Face revision), and temporary files over an hour old (a
+    writer killed mid-write). Runs after each write, which is rare; a file in use by another
+    process stays readable through its memory map until that process lets go."""
+    for path in folder.glob("layout-*.safetensors"):
+        if path == keep:
+            continue
+        try:
+            _, metadata = read_safetensors(path)
+            source = metadata.get("source_path")
+            stale = not source or not os.path.exists(source) or _stamp(source) != metadata
+        except (OSError, ModelError):  # unreadable: not a layout file we can use
+            stale = True
+        if stale:
+            with contextlib.suppress(OSError):
+                path.unlink()
+    for path in folder.glob("layout-*.tmp"):
+        with contextlib.suppress(OSError):
+            if time.time() - path.stat().st_mtime > 3600:
+                path.unlink()
 
 
 def _pack(linears: list) -> tuple:
