@@ -87,7 +87,8 @@ def embeddings(ids, offsets, p: Embeddings, config: ModelConfig):
 def encoder_layer(x, offsets, p: Layer, m: LayerMatrices, buffers, config: ModelConfig, first_tokens_only: bool = False):
     """reference.encoder_layer over the packed batch x [N, C], in three parallel regions: the
     query, key and value projections (one product on the [C, 3C] weight), attention, and the rest
-    (kernels.output_feed_forward). Returns the new hidden states [Q, C], in place of x's."""
+    (kernels.output_feed_forward). Returns the new hidden states [Q, C]: x itself, updated in
+    place, or in the last layer a new [B, C] array of the first tokens' rows."""
     threads = numba.get_num_threads()
     qkv = buffers["qkv"]  # [N, 3 * width]: query, key and value side by side
     panels = len(m.qkv) // 3  # per projection
