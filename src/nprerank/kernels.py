@@ -93,6 +93,34 @@ else:
         return signature, codegen
 
 
+# --- handing out work: a shared counter ----------------------------------------------------------
+# The parallel kernels below split their work into more items than threads, and each thread takes
+# the next item from a shared counter until none are left (dynamic scheduling). On a shared VM one
+# core is sometimes slowed or taken away for a while; a fixed half for each thread would then make
+# the other wait at the end of every region, while this way it takes over the remaining items.
+
+if numba.config.DISABLE_JIT:
+
+    def take(counter):
+        """counter[0] += 1, returning the value before (plain Python when JIT is disabled)."""
+        counter[0] += 1
+        return counter[0] - 1
+
+else:
+
+    @intrinsic
+    def take(typingctx, counter):
+        """counter[0] += 1 as one atomic step, returning the value before: the number of the item
+        this thread takes. counter: an int64 array made before the prange, so all threads share it."""
+        signature = types.int64(counter)
+
+        def codegen(context, builder, sig, args):
+            array = context.make_array(sig.args[0])(context, builder, args[0])
+            return builder.atomic_rmw("add", array.data, ir.IntType(64)(1), "monotonic")
+
+        return signature, codegen
+
+
 @kernel
 def exp32(x):
     """exp(x) in float32 to ~1 ulp: 2^k * exp(r) with k = round(x / ln2), |r| <= ln2 / 2."""
@@ -193,21 +221,23 @@ PANEL_ROWS = 192  # rows of x per pass over a thread's panels: 576 KB at K = 768
 
 @parallel_kernel
 def linear_forward(out, column, x, panels, bias, n_threads):
-    """out[:, column:] = x @ W + bias, reference.linear with W packed by layout.py, the panels
-    split over threads.
+    """out[:, column:] = x @ W + bias, reference.linear with W packed by layout.py.
 
-    out [M, >= column + P * PANEL]; x [M, K]; panels [P, K, PANEL]; bias [P * PANEL]. Each thread
-    makes its own panels' columns for all rows, so the weight is read once however few the rows
-    are (one short pair: M = 128). Whole arrays come in and the views are taken here, so that
+    out [M, >= column + P * PANEL]; x [M, K]; panels [P, K, PANEL]; bias [P * PANEL]. The items
+    are one panel's columns for up to PANEL_ROWS rows, so the weight is read once however few the
+    rows are (one short pair: M = 128). Whole arrays come in and the views are taken here, so that
     Numba compiles one version whatever the shapes (a one-row view is C-contiguous to NumPy, and
     would otherwise be compiled anew, taking seconds, on the first one-pair batch).
     """
     P, M = panels.shape[0], x.shape[0]
-    for thread in prange(n_threads):
-        first, last = P * thread // n_threads, P * (thread + 1) // n_threads
-        for r in range(0, M, PANEL_ROWS):
-            rows = slice(r, r + PANEL_ROWS)
-            _panels_product(out[rows, column:], x[rows], panels, bias, first, last)
+    items = P * ((M + PANEL_ROWS - 1) // PANEL_ROWS)  # (PANEL_ROWS rows, one panel) each
+    taken = np.zeros(1, dtype=np.int64)
+    for _ in prange(n_threads):
+        item = take(taken)
+        while item < items:
+            rows, p = slice(item // P * PANEL_ROWS, (item // P + 1) * PANEL_ROWS), item % P
+            _panels_product(out[rows, column:], x[rows], panels, bias, p, p + 1)
+            item = take(taken)
 
 
 @kernel
@@ -367,10 +397,10 @@ def attention_forward(context, queries, qkv, width, offsets, query_offsets, H, n
     query, key, value = queries[:, :C], qkv[:, width : width + C], qkv[:, 2 * width : 2 * width + C]
     scale = f32(1.0 / math.sqrt(D))
     B = offsets.shape[0] - 1
-    # Work items are (sequence, head) pairs dealt round-robin to the threads, so each thread gets
-    # a fair share of long and short sequences (a plain prange would give one thread the longest).
-    for thread in prange(n_threads):
-        for item in range(thread, B * H, n_threads):
+    taken = np.zeros(1, dtype=np.int64)  # work items: (sequence, head) pairs
+    for _ in prange(n_threads):
+        item = take(taken)
+        while item < B * H:
             b, h = item // H, item % H
             start, T = offsets[b], offsets[b + 1] - offsets[b]
             first, count = query_offsets[b], query_offsets[b + 1] - query_offsets[b]
@@ -396,6 +426,7 @@ def attention_forward(context, queries, qkv, width, offsets, query_offsets, H, n
                 norm = ONE / totals[i]
                 for d in range(D):
                     context[first + i, h * D + d] = out[i, d] * norm
+            item = take(taken)
 
 
 @kernel
@@ -427,25 +458,31 @@ def output_feed_forward(hidden, context, output_panels, output_bias, norm1_weigh
         hidden = layer_norm(h + linear(gelu(linear(h, intermediate)), output))
 
     context [M, C]; *_panels and *_bias: layout.py's packed weights. Every step works row by row,
-    so the rows are split over the threads once and each thread carries its own rows through all
-    of them: one parallel region, where splitting each product by columns would need a region (and
-    a wake-up of the threads, ~100 us) per step. Each thread reads every weight; the second read
-    comes from the shared L3 cache. Rows go through BLOCK_TILES tiles at a time, so the [rows, F]
+    so the work items are blocks of rows, and a thread carries its block through all the steps:
+    one parallel region, where splitting each product by columns would need a region (and a
+    wake-up of the threads, ~100 us) per step. Every block reads every weight, from the shared L3
+    cache after the first. A block has at most BLOCK_TILES tiles of rows, so the [rows, F]
     activation stays small (1.4 MB) whatever the batch.
     """
     M, C = hidden.shape
     width = up_panels.shape[0] * PANEL  # F rounded up to whole panels
     F = down_panels.shape[1]
-    rows_per_block = BLOCK_TILES * TILE_ROWS
-    for thread in prange(n_threads):
-        start, stop = M * thread // n_threads, M * (thread + 1) // n_threads
+    # blocks of at most BLOCK_TILES tiles, and at least one per thread. Not smaller: every block
+    # reads all the layer's weights (21 MB), and at one 128-token pair four blocks instead of two
+    # measured slower, however well they share the work.
+    blocks = max((M + BLOCK_TILES * TILE_ROWS - 1) // (BLOCK_TILES * TILE_ROWS), min(n_threads, M))
+    rows_per_block = (M + blocks - 1) // blocks
+    taken = np.zeros(1, dtype=np.int64)
+    for _ in prange(n_threads):
         projected = np.empty((rows_per_block, output_panels.shape[0] * PANEL), dtype=np.float32)
         # Rows of the activation are F + STRIDE_PAD floats apart: at F = 3072 a row is 12 KB, a
         # multiple of 4 KB, and the 14 rows a tile reads at once would all fall into the same set of
         # the L1 cache and evict each other (the product on it ran 25% slower).
         activation = np.empty((rows_per_block, width + STRIDE_PAD), dtype=np.float32)
-        for r in range(start, stop, rows_per_block):
-            h = hidden[r : min(r + rows_per_block, stop)]
+        block = take(taken)
+        while block * rows_per_block < M:
+            r = block * rows_per_block
+            h = hidden[r : r + rows_per_block]
             n = h.shape[0]
             _panels_product(projected[:n], context[r : r + n], output_panels, output_bias, 0, output_panels.shape[0])
             _add_layer_norm(h, projected[:n], norm1_weight, norm1_bias, eps)
@@ -455,6 +492,7 @@ def output_feed_forward(hidden, context, output_panels, output_bias, norm1_weigh
                     activation[i, f] = gelu32(activation[i, f])
             _panels_product(projected[:n], activation[:n, :F], down_panels, down_bias, 0, down_panels.shape[0])
             _add_layer_norm(h, projected[:n], norm2_weight, norm2_bias, eps)
+            block = take(taken)
 
 
 @kernel
