@@ -292,6 +292,85 @@ def load_engine(engine: str, folder: Path, threads: int):
     raise ValueError(f"unknown engine {engine!r}")
 
 
+# --- each engine in a process of its own ------------------------------------------------------
+# Engines sharing one process disturb each other: after nprerank-reference had run (it allocates
+# and frees about a GB), nprerank-fast's next single-pair run was now and then 10-20% slower in
+# the same process. So every timed engine lives in a worker process (`--_worker ENGINE`) that
+# loads it once and, told over a pipe, runs a workload and answers with its logits or its time.
+# The parent keeps the rounds, the interleaving and the rests, as before; a user's process runs
+# one engine too.
+
+class EngineProcess:
+    """One engine, loaded in a worker process; `.logits(name)` and `.seconds(name)` run a workload."""
+
+    def __init__(self, engine: str, folder: Path, threads: int, work_file: Path, log: Path):
+        command = [sys.executable, "-m", "nprerank.bench", "--_worker", engine, "--model", str(folder),
+                   "--threads", str(threads), "--_child-input", str(work_file)]
+        self.log = log
+        with open(log, "w") as errors:
+            self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors,
+                                            text=True)
+
+    def ready(self) -> None:
+        """Wait until the engine has loaded; RuntimeError with the worker's reason if it did not."""
+        self._answer()
+
+    def logits(self, workload: str) -> np.ndarray:
+        return np.array(self._ask({"run": workload, "answer": "logits"})["logits"], dtype=np.float32)
+
+    def seconds(self, workload: str) -> float:
+        return self._ask({"run": workload, "answer": "seconds"})["seconds"]
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.stdin.close()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+    def _ask(self, request: dict) -> dict:
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        return self._answer()
+
+    def _answer(self) -> dict:
+        for line in self.process.stdout:  # libraries may print too: the answer is the marked line
+            if line.startswith(CHILD_MARK):
+                answer = json.loads(line[len(CHILD_MARK):])
+                if "error" in answer:
+                    raise RuntimeError(answer["error"])
+                return answer
+        last = " | ".join(self.log.read_text().strip().splitlines()[-3:])
+        raise RuntimeError(f"worker exited {self.process.wait()}: {last or 'no output'}")
+
+
+def worker_main(args) -> int:
+    """In a worker process: load one engine, then run the workloads the parent names on stdin."""
+    work = json.loads(Path(args.child_input).read_text())  # name -> {sequences, batch_size, calls}
+
+    def answer(message: dict) -> None:
+        print(CHILD_MARK + json.dumps(message), flush=True)
+
+    if args.worker != FAST:
+        set_blas_threads(args.threads)  # nprerank-fast sets its own threads from `threads=`
+    try:
+        engine = load_engine(args.worker, Path(args.model), args.threads)
+    except Exception as e:  # report, don't crash the whole bench
+        answer({"error": f"failed to load: {type(e).__name__}: {e}"})
+        return 1
+    answer({"ready": True})
+    for line in sys.stdin:
+        request = json.loads(line)
+        workload = work[request["run"]]
+        run_once = lambda: engine.logits(workload["sequences"], workload["batch_size"])  # noqa: E731
+        if request["answer"] == "logits":
+            answer({"logits": run_once().tolist()})
+        else:
+            answer({"seconds": _seconds(lambda: [run_once() for _ in range(workload["calls"])])})
+    return 0
+
+
 # --- the machine: BLAS, sgemm ceiling, memory, process start ---------------------------------
 
 def blas_runtime() -> dict:
@@ -476,55 +555,65 @@ def run(args) -> dict:
         "engines": {}, "workloads": {}, "startup": {},
     }
 
-    engines = {}  # name -> loaded engine
-    for name in dict.fromkeys([REFERENCE, *args.engines]):  # the reference always: it checks the others
-        reason = missing(name)
-        if reason is None and name == "onnxruntime" and not onnx_path(folder).exists():
-            if missing("torch-eager"):
-                reason = f"the ONNX export needs torch: {missing('torch-eager')}"
-            else:
-                try:
-                    export_onnx(folder)
-                except Exception as e:  # report, don't crash the whole bench
-                    reason = f"ONNX export failed: {type(e).__name__}: {e}"
-        if reason is None:
-            _progress(f"loading {name}")
-            try:
-                engines[name] = load_engine(name, folder, args.threads)
-            except Exception as e:
-                reason = f"failed to load: {type(e).__name__}: {e}"
-        report["engines"][name] = {"status": "ok"} if reason is None else {"status": "skipped", "reason": reason}
-    if REFERENCE not in engines:
-        raise ModelError(f"nprerank-reference could not load: {report['engines'][REFERENCE]['reason']}")
-    timed = [name for name in args.engines if name in engines]
-    if REFERENCE not in args.engines:
-        report["engines"][REFERENCE]["note"] = "used for the logit check only, not timed"
-
     workloads = make_workloads(args.workloads, config.max_tokens, args.quick)
-    tokenizer = engines[REFERENCE].tokenizer
+    tokenizer, _ = _peer_tokenizer(folder)  # the same tokenizer every engine has
     for workload in workloads:
         tokenize(workload, tokenizer)
 
-    # warm-up: compile, allocate, and keep each engine's logits to compare with the reference
-    logits = {}
-    for workload in workloads:
-        for name in dict.fromkeys([REFERENCE, *timed]):
-            _progress(f"warm-up {workload.name} on {name}")
-            logits[workload.name, name] = engines[name].logits(workload.sequences, workload.batch_size)
+    engines = {}  # name -> EngineProcess
+    with tempfile.TemporaryDirectory(prefix="nprerank-bench-") as tmp:
+        work_file = Path(tmp) / "work.json"
+        work_file.write_text(json.dumps({w.name: {"sequences": w.sequences, "batch_size": w.batch_size, "calls": w.calls}
+                                         for w in workloads}))
+        try:
+            for name in dict.fromkeys([REFERENCE, *args.engines]):  # the reference always: it checks the others
+                reason = missing(name)
+                if reason is None and name == "onnxruntime" and not onnx_path(folder).exists():
+                    if missing("torch-eager"):
+                        reason = f"the ONNX export needs torch: {missing('torch-eager')}"
+                    else:
+                        try:
+                            export_onnx(folder)
+                        except Exception as e:  # report, don't crash the whole bench
+                            reason = f"ONNX export failed: {type(e).__name__}: {e}"
+                if reason is None:
+                    _progress(f"loading {name} (in a process of its own)")
+                    engines[name] = EngineProcess(name, folder, args.threads, work_file, Path(tmp) / f"{name}.log")
+                report["engines"][name] = {"status": "ok"} if reason is None else {"status": "skipped", "reason": reason}
+            for name, engine in list(engines.items()):  # they load side by side; wait for each
+                try:
+                    engine.ready()
+                except RuntimeError as e:
+                    report["engines"][name] = {"status": "skipped", "reason": str(e)}
+                    engine.close()
+                    del engines[name]
+            if REFERENCE not in engines:
+                raise ModelError(f"nprerank-reference could not load: {report['engines'][REFERENCE]['reason']}")
+            timed = [name for name in args.engines if name in engines]
+            if REFERENCE not in args.engines:
+                report["engines"][REFERENCE]["note"] = "used for the logit check only, not timed"
 
-    seconds = {(w.name, name): [] for w in workloads for name in timed}
-    sgemm = []
-    for round_ in range(args.repeats):
-        sgemm.append(sgemm_gflops())
-        for workload in workloads:
-            shift = round_ % len(timed)
-            for name in timed[shift:] + timed[:shift]:  # rotate who goes first
-                engine = engines[name]
-                time.sleep(SETTLE)  # let the previous engine's spinning threads go idle
-                seconds[workload.name, name].append(_seconds(
-                    lambda: [engine.logits(workload.sequences, workload.batch_size) for _ in range(workload.calls)]))
-            _progress(f"round {round_ + 1}/{args.repeats} {workload.name}: " + ", ".join(
-                f"{name} {workload.pairs_per_run / seconds[workload.name, name][-1]:.2f}" for name in timed) + " pairs/s")
+            # warm-up: compile, allocate, and keep each engine's logits to compare with the reference
+            logits = {}
+            for workload in workloads:
+                for name in dict.fromkeys([REFERENCE, *timed]):
+                    _progress(f"warm-up {workload.name} on {name}")
+                    logits[workload.name, name] = engines[name].logits(workload.name)
+
+            seconds = {(w.name, name): [] for w in workloads for name in timed}
+            sgemm = []
+            for round_ in range(args.repeats):
+                sgemm.append(sgemm_gflops())
+                for workload in workloads:
+                    shift = round_ % len(timed)
+                    for name in timed[shift:] + timed[:shift]:  # rotate who goes first
+                        time.sleep(SETTLE)  # let the previous engine's spinning threads go idle
+                        seconds[workload.name, name].append(engines[name].seconds(workload.name))
+                    _progress(f"round {round_ + 1}/{args.repeats} {workload.name}: " + ", ".join(
+                        f"{name} {workload.pairs_per_run / seconds[workload.name, name][-1]:.2f}" for name in timed) + " pairs/s")
+        finally:
+            for engine in engines.values():
+                engine.close()
     ceiling = statistics.median(sgemm)
     report["machine"]["sgemm_gflops"] = {"median": ceiling, "runs": sgemm, "size": SGEMM_SIZE}
 
@@ -683,12 +772,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-startup", action="store_true", help="skip the fresh-process memory and start-up measurements")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
     parser.add_argument("--_child", dest="child", choices=ENGINES, help=argparse.SUPPRESS)
+    parser.add_argument("--_worker", dest="worker", choices=ENGINES, help=argparse.SUPPRESS)
     parser.add_argument("--_child-input", dest="child_input", help=argparse.SUPPRESS)
 
 
 def run_from_args(args) -> int:
     if getattr(args, "child", None):
         return child_main(args)
+    if getattr(args, "worker", None):
+        return worker_main(args)
     try:
         report = run(args)
     except (ModelError, ValueError, OSError) as e:
