@@ -261,3 +261,19 @@ def test_blas_thread_count_is_set():
         assert set_blas_threads(2) and getter() == min(2, os.cpu_count() or 1)
     finally:
         set_blas_threads(os.cpu_count() or 1)
+
+
+def test_layers_in_one_region_equal_a_region_per_step(tiny_model, monkeypatch):
+    """kernels.encoder_layers (the threads meet at barriers) against the same kernels run one
+    parallel region per step: every item is computed the same way whichever thread takes it, so
+    the logits must be identical, not merely close."""
+    import nprerank.model
+
+    weights, config = load(tiny_model)
+    assert len(weights.layers) > 1
+    model = FastModel(weights, config, threads=2)
+    rng = np.random.default_rng(8)
+    sequences = [[0] + [int(i) for i in rng.integers(3, config.vocab_size, n)] + [2] for n in (30, 1, 90, 7)]
+    together = model(sequences)
+    monkeypatch.setattr(nprerank.model, "ONE_REGION", False)
+    np.testing.assert_array_equal(model(sequences), together)

@@ -106,6 +106,10 @@ if numba.config.DISABLE_JIT:
         counter[0] += 1
         return counter[0] - 1
 
+    def peek(counter):
+        """counter[0] (plain Python when JIT is disabled)."""
+        return counter[0]
+
 else:
 
     @intrinsic
@@ -116,9 +120,30 @@ else:
 
         def codegen(context, builder, sig, args):
             array = context.make_array(sig.args[0])(context, builder, args[0])
-            return builder.atomic_rmw("add", array.data, ir.IntType(64)(1), "monotonic")
+            return builder.atomic_rmw("add", array.data, ir.IntType(64)(1), "acq_rel")
 
         return signature, codegen
+
+    @intrinsic
+    def peek(typingctx, counter):
+        """counter[0], read as one atomic step that sees every write made before the last take."""
+        signature = types.int64(counter)
+
+        def codegen(context, builder, sig, args):
+            array = context.make_array(sig.args[0])(context, builder, args[0])
+            return builder.load_atomic(array.data, "acquire", 8)
+
+        return signature, codegen
+
+
+@njit(**OPTIONS)
+def wait_for_all(arrivals, target):
+    """A barrier: count this thread in (take), then wait until `target` arrivals in all. The threads
+    spin rather than sleep, so they start the next step at once (a sleeping one takes ~100 us to
+    wake here). Every write made before a thread arrives is visible to all after the barrier."""
+    take(arrivals)
+    while peek(arrivals) < target:
+        pass
 
 
 @kernel
@@ -229,15 +254,21 @@ def linear_forward(out, column, x, panels, bias, n_threads):
     Numba compiles one version whatever the shapes (a one-row view is C-contiguous to NumPy, and
     would otherwise be compiled anew, taking seconds, on the first one-pair batch).
     """
-    P, M = panels.shape[0], x.shape[0]
-    items = P * ((M + PANEL_ROWS - 1) // PANEL_ROWS)  # (PANEL_ROWS rows, one panel) each
     taken = np.zeros(1, dtype=np.int64)
     for _ in prange(n_threads):
+        _linear_items(out, column, x, panels, bias, taken)
+
+
+@kernel
+def _linear_items(out, column, x, panels, bias, taken):
+    """One thread's part of linear_forward: the items it takes from the counter `taken`."""
+    P, M = panels.shape[0], x.shape[0]
+    items = P * ((M + PANEL_ROWS - 1) // PANEL_ROWS)  # (PANEL_ROWS rows, one panel) each
+    item = take(taken)
+    while item < items:
+        rows, p = slice(item // P * PANEL_ROWS, (item // P + 1) * PANEL_ROWS), item % P
+        _panels_product(out[rows, column:], x[rows], panels, bias, p, p + 1)
         item = take(taken)
-        while item < items:
-            rows, p = slice(item // P * PANEL_ROWS, (item // P + 1) * PANEL_ROWS), item % P
-            _panels_product(out[rows, column:], x[rows], panels, bias, p, p + 1)
-            item = take(taken)
 
 
 @kernel
@@ -391,42 +422,48 @@ def attention_forward(context, queries, qkv, width, offsets, query_offsets, H, n
     first copied into panels (zero-padded to whole panels), a few KB per head. The softmax's
     division is done after the product with v: on D values per query instead of T.
     """
+    taken = np.zeros(1, dtype=np.int64)  # work items: (sequence, head) pairs
+    for _ in prange(n_threads):
+        _attention_items(context, queries, qkv, width, offsets, query_offsets, H, taken)
+
+
+@kernel
+def _attention_items(context, queries, qkv, width, offsets, query_offsets, H, taken):
+    """One thread's part of attention_forward: the (sequence, head) items it takes from `taken`."""
     C = context.shape[1]
     D = C // H
     head_width = -(-D // PANEL) * PANEL  # D rounded up to whole panels
     query, key, value = queries[:, :C], qkv[:, width : width + C], qkv[:, 2 * width : 2 * width + C]
     scale = f32(1.0 / math.sqrt(D))
     B = offsets.shape[0] - 1
-    taken = np.zeros(1, dtype=np.int64)  # work items: (sequence, head) pairs
-    for _ in prange(n_threads):
-        item = take(taken)
-        while item < B * H:
-            b, h = item // H, item % H
-            start, T = offsets[b], offsets[b + 1] - offsets[b]
-            first, count = query_offsets[b], query_offsets[b + 1] - query_offsets[b]
-            span = -(-T // PANEL) * PANEL  # T rounded up to whole panels
-            zeros = np.zeros(max(span, head_width), dtype=np.float32)  # no bias
-            keys = np.zeros((span // PANEL, D, PANEL), dtype=np.float32)  # k^T [D, T] in panels
-            values = np.zeros((head_width // PANEL, T, PANEL), dtype=np.float32)  # v [T, D] in panels
+    item = take(taken)
+    while item < B * H:
+        b, h = item // H, item % H
+        start, T = offsets[b], offsets[b + 1] - offsets[b]
+        first, count = query_offsets[b], query_offsets[b + 1] - query_offsets[b]
+        span = -(-T // PANEL) * PANEL  # T rounded up to whole panels
+        zeros = np.zeros(max(span, head_width), dtype=np.float32)  # no bias
+        keys = np.zeros((span // PANEL, D, PANEL), dtype=np.float32)  # k^T [D, T] in panels
+        values = np.zeros((head_width // PANEL, T, PANEL), dtype=np.float32)  # v [T, D] in panels
+        for t in range(T):
+            for d in range(D):
+                keys[t // PANEL, d, t % PANEL] = key[start + t, h * D + d]
+        for q in range(head_width // PANEL):
             for t in range(T):
-                for d in range(D):
-                    keys[t // PANEL, d, t % PANEL] = key[start + t, h * D + d]
-            for q in range(head_width // PANEL):
-                for t in range(T):
-                    for j in range(min(PANEL, D - q * PANEL)):
-                        values[q, t, j] = value[start + t, h * D + q * PANEL + j]
-            scores = np.empty((count, span), dtype=np.float32)
-            _panels_product(scores, query[first : first + count, h * D : h * D + D], keys, zeros, 0, span // PANEL)
-            totals = np.empty(count, dtype=np.float32)
-            for i in range(count):
-                totals[i] = _softmax_numerators(scores[i, :T], scale)
-            out = np.empty((count, head_width), dtype=np.float32)
-            _panels_product(out, scores[:, :T], values, zeros, 0, head_width // PANEL)
-            for i in range(count):
-                norm = ONE / totals[i]
-                for d in range(D):
-                    context[first + i, h * D + d] = out[i, d] * norm
-            item = take(taken)
+                for j in range(min(PANEL, D - q * PANEL)):
+                    values[q, t, j] = value[start + t, h * D + q * PANEL + j]
+        scores = np.empty((count, span), dtype=np.float32)
+        _panels_product(scores, query[first : first + count, h * D : h * D + D], keys, zeros, 0, span // PANEL)
+        totals = np.empty(count, dtype=np.float32)
+        for i in range(count):
+            totals[i] = _softmax_numerators(scores[i, :T], scale)
+        out = np.empty((count, head_width), dtype=np.float32)
+        _panels_product(out, scores[:, :T], values, zeros, 0, head_width // PANEL)
+        for i in range(count):
+            norm = ONE / totals[i]
+            for d in range(D):
+                context[first + i, h * D + d] = out[i, d] * norm
+        item = take(taken)
 
 
 @kernel
@@ -464,6 +501,16 @@ def output_feed_forward(hidden, context, output_panels, output_bias, norm1_weigh
     cache after the first. A block has at most BLOCK_TILES tiles of rows, so the [rows, F]
     activation stays small (1.4 MB) whatever the batch.
     """
+    taken = np.zeros(1, dtype=np.int64)
+    for _ in prange(n_threads):
+        _feed_forward_items(hidden, context, output_panels, output_bias, norm1_weight, norm1_bias, up_panels, up_bias,
+                            down_panels, down_bias, norm2_weight, norm2_bias, eps, n_threads, taken)
+
+
+@kernel
+def _feed_forward_items(hidden, context, output_panels, output_bias, norm1_weight, norm1_bias, up_panels, up_bias,
+                        down_panels, down_bias, norm2_weight, norm2_bias, eps, n_threads, taken):
+    """One thread's part of output_feed_forward: the blocks of rows it takes from `taken`."""
     M, C = hidden.shape
     width = up_panels.shape[0] * PANEL  # F rounded up to whole panels
     F = down_panels.shape[1]
@@ -472,27 +519,56 @@ def output_feed_forward(hidden, context, output_panels, output_bias, norm1_weigh
     # measured slower, however well they share the work.
     blocks = max((M + BLOCK_TILES * TILE_ROWS - 1) // (BLOCK_TILES * TILE_ROWS), min(n_threads, M))
     rows_per_block = (M + blocks - 1) // blocks
-    taken = np.zeros(1, dtype=np.int64)
-    for _ in prange(n_threads):
-        projected = np.empty((rows_per_block, output_panels.shape[0] * PANEL), dtype=np.float32)
-        # Rows of the activation are F + STRIDE_PAD floats apart: at F = 3072 a row is 12 KB, a
-        # multiple of 4 KB, and the 14 rows a tile reads at once would all fall into the same set of
-        # the L1 cache and evict each other (the product on it ran 25% slower).
-        activation = np.empty((rows_per_block, width + STRIDE_PAD), dtype=np.float32)
+    projected = np.empty((rows_per_block, output_panels.shape[0] * PANEL), dtype=np.float32)
+    # Rows of the activation are F + STRIDE_PAD floats apart: at F = 3072 a row is 12 KB, a
+    # multiple of 4 KB, and the 14 rows a tile reads at once would all fall into the same set of
+    # the L1 cache and evict each other (the product on it ran 25% slower).
+    activation = np.empty((rows_per_block, width + STRIDE_PAD), dtype=np.float32)
+    block = take(taken)
+    while block * rows_per_block < M:
+        r = block * rows_per_block
+        h = hidden[r : r + rows_per_block]
+        n = h.shape[0]
+        _panels_product(projected[:n], context[r : r + n], output_panels, output_bias, 0, output_panels.shape[0])
+        _add_layer_norm(h, projected[:n], norm1_weight, norm1_bias, eps)
+        _panels_product(activation[:n], h, up_panels, up_bias, 0, up_panels.shape[0])
+        for i in range(n):
+            for f in range(F):
+                activation[i, f] = gelu32(activation[i, f])
+        _panels_product(projected[:n], activation[:n, :F], down_panels, down_bias, 0, down_panels.shape[0])
+        _add_layer_norm(h, projected[:n], norm2_weight, norm2_bias, eps)
         block = take(taken)
-        while block * rows_per_block < M:
-            r = block * rows_per_block
-            h = hidden[r : r + rows_per_block]
-            n = h.shape[0]
-            _panels_product(projected[:n], context[r : r + n], output_panels, output_bias, 0, output_panels.shape[0])
-            _add_layer_norm(h, projected[:n], norm1_weight, norm1_bias, eps)
-            _panels_product(activation[:n], h, up_panels, up_bias, 0, up_panels.shape[0])
-            for i in range(n):
-                for f in range(F):
-                    activation[i, f] = gelu32(activation[i, f])
-            _panels_product(projected[:n], activation[:n, :F], down_panels, down_bias, 0, down_panels.shape[0])
-            _add_layer_norm(h, projected[:n], norm2_weight, norm2_bias, eps)
-            block = take(taken)
+
+
+@parallel_kernel
+def encoder_layers(x, qkv, context, offsets, width, H, eps, qkv_panels, qkv_bias, output_panels, output_bias,
+                   norm1_weight, norm1_bias, up_panels, up_bias, down_panels, down_bias, norm2_weight, norm2_bias,
+                   n_threads):
+    """Whole encoder layers on x [N, C] in place, in one parallel region: for each layer,
+    linear_forward (query, key, value), attention_forward and output_feed_forward, the threads
+    meeting at a barrier after each step instead of leaving the region. The weight arguments are
+    tuples with one array per layer (layout.LayerMatrices' fields, the Layer's LayerNorms).
+
+    A region per step costs a wake-up of the sleeping threads each time (~110 us here, and on a
+    busy host more, as a halted virtual CPU must be scheduled again): 36 of them for one pair's
+    first 11 layers. At the barriers the threads spin instead, for microseconds. The caller must
+    run it only where every prange iteration has a thread of its own (Numba's workqueue and OpenMP
+    layers do so); otherwise the first barrier waits for ever.
+    """
+    L = len(qkv_panels)
+    taken = np.zeros((L, 3), dtype=np.int64)  # a work counter per layer and step
+    arrivals = np.zeros(1, dtype=np.int64)  # barrier arrivals, all layers and steps together
+    for _ in prange(n_threads):
+        for layer in range(L):
+            _linear_items(qkv, 0, x, qkv_panels[layer], qkv_bias[layer], taken[layer, 0:1])
+            wait_for_all(arrivals, n_threads * (3 * layer + 1))
+            _attention_items(context, qkv, qkv, width, offsets, offsets, H, taken[layer, 1:2])
+            wait_for_all(arrivals, n_threads * (3 * layer + 2))
+            _feed_forward_items(x, context, output_panels[layer], output_bias[layer], norm1_weight[layer],
+                                norm1_bias[layer], up_panels[layer], up_bias[layer], down_panels[layer],
+                                down_bias[layer], norm2_weight[layer], norm2_bias[layer], eps, n_threads,
+                                taken[layer, 2:3])
+            wait_for_all(arrivals, n_threads * (3 * layer + 3))
 
 
 @kernel

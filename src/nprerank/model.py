@@ -40,6 +40,11 @@ from .weights import Classifier, Embeddings, Layer, Weights, embedding_rows
 
 
 
+# kernels.encoder_layers' barriers need a thread of their own for every prange iteration: true of
+# Numba's workqueue layer (kernels.py's choice) and of OpenMP, not promised by TBB.
+ONE_REGION = numba.config.THREADING_LAYER in ("workqueue", "omp")
+
+
 class FastModel:
     def __init__(self, weights: Weights, config: ModelConfig, threads: int | None = None):
         self.weights, self.config = weights, config
@@ -111,6 +116,22 @@ def encoder_layer(x, offsets, p: Layer, m: LayerMatrices, buffers, config: Model
     return hidden
 
 
+def encoder_layers(x, offsets, layers: list, buffers, config: ModelConfig):
+    """encoder_layer for each (Layer, LayerMatrices) of `layers` in turn, in one parallel region
+    (kernels.encoder_layers): the threads meet at barriers between the steps instead of being
+    woken for each. x [N, C] is updated in place."""
+    threads = 1 if numba.config.DISABLE_JIT else numba.get_num_threads()  # without JIT prange is a loop
+    each = lambda get: tuple(get(p, m) for p, m in layers)  # noqa: E731  one array per layer
+    kernels.encoder_layers(
+        x, buffers["qkv"], buffers["context"], offsets, len(layers[0][1].qkv) // 3 * kernels.PANEL,
+        config.num_attention_heads, np.float32(config.layer_norm_eps),
+        each(lambda p, m: m.qkv), each(lambda p, m: m.qkv_bias), each(lambda p, m: m.attention_output),
+        each(lambda p, m: m.attention_output_bias), each(lambda p, m: p.attention_norm.weight),
+        each(lambda p, m: p.attention_norm.bias), each(lambda p, m: m.intermediate),
+        each(lambda p, m: m.intermediate_bias), each(lambda p, m: m.output), each(lambda p, m: m.output_bias),
+        each(lambda p, m: p.output_norm.weight), each(lambda p, m: p.output_norm.bias), threads)
+
+
 def classification_head(first, p: Classifier):
     logits = np.empty(len(first), dtype=np.float32)  # [B]
     kernels.classification_head_forward(logits, first, p.dense.weight, p.dense.bias, p.out_proj.weight, p.out_proj.bias)
@@ -125,9 +146,13 @@ def forward(ids, offsets, weights: Weights, matrices: list, config: ModelConfig)
         "context": np.empty((N, config.hidden_size), dtype=np.float32),
     }
     x = embeddings(ids, offsets, weights.embeddings, config)  # [N, C]
-    last = len(weights.layers) - 1
-    for i, (layer, layer_matrices) in enumerate(zip(weights.layers, matrices)):
-        x = encoder_layer(x, offsets, layer, layer_matrices, buffers, config, first_tokens_only=(i == last))
+    *layers, last = zip(weights.layers, matrices)
+    if layers and ONE_REGION:
+        encoder_layers(x, offsets, layers, buffers, config)
+    else:
+        for layer, layer_matrices in layers:
+            x = encoder_layer(x, offsets, layer, layer_matrices, buffers, config)
+    x = encoder_layer(x, offsets, *last, buffers, config, first_tokens_only=True)
     # after the last layer x holds only the <s> row of each sequence: [B, C]
     return classification_head(x, weights.classifier)  # [B]
 
