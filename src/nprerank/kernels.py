@@ -6,7 +6,9 @@ no pad token is ever multiplied. The matrix products (about 95% of the work) are
 kernel, `_tile`, on weights layout.py has packed into panels: it keeps a tile of results in vector
 registers while it runs through K, which on AVX-512 reaches the core's peak (~100 GFLOP/s per
 core here, more than OpenBLAS on the same shapes). The rest is done around it, each step in one
-pass over memory, with the biases added as the products are made. Every kernel names the
+pass over memory, with the biases added as the products are made. Each parallel kernel is a
+per-thread function that takes work items from a shared counter; encoder_layers runs those of
+whole layers in one parallel region, the threads meeting at barriers instead of being woken. Every kernel names the
 reference.py function it must equal; tests/test_kernels.py checks each one against that twin.
 
 Legend:  N tokens in the packed batch, B sequences, offsets [B+1] row ranges of the sequences,

@@ -12,9 +12,11 @@ What differs, and why:
   [B+1] mark the sequences), so no pad token is multiplied and attention needs no mask.
 - Every x @ W.T + b is kernels.linear_forward on layout.py's packed copy of W (panels, memory-
   mapped from a cache file), with the bias added as the product is made. No BLAS is called.
-- Three parallel regions per layer, because waking Numba's threads costs ~100 us each time: the
-  query, key and value projections (one product on their [C, 3C] weight); attention; and all
-  the rest, which works row by row (kernels.output_feed_forward).
+- Each layer is three steps: the query, key and value projections (one product on their [C, 3C]
+  weight); attention; and all the rest, which works row by row (kernels.output_feed_forward).
+  Waking Numba's sleeping threads for a parallel region costs ~100 us, so all layers but the
+  last run in one region (kernels.encoder_layers), the threads meeting at spin barriers between
+  the steps.
 - The last layer computes queries, attention output and feed-forward for each sequence's first
   token only: the classification head reads nothing else (keys and values still cover all).
 - Memory is bounded by the batch: the [N, C] hidden states, the [N, 3C] projections and the [N, C]
@@ -92,7 +94,8 @@ def embeddings(ids, offsets, p: Embeddings, config: ModelConfig):
 def encoder_layer(x, offsets, p: Layer, m: LayerMatrices, buffers, config: ModelConfig, first_tokens_only: bool = False):
     """reference.encoder_layer over the packed batch x [N, C], in three parallel regions: the
     query, key and value projections (one product on the [C, 3C] weight), attention, and the rest
-    (kernels.output_feed_forward). Returns the new hidden states [Q, C]: x itself, updated in
+    (kernels.output_feed_forward). Used for the last layer (and for every layer where
+    encoder_layers cannot be). Returns the new hidden states [Q, C]: x itself, updated in
     place, or in the last layer a new [B, C] array of the first tokens' rows."""
     threads = numba.get_num_threads()
     qkv = buffers["qkv"]  # [N, 3 * width]: query, key and value side by side
