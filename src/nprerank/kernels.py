@@ -138,7 +138,7 @@ else:
         return signature, codegen
 
 
-@njit(**OPTIONS)
+@kernel
 def wait_for_all(arrivals, target):
     """A barrier: count this thread in (take), then wait until `target` arrivals in all. The threads
     spin rather than sleep, so they start the next step at once (a sleeping one takes ~100 us to
