@@ -279,6 +279,10 @@ def missing(engine: str) -> str | None:
 
 
 def load_engine(engine: str, folder: Path, threads: int):
+    """The engine, loaded in this process, with numpy's BLAS on `threads` threads (nprerank-fast
+    sets its own threads from `threads=`)."""
+    if engine != FAST:
+        set_blas_threads(threads)
     if engine == FAST:
         return NprerankEngine(folder, threads, "fast")
     if engine == REFERENCE:
@@ -352,8 +356,6 @@ def worker_main(args) -> int:
     def answer(message: dict) -> None:
         print(CHILD_MARK + json.dumps(message), flush=True)
 
-    if args.worker != FAST:
-        set_blas_threads(args.threads)  # nprerank-fast sets its own threads from `threads=`
     try:
         engine = load_engine(args.worker, Path(args.model), args.threads)
     except Exception as e:  # report, don't crash the whole bench
@@ -460,8 +462,6 @@ def child_main(args) -> int:
     sampler = AnonymousMemoryPeak()
     folder = Path(args.model)
     work = json.loads(Path(args.child_input).read_text())
-    if args.child != FAST:
-        set_blas_threads(args.threads)  # nprerank-fast sets its own threads from `threads=`
     engine = load_engine(args.child, folder, args.threads)
     query, passage, max_length = work["first"]
     engine.logits(engine.tokenizer.encode_pairs([(query, passage)], max_length=max_length), 1)

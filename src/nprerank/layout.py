@@ -61,6 +61,11 @@ class LayerMatrices:
     output: np.ndarray  # [Pc, F, PANEL]
     output_bias: np.ndarray
 
+    @property
+    def width(self) -> int:
+        """Columns of each of query, key and value in the qkv product: C rounded up to whole panels."""
+        return len(self.qkv) // 3 * PANEL
+
 
 def cache_dir() -> Path:
     """$NPRERANK_CACHE, else ~/.cache/nprerank (RuntimeError when there is no home to find)."""

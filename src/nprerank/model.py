@@ -40,8 +40,6 @@ from .config import ModelConfig
 from .layout import LayerMatrices, gemm_weights
 from .weights import Classifier, Embeddings, Layer, Weights, embedding_rows
 
-
-
 # kernels.encoder_layers' barriers need a thread of their own for every prange iteration: true of
 # Numba's workqueue layer (kernels.py's choice) and of OpenMP, not promised by TBB.
 ONE_REGION = numba.config.THREADING_LAYER in ("workqueue", "omp")
@@ -99,8 +97,7 @@ def encoder_layer(x, offsets, p: Layer, m: LayerMatrices, buffers, config: Model
     place, or in the last layer a new [B, C] array of the first tokens' rows."""
     threads = numba.get_num_threads()
     qkv = buffers["qkv"]  # [N, 3 * width]: query, key and value side by side
-    panels = len(m.qkv) // 3  # per projection
-    width = panels * kernels.PANEL  # C rounded up to whole panels
+    panels, width = len(m.qkv) // 3, m.width  # per projection
     if first_tokens_only:
         # the classification head reads only the <s> rows: they alone ask (keys and values cover all)
         query_offsets = np.arange(len(offsets), dtype=np.int64)  # one query per sequence
@@ -124,15 +121,18 @@ def encoder_layers(x, offsets, layers: list, buffers, config: ModelConfig):
     (kernels.encoder_layers): the threads meet at barriers between the steps instead of being
     woken for each. x [N, C] is updated in place."""
     threads = 1 if numba.config.DISABLE_JIT else numba.get_num_threads()  # without JIT prange is a loop
-    each = lambda get: tuple(get(p, m) for p, m in layers)  # noqa: E731  one array per layer
+
+    def each(name):  # one array per layer, for kernels.encoder_layers' tuples
+        return tuple(getattr(m, name) for _, m in layers)
+
+    def norms(name):  # (weights, biases) of a LayerNorm, one array per layer each
+        return tuple(getattr(p, name).weight for p, _ in layers), tuple(getattr(p, name).bias for p, _ in layers)
+
     kernels.encoder_layers(
-        x, buffers["qkv"], buffers["context"], offsets, len(layers[0][1].qkv) // 3 * kernels.PANEL,
-        config.num_attention_heads, np.float32(config.layer_norm_eps),
-        each(lambda p, m: m.qkv), each(lambda p, m: m.qkv_bias), each(lambda p, m: m.attention_output),
-        each(lambda p, m: m.attention_output_bias), each(lambda p, m: p.attention_norm.weight),
-        each(lambda p, m: p.attention_norm.bias), each(lambda p, m: m.intermediate),
-        each(lambda p, m: m.intermediate_bias), each(lambda p, m: m.output), each(lambda p, m: m.output_bias),
-        each(lambda p, m: p.output_norm.weight), each(lambda p, m: p.output_norm.bias), threads)
+        x, buffers["qkv"], buffers["context"], offsets, layers[0][1].width, config.num_attention_heads,
+        np.float32(config.layer_norm_eps), each("qkv"), each("qkv_bias"), each("attention_output"),
+        each("attention_output_bias"), *norms("attention_norm"), each("intermediate"), each("intermediate_bias"),
+        each("output"), each("output_bias"), *norms("output_norm"), threads)
 
 
 def classification_head(first, p: Classifier):
@@ -145,7 +145,7 @@ def forward(ids, offsets, weights: Weights, matrices: list, config: ModelConfig)
     """Packed ids [N] with offsets [B+1] -> [B] logits. matrices: layout.gemm_weights(weights)."""
     N = len(ids)
     buffers = {  # reused by every layer
-        "qkv": np.empty((N, matrices[0].qkv.shape[0] * kernels.PANEL), dtype=np.float32),
+        "qkv": np.empty((N, 3 * matrices[0].width), dtype=np.float32),
         "context": np.empty((N, config.hidden_size), dtype=np.float32),
     }
     x = embeddings(ids, offsets, weights.embeddings, config)  # [N, C]
