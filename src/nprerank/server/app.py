@@ -9,8 +9,8 @@ import contextlib
 import hmac
 
 from .batcher import Batcher
-from .cloudflare import CLOUDFLARE_MODEL, CLOUDFLARE_PATHS, Cloudflare
-from .cohere import Cohere
+from .cloudflare import Cloudflare
+from .dialects import dialects
 from .limits import Limits
 from .openapi import openapi_spec
 from .protocol import DEFAULT_MODEL, ApiError, Dialect, parse_json
@@ -35,7 +35,8 @@ def build_app(reranker_or_loader, api_key: str | None = None, model_name: str = 
 
     limits = Limits(**limits)
     batcher = Batcher(reranker_or_loader, limits.batch_tokens)
-    cloudflare, tei, cohere = Cloudflare(), TEI(limits.auto_truncate), Cohere()
+    spoken = dialects(limits)
+    tei = next(dialect for dialect in spoken if isinstance(dialect, TEI))
 
     def check_key(request):
         if api_key is None:
@@ -83,8 +84,8 @@ def build_app(reranker_or_loader, api_key: str | None = None, model_name: str = 
             finally:
                 admitted -= 1
         except ApiError as error:
-            status, body = dialect.error(error)
-            return JSONResponse(body, status_code=status)
+            status, body, headers = dialect.error_response(error)
+            return JSONResponse(body, status_code=status, headers=headers)
 
     async def admitted_rerank(request, dialect: Dialect):
         try:
@@ -109,21 +110,26 @@ def build_app(reranker_or_loader, api_key: str | None = None, model_name: str = 
             if not job.future.done():  # the client left before its answer
                 batcher.cancel(job)
                 return Response(status_code=499)
-            status, body = 200, dialect.answer(query, job.future.result(), tokens, model_name)
+            status, body, headers = 200, dialect.answer(query, job.future.result(), tokens, model_name), {}
         except ApiError as error:
-            status, body = dialect.error(error)
+            status, body, headers = dialect.error_response(error)
         except ClientDisconnect:
             return Response(status_code=499)
-        return JSONResponse(body, status_code=status)
+        return JSONResponse(body, status_code=status, headers=headers)
 
-    async def cloudflare_route(request):
-        return await rerank(request, cloudflare)
+    def rerank_route(dialect: Dialect):
+        async def route(request):
+            return await rerank(request, dialect)
+        return route
 
-    async def tei_route(request):
-        return await rerank(request, tei)
-
-    async def cohere_route(request):
-        return await rerank(request, cohere)
+    async def tei_info(request):
+        try:
+            check_key(request)
+            batcher.check_ready()
+        except ApiError as error:
+            status, body, headers = tei.error_response(error)
+            return JSONResponse(body, status_code=status, headers=headers)
+        return JSONResponse(tei.info(model_name, batcher.reranker.tokenizer.max_length, limits))
 
     async def health(request):
         status = {"status": batcher.state, "model": model_name, "queued": batcher.queue.qsize(),
@@ -141,11 +147,9 @@ def build_app(reranker_or_loader, api_key: str | None = None, model_name: str = 
 
     async def not_found(request, exc):
         path, status = request.url.path, getattr(exc, "status_code", 404)
-        if "/ai/run/" in path and status == 404:  # Workers AI's answer for a model it does not serve
-            model = path.split("/ai/run/", 1)[1]
-            body = {"result": {}, "success": False, "messages": [],
-                    "errors": [{"code": 5007, "message": f"AiError: No such model {model} or task; this server runs {CLOUDFLARE_MODEL}"}]}
-            return JSONResponse(body, status_code=400)
+        if status == 404 and Cloudflare.is_cloudflare_path(path):  # an unknown account path or model
+            status, body = Cloudflare.no_route(path)
+            return JSONResponse(body, status_code=status)
         message = f"no route {request.method} {path}; see GET /openapi.json" if status == 404 else \
             f"{request.method} is not allowed on {path}; see GET /openapi.json"
         return JSONResponse({"message": message}, status_code=status)
@@ -156,9 +160,10 @@ def build_app(reranker_or_loader, api_key: str | None = None, model_name: str = 
         yield
         batcher.stop()
 
-    routes = [Route(path, cloudflare_route, methods=["POST"]) for path in CLOUDFLARE_PATHS]
-    routes += [Route("/rerank", tei_route, methods=["POST"]), Route("/v1/rerank", cohere_route, methods=["POST"]),
-               Route("/health", health, methods=["GET"]), Route("/openapi.json", openapi, methods=["GET"])]
+    routes = [Route(path, rerank_route(dialect), methods=["POST"]) for dialect in spoken for path in dialect.paths]
+    # GET /ping and GET / are the health probes of TEI's deployments (SageMaker, Inference Endpoints)
+    routes += [Route(path, health, methods=["GET"]) for path in ("/health", "/ping", "/")]
+    routes += [Route("/info", tei_info, methods=["GET"]), Route("/openapi.json", openapi, methods=["GET"])]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: not_found, 405: not_found})
     app.state.batcher = batcher
     app.state.limits = limits

@@ -39,9 +39,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"(default {default.queue_size})")
     parser.add_argument("--batch-tokens", metavar="N", type=positive_int, default=default.batch_tokens,
                         help=f"tokens of waiting requests scored in one forward call (default {default.batch_tokens})")
-    parser.add_argument("--auto-truncate", action="store_true",
-                        help="TEI /rerank: cut over-long inputs when a request does not say `truncate` "
-                             "(default: refuse them with 413, as TEI does)")
+    parser.add_argument("--auto-truncate", action=argparse.BooleanOptionalAction, default=default.auto_truncate,
+                        help="TEI routes: cut an over-long pair when a request leaves out `truncate`, as TEI does "
+                             "since 1.9 (default); --no-auto-truncate refuses it with 413, as older TEI did")
+    parser.add_argument("--truncation", choices=("only_second", "longest_first"), default=None,
+                        help="how every route cuts a pair too long for the model: only the passage (only_second), "
+                             "or the longer side first (longest_first); default: TEI routes longest_first as TEI "
+                             "does, the others only_second as FlagEmbedding does")
     parser.add_argument("--threads", metavar="N", type=positive_int, default=None, help="CPU threads for the model (default: all cores)")
     parser.add_argument("--long-documents", choices=("truncate", "chunk"), default="truncate",
                         help="a passage longer than the model takes: cut it (default), or score its best window")
@@ -53,7 +57,7 @@ def serve_from_args(args: argparse.Namespace) -> None:
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key, threads=args.threads,
           long_documents=args.long_documents, log_level=args.log_level, max_body_bytes=args.max_body_bytes,
           max_contexts=args.max_contexts, queue_size=args.queue_size, batch_tokens=args.batch_tokens,
-          auto_truncate=args.auto_truncate)
+          auto_truncate=args.auto_truncate, truncation=args.truncation)
 
 
 def serve(model: str = DEFAULT_MODEL, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None,
@@ -68,6 +72,8 @@ def serve(model: str = DEFAULT_MODEL, host: str = "127.0.0.1", port: int = 8080,
         options = {"long_documents": long_documents}
         if threads is not None:
             options["threads"] = threads
+        if limits.get("truncation"):  # the server's --truncation, for routes whose Query leaves it to the server
+            options["truncation"] = limits["truncation"]
         return Reranker.from_pretrained(model, **options)
 
     app = build_app(load, api_key=api_key, model_name=str(model), **limits)
