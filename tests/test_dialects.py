@@ -21,7 +21,7 @@ from test_server import (  # noqa: E402  (the fixtures are used by name)
     cohere_error, expected_scores, limited_server, reranker, server, tei_error,
 )
 
-from nprerank import __version__  # noqa: E402
+from nprerank import Reranker, __version__  # noqa: E402
 from nprerank.server import CLOUDFLARE_MODEL, Limits  # noqa: E402
 
 _ = (client, limited_server, reranker, server)  # fixtures, imported to be found by name
@@ -174,6 +174,29 @@ def test_tei_long_input_without_truncate_is_cut(client, reranker):
     """LlamaIndex's TextEmbeddingInference reranker never sends `truncate`: TEI >= 1.9 cuts, and so do we."""
     query, texts = "what is panda?", [" ".join(TEXTS * 20), TEXTS[2]]
     check_tei(client.post("/rerank", json={"query": query, "texts": texts}), reranker, query, texts)
+
+
+@pytest.mark.skipif(not hasattr(Reranker, "encode"),
+                    reason="needs Reranker.encode(truncation=...), library-api's side of INTERFACES.md")
+def test_tei_cuts_longest_first_as_tei_does(client, reranker, tiny_model):
+    """Issue 9's case: TEI keeps 121 query tokens of "panda " * 150 against "hi" on a 128-token model
+    (transformers' longest_first), where FlagEmbedding's only_second keeps 96; the logit is the model's on them."""
+    from transformers import AutoTokenizer
+    from test_parity import TOLERANCE as PARITY_TOLERANCE, transformers_logits
+
+    query, texts = "panda " * 150, ["hi"]
+    max_length = reranker.tokenizer.max_length
+    ids = AutoTokenizer.from_pretrained(str(tiny_model))(query, texts[0], truncation="longest_first",
+                                                         max_length=max_length)["input_ids"]
+    assert max_length == 128 and ids.index(2) - 1 == 121  # <s> then the 121 query tokens kept, then </s>
+    expected = transformers_logits(tiny_model, [ids])[0]
+    cut_only_second = reranker.logits([(query, texts[0])])[0]  # the server's default for the other routes
+    for path in ("/rerank", "/", "/invocations"):
+        response = client.post(path, json={"query": query, "texts": texts, "truncate": True, "raw_scores": True})
+        assert response.status_code == 200, response.text
+        logit = response.json()[0]["score"]
+        assert abs(logit - expected) <= PARITY_TOLERANCE, f"server {logit}, transformers longest_first {expected}"
+    assert abs(cut_only_second - expected) > 10 * PARITY_TOLERANCE, "the case no longer tells the two cuts apart"
 
 
 @pytest.mark.parametrize("path", ["/", "/invocations"])
