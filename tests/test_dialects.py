@@ -156,6 +156,13 @@ def test_cloudflare_sdk(server, reranker):
     assert "7003" in str(unrouted.value) and "/client/v4" in str(unrouted.value)
 
 
+def test_cloudflare_sdk_wrong_token(limited_server):
+    cf = cloudflare.Cloudflare(api_token="wrong", base_url=limited_server.url + "/client/v4", max_retries=0)
+    with pytest.raises(cloudflare.AuthenticationError) as refused:
+        cf.ai.run(CLOUDFLARE_MODEL, account_id="account", extra_body={"query": "q", "contexts": [{"text": "a"}]})
+    assert "10000" in str(refused.value) and "invalid API key" in str(refused.value)
+
+
 def test_cloudflare_percent_encoded_model_path(client, reranker):
     path = "/client/v4/accounts/acc/ai/run/@cf%2Fbaai%2Fbge-reranker-base"
     check_cloudflare(client.post(path, json={"query": "q", "contexts": [{"text": "a"}, {"text": "b"}]}),
