@@ -1,9 +1,6 @@
 """startup.warm_up: it compiles or loads every kernel the forward pass uses, and says it compiles
-exactly when Numba compiles (before the wait, on the `say` it is given), never otherwise."""
-
-import os
-import subprocess
-import sys
+exactly when Numba compiles (before the wait, on the `say` it is given), never otherwise.
+Real processes with an empty Numba cache are in test_cli.py (the first run says it, the next not)."""
 
 import numba
 import numpy as np
@@ -60,27 +57,3 @@ def test_after_warm_up_no_input_compiles_anything(tiny_model):
         reranker.logits([("q", "p"), ("a longer query " * 5, "a much longer passage " * 40), ("x", "y " * 300)])
         reranker.logits([("one", "pair")])
     assert recorder.buffer == []
-
-
-WARM_UP_SCRIPT = """
-import sys
-from nprerank import Reranker
-from nprerank.startup import warm_up
-warm_up(Reranker.from_pretrained(sys.argv[1]))
-print("scored")
-"""
-
-
-def test_first_process_says_it_compiles_and_the_next_one_loads_silently(tiny_model, tmp_path):
-    """Real processes with an empty Numba cache: the first compiles and says so on stderr (stdout
-    stays the result), the second loads the kernels from the cache and says nothing."""
-    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
-    runs = [subprocess.run([sys.executable, "-c", WARM_UP_SCRIPT, str(tiny_model)], capture_output=True, text=True,
-                           env=env, timeout=600) for _ in range(2)]
-    for run in runs:
-        assert run.returncode == 0, run.stderr
-        assert run.stdout == "scored\n"
-    first, second = (run.stderr.splitlines() for run in runs)
-    assert first[0] == COMPILING, first
-    assert first[1].startswith("... compiled in "), first
-    assert second == []
