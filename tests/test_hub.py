@@ -183,7 +183,7 @@ def test_offline_flag_without_cache_fails_fast_saying_what_to_do(fake_hub, monke
         hub.resolve(REPO)
     assert time.perf_counter() - start < 10
     message = str(error.value)
-    assert "HF_HUB_OFFLINE" in message
+    assert "HF_HUB_OFFLINE unset" in message  # else `nprerank download` itself refuses
     assert_both_ways(message, REPO)
     assert fake_hub.requests == []
 
@@ -359,3 +359,12 @@ def test_interrupted_download_into_a_folder_leaves_nothing_half_made(fake_hub, t
     with pytest.raises(KeyboardInterrupt):
         hub.download(REPO, tmp_path / "weights")
     assert not (tmp_path / "weights").exists()
+
+
+def test_download_into_a_file_is_refused_and_leaves_it_alone(fake_hub, tmp_path):
+    target = tmp_path / "weights"
+    target.write_text("not a folder")
+    with pytest.raises(ModelError, match="exists and is not a folder"):
+        hub.download(REPO, target)
+    assert target.read_text() == "not a folder"
+    assert downloaded(fake_hub) == set()

@@ -57,7 +57,7 @@ def resolve(name_or_path=DEFAULT_MODEL, cache_dir=None, offline: bool | None = N
     if _offline(offline):
         raise ModelError(
             f"{repo_id} is not in the Hugging Face cache ({_cache_dir_shown(cache_dir)}) and HF_HUB_OFFLINE forbids "
-            f"downloading it; {how_to_get(repo_id)}"
+            f"downloading it; with HF_HUB_OFFLINE unset, {how_to_get(repo_id)}"
         )
     return _fetch(repo_id, revision, cache_dir=cache_dir, local_dir=None)
 
