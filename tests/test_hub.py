@@ -320,9 +320,11 @@ def test_failed_download_into_a_new_folder_leaves_no_folder(fake_hub, tmp_path):
     assert downloaded(fake_hub) >= {"config.json", "model.safetensors"}  # it did fail midway
     assert not (tmp_path / "models").exists()  # every folder it made is gone
     fake_hub.stop()  # an unreachable Hub: the listing fails before any file
-    with pytest.raises(ModelError, match="cannot reach"):
+    with pytest.raises(ModelError, match="cannot reach") as error:
         hub.download(REPO, target)
     assert not (tmp_path / "models").exists()
+    # the advice fits a download asked for: run it again, not "run nprerank download"
+    assert "run this again where the Hub is reachable" in str(error.value) and "nprerank download" not in str(error.value)
 
 
 def test_failed_download_into_an_existing_folder_keeps_only_what_was_there(fake_hub, tiny_model, tmp_path):

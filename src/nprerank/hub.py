@@ -59,7 +59,7 @@ def resolve(name_or_path=DEFAULT_MODEL, cache_dir=None, offline: bool | None = N
             f"{repo_id} is not in the Hugging Face cache ({_cache_dir_shown(cache_dir)}) and HF_HUB_OFFLINE forbids "
             f"downloading it; with HF_HUB_OFFLINE unset, {how_to_get(repo_id)}"
         )
-    return _fetch(repo_id, revision, cache_dir=cache_dir, local_dir=None)
+    return _fetch(repo_id, revision, cache_dir=cache_dir, local_dir=None, asked_to_download=False)
 
 
 def how_to_get(repo_id: str) -> str:
@@ -145,9 +145,9 @@ def _cached_folder(repo_id: str, revision: str | None, cache_dir) -> Path | None
     return folders.pop() if len(folders) == 1 else None
 
 
-def _fetch(repo_id: str, revision: str | None, cache_dir, local_dir) -> Path:
+def _fetch(repo_id: str, revision: str | None, cache_dir, local_dir, asked_to_download: bool = True) -> Path:
     """Ask the Hub what the repo holds (fast failure), download the files we need, verify them."""
-    listing = _listing(repo_id, revision)
+    listing = _listing(repo_id, revision, asked_to_download)
     missing = [name for name in REQUIRED_FILES if name not in listing]
     if missing:
         raise ModelError(
@@ -172,8 +172,10 @@ def _fetch(repo_id: str, revision: str | None, cache_dir, local_dir) -> Path:
     return folder
 
 
-def _listing(repo_id: str, revision: str | None) -> dict:
-    """File name -> the Hub's metadata for it (size, blob id, LFS sha256); raises ModelError fast."""
+def _listing(repo_id: str, revision: str | None, asked_to_download: bool) -> dict:
+    """File name -> the Hub's metadata for it (size, blob id, LFS sha256); raises ModelError fast.
+    asked_to_download: `nprerank download` (True) or a model looked for and not found (False):
+    what an unreachable Hub's message advises."""
     from huggingface_hub import HfApi
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
@@ -192,11 +194,12 @@ def _listing(repo_id: str, revision: str | None) -> dict:
     except HfHubHTTPError as e:
         raise ModelError(f"the Hub at {_endpoint_shown()} refused {what}: {_one_line(e)}") from None
     except Exception as e:  # connection refused, DNS failure, timeout, proxy ...: the Hub is unreachable
-        raise ModelError(
-            f"cannot reach the Hugging Face Hub at {_endpoint_shown()} to download {what} ({type(e).__name__}: "
-            f"{_one_line(e)}), and it is neither a local folder nor in the cache; set HF_ENDPOINT to a reachable "
-            f"mirror, or {how_to_get(repo_id)}"
-        ) from None
+        unreachable = f"cannot reach the Hugging Face Hub at {_endpoint_shown()} to download {what} ({type(e).__name__}: {_one_line(e)})"
+        if asked_to_download:
+            raise ModelError(f"{unreachable}; run this again where the Hub is reachable, or set HF_ENDPOINT to a "
+                             "reachable mirror; a model folder copied from elsewhere is used with --model FOLDER") from None
+        raise ModelError(f"{unreachable}, and it is neither a local folder nor in the cache; set HF_ENDPOINT to a "
+                         f"reachable mirror, or {how_to_get(repo_id)}") from None
     return {sibling.rfilename: sibling for sibling in info.siblings or []}
 
 
