@@ -30,7 +30,7 @@ CONTEXTS = [
 ]
 
 
-def run(*args, input=None, env=None, script=False, timeout=120, cwd=None):
+def run(*args, input=None, env=None, script=False, timeout=300, cwd=None):
     """Run the CLI; `input` as str (sent as UTF-8) or bytes; bytes arguments reach the process as
     they are (as a shell passes $'\\xff'). stdout and stderr come back decoded, byte for byte."""
     command = [shutil.which("nprerank")] if script else [sys.executable, "-m", "nprerank"]
