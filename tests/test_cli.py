@@ -6,8 +6,11 @@ the tiny test model; every error must be one line on stderr with the documented 
 
 import json
 import os
+import re
+import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -27,13 +30,19 @@ CONTEXTS = [
 ]
 
 
-def run(*args, input=None, env=None, script=False, timeout=120):
+def run(*args, input=None, env=None, script=False, timeout=300, cwd=None):
+    """Run the CLI; `input` as str (sent as UTF-8) or bytes; bytes arguments reach the process as
+    they are (as a shell passes $'\\xff'). stdout and stderr come back decoded, byte for byte."""
     command = [shutil.which("nprerank")] if script else [sys.executable, "-m", "nprerank"]
     # offline unless a test says otherwise: a test must never reach the real Hub
     full_env = {key: value for key, value in os.environ.items() if key != "NPRERANK_MODEL"}
     full_env.update({"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", **(env or {})})
-    return subprocess.run(command + [str(a) for a in args], input=input, capture_output=True, text=True,
-                          env=full_env, timeout=timeout, stdin=None if input is not None else subprocess.DEVNULL)
+    arguments = [a if isinstance(a, bytes) else str(a) for a in args]
+    result = subprocess.run(command + arguments, input=input.encode() if isinstance(input, str) else input,
+                            capture_output=True, env=full_env, timeout=timeout, cwd=cwd,
+                            stdin=None if input is not None else subprocess.DEVNULL)
+    result.stdout, result.stderr = result.stdout.decode(), result.stderr.decode()
+    return result
 
 
 def assert_error(result, code: int, *phrases):
@@ -202,7 +211,8 @@ def test_repo_id_with_nothing_cached_offline_fails_fast(tmp_path):
     start = time.perf_counter()
     result = run("rerank", QUERY, "a", env={"HF_HOME": str(tmp_path / "hf")})  # default model, HF_HUB_OFFLINE=1
     assert time.perf_counter() - start < 20  # includes starting Python
-    assert_error(result, 1, "BAAI/bge-reranker-base", "HF_HUB_OFFLINE", "local model folder")
+    assert_error(result, 1, "BAAI/bge-reranker-base", "HF_HUB_OFFLINE", "`nprerank download BAAI/bge-reranker-base`",
+                 "`--model weights/`")
 
 
 def test_interrupt_exits_130_without_traceback(tiny_model):
@@ -280,3 +290,229 @@ def test_reader_closing_the_pipe_early_is_not_an_error(tiny_model, tmp_path):
     stderr = process.stderr.read()
     assert process.wait(timeout=120) == 0, stderr
     assert stderr == ""
+
+
+# --- options of rerank ---------------------------------------------------------------------------
+
+
+def test_raw_prints_the_library_logits_in_the_same_order(tiny_model, expected):
+    logits = Reranker.from_pretrained(tiny_model).logits([(QUERY, text) for text in CONTEXTS])
+    result = run("rerank", QUERY, *CONTEXTS, "--model", tiny_model, "--json", "--raw")
+    assert result.returncode == 0, result.stderr
+    response = json.loads(result.stdout)["response"]
+    assert [hit["id"] for hit in response] == [hit["id"] for hit in expected]  # sigmoid keeps the order
+    for hit in response:
+        assert abs(hit["score"] - float(logits[hit["id"]])) <= 1e-6, (hit, logits)
+    assert any(hit["score"] < 0 or hit["score"] > 1 for hit in response)  # logits, not probabilities
+    table = run("rerank", QUERY, *CONTEXTS, "--model", tiny_model, "--raw").stdout
+    assert table.splitlines()[0].split() == ["rank", "id", "logit", "text"]
+
+
+@pytest.mark.parametrize("flags,tolerance", [
+    (["--engine", "reference"], 1e-4),  # the plain NumPy forward pass: the same scores within 1e-4
+    (["--batch-size", "1"], 1e-5),  # one pair per forward pass instead of all five in one
+    (["--engine", "fast", "--batch-size", "2"], 1e-5),
+])
+def test_engine_and_batch_size_give_the_same_scores(tiny_model, expected, flags, tolerance):
+    result = run("rerank", QUERY, *CONTEXTS, "--model", tiny_model, "--json", *flags)
+    assert result.returncode == 0, result.stderr
+    assert_same_ranking(json.loads(result.stdout)["response"], expected, tolerance=tolerance)
+
+
+@pytest.mark.parametrize("flags,code,phrases", [
+    (["--batch-size", "0"], 2, ["--batch-size", "'0'"]),
+    (["--batch-size", "many"], 2, ["--batch-size", "'many'"]),
+    (["--engine", "gpu"], 2, ["--engine", "'gpu'"]),
+    (["--max-length", "0"], 2, ["--max-length", "'0'"]),
+    (["--max-length", "3"], 1, ["max_length", "3"]),  # the library's rule: room for the special tokens
+    (["--max-length", "4000"], 1, ["max_length 4000"]),
+])
+def test_bad_option_values(tiny_model, flags, code, phrases):
+    assert_error(run("rerank", QUERY, "a", "--model", tiny_model, *flags), code, *phrases)
+
+
+# --- one reader, one set of rules: arguments, --file and stdin -------------------------------------
+
+# characters str.splitlines() would break a line at; inside a line of input they are text
+INSIDE_A_LINE = ["\f", "\v", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029", "\r", "\t"]
+PAGES = [f"page one{character}page two" for character in INSIDE_A_LINE]
+
+
+def texts_read(result) -> list:
+    """The contexts a --json run ranked, back in input order."""
+    assert result.returncode == 0, result.stderr
+    return [hit["text"] for hit in sorted(json.loads(result.stdout)["response"], key=lambda hit: hit["id"])]
+
+
+def test_a_line_holding_a_form_feed_or_unicode_separator_is_one_context(tiny_model, tmp_path):
+    # the issue's example: printf 'page one\fpage two\n' | nprerank rerank q
+    assert texts_read(run("rerank", "q", "--model", tiny_model, "--json", input="page one\fpage two\n")) == [
+        "page one\fpage two"]
+    # every such character, on stdin with \n line ends and in a file with \r\n ones (the \r goes)
+    assert texts_read(run("rerank", "q", "--model", tiny_model, "--json", input="\n".join(PAGES) + "\n\n")) == PAGES
+    path = tmp_path / "pages.txt"
+    path.write_bytes(("\r\n".join(PAGES) + "\r\n").encode())
+    result = run("rerank", "q", "--file", path, "--model", tiny_model, "--json", "--raw")
+    assert texts_read(result) == PAGES
+    # and those exact texts reached the model: the same logits as the library gives them
+    logits = Reranker.from_pretrained(tiny_model).logits([("q", page) for page in PAGES])
+    for hit in json.loads(result.stdout)["response"]:
+        assert abs(hit["score"] - float(logits[hit["id"]])) <= 1e-6
+
+
+def test_jsonl_is_split_at_newlines_only(tiny_model, tmp_path):
+    # escaped as json.dumps writes them, and raw (U+2028, U+0085 are legal raw in JSON strings; a raw
+    # \f or \v is kept too, as in a text line), with \n and \r\n line ends
+    escaped = "\n".join(json.dumps({"text": page}) for page in PAGES) + "\n"
+    raw = "\r\n".join('{"text": "%s", "id": %d}' % (page.replace("\t", " "), i) for i, page in enumerate(PAGES))
+    assert texts_read(run("rerank", "q", "--model", tiny_model, "--json", input=escaped)) == PAGES
+    path = tmp_path / "pages.jsonl"
+    path.write_bytes(raw.encode())
+    assert texts_read(run("rerank", "q", "--file", path, "--model", tiny_model, "--json")) == [
+        page.replace("\t", " ") for page in PAGES]
+    one_string_per_line = "\n".join('"%s"' % page for page in PAGES[5:8])  # \x85, U+2028, U+2029 raw
+    assert texts_read(run("rerank", "q", "--model", tiny_model, "--json", input=one_string_per_line)) == PAGES[5:8]
+
+
+def test_byte_order_mark_is_dropped(tiny_model, tmp_path):
+    bom = "\ufeff"
+    assert texts_read(run("rerank", "q", "--model", tiny_model, "--json", input=bom + "first\nsecond\n")) == [
+        "first", "second"]
+    path = tmp_path / "c.json"  # written by a Windows editor: BOM, then JSON
+    path.write_bytes((bom + json.dumps(["a", "b"])).encode())
+    assert texts_read(run("rerank", "q", "--file", path, "--model", tiny_model, "--json")) == ["a", "b"]
+    assert texts_read(run("rerank", "q", "--model", tiny_model, "--json", input=bom + '"x"\n"y"\n')) == ["x", "y"]
+
+
+@pytest.mark.parametrize("body,query,count", [
+    ({"query": QUERY, "documents": CONTEXTS, "top_n": 1}, [], 1),  # Cohere v2
+    ({"query": QUERY, "documents": [{"text": t} for t in CONTEXTS], "top_n": 2}, [], 2),  # Cohere v1, Jina
+    ({"query": QUERY, "texts": CONTEXTS, "raw_scores": False}, [], 5),  # TEI: no limit
+    ({"query": QUERY, "contexts": [{"text": t} for t in CONTEXTS], "top_k": 3}, [], 3),  # Cloudflare
+    ({"documents": CONTEXTS, "top_n": 2, "top_k": None}, [QUERY], 2),  # a null limit is no limit
+])
+def test_request_bodies_honour_their_limit(tiny_model, expected, tmp_path, body, query, count):
+    path = tmp_path / "body.json"
+    path.write_text(json.dumps(body), encoding="utf-8")
+    result = run("rerank", *query, "--file", path, "--model", tiny_model, "--json")
+    assert result.returncode == 0, result.stderr
+    assert_same_ranking(json.loads(result.stdout)["response"], expected[:count])
+    result = run("rerank", *query, "--file", path, "--model", tiny_model, "--json", "--top-k", "4")  # the flag wins
+    assert len(json.loads(result.stdout)["response"]) == 4
+
+
+@pytest.mark.parametrize("body,phrases", [
+    ({"query": QUERY, "documents": ["a", "b"], "top_k": 1, "top_n": 2}, ["both 'top_k' and 'top_n'"]),
+    ({"query": QUERY, "documents": ["a"], "top_n": 0}, ["'top_n' must be an integer >= 1", "0"]),
+    ({"query": QUERY, "texts": ["a"], "top_n": "2"}, ["'top_n' must be an integer >= 1"]),
+    ({"query": QUERY, "contexts": [{"text": "a"}], "documents": ["b"]}, ["contexts and documents"]),
+    ({"query": QUERY, "documents": "a"}, ["'documents' (Cohere, Jina)"]),
+    ({"query": QUERY, "texts": ["a", " "]}, ["item 1 is empty"]),
+    ({"query": 3, "texts": ["a"]}, ["'query' must be a string"]),
+    ({"query": " ", "texts": ["a"]}, ["'query' is empty"]),
+])
+def test_bad_request_bodies(tiny_model, tmp_path, body, phrases):
+    path = tmp_path / "body.json"
+    path.write_text(json.dumps(body), encoding="utf-8")
+    assert_error(run("rerank", "--file", path, "--model", tiny_model), 1, "body.json", *phrases)
+
+
+def test_text_that_is_not_unicode_is_refused_naming_where(tiny_model, tmp_path):
+    # arguments: Python keeps undecodable bytes as lone surrogates; usage errors, exit 2
+    assert_error(run("rerank", b"\xff", "a", "--model", tiny_model), 2, "the query is not valid UTF-8", "byte 0xff")
+    assert_error(run("rerank", QUERY, "ok", b"caf\xe9", "--model", tiny_model), 2,
+                 "context 1 is not valid UTF-8", "byte 0xe9 at character 3")
+    # stdin and files: not UTF-8 at all
+    assert_error(run("rerank", QUERY, "--model", tiny_model, input=b"ok\n\xff\xfe bad\n"), 1,
+                 "<stdin>: not UTF-8 text", "byte 0xff at offset 3")
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\xe9\n".encode("latin-1"))
+    assert_error(run("rerank", QUERY, "--file", latin1, "--model", tiny_model), 1, "latin1.txt: not UTF-8 text")
+    # JSON escapes of lone surrogates: valid JSON, not valid text
+    for name, text, phrases in [
+        ("c.json", '["a", "\\ud800"]', ["item 1", "lone surrogate U+D800"]),
+        ("c.jsonl", '"a"\n{"text": "b \\udc80"}\n', ["line 2", "lone surrogate U+DC80 at character 2"]),
+        ("b.json", '{"query": "\\udfff", "documents": ["a"]}', ["'query'", "lone surrogate U+DFFF"]),
+    ]:
+        path = tmp_path / name
+        path.write_text(text, encoding="utf-8")
+        assert_error(run("rerank", "--file", path, "--model", tiny_model), 1, name, "not valid Unicode", *phrases)
+
+
+# --- the first run compiles, and says so on stderr --------------------------------------------------
+
+
+def test_first_run_says_it_compiles_on_stderr_and_the_next_is_silent(tiny_model, tmp_path):
+    """With an empty Numba cache the kernels are compiled (~30 s): stderr says so before and after,
+    stdout is the result as always; the next run loads them from the cache and says nothing."""
+    from nprerank.startup import COMPILING
+
+    env = {"NUMBA_CACHE_DIR": str(tmp_path / "numba")}
+    first, second = (run("rerank", QUERY, *CONTEXTS, "--model", tiny_model, env=env, timeout=900) for _ in range(2))
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    said = first.stderr.splitlines()
+    assert said[0] == f"nprerank: {COMPILING}", said
+    assert said[1].startswith("nprerank: ... compiled in ") and len(said) == 2, said
+    assert second.stderr == ""
+    assert first.stdout == second.stdout == run("rerank", QUERY, *CONTEXTS, "--model", tiny_model).stdout
+
+
+# --- getting started offline: the advice works when followed -----------------------------------------
+
+
+def closed_port_url() -> str:
+    with socket.socket() as probe:  # a port that was free a moment ago: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{probe.getsockname()[1]}"
+
+
+def test_unreachable_hub_advice_leads_to_a_working_command(tiny_model, tmp_path):
+    from test_hub import FakeHub, model_files
+
+    from nprerank.hub import DEFAULT_MODEL
+
+    args = ("rerank", QUERY, *CONTEXTS, "--json")  # the README's command: the default model, by repo id
+    offline = {"HF_ENDPOINT": closed_port_url(), "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0"}
+    failed = run(*args, env=offline, cwd=tmp_path)
+    assert_error(failed, 1, "cannot reach", DEFAULT_MODEL)
+    advice = re.findall(r"`([^`]*)`", failed.stderr)
+    to_cache, to_folder, model_flag = advice[:3]
+    assert (to_cache, to_folder, model_flag) == (
+        f"nprerank download {DEFAULT_MODEL}", f"nprerank download {DEFAULT_MODEL} --dir weights/", "--model weights/")
+    want = run("rerank", QUERY, *CONTEXTS, "--json", "--model", tiny_model).stdout
+
+    hub_server = FakeHub(model_files(tiny_model), repo=DEFAULT_MODEL)  # the network, for a moment
+    online = {**offline, "HF_ENDPOINT": hub_server.url}
+    try:
+        fetched = run(*shlex.split(to_folder)[1:], env=online, cwd=tmp_path)
+        assert fetched.returncode == 0, fetched.stderr
+        assert "--model weights/" in fetched.stderr  # the download says how to use it, too
+        # the folder way, with the Hub gone again and nothing in the cache
+        hub_server.stop()
+        assert run(*args, *shlex.split(model_flag), env=offline, cwd=tmp_path).stdout == want
+        assert_error(run(*args, env=offline, cwd=tmp_path), 1, "cannot reach")  # a repo id is not looked up in weights/
+        hub_server = FakeHub(model_files(tiny_model), repo=DEFAULT_MODEL)
+        fetched = run(*shlex.split(to_cache)[1:], env={**online, "HF_ENDPOINT": hub_server.url}, cwd=tmp_path)
+        assert fetched.returncode == 0, fetched.stderr
+    finally:
+        hub_server.stop()
+    # the cache way: the very command that failed now works, offline
+    again = run(*args, env=offline, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == want
+
+
+def test_failed_download_leaves_no_folder(tiny_model, tmp_path):
+    from test_hub import REPO, FakeHub, model_files
+
+    hub_server = FakeHub(model_files(tiny_model))
+    hub_server.fail["model.safetensors"] = 500  # listed, and config.json arrives, then the big file fails
+    env = {"HF_ENDPOINT": hub_server.url, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0"}
+    try:
+        assert_error(run("download", REPO, "--dir", "weights/", env=env, cwd=tmp_path), 1, "model.safetensors", "500")
+    finally:
+        hub_server.stop()
+    assert not (tmp_path / "weights").exists()
+    env["HF_ENDPOINT"] = closed_port_url()
+    assert_error(run("download", REPO, "--dir", "weights/", env=env, cwd=tmp_path), 1, "cannot reach")
+    assert not (tmp_path / "weights").exists()

@@ -8,7 +8,8 @@
   for LFS files `X-Linked-Etag` (the sha256, which names the blob in the cache) and
   `X-Linked-Size`; GET honours `Range` so downloads resume.
 - Errors carry `X-Error-Code` (RepoNotFound, RevisionNotFound, EntryNotFound) as the Hub does.
-It serves a tiny model made by nprerank.synthetic, plus files nprerank must not download.
+It serves a tiny model made by nprerank.synthetic, plus files nprerank must not download, under
+any repo name (`REPO` unless told), and can fail a file's download after listing it.
 """
 
 import hashlib
@@ -31,10 +32,12 @@ LFS_FILES = {"model.safetensors", "tokenizer.json", "pytorch_model.bin", "onnx/m
 
 
 class FakeHub:
-    """A Hub endpoint on a free loopback port serving `files` (name -> bytes) as the repo `REPO`."""
+    """A Hub endpoint on a free loopback port serving `files` (name -> bytes) as the repo `repo`."""
 
-    def __init__(self, files: dict):
+    def __init__(self, files: dict, repo: str = REPO):
         self.files = dict(files)
+        self.repo = repo
+        self.fail = {}  # name -> HTTP status its GET answers, though the listing and HEAD show it
         self.corrupt = set()  # names served with one byte flipped (the listing keeps the true hash)
         self.cut_once = {}  # name -> serve only this many bytes on the next full GET, then hang up
         self.requests = []  # (method, path, Range header)
@@ -66,7 +69,7 @@ class FakeHub:
             if name in LFS_FILES:
                 entry["lfs"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "pointerSize": 134}
             siblings.append(entry)
-        return {"id": REPO, "modelId": REPO, "sha": COMMIT, "private": False, "siblings": siblings}
+        return {"id": self.repo, "modelId": self.repo, "sha": COMMIT, "private": False, "siblings": siblings}
 
     def _handle(self, request, body: bool):
         path = request.path.split("?")[0]
@@ -74,7 +77,7 @@ class FakeHub:
         api = re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/revision/([^/]+))?", path)
         resolve = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
         repo, revision = (api or resolve or re.match("(.*)()", path)).group(1, 2)
-        if repo != REPO:
+        if repo != self.repo:
             return _answer(request, 404, b'{"error": "Repository not found"}', {"X-Error-Code": "RepoNotFound"})
         if revision not in (None, "main", COMMIT):
             return _answer(request, 404, b'{"error": "Invalid rev id"}', {"X-Error-Code": "RevisionNotFound"})
@@ -98,6 +101,8 @@ class FakeHub:
         status = 206 if start else 200
         if not body:
             return _answer(request, status, b"", headers, length=len(data))
+        if name in self.fail:  # the Hub listed the file, then fails to serve it: a download dies midway
+            return _answer(request, self.fail[name], b"Internal Error", {"X-Request-Id": "test"})
         cut = self.cut_once.pop(name, None) if not start else None
         if cut is not None:  # promise the whole file, send part of it, hang up
             return _answer(request, 200, data[:cut], headers, length=len(data))
@@ -178,8 +183,8 @@ def test_offline_flag_without_cache_fails_fast_saying_what_to_do(fake_hub, monke
         hub.resolve(REPO)
     assert time.perf_counter() - start < 10
     message = str(error.value)
-    assert "HF_HUB_OFFLINE" in message and "local model folder" in message and "nprerank download" in message
-    assert "\n" not in message
+    assert "HF_HUB_OFFLINE unset" in message  # else `nprerank download` itself refuses
+    assert_both_ways(message, REPO)
     assert fake_hub.requests == []
 
 
@@ -191,7 +196,14 @@ def test_unreachable_hub_fails_fast_saying_what_to_do(fake_hub):
     assert time.perf_counter() - start < 10
     message = str(error.value)
     assert "cannot reach" in message and fake_hub.url in message and "neither a local folder nor in the cache" in message
-    assert "local model folder" in message and "HF_ENDPOINT" in message and "nprerank download" in message
+    assert "HF_ENDPOINT" in message
+    assert_both_ways(message, REPO)
+
+
+def assert_both_ways(message: str, repo: str):
+    """The advice names both ways to a working start, and says the folder way needs --model."""
+    assert f"`nprerank download {repo}`" in message and "Hugging Face cache" in message
+    assert f"`nprerank download {repo} --dir weights/`" in message and "`--model weights/`" in message
     assert "\n" not in message
 
 
@@ -297,4 +309,64 @@ def test_download_to_a_plain_folder(fake_hub, tiny_model, tmp_path):
     # a second run downloads nothing: the files are verified in place
     fake_hub.requests.clear()
     hub.download(REPO, target)
+    assert downloaded(fake_hub) == set()
+
+
+def test_failed_download_into_a_new_folder_leaves_no_folder(fake_hub, tmp_path):
+    fake_hub.fail["model.safetensors"] = 500  # config.json and tokenizer.json arrive first, then this fails
+    target = tmp_path / "models" / "nested" / "weights"
+    with pytest.raises(ModelError, match=r"downloading model\.safetensors of test-org/tiny-reranker .* failed"):
+        hub.download(REPO, target)
+    assert downloaded(fake_hub) >= {"config.json", "model.safetensors"}  # it did fail midway
+    assert not (tmp_path / "models").exists()  # every folder it made is gone
+    fake_hub.stop()  # an unreachable Hub: the listing fails before any file
+    with pytest.raises(ModelError, match="cannot reach") as error:
+        hub.download(REPO, target)
+    assert not (tmp_path / "models").exists()
+    # the advice fits a download asked for: run it again, not "run nprerank download"
+    assert "run this again where the Hub is reachable" in str(error.value) and "nprerank download" not in str(error.value)
+
+
+def test_failed_download_into_an_existing_folder_keeps_only_what_was_there(fake_hub, tiny_model, tmp_path):
+    target = tmp_path / "weights"
+    target.mkdir()
+    (target / "README.md").write_text("the user's own file\n")
+    fake_hub.fail["model.safetensors"] = 500
+    with pytest.raises(ModelError, match="model.safetensors"):
+        hub.download(REPO, target)
+    assert sorted(p.name for p in target.iterdir()) == ["README.md"]
+    # followed by a download that works, then one that fails: the good files from before stay
+    del fake_hub.fail["model.safetensors"]
+    hub.download(REPO, target)
+    before = sorted(p.name for p in target.iterdir())
+    fake_hub.fail["config.json"] = 500
+    (target / "config.json").unlink()  # missing again: this run must fetch it, and fails to
+    with pytest.raises(ModelError, match="config.json"):
+        hub.download(REPO, target)
+    assert sorted(p.name for p in target.iterdir()) == [name for name in before if name != "config.json"]
+    assert (target / "model.safetensors").read_bytes() == (tiny_model / "model.safetensors").read_bytes()
+
+
+def test_interrupted_download_into_a_folder_leaves_nothing_half_made(fake_hub, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    real = huggingface_hub.hf_hub_download
+
+    def interrupted(repo_id, filename, **options):
+        if filename == "model.safetensors":
+            raise KeyboardInterrupt  # Ctrl-C in the middle of the big file
+        return real(repo_id, filename, **options)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        hub.download(REPO, tmp_path / "weights")
+    assert not (tmp_path / "weights").exists()
+
+
+def test_download_into_a_file_is_refused_and_leaves_it_alone(fake_hub, tmp_path):
+    target = tmp_path / "weights"
+    target.write_text("not a folder")
+    with pytest.raises(ModelError, match="exists and is not a folder"):
+        hub.download(REPO, target)
+    assert target.read_text() == "not a folder"
     assert downloaded(fake_hub) == set()

@@ -52,7 +52,7 @@ WORKLOADS = ("rerank-100", "long", "single")
 REFERENCE = "nprerank-reference"  # the oracle every engine's logits are compared with
 FAST = "nprerank-fast"
 AGREEMENT = 1e-4  # max |logit difference| an engine may have from the reference (issue 3's parity bar)
-BENCH_EXTRA = "install torch (CPU build) and then pip install 'nprerank[bench]'"
+BENCH_EXTRA = "install torch (CPU build) and then, from the nprerank checkout, pip install '.[bench]'"
 CHILD_MARK = "nprerank-bench-child: "  # prefixes the one JSON line a child prints
 SGEMM_SIZE = 2048  # the ceiling: [2048, 2048] @ [2048, 2048] fp32, 17 GFLOP, ~0.1 s on 2 cores
 # Seconds of rest before each timed run. Thread pools spin after their work before they sleep

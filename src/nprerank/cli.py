@@ -1,15 +1,20 @@
 """`nprerank`, the command line (also `python -m nprerank`).
 
 What it owns: the subcommands and how they read their input and print their output.
-- `rerank QUERY [CONTEXT ...]`: contexts from the arguments, `--file` (JSON or JSONL), or stdin;
-  prints a table (rank, id, score, text) or, with `--json`, Cloudflare's `{"response": [...]}`.
-- `download [REPO_ID] [--dir DIR]`: hub.py's download, into the Hugging Face cache or a folder.
+- `rerank QUERY [CONTEXT ...]`: contexts from the arguments, `--file` or stdin, all read by one
+  reader with one set of rules (UTF-8, plain text split at newlines only, JSON, JSONL, or a
+  Cloudflare / Cohere / Jina / TEI request body with its top_k or top_n); prints a table (rank,
+  id, score, text) or, with `--json`, Cloudflare's `{"response": [...]}`; `--raw` for logits.
+  A first run that compiles the kernels says so on stderr (startup.py); stdout is only results.
+- `download [REPO_ID] [--dir DIR]`: hub.py's download, into the Hugging Face cache or a folder,
+  printing the folder on stdout and how to use it on stderr.
 - `serve` and `bench`: handed to server.py and bench.py (imported only when asked for, so that
   `rerank` starts without the web stack); each adds its own arguments.
 
-Exit codes: 0 done; 2 the command line is wrong (argparse's errors, an empty query, no contexts);
-1 something failed while running (a model or input file that cannot be used); 130 Ctrl-C. Every
-error is one line on stderr, `nprerank: error: ...`, never a traceback.
+Exit codes: 0 done; 2 the command line is wrong (argparse's errors, an empty query, no contexts,
+an argument that is not UTF-8); 1 something failed while running (a model, or an input file or
+stdin that cannot be used); 130 Ctrl-C. Every error is one line on stderr, `nprerank: error: ...`,
+never a traceback.
 
 Read next: reranker.py (what `rerank` calls), hub.py (what `download` and `--model` use).
 """
@@ -17,6 +22,7 @@ Read next: reranker.py (what `rerank` calls), hub.py (what `download` and `--mod
 import argparse
 import json
 import os
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -37,16 +43,25 @@ examples:
   nprerank bench --help
 
 The model is --model, else $NPRERANK_MODEL, else {DEFAULT_MODEL}: a local folder, or a Hugging Face
-repo id taken from the Hugging Face cache (HF_HOME) or downloaded on first use (HF_ENDPOINT,
-HF_HUB_OFFLINE are honoured).
+repo id, looked up in the Hugging Face cache (HF_HOME) and downloaded into it on first use
+(HF_ENDPOINT, HF_HUB_OFFLINE are honoured). To fetch it ahead of time, either
+  nprerank download                    # into the cache: the repo id then finds it, no --model needed
+  nprerank download --dir weights/     # into a plain folder: then pass --model weights/
+(a repo id is never looked up in a plain folder).
 exit codes: 0 ok, 1 runtime error, 2 usage error, 130 interrupted.
 """
 
 RERANK_INPUT = """\
 contexts come from the CONTEXT arguments, from --file, or from stdin when neither is given.
-A file or stdin holds JSON (a list of strings or of {"text": ...} objects, or a Cloudflare body
-{"query"?, "contexts", "top_k"?}), JSONL (one string or {"text": ...} per line), or plain text
-(one context per non-empty line). Output is best first.
+A file or stdin is UTF-8 (a byte order mark is dropped) holding one of:
+  JSON   a list of strings or of {"text": ...} objects, or a rerank request body: Cloudflare's
+         {"query"?, "contexts", "top_k"?}, Cohere's or Jina's {"query"?, "documents", "top_n"?},
+         TEI's {"query"?, "texts"}; the body's query and top_k / top_n apply unless given here
+  JSONL  one string or {"text": ...} per line
+  text   one context per non-empty line
+Lines end at \\n or \\r\\n only: a form feed, \\v or U+2028 inside a line stays in its context.
+Output is best first: a table, or with --json Cloudflare's {"response": [{"id", "score", "text"}]};
+scores are sigmoid(logit) in [0, 1], or the logits themselves with --raw.
 """
 
 
@@ -82,6 +97,10 @@ def build_parser() -> _Parser:
     rerank.add_argument("--file", "-f", metavar="PATH", help="read contexts from this JSON/JSONL/text file ('-' for stdin)")
     rerank.add_argument("--top-k", type=positive_int, metavar="K", help="print only the K best")
     rerank.add_argument("--json", action="store_true", help='print {"response": [{"id", "score", "text"}]} instead of a table')
+    rerank.add_argument("--raw", action="store_true",
+                        help="print the model's logits instead of sigmoid(logit) scores in [0, 1] (the ranking is the same)")
+    rerank.add_argument("--batch-size", type=positive_int, metavar="N",
+                        help="pairs per forward pass, at most (default 32; a token budget also bounds it)")
     _add_model_arguments(rerank)
     rerank.set_defaults(run=_rerank)
 
@@ -89,11 +108,14 @@ def build_parser() -> _Parser:
         "download", help="fetch the model's files from the Hugging Face Hub",
         description="Fetch config.json, tokenizer.json, model.safetensors (and small tokenizer files) of a "
         "Hugging Face repo, verify them, and print the folder they are in.",
-        epilog=f"examples:\n  nprerank download\n  nprerank download {DEFAULT_MODEL} --dir weights/",
+        epilog=f"examples:\n  nprerank download                      # then: nprerank rerank QUERY CONTEXT ...\n"
+        f"  nprerank download {DEFAULT_MODEL} --dir weights/   # then: nprerank rerank QUERY CONTEXT ... --model weights/\n\n"
+        "A download into --dir that fails leaves nothing half made: what it created is removed.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     download.add_argument("repo_id", metavar="REPO_ID", nargs="?", default=DEFAULT_MODEL, help=f"default {DEFAULT_MODEL}")
-    download.add_argument("--dir", metavar="DIR", help="write the files into this plain folder (default: the Hugging Face cache)")
+    download.add_argument("--dir", metavar="DIR", help="write the files into this plain folder instead of the Hugging Face cache; then pass "
+                          "it as --model DIR (a repo id is looked up in the cache only)")
     download.add_argument("--revision", help="a branch, tag or commit (default: main)")
     download.set_defaults(run=_download)
 
@@ -114,6 +136,9 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--truncation", choices=("only_second", "longest_first"), default="only_second",
                        help="only_second cuts the context, never the query (FlagEmbedding); longest_first cuts "
                        "the longer one (sentence-transformers, TEI). Default %(default)s")
+    group.add_argument("--engine", choices=("fast", "reference"), default="fast",
+                       help="fast: the Numba kernels; reference: the readable NumPy forward pass (slower, the same "
+                       "scores within 1e-4). Default %(default)s")
     group.add_argument("--long-documents", choices=("truncate", "chunk"), default="truncate",
                        help="truncate: score the start of a long context; chunk: score overlapping windows and "
                        "keep the best. Default %(default)s")
@@ -144,107 +169,167 @@ def main(argv=None) -> int:
 
 
 def _rerank(args, rest) -> int:
-    query, contexts, top_k = args.query, list(args.contexts), args.top_k
+    query, top_k = args.query, args.top_k
+    contexts = [_check_text(text, f"context {i}", argument=True) for i, text in enumerate(args.contexts)]
     if args.file is not None or (not contexts and sys.stdin is not None and not sys.stdin.isatty()):
         source = args.file if args.file not in (None, "-") else "<stdin>"
-        text = sys.stdin.read() if source == "<stdin>" else _read_file(args.file)
-        file_query, file_contexts, file_top_k = read_contexts(text, source)
+        data = sys.stdin.buffer.read() if source == "<stdin>" else _read_file(args.file)
+        file_query, file_contexts, file_top_k = read_contexts(decode(data, source), source)
         query = query if query is not None else file_query
         top_k = top_k if top_k is not None else file_top_k
         contexts += file_contexts
     if query is None:
         raise UsageError("a QUERY is required")
-    if not query.strip():
-        raise UsageError("the query is empty")
+    query = _check_text(query, "the query", argument=query is args.query)
     if not contexts:
         raise UsageError("no contexts to rank: give them as arguments, with --file, or on stdin")
-    for i, context in enumerate(contexts):
-        if not context.strip():
-            raise UsageError(f"context {i} is empty")
 
-    from .reranker import Reranker  # numpy, numba: only once the command line is known to be good
+    from .reranker import Reranker, best_first, sigmoid  # numpy, numba: once the command line is known good
+    from .startup import warm_up
 
-    options = dict(truncation=args.truncation, long_documents=args.long_documents)
+    options = dict(truncation=args.truncation, long_documents=args.long_documents, engine=args.engine)
     if args.max_length is not None:
         options["max_length"] = args.max_length
     if args.threads is not None:
         options["threads"] = args.threads
     reranker = Reranker.from_pretrained(args.model, **options)
-    ranked = reranker.rerank(query, [{"text": text} for text in contexts], top_k=top_k)
-    for hit in ranked:
-        hit["text"] = contexts[hit["id"]]
+    warm_up(reranker, say=_say)  # a first run compiles the kernels: say so on stderr, not in the results
+    logits = reranker.logits([(query, text) for text in contexts], batch_size=args.batch_size)
+    scores = logits.astype(float) if args.raw else sigmoid(logits)
+    ranked = [{"id": i, "score": float(scores[i]), "text": contexts[i]} for i in best_first(scores, top_k)]
     if args.json:
         print(json.dumps({"response": ranked}, ensure_ascii=False))
     else:
-        print(format_table(ranked))
+        print(format_table(ranked, score="logit" if args.raw else "score"))
     return 0
 
 
-def _read_file(path: str) -> str:
+def _say(message: str) -> None:
+    sys.stderr.write(f"nprerank: {message}\n")
+    sys.stderr.flush()
+
+
+# --- reading contexts: one reader, one set of rules for arguments, --file and stdin ---------------
+# Plain text is split on "\n" (a "\r" before it goes too) and nowhere else: str.splitlines would
+# also split on \v, \f, \x1c-\x1e, \x85, U+2028 and U+2029, which are characters inside a line of
+# text (a form feed between pages, a Unicode line separator), not a new context. JSONL is split the
+# same way: JSON strings may hold a raw U+2028 but never a raw newline, so a line is one value.
+
+
+def _read_file(path: str) -> bytes:
     try:
-        return Path(path).read_text(encoding="utf-8")
+        return Path(path).read_bytes()
     except FileNotFoundError:
         raise OSError(f"{path}: no such file") from None
-    except UnicodeDecodeError:
-        raise ValueError(f"{path}: not UTF-8 text") from None
+    except IsADirectoryError:
+        raise OSError(f"{path}: is a folder, not a file") from None
+
+
+def decode(data: bytes, source: str) -> str:
+    """A file's or stdin's bytes -> text: UTF-8, a byte order mark at the start dropped; else ValueError."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{source}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+
+
+def text_lines(text: str) -> list:
+    """(line number from 1, line) for each line with something on it; lines end at "\n" or "\r\n" only."""
+    return [(number, line.removesuffix("\r")) for number, line in enumerate(text.split("\n"), 1) if line.strip()]
 
 
 def read_contexts(text: str, source: str) -> tuple:
     """A file's text -> (query or None, [context], top_k or None). See RERANK_INPUT for the formats."""
-    stripped = text.strip()
-    if not stripped:
+    start = text.lstrip(" \t\r\n")[:1]  # JSON's own whitespace: a first character that decides the format
+    if not start:
         return None, [], None
-    if not (source.endswith((".json", ".jsonl")) or stripped[0] in '[{"'):
-        return None, [line for line in stripped.splitlines() if line.strip()], None
+    if not (source.endswith((".json", ".jsonl")) or start in '[{"'):
+        return None, [_check_text(line, f"{source}: line {number}") for number, line in text_lines(text)], None
     try:
-        data = json.loads(stripped)
+        data = _json(text)
     except json.JSONDecodeError as e:
         if e.msg != "Extra data":  # "Extra data": several JSON values, i.e. JSONL
             raise ValueError(f"{source}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
         items = []
-        for number, line in enumerate(stripped.splitlines(), 1):
-            if line.strip():
-                try:
-                    items.append(json.loads(line))
-                except json.JSONDecodeError as line_error:
-                    raise ValueError(f"{source}: line {number} is not valid JSON: {line_error.msg}") from None
-        return None, [_context(item, f"{source}: line {i + 1}") for i, item in enumerate(items)], None
+        for number, line in text_lines(text):
+            try:
+                items.append((number, _json(line)))
+            except json.JSONDecodeError as line_error:
+                raise ValueError(f"{source}: line {number} is not valid JSON: {line_error.msg}") from None
+        return None, [_context(item, f"{source}: line {number}") for number, item in items], None
     query, top_k = None, None
-    if isinstance(data, dict) and "text" not in data:  # a request body: Cloudflare's, or TEI's / Cohere's
-        key = next((k for k in ("contexts", "documents", "texts") if k in data), None)
-        if key is None or not isinstance(data[key], list):
-            raise ValueError(f"{source}: expected a list of contexts or an object with a 'contexts' list")
-        query, top_k, data = data.get("query"), data.get("top_k"), data[key]
-        if query is not None and not isinstance(query, str):
-            raise ValueError(f"{source}: 'query' must be a string")
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-            raise ValueError(f"{source}: 'top_k' must be an integer >= 1, got {top_k!r}")
+    if isinstance(data, dict) and "text" not in data:  # a request body: Cloudflare's, Cohere's / Jina's, TEI's
+        query, data, top_k = _body(data, source)
     items = data if isinstance(data, list) else [data]
     return query, [_context(item, f"{source}: item {i}") for i, item in enumerate(items)], top_k
+
+
+def _json(text: str):
+    # strict=False: a raw control character (a tab, \f, \v) inside a string is kept, as in a text line
+    return json.loads(text, strict=False)
+
+
+BODY_LISTS = {"contexts": "Cloudflare", "documents": "Cohere and Jina", "texts": "TEI"}
+BODY_LIMITS = ("top_k", "top_n")  # Cloudflare's name, Cohere's and Jina's
+
+
+def _body(body: dict, source: str) -> tuple:
+    """A rerank request body -> (query or None, its list of contexts, top_k or None)."""
+    keys = [key for key in BODY_LISTS if key in body]
+    if len(keys) != 1 or not isinstance(body[keys[0]], list):
+        found = f"; it has {' and '.join(keys)}" if len(keys) > 1 else ""
+        raise ValueError(f"{source}: expected a list of contexts or a request body with one list of them: 'contexts' "
+                         f"(Cloudflare), 'documents' (Cohere, Jina) or 'texts' (TEI){found}")
+    query = body.get("query")
+    if query is not None:
+        query = _check_text(query, f"{source}: 'query'")
+    limits = [key for key in BODY_LIMITS if body.get(key) is not None]
+    if len(limits) > 1:
+        raise ValueError(f"{source}: gives both 'top_k' and 'top_n'; keep one")
+    top_k = body[limits[0]] if limits else None
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"{source}: '{limits[0]}' must be an integer >= 1, got {top_k!r}")
+    return query, body[keys[0]], top_k
 
 
 def _context(item, where: str) -> str:
     text = item.get("text") if isinstance(item, dict) else item
     if not isinstance(text, str):
         raise ValueError(f"{where} must be a string or an object with a 'text' string, got {json.dumps(item)[:60]}")
+    return _check_text(text, where)
+
+
+def _check_text(text, where: str, argument: bool = False) -> str:
+    """`text` if it is a string with something on it in valid Unicode, else an error naming `where`:
+    a UsageError (exit 2) for a command-line argument, a ValueError (exit 1) for a file's content."""
+    error = UsageError if argument else ValueError
+    if not isinstance(text, str):
+        raise error(f"{where} must be a string, got {json.dumps(text)[:60]}")
     if not text.strip():
-        raise ValueError(f"{where} is empty")
+        raise error(f"{where} is empty")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        if argument and 0xDC80 <= code <= 0xDCFF:  # how Python keeps an argument's undecodable byte
+            raise error(f"{where} is not valid UTF-8 (byte 0x{code - 0xDC00:02x} at character {e.start})") from None
+        raise error(f"{where} is not valid Unicode text (a lone surrogate U+{code:04X} at character {e.start})") from None
     return text
 
 
-def format_table(ranked: list, width: int | None = None) -> str:
-    """[{"id", "score", "text"}] -> aligned rows of rank, id, score and the start of the text."""
+def format_table(ranked: list, width: int | None = None, score: str = "score") -> str:
+    """[{"id", "score", "text"}] -> aligned rows of rank, id, score (headed `score`) and the start of the text."""
     width = width or shutil.get_terminal_size((100, 24)).columns
     id_width = max(2, *(len(str(hit["id"])) for hit in ranked))
     rank_width = max(4, len(str(len(ranked))))
     preview = max(20, width - rank_width - id_width - 8 - 6)
-    lines = [f"{'rank':>{rank_width}}  {'id':>{id_width}}  {'score':<8}  text"]
+    rows = [f"{'rank':>{rank_width}}  {'id':>{id_width}}  {score:<8}  text"]
     for rank, hit in enumerate(ranked, 1):
         text = " ".join(hit["text"].split())
         if len(text) > preview:
             text = text[: preview - 3] + "..."
-        lines.append(f"{rank:>{rank_width}}  {hit['id']:>{id_width}}  {hit['score']:.6f}  {text}")
-    return "\n".join(lines)
+        rows.append(f"{rank:>{rank_width}}  {hit['id']:>{id_width}}  {hit['score']:.6f}  {text}")
+    return "\n".join(rows)
 
 
 # --- download, serve, bench --------------------------------------------------------------------
@@ -254,12 +339,17 @@ def _download(args, rest) -> int:
     from .hub import download
 
     folder = download(args.repo_id, args.dir, revision=args.revision)
-    print(folder)
+    print(folder)  # stdout: the folder alone, for scripts; how to use it goes to stderr
+    model = f"--model {shlex.quote(args.dir)}" if args.dir is not None else f"--model {args.repo_id}"
+    if args.dir is None and args.repo_id == DEFAULT_MODEL:
+        model += " (the default)"
+    where = "this folder" if args.dir is not None else "the Hugging Face cache"
+    _say(f"{args.repo_id} is ready in {where}: nprerank rerank QUERY CONTEXT ... {model}")
     return 0
 
 
 def _serve(args, rest) -> int:
-    server = _optional_module("server", "serve", "pip install 'nprerank[server]'")
+    server = _optional_module("server", "serve", "pip install '.[server]' from the nprerank checkout")
     parser = _Parser(prog="nprerank serve", description="Serve reranking over HTTP (Cloudflare Workers AI, "
                      "Text Embeddings Inference and Cohere/Jina dialects).")
     server.add_arguments(parser)
@@ -267,7 +357,7 @@ def _serve(args, rest) -> int:
 
 
 def _bench(args, rest) -> int:
-    bench = _optional_module("bench", "bench", "pip install 'nprerank[bench]'")
+    bench = _optional_module("bench", "bench", "pip install '.[bench]' from the nprerank checkout")
     parser = _Parser(prog="nprerank bench", description="Measure nprerank against torch and ONNX Runtime.")
     bench.add_arguments(parser)
     return bench.run_from_args(parser.parse_args(rest)) or 0

@@ -57,19 +57,65 @@ def resolve(name_or_path=DEFAULT_MODEL, cache_dir=None, offline: bool | None = N
     if _offline(offline):
         raise ModelError(
             f"{repo_id} is not in the Hugging Face cache ({_cache_dir_shown(cache_dir)}) and HF_HUB_OFFLINE forbids "
-            f"downloading it; pass a local model folder, or run `nprerank download {repo_id}` where there is network"
+            f"downloading it; with HF_HUB_OFFLINE unset, {how_to_get(repo_id)}"
         )
-    return _fetch(repo_id, revision, cache_dir=cache_dir, local_dir=None)
+    return _fetch(repo_id, revision, cache_dir=cache_dir, local_dir=None, asked_to_download=False)
+
+
+def how_to_get(repo_id: str) -> str:
+    """The two ways to a working start, as advice for an error message. The same story as the
+    README's "Getting the model": a repo id is looked up in the Hugging Face cache only, so a model
+    fetched into a plain folder must then be passed as that folder."""
+    return (
+        f"either run `nprerank download {repo_id}` where the Hub is reachable (into the Hugging Face cache, "
+        f"where this same command then finds it), or `nprerank download {repo_id} --dir weights/` and pass "
+        "that folder as the model (`--model weights/`, `Reranker.from_pretrained(\"weights/\")`); "
+        "a folder holding config.json, tokenizer.json and model.safetensors copied from elsewhere works the same way"
+    )
 
 
 def download(repo_id: str = DEFAULT_MODEL, dir=None, cache_dir=None, revision: str | None = None) -> Path:
-    """Fetch (or re-verify) the model's files: into the Hugging Face cache, or into the plain folder `dir`."""
+    """Fetch (or re-verify) the model's files: into the Hugging Face cache, or into the plain folder `dir`.
+
+    Into `dir`, a download that fails (or is interrupted) leaves nothing half made: the files and
+    folders this call created are removed, those that were there before are kept. (In the Hugging
+    Face cache, huggingface_hub keeps a partial file to resume on the next run; the cache is only
+    used once it holds every required file.)
+    """
     repo_id = _repo_id(str(repo_id))
     if _offline(None):
         raise ModelError(f"HF_HUB_OFFLINE is set, so {repo_id} cannot be downloaded; unset it or run this where there is network")
-    if dir is not None:
-        Path(dir).mkdir(parents=True, exist_ok=True)
-    return _fetch(repo_id, revision, cache_dir=cache_dir, local_dir=dir)
+    if dir is None:
+        return _fetch(repo_id, revision, cache_dir=cache_dir, local_dir=None)
+    target = Path(os.path.expanduser(str(dir)))
+    if target.exists() and not target.is_dir():
+        raise ModelError(f"{dir}: exists and is not a folder")
+    made = _new_paths(target)  # what a failure must remove: the files we may write, folders we create
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        return _fetch(repo_id, revision, cache_dir=cache_dir, local_dir=target)
+    except BaseException:  # a ModelError, or Ctrl-C in the middle of 1.1 GB
+        _remove(made)
+        raise
+
+
+def _new_paths(target: Path) -> list:
+    """The paths a download into `target` may create that do not exist yet, outermost first."""
+    missing = [folder for folder in (target, *target.parents) if not folder.exists()]
+    if missing:
+        return [missing[-1]]  # the outermost folder we are about to create holds everything else
+    names = REQUIRED_FILES + OPTIONAL_FILES + (".cache",)  # .cache: huggingface_hub's metadata for local_dir
+    return [target / name for name in names if not (target / name).exists() and not (target / name).is_symlink()]
+
+
+def _remove(paths: list) -> None:
+    import shutil
+
+    for path in paths:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def _repo_id(name: str) -> str:
@@ -99,9 +145,9 @@ def _cached_folder(repo_id: str, revision: str | None, cache_dir) -> Path | None
     return folders.pop() if len(folders) == 1 else None
 
 
-def _fetch(repo_id: str, revision: str | None, cache_dir, local_dir) -> Path:
+def _fetch(repo_id: str, revision: str | None, cache_dir, local_dir, asked_to_download: bool = True) -> Path:
     """Ask the Hub what the repo holds (fast failure), download the files we need, verify them."""
-    listing = _listing(repo_id, revision)
+    listing = _listing(repo_id, revision, asked_to_download)
     missing = [name for name in REQUIRED_FILES if name not in listing]
     if missing:
         raise ModelError(
@@ -126,8 +172,10 @@ def _fetch(repo_id: str, revision: str | None, cache_dir, local_dir) -> Path:
     return folder
 
 
-def _listing(repo_id: str, revision: str | None) -> dict:
-    """File name -> the Hub's metadata for it (size, blob id, LFS sha256); raises ModelError fast."""
+def _listing(repo_id: str, revision: str | None, asked_to_download: bool) -> dict:
+    """File name -> the Hub's metadata for it (size, blob id, LFS sha256); raises ModelError fast.
+    asked_to_download: `nprerank download` (True) or a model looked for and not found (False):
+    what an unreachable Hub's message advises."""
     from huggingface_hub import HfApi
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
@@ -146,11 +194,12 @@ def _listing(repo_id: str, revision: str | None) -> dict:
     except HfHubHTTPError as e:
         raise ModelError(f"the Hub at {_endpoint_shown()} refused {what}: {_one_line(e)}") from None
     except Exception as e:  # connection refused, DNS failure, timeout, proxy ...: the Hub is unreachable
-        raise ModelError(
-            f"cannot reach the Hugging Face Hub at {_endpoint_shown()} to download {what} ({type(e).__name__}: "
-            f"{_one_line(e)}), and it is neither a local folder nor in the cache; pass a local model folder, set "
-            f"HF_ENDPOINT to a reachable mirror, or run `nprerank download {repo_id} --dir weights/` where there is network"
-        ) from None
+        unreachable = f"cannot reach the Hugging Face Hub at {_endpoint_shown()} to download {what} ({type(e).__name__}: {_one_line(e)})"
+        if asked_to_download:
+            raise ModelError(f"{unreachable}; run this again where the Hub is reachable, or set HF_ENDPOINT to a "
+                             "reachable mirror; a model folder copied from elsewhere is used with --model FOLDER") from None
+        raise ModelError(f"{unreachable}, and it is neither a local folder nor in the cache; set HF_ENDPOINT to a "
+                         f"reachable mirror, or {how_to_get(repo_id)}") from None
     return {sibling.rfilename: sibling for sibling in info.siblings or []}
 
 
