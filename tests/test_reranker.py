@@ -131,3 +131,66 @@ def test_encoding_in_chunk_mode_scores_a_pair_as_its_best_window(tiny_model):
     window_logits = chunked.run(encoding.sequences)
     expected = [window_logits[encoding.owners == i].max() for i in range(3)]
     np.testing.assert_array_equal(encoding.pair_logits(window_logits), np.array(expected, dtype=np.float32))
+
+
+# --- bounded work: issue 10's one request that killed the server ------------------------------
+
+HUGE_QUERY = "word " * 200_000  # 1 MB, 200,000 tokens
+ONE_WORD_CONTEXTS = ["w"] * 1000
+
+
+def test_a_huge_query_is_read_once_and_only_as_far_as_the_model_can_see(tiny_model, monkeypatch):
+    from nprerank.tokenizer import PairTokenizer, prefix_chars
+
+    reranker = Reranker.from_pretrained(tiny_model)
+    handed = []
+    encode_texts = PairTokenizer.encode_texts
+    monkeypatch.setattr(PairTokenizer, "encode_texts", lambda self, texts: handed.extend(texts) or encode_texts(self, texts))
+    encoding = reranker.encode([(HUGE_QUERY, text) for text in ONE_WORD_CONTEXTS])
+    budget = reranker.tokenizer.max_length - 4
+    # the query once, cut to the prefix that holds budget + 1 tokens; the context once
+    assert sum(text.startswith("word") for text in handed) == 1 and handed.count("w") == 1
+    assert sum(map(len, handed)) <= prefix_chars(budget + 1) + 1
+    assert all(length > reranker.tokenizer.max_length for length in encoding.lengths)
+    query_limit = reranker.tokenizer.max_length * 3 // 4  # only_second: the query is cut to its share
+    (w,) = encode_texts(reranker.tokenizer, ["w"])
+    assert len(encoding.sequences) == 1000 and all(len(s) == query_limit + len(w) + 4 for s in encoding.sequences)
+
+
+@pytest.mark.parametrize("long_documents", ["truncate", "chunk"])
+def test_chunk_mode_reads_at_most_max_windows(tiny_model, monkeypatch, long_documents):
+    from nprerank.tokenizer import PairTokenizer, prefix_chars
+
+    reranker = Reranker.from_pretrained(tiny_model, max_length=32, long_documents=long_documents, max_windows=3)
+    handed = []
+    encode_texts = PairTokenizer.encode_texts
+    monkeypatch.setattr(PairTokenizer, "encode_texts", lambda self, texts: handed.extend(texts) or encode_texts(self, texts))
+    encoding = reranker.encode([("panda", HUGE_QUERY), (HUGE_QUERY, HUGE_QUERY)])
+    windows = np.bincount(encoding.owners).tolist()
+    assert windows == ([3, 3] if long_documents == "chunk" else [1, 1])
+    most = 28 * 3 if long_documents == "chunk" else 28 + 1  # tokens a passage can need
+    assert sum(map(len, handed)) <= len("panda") + prefix_chars(most)
+
+
+def test_a_huge_request_stays_in_bounded_memory(tiny_model):
+    """Issue 10's body (a 200,000-word query, 1,000 one-word contexts), peak memory of the call
+    measured in a fresh process: tens of MB, where tokenizing the query for each context took GBs."""
+    import subprocess
+    import sys
+
+    code = f"""
+import sys
+from nprerank import Reranker
+reranker = Reranker.from_pretrained(sys.argv[1], engine="reference")
+query, contexts = "word " * 200_000, ["w"] * 1000
+reranker.rerank("q", ["w"])
+open("/proc/self/clear_refs", "w").write("5")  # restart the peak (VmHWM) from here
+reranker.rerank(query, contexts)
+peak = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
+rss = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmRSS"))
+print(peak - rss)
+"""
+    done = subprocess.run([sys.executable, "-c", code, str(tiny_model)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    grown_mb = int(done.stdout.split()[-1]) / 1024
+    assert grown_mb < 100, f"the call's peak was {grown_mb:.0f} MB above the resident memory around it"
