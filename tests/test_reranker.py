@@ -194,3 +194,84 @@ print(peak - rss)
     assert done.returncode == 0, done.stderr[-2000:]
     grown_mb = int(done.stdout.split()[-1]) / 1024
     assert grown_mb < 100, f"the call's peak was {grown_mb:.0f} MB above the resident memory around it"
+
+
+# --- text that is not Unicode: a lone surrogate ("\ud800" is valid JSON and a valid Python str) ---
+
+LONE = "caf\ud800e"
+
+
+@pytest.mark.parametrize(
+    "call, name",
+    [
+        (lambda r: r.rerank(LONE, ["a"]), "query"),
+        (lambda r: r.rerank("q", ["a", LONE]), r"contexts\[1\].text"),
+        (lambda r: r.rerank("q", [{"text": "a"}, {"text": LONE}]), r"contexts\[1\].text"),
+        (lambda r: r.compute_score([("q", "a"), (LONE, "p")]), r"pairs\[1\]\[0\]"),
+        (lambda r: r.compute_score(("q", LONE)), r"pairs\[0\]\[1\]"),
+        (lambda r: r.predict([("q", "a"), ("q", "b"), ("q", LONE)]), r"pairs\[2\]\[1\]"),
+        (lambda r: r.predict((LONE, "a")), r"pairs\[0\]\[0\]"),
+        (lambda r: r.rank(LONE, ["a"]), "query"),
+        (lambda r: r.rank("q", ["a", "b", LONE]), r"documents\[2\]"),
+        (lambda r: r.encode([("q", "a"), ("q", LONE)]), r"pairs\[1\]\[1\]"),
+        (lambda r: r.logits([(LONE, "a")]), r"pairs\[0\]\[0\]"),
+        (lambda r: r.tokenizer.encode_pairs([("q", "\udfff")]), r"pairs\[0\]\[1\]"),
+        (lambda r: Reranker.from_pretrained("/tmp/\ud800"), "path"),
+    ],
+)
+def test_text_that_is_not_unicode_is_refused_naming_the_field(reranker, call, name):
+    with pytest.raises(ValueError, match=name + r" is not valid Unicode: a lone surrogate '\\ud[8f]"):
+        call(reranker)
+
+
+
+# --- per-call truncation, passage_max_length, lengths -------------------------------------------
+
+
+@pytest.mark.parametrize("loaded, asked", [("only_second", "longest_first"), ("longest_first", "only_second")])
+def test_truncation_per_call(tiny_model, loaded, asked):
+    """TEI cuts longest_first whatever the server was started with: one call, one policy."""
+    reranker = Reranker.from_pretrained(tiny_model, truncation=loaded)
+    other = Reranker.from_pretrained(tiny_model, truncation=asked)
+    pairs = [("panda " * 150, "hi"), ("what is panda?", "bamboo " * 300), ("panda " * 100, "bamboo " * 100)]
+    encoding = reranker.encode(pairs, truncation=asked)
+    assert encoding.sequences == other.encode(pairs).sequences != reranker.encode(pairs).sequences
+    np.testing.assert_array_equal(reranker.logits(pairs, truncation=asked), other.logits(pairs))
+    with pytest.raises(ValueError, match="truncation must be one of"):
+        reranker.encode(pairs, truncation="longest")
+
+
+def test_tei_long_query_keeps_what_tei_keeps(tiny_model):
+    """Issue 9: query "panda " * 150 and text "hi", max_length 128, longest_first: the query keeps
+    128 - 4 - len(hi) tokens, as transformers (TEI's tokenizer) does, not the 3/4 share of only_second."""
+    from transformers import AutoTokenizer
+
+    reranker = Reranker.from_pretrained(tiny_model)  # only_second by default
+    query, text = "panda " * 150, "hi"
+    (ids,) = reranker.encode([(query, text)], truncation="longest_first").sequences
+    expected = AutoTokenizer.from_pretrained(str(tiny_model))(query, text, truncation=True, max_length=128)["input_ids"]
+    assert ids == expected and len(ids) == 128
+
+
+def test_passage_max_length_cuts_every_passage_first(reranker):
+    """Cohere v2's max_tokens_per_doc: each document cut to that many tokens, then the pair as usual."""
+    tokenizer = reranker.tokenizer
+    pairs = [("q", "bamboo " * 300), ("q", "hi"), ("q", "the giant panda eats bamboo every day")]
+    query_ids = tokenizer.encode_texts(["q"])[0]
+    encoding = reranker.encode(pairs, passage_max_length=5)
+    for (_, passage), ids, length in zip(pairs, encoding.sequences, encoding.lengths):
+        passage_ids = tokenizer.encode_texts([passage])[0][:5]
+        assert ids == [0, *query_ids, 2, 2, *passage_ids, 2] and length == len(ids)
+    with pytest.raises(ValueError, match="passage_max_length must be an integer >= 1"):
+        reranker.encode(pairs, passage_max_length=0)
+
+
+@pytest.mark.parametrize("max_length", [128, 40, 16])
+def test_lengths_are_exact_up_to_max_length(reranker, max_length):
+    from cases import PAIRS
+
+    pairs = PAIRS + [("q", "word " * n) for n in range(0, 140, 7)]
+    encoding = reranker.encode(pairs, max_length=max_length)
+    for (query, passage), length in zip(pairs, encoding.lengths):
+        full = sum(map(len, reranker.tokenizer.encode_texts([query, passage]))) + 4
+        assert length == full if full <= max_length else length > max_length, (query[:20], passage[:20])

@@ -13,6 +13,7 @@ Read next: model.py (the fast forward pass it calls) and reference.py (the reada
 """
 
 import logging
+import os
 import sys
 from dataclasses import dataclass
 
@@ -64,6 +65,11 @@ class Reranker:
                         query_max_length: int | None = None, **options) -> "Reranker":
         """Load a bge-reranker-base folder (config.json, tokenizer.json, model.safetensors), or a
         Hugging Face repo id: found in the Hugging Face cache, else downloaded (hub.py)."""
+        if isinstance(path, str):
+            try:
+                os.fsencode(path)  # a lone surrogate cannot name a file (undecodable bytes still can)
+            except UnicodeEncodeError as e:
+                raise ValueError(f"path is not valid Unicode: a lone surrogate {path[e.start]!r} at character {e.start}") from None
         folder = resolve(path)
         missing = [name for name in MODEL_FILES if not (folder / name).is_file()]
         if missing:
