@@ -3,17 +3,24 @@
 `Reranker` owns everything between the user's texts and the model's forward pass: checking the
 input, tokenizing pairs, sorting them by length and cutting them into batches under a token
 budget (so memory stays bounded and little work goes to padding), running the model, restoring
-the input order, the sigmoid, and the ranking. It speaks the interfaces users already call:
+the input order, the sigmoid, and the ranking. The work is three steps, each public:
+
+- `encode(pairs, ...) -> Encoding`: the token-id sequences the model will be given, which pair
+  owns each, and each pair's length (tokenizer.py does the reading and cutting).
+- `run(sequences) -> [S] logits`: batched forward passes (the server's batcher runs several
+  requests' sequences in one call), then `Encoding.pair_logits` gives each pair its logit.
+- `score(encoding)` = `pair_logits(run(sequences))`; `logits(pairs)` = `score(encode(pairs))`.
+
+On top of them it speaks the interfaces users already call:
 
 - `rerank(query, contexts, top_k)`: Cloudflare Workers AI `@cf/baai/bge-reranker-base`.
-- `compute_score(pairs, normalize)`: FlagEmbedding's `FlagReranker.compute_score`.
-- `predict(pairs)` and `rank(query, documents)`: sentence-transformers' `CrossEncoder`.
+- `compute_score(sentence_pairs, ...)`: FlagEmbedding's `FlagReranker.compute_score`.
+- `predict(sentences, ...)` and `rank(query, documents, ...)`: sentence-transformers' `CrossEncoder`.
 
 Read next: model.py (the fast forward pass it calls) and reference.py (the readable one).
 """
 
 import logging
-import os
 import sys
 from dataclasses import dataclass
 
@@ -65,12 +72,7 @@ class Reranker:
                         query_max_length: int | None = None, **options) -> "Reranker":
         """Load a bge-reranker-base folder (config.json, tokenizer.json, model.safetensors), or a
         Hugging Face repo id: found in the Hugging Face cache, else downloaded (hub.py)."""
-        if isinstance(path, str):
-            try:
-                os.fsencode(path)  # a lone surrogate cannot name a file (undecodable bytes still can)
-            except UnicodeEncodeError as e:
-                raise ValueError(f"path is not valid Unicode: a lone surrogate {path[e.start]!r} at character {e.start}") from None
-        folder = resolve(path)
+        folder = resolve(check_text("path", path) if isinstance(path, str) else path)
         missing = [name for name in MODEL_FILES if not (folder / name).is_file()]
         if missing:
             raise ModelError(f"{folder}: missing {', '.join(missing)} (a model folder needs {', '.join(MODEL_FILES)})")
