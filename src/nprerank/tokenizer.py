@@ -284,9 +284,12 @@ def check_pairs(pairs) -> list:
     """[(query, passage)] of valid text -> the same as a list of tuples, else ValueError naming the pair."""
     if not isinstance(pairs, (list, tuple)):
         raise ValueError(f"pairs must be a list of (query, passage) pairs, got {type(pairs).__name__}")
-    checked = []
+    checked, seen = [], set()  # a query shared by every pair is checked once, not once per pair
     for i, pair in enumerate(pairs):
         if not isinstance(pair, (list, tuple)) or len(pair) != 2:
             raise ValueError(f"pairs[{i}] must be a (query, passage) pair of strings, got {pair!r:.80}")
-        checked.append((check_text(f"pairs[{i}][0]", pair[0]), check_text(f"pairs[{i}][1]", pair[1])))
+        for j, text in enumerate(pair):
+            if not (isinstance(text, str) and text in seen):
+                seen.add(check_text(f"pairs[{i}][{j}]", text))
+        checked.append(tuple(pair))
     return checked
