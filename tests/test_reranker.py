@@ -275,3 +275,13 @@ def test_lengths_are_exact_up_to_max_length(reranker, max_length):
     for (query, passage), length in zip(pairs, encoding.lengths):
         full = sum(map(len, reranker.tokenizer.encode_texts([query, passage]))) + 4
         assert length == full if full <= max_length else length > max_length, (query[:20], passage[:20])
+
+
+def test_each_distinct_text_is_checked_once(reranker, monkeypatch):
+    from nprerank import tokenizer
+
+    checked = []
+    check_text = tokenizer.check_text
+    monkeypatch.setattr(tokenizer, "check_text", lambda name, text, **kw: checked.append(name) or check_text(name, text, **kw))
+    reranker.encode([("熊猫 " * 1000, f"passage {i % 10}") for i in range(1000)])
+    assert len(checked) == 1 + 10
