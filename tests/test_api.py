@@ -6,6 +6,8 @@ its best window, the windows being made by `reranker.tokenizer.encode_chunked` a
 `reranker.run` here, independently of `Reranker.logits`.
 """
 
+import logging
+
 import numpy as np
 import pytest
 
@@ -98,6 +100,15 @@ def test_predict_takes_sentence_transformers_keywords(reranker, capsys):
     assert "Batches" in bar and f"{len(pairs)}/{len(pairs)}" in bar
     reranker.predict(pairs, show_progress_bar=False)
     assert capsys.readouterr().err == ""
+    logger = logging.getLogger("nprerank.reranker")  # None: shown when the logger is at INFO, as in s-t
+    reranker.predict(pairs)
+    assert capsys.readouterr().err == ""
+    try:
+        logger.setLevel(logging.INFO)
+        reranker.predict(pairs)
+        assert "Batches" in capsys.readouterr().err
+    finally:
+        logger.setLevel(logging.NOTSET)
 
     with pytest.raises(TypeError, match="unexpected keyword argument 'activation'"):
         reranker.predict(pairs, activation=None)
