@@ -19,7 +19,8 @@ class Cohere(Dialect):
 
     name = "cohere"
     statuses = dict(bad_json=400, media_type=415, invalid=400, empty=400, too_long=400, too_many=422,
-                    too_large=413, unauthorized=401, overloaded=429, loading=503, internal=500)
+                    too_large=413, unauthorized=401, forbidden=403, timeout=408, overloaded=429, loading=503,
+                    internal=500)
 
     def parse(self, payload, limits):
         payload = read_object(payload)

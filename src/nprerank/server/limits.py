@@ -13,12 +13,19 @@ class Limits:
 
     max_body_bytes: int = 4 * 1024 * 1024  # a larger request body is refused with 413
     max_contexts: int = 1000  # contexts / texts / documents in one request
-    queue_size: int = 64  # requests in progress (read, waiting or scored); one more is refused with 429
+    queue_size: int = 64  # requests read whole and waiting or being scored; one more is refused with 429
     batch_tokens: int = 16384  # tokens the worker takes from the queue for one forward call
     auto_truncate: bool = False  # TEI's `truncate` when a request leaves it out (TEI's default)
+    max_connections: int = 128  # open sockets; a request on one more is refused with 429 and closed
+    header_timeout: float = 10.0  # seconds from connecting (or the last answer) to a request's whole headers
+    body_timeout: float = 30.0  # seconds from the headers to the whole body; later: 408
+    shutdown_timeout: float = 10.0  # seconds requests in progress get on Ctrl-C / SIGTERM; later: 503
 
     def __post_init__(self):
         for field in fields(self):
             value = getattr(self, field.name)
             if field.type is int and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{field.name} must be an integer >= 1, got {value!r}")
+            if field.type is float and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                        or not 0 < value < 86400):
+                raise ValueError(f"{field.name} must be a number of seconds > 0, got {value!r}")
