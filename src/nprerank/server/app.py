@@ -25,8 +25,9 @@ import re
 
 from .access import Access
 from .batcher import Batcher
-from .cloudflare import CLOUDFLARE_MODEL, CLOUDFLARE_PATHS, Cloudflare
+from .cloudflare import Cloudflare
 from .cohere import Cohere
+from .dialects import dialects
 from .limits import Limits
 from .openapi import openapi_spec
 from .protocol import DEFAULT_MODEL, ApiError, Dialect, parse_json
@@ -55,8 +56,8 @@ def refusal(dialect: Dialect, error: ApiError, close: bool = False):
     """An ApiError as the dialect's JSON answer; `close` when the body was not read (it cannot be reused)."""
     from starlette.responses import JSONResponse
 
-    status, body = dialect.error(ApiError(error.kind, hide_paths(error.message)))
-    return JSONResponse(body, status_code=status, headers={"connection": "close"} if close else None)
+    status, body, headers = dialect.error_response(ApiError(error.kind, hide_paths(error.message)))
+    return JSONResponse(body, status_code=status, headers={**headers, "connection": "close"} if close else headers)
 
 
 def encode(reranker, query):
@@ -94,14 +95,15 @@ def build_app(reranker_or_loader, api_key: str | None = None, model_name: str = 
     limits = Limits(**limits)
     access = access or Access()
     batcher = Batcher(reranker_or_loader, limits.batch_tokens)
-    cloudflare, tei, cohere = Cloudflare(), TEI(limits.auto_truncate), Cohere()
-    # the rerank routes and their dialects; any other path answers in Cohere's {"message": ...} shape
-    rerank_routes = [(path, cloudflare) for path in CLOUDFLARE_PATHS] + [("/rerank", tei), ("/v1/rerank", cohere)]
+    spoken = dialects(limits)
+    tei = next(dialect for dialect in spoken if isinstance(dialect, TEI))
+    cohere = next(dialect for dialect in spoken if type(dialect) is Cohere)  # {"message"}: routes of no dialect
 
     def dialect_of(path: str) -> Dialect:
-        if "/ai/run/" in path:  # any model name: Workers AI answers an unknown one in its own shape
-            return cloudflare
-        return next((dialect for route, dialect in rerank_routes if route == path), cohere)
+        """The dialect whose shape a request to `path` is answered in, even a refusal or a 404."""
+        if Cloudflare.is_cloudflare_path(path):
+            return next(dialect for dialect in spoken if isinstance(dialect, Cloudflare))
+        return next((dialect for dialect in spoken if path in dialect.paths), cohere)
 
     def check_key(request):
         if api_key is None:
@@ -253,6 +255,14 @@ def build_app(reranker_or_loader, api_key: str | None = None, model_name: str = 
 
         return route
 
+    async def tei_info(request):
+        try:
+            check_key(request)
+            batcher.check_ready()
+        except ApiError as error:
+            return refusal(tei, error)
+        return JSONResponse(tei.info(model_name, batcher.reranker.tokenizer.max_length, limits))
+
     async def health(request):
         status = {"status": batcher.state, "model": model_name, "queued": batcher.queue.qsize(),
                   "requests_scored": batcher.requests_scored, "forward_calls": batcher.forward_calls}
@@ -269,11 +279,9 @@ def build_app(reranker_or_loader, api_key: str | None = None, model_name: str = 
 
     async def not_found(request, exc):
         path, status = request.url.path, getattr(exc, "status_code", 404)
-        if "/ai/run/" in path and status == 404:  # Workers AI's answer for a model it does not serve
-            model = path.split("/ai/run/", 1)[1]
-            body = {"result": {}, "success": False, "messages": [],
-                    "errors": [{"code": 5007, "message": f"AiError: No such model {model} or task; this server runs {CLOUDFLARE_MODEL}"}]}
-            return JSONResponse(body, status_code=400)
+        if status == 404 and Cloudflare.is_cloudflare_path(path):  # an unknown account path or model
+            status, body = Cloudflare.no_route(path)
+            return JSONResponse(body, status_code=status)
         message = f"no route {request.method} {path}; see GET /openapi.json" if status == 404 else \
             f"{request.method} is not allowed on {path}; see GET /openapi.json"
         return JSONResponse({"message": message}, status_code=status)
@@ -284,8 +292,10 @@ def build_app(reranker_or_loader, api_key: str | None = None, model_name: str = 
         yield
         await run_in_threadpool(batcher.stop)  # joining the model thread must not stall the event loop
 
-    routes = [Route(path, rerank_route(dialect), methods=["POST"]) for path, dialect in rerank_routes]
-    routes += [Route("/health", health, methods=["GET"]), Route("/openapi.json", openapi, methods=["GET"])]
+    routes = [Route(path, rerank_route(dialect), methods=["POST"]) for dialect in spoken for path in dialect.paths]
+    # GET /ping and GET / are the health probes of TEI's deployments (SageMaker, Inference Endpoints)
+    routes += [Route(path, health, methods=["GET"]) for path in ("/health", "/ping", "/")]
+    routes += [Route("/info", tei_info, methods=["GET"]), Route("/openapi.json", openapi, methods=["GET"])]
     middleware = [Middleware(Gate)]
     if access.any_origin or access.origins:  # browsers of the allowed origins get CORS headers and preflights
         middleware.append(Middleware(CORSMiddleware, allow_origins=["*"] if access.any_origin else sorted(access.origins),

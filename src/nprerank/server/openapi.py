@@ -1,83 +1,51 @@
 """The OpenAPI 3.1 description of every route, served at `GET /openapi.json`.
 
+Each dialect brings its own paths and schemas (`Dialect.paths`, `Dialect.schemas`); this module
+adds the routes that are not a dialect's rerank: health, TEI's `/info` and this description.
 Read next: app.py (the routes this must list; tests/test_server.py checks they agree).
 """
 
-from .cloudflare import CLOUDFLARE_PATHS, Cloudflare
-from .cohere import Cohere
+from .. import __version__
+from .dialects import dialects
 from .limits import Limits
 from .protocol import Dialect
 from .tei import TEI
 
+HEALTH = {"summary": "200 when the model is ready, 503 while it loads or if it failed; needs no API key",
+          "responses": {"200": {"description": "ready"}, "503": {"description": "loading or failed"}}}
+
 
 def openapi_spec(limits: Limits = Limits()) -> dict:
     """OpenAPI 3.1 for every route; tests/test_server.py checks that it lists exactly the app's routes."""
-    text = {"type": "string", "minLength": 1}
-    texts = lambda item: {"type": "array", "minItems": 1, "maxItems": limits.max_contexts, "items": item}  # noqa: E731
-    positive = {"type": "integer", "minimum": 1}
-    cloudflare_request = {"type": "object", "required": ["query", "contexts"], "properties": {
-        "query": text, "top_k": positive,
-        "contexts": texts({"type": "object", "required": ["text"], "properties": {"text": text}})}}
-    cloudflare_answer = {"type": "object", "properties": {
-        "result": {"type": "object", "properties": {"response": {"type": "array", "items": {
-            "type": "object", "properties": {"id": {"type": "integer"}, "score": {"type": "number"}}}}}},
-        "success": {"type": "boolean"}, "errors": {"type": "array"}, "messages": {"type": "array"}}}
-    cloudflare_error = {"type": "object", "properties": {
-        "result": {"type": "object"}, "success": {"const": False}, "messages": {"type": "array"},
-        "errors": {"type": "array", "items": {"type": "object", "properties": {
-            "code": {"type": "integer"}, "message": {"type": "string"}}}}}}
-    tei_request = {"type": "object", "required": ["query", "texts"], "properties": {
-        "query": text, "texts": texts(text), "raw_scores": {"type": "boolean", "default": False},
-        "return_text": {"type": "boolean", "default": False},
-        "truncate": {"type": "boolean", "default": limits.auto_truncate},
-        "truncation_direction": {"enum": ["Right"], "default": "Right"}}}
-    tei_answer = {"type": "array", "items": {"type": "object", "properties": {
-        "index": {"type": "integer"}, "score": {"type": "number"}, "text": {"type": "string"}}}}
-    tei_error = {"type": "object", "properties": {"error": {"type": "string"}, "error_type": {"type": "string"}}}
-    cohere_request = {"type": "object", "required": ["query", "documents"], "properties": {
-        "model": {"type": "string"}, "query": text, "top_n": positive,
-        "return_documents": {"type": "boolean", "default": False},
-        "documents": texts({"oneOf": [text, {"type": "object", "required": ["text"], "properties": {"text": text}}]})}}
-    cohere_answer = {"type": "object", "properties": {
-        "id": {"type": "string"}, "model": {"type": "string"}, "meta": {"type": "object"}, "usage": {"type": "object"},
-        "results": {"type": "array", "items": {"type": "object", "properties": {
-            "index": {"type": "integer"}, "relevance_score": {"type": "number"},
-            "document": {"type": "object", "properties": {"text": {"type": "string"}}}}}}}}
-    message_error = {"type": "object", "properties": {"message": {"type": "string"}}}
-
-    def post(summary, request, answer, error, dialect: Dialect, parameters=()):
-        codes = sorted(set(dialect.statuses.values()))
-        responses = {"200": {"description": "best first", "content": {"application/json": {"schema": answer}}}}
-        responses.update({str(code): {"description": "error", "content": {"application/json": {"schema": error}}}
-                          for code in codes})
-        return {"post": {"summary": summary, "parameters": list(parameters), "responses": responses,
-                         "requestBody": {"required": True, "content": {"application/json": {"schema": request}}}}}
-
-    account = {"name": "account_id", "in": "path", "required": True, "schema": {"type": "string"},
-               "description": "any value; kept so Cloudflare's URLs work unchanged"}
-    cloudflare_summary = "Cloudflare Workers AI @cf/baai/bge-reranker-base: sigmoid scores, best first, at most top_k"
+    paths = {}
+    for dialect in dialects(limits):
+        for path in dialect.paths:
+            paths.setdefault(path, {})["post"] = rerank_operation(dialect, limits, path)
+    for path in ("/health", "/ping", "/"):  # /ping and GET / are TEI's (and SageMaker's) health probes
+        paths.setdefault(path, {})["get"] = HEALTH
+    tei_error = TEI().schemas(limits)["error"]
+    paths["/info"] = {"get": {"summary": "Text Embeddings Inference's description of the model and the limits", "responses": {
+        "200": {"description": "TEI's Info", "content": {"application/json": {"schema": TEI.info_schema()}}},
+        "503": {"description": "the model is loading", "content": {"application/json": {"schema": tei_error}}}}}}
+    paths["/openapi.json"] = {"get": {"summary": "this description", "responses": {"200": {"description": "OpenAPI 3.1"}}}}
     return {
         "openapi": "3.1.0",
-        "info": {"title": "nprerank", "version": _version(),
-                 "description": "bge-reranker-base in three rerank dialects. With --api-key every route "
-                                "but /health needs 'Authorization: Bearer <key>'."},
-        "paths": {
-            CLOUDFLARE_PATHS[0]: post(cloudflare_summary, cloudflare_request, cloudflare_answer, cloudflare_error,
-                                      Cloudflare(), [account]),
-            CLOUDFLARE_PATHS[1]: post(cloudflare_summary, cloudflare_request, cloudflare_answer, cloudflare_error,
-                                      Cloudflare()),
-            "/rerank": post("Text Embeddings Inference rerank: sigmoid scores (logits with raw_scores), best first",
-                            tei_request, tei_answer, tei_error, TEI()),
-            "/v1/rerank": post("Cohere / Jina rerank: relevance_score best first, at most top_n",
-                               cohere_request, cohere_answer, message_error, Cohere()),
-            "/health": {"get": {"summary": "200 when the model is ready, 503 while it loads or if it failed",
-                                "responses": {"200": {"description": "ready"}, "503": {"description": "loading or failed"}}}},
-            "/openapi.json": {"get": {"summary": "this description", "responses": {"200": {"description": "OpenAPI 3.1"}}}},
-        },
+        "info": {"title": "nprerank", "version": __version__,
+                 "description": "a bge-reranker cross-encoder in the rerank dialects of Cloudflare Workers AI, "
+                                "Text Embeddings Inference, Cohere (v1 and v2) and Jina. With --api-key every route "
+                                "but the health probes needs 'Authorization: Bearer <key>'."},
+        "paths": paths,
     }
 
 
-def _version() -> str:
-    from .. import __version__
-
-    return __version__
+def rerank_operation(dialect: Dialect, limits: Limits, path: str) -> dict:
+    """The POST operation of one dialect's rerank route: its request, its answer, its error statuses."""
+    schemas = dialect.schemas(limits)
+    json_of = lambda schema: {"application/json": {"schema": schema}}  # noqa: E731
+    responses = {"200": {"description": "best first", "content": json_of(schemas["answer"])}}
+    responses.update({str(code): {"description": "error", "content": json_of(schemas["error"])}
+                      for code in sorted(set(dialect.statuses.values()))})
+    parameters = [{"name": "account_id", "in": "path", "required": True, "schema": {"type": "string"},
+                   "description": "any value; kept so Cloudflare's URLs work unchanged"}] if "{account_id}" in path else []
+    return {"summary": dialect.summary, "parameters": parameters, "responses": responses,
+            "requestBody": {"required": True, "content": json_of(schemas["request"])}}

@@ -19,8 +19,9 @@ DEFAULT_MODEL = "BAAI/bge-reranker-base"
 class ApiError(Exception):
     """A request we refuse. `kind` says why; each dialect maps kinds to its own status and shape."""
 
-    KINDS = ("bad_json", "media_type", "invalid", "empty", "too_many", "too_long", "too_large",
+    KINDS = ("bad_json", "media_type", "invalid", "empty", "empty_pair", "too_many", "too_long", "too_large",
              "unauthorized", "forbidden", "timeout", "overloaded", "loading", "internal")
+    # empty: a list with no items; empty_pair: a pair whose query and text are both "" (TEI's rule)
 
     def __init__(self, kind: str, message: str):
         assert kind in self.KINDS, kind
@@ -39,6 +40,8 @@ class Query:
     return_text: bool = False  # TEI's return_text, Cohere's return_documents
     truncate: bool = True  # False: refuse a pair that does not fit instead of cutting it (TEI)
     model: str | None = None  # Cohere/Jina echo it back
+    truncation: str | None = None  # "only_second" | "longest_first"; None: the server's --truncation
+    passage_max_length: int | None = None  # Cohere v2's max_tokens_per_doc: tokens kept of each text
 
 
 # --- reading a request ------------------------------------------------------------------------
@@ -59,30 +62,48 @@ def read_object(payload) -> dict:
     return payload
 
 
-def read_text(value, name: str) -> str:
+# How a dialect treats a text with nothing in it: "refuse" an empty string (Cloudflare's minLength 1),
+# "blank" refuses whitespace-only too (Cohere), "allow" takes "" (TEI; see TEI.parse for its rule).
+EMPTY_RULES = ("refuse", "blank", "allow")
+
+
+def read_text(value, name: str, empty: str = "refuse") -> str:
+    """A JSON string that is valid Unicode, checked against the dialect's rule for empty text."""
     if not isinstance(value, str):
         raise ApiError("invalid", f"{name} must be a string, got {json_type(value)}")
-    if not value:
+    check_unicode(value, name)
+    if not value and empty != "allow":
         raise ApiError("invalid", f"{name} must not be empty")
+    if empty == "blank" and not value.strip():
+        raise ApiError("invalid", f"{name} is blank (only whitespace); send text to rank")
     return value
 
 
-def read_query(payload: dict, ranked: str) -> str:
+def check_unicode(value: str, name: str) -> None:
+    """JSON may spell a lone UTF-16 surrogate ("\\ud800"): valid JSON, but not text anything can encode."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ApiError("invalid", f"{name} is not valid Unicode: character {e.start} is a lone surrogate "
+                                  f"(\\u{ord(value[e.start]):04x}); send UTF-8 text") from None
+
+
+def read_query(payload: dict, ranked: str, empty: str = "refuse") -> str:
     if "query" not in payload:
         raise ApiError("invalid", f"query is required: the text to rank the {ranked} against")
-    return read_text(payload["query"], "query")
+    return read_text(payload["query"], "query", empty)
 
 
-def read_texts(items: list, name: str, objects: bool = True, strings: bool = True) -> list:
+def read_texts(items: list, name: str, objects: bool = True, strings: bool = True, empty: str = "refuse") -> list:
     """The text of each item: a string, or an object {"text": ...}, as far as the dialect allows."""
     texts = []
     for i, item in enumerate(items):
         if objects and isinstance(item, dict):
             if "text" not in item:
                 raise ApiError("invalid", f"{name}[{i}] has no text field")
-            texts.append(read_text(item["text"], f"{name}[{i}].text"))
+            texts.append(read_text(item["text"], f"{name}[{i}].text", empty))
         elif strings:
-            texts.append(read_text(item, f"{name}[{i}]"))
+            texts.append(read_text(item, f"{name}[{i}]", empty))
         else:
             raise ApiError("invalid", f'{name}[{i}] must be an object {{"text": "..."}}, got {json_type(item)}')
     return texts
@@ -124,11 +145,20 @@ def json_type(value) -> str:
 
 
 class Dialect:
-    """How one API family spells requests, answers and errors. Subclasses fill in the tables."""
+    """How one API family spells requests, answers and errors. Subclasses fill in the tables.
+
+    The app serves `parse` -> score -> `answer` at each of `paths` (POST), and answers a refusal
+    with `error_response`; openapi.py describes the same paths with `schemas`.
+    """
 
     name = ""
+    paths: tuple = ()  # the POST routes that speak this dialect
+    summary = ""  # one line for the OpenAPI description
     json_only = True  # refuse a body whose Content-Type is not JSON (415)
     statuses: dict = {}  # ApiError kind -> HTTP status
+    # Seconds a client should wait before retrying, sent as Retry-After: the retry logic of the
+    # SDKs (cohere's, cloudflare's, ...) reads it on 429 and 503 in every dialect.
+    retry_after = {429: 1, 503: 5}
 
     def parse(self, payload, limits: Limits) -> Query:
         raise NotImplementedError
@@ -138,4 +168,14 @@ class Dialect:
 
     def error(self, error: ApiError) -> tuple:
         """-> (HTTP status, JSON body)."""
+        raise NotImplementedError
+
+    def error_response(self, error: ApiError) -> tuple:
+        """-> (HTTP status, JSON body, headers): `error` plus Retry-After where a retry can succeed."""
+        status, body = self.error(error)
+        headers = {"Retry-After": str(self.retry_after[status])} if status in self.retry_after else {}
+        return status, body, headers
+
+    def schemas(self, limits: Limits) -> dict:
+        """OpenAPI schemas of this dialect: {"request": ..., "answer": ..., "error": ...}."""
         raise NotImplementedError

@@ -71,9 +71,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "with CORS headers (repeat for more; '*' for any). Default: none")
     parser.add_argument("--batch-tokens", metavar="N", type=positive_int, default=default.batch_tokens,
                         help=f"tokens of waiting requests scored in one forward call (default {default.batch_tokens})")
-    parser.add_argument("--auto-truncate", action="store_true",
-                        help="TEI /rerank: cut over-long inputs when a request does not say `truncate` "
-                             "(default: refuse them with 413, as TEI does)")
+    parser.add_argument("--auto-truncate", action=argparse.BooleanOptionalAction, default=default.auto_truncate,
+                        help="TEI routes: cut an over-long pair when a request leaves out `truncate`, as TEI does "
+                             "since 1.9 (default); --no-auto-truncate refuses it with 413, as older TEI did")
+    parser.add_argument("--truncation", choices=("only_second", "longest_first"), default=None,
+                        help="how every route cuts a pair too long for the model: only the passage (only_second), "
+                             "or the longer side first (longest_first); default: TEI routes longest_first as TEI "
+                             "does, the others only_second as FlagEmbedding does")
     parser.add_argument("--threads", metavar="N", type=positive_int, default=None, help="CPU threads for the model (default: all cores)")
     parser.add_argument("--long-documents", choices=("truncate", "chunk"), default="truncate",
                         help="a passage longer than the model takes: cut it (default), or score its best window")
@@ -168,14 +172,16 @@ def serve(model: str = DEFAULT_MODEL, host: str = "127.0.0.1", port: int = 8080,
     from ..reranker import Reranker
 
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
+    limits = Limits(**limits)
 
     def load():
         options = {"long_documents": long_documents}
         if threads is not None:
             options["threads"] = threads
+        if limits.truncation:  # the server's --truncation, for routes whose Query leaves it to the server
+            options["truncation"] = limits.truncation
         return Reranker.from_pretrained(model, **options)
 
-    limits = Limits(**limits)
     access = Access(host, allowed_hosts, allowed_origins)
     app = build_app(load, api_key=api_key, model_name=public_name(model), access=access, **vars(limits))
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
