@@ -60,25 +60,6 @@ def refusal(dialect: Dialect, error: ApiError, close: bool = False):
     return JSONResponse(body, status_code=status, headers={**headers, "connection": "close"} if close else headers)
 
 
-def encode(reranker, query):
-    """-> the request's Encoding: its pairs tokenized once, cut to what can reach the model."""
-    pairs = [(query.query, text) for text in query.texts]
-    if hasattr(reranker, "encode"):
-        return reranker.encode(pairs, truncation=getattr(query, "truncation", None),
-                               passage_max_length=getattr(query, "passage_max_length", None))
-    import types  # TEMPORARY until library-api's Reranker.encode is merged
-
-    import numpy as np
-    owners, sequences = reranker._encode(pairs, None)
-
-    def pair_logits(unit):
-        logits = np.full(len(pairs), -np.inf, dtype=np.float32)
-        np.maximum.at(logits, owners, unit)
-        return logits
-    return types.SimpleNamespace(sequences=sequences, lengths=reranker.token_counts(pairs),
-                                 max_length=reranker.tokenizer.max_length, pair_logits=pair_logits)
-
-
 def build_app(reranker_or_loader, api_key: str | None = None, model_name: str = DEFAULT_MODEL,
               access: Access | None = None, **limits):
     """A Starlette app serving a Reranker, or a zero-argument loader called in the model thread
@@ -224,7 +205,11 @@ def build_app(reranker_or_loader, api_key: str | None = None, model_name: str = 
         query = dialect.parse(parse_json(body), limits)
         batcher.check_ready()
         reranker = batcher.reranker
-        encoding = encode(reranker, query)
+        pairs = [(query.query, text) for text in query.texts]
+        try:
+            encoding = reranker.encode(pairs, truncation=query.truncation, passage_max_length=query.passage_max_length)
+        except ValueError as e:  # text the tokenizer refuses (e.g. lone surrogates), named by the library
+            raise ApiError("invalid", str(e)) from None
         if not query.truncate and reranker.long_documents == "truncate":
             for i, length in enumerate(encoding.lengths):
                 if length > encoding.max_length:
