@@ -20,8 +20,10 @@ What differs, and why:
 - The last layer computes queries, attention output and feed-forward for each sequence's first
   token only: the classification head reads nothing else (keys and values still cover all).
 - Memory is bounded by the batch: the [N, C] hidden states, the [N, 3C] projections and the [N, C]
-  attention output, reused by every layer; the feed-forward's [rows, F] activation is made a
-  block of rows at a time inside the kernel.
+  attention output, reused by every layer, and a workspace row per thread for the kernels'
+  scratch (a head's keys, values and scores; a block of rows' [rows, F] activation). All are
+  made before the kernels run: none allocates inside a parallel region, where a failure could
+  not be reported (it would hang the other threads or leave wrong numbers).
 
 Legend:  N tokens in the packed batch, B sequences, C hidden size, H heads, F feed-forward width.
 
@@ -95,7 +97,7 @@ def encoder_layer(x, offsets, p: Layer, m: LayerMatrices, buffers, config: Model
     (kernels.output_feed_forward). Used for the last layer (and for every layer where
     encoder_layers cannot be). Returns the new hidden states [Q, C]: x itself, updated in
     place, or in the last layer a new [B, C] array of the first tokens' rows."""
-    threads = numba.get_num_threads()
+    threads, workspace = len(buffers["workspace"]), buffers["workspace"]
     qkv = buffers["qkv"]  # [N, 3 * width]: query, key and value side by side
     panels, width = len(m.qkv) // 3, m.width  # per projection
     if first_tokens_only:
@@ -109,10 +111,10 @@ def encoder_layer(x, offsets, p: Layer, m: LayerMatrices, buffers, config: Model
         query_offsets, hidden, queries = offsets, x, qkv
         kernels.linear_forward(qkv, 0, x, m.qkv, m.qkv_bias, threads)
     context = buffers["context"][: len(hidden)]  # [Q, C]
-    kernels.attention_forward(context, queries, qkv, width, offsets, query_offsets, config.num_attention_heads, threads)
+    kernels.attention_forward(context, queries, qkv, width, offsets, query_offsets, config.num_attention_heads, workspace)
     kernels.output_feed_forward(hidden, context, m.attention_output, m.attention_output_bias, p.attention_norm.weight,
                                 p.attention_norm.bias, m.intermediate, m.intermediate_bias, m.output, m.output_bias,
-                                p.output_norm.weight, p.output_norm.bias, np.float32(config.layer_norm_eps), threads)
+                                p.output_norm.weight, p.output_norm.bias, np.float32(config.layer_norm_eps), workspace)
     return hidden
 
 
@@ -120,8 +122,6 @@ def encoder_layers(x, offsets, layers: list, buffers, config: ModelConfig):
     """encoder_layer for each (Layer, LayerMatrices) of `layers` in turn, in one parallel region
     (kernels.encoder_layers): the threads meet at barriers between the steps instead of being
     woken for each. x [N, C] is updated in place."""
-    threads = 1 if numba.config.DISABLE_JIT else numba.get_num_threads()  # without JIT prange is a loop
-
     def each(name):  # one array per layer, for kernels.encoder_layers' tuples
         return tuple(getattr(m, name) for _, m in layers)
 
@@ -132,7 +132,7 @@ def encoder_layers(x, offsets, layers: list, buffers, config: ModelConfig):
         x, buffers["qkv"], buffers["context"], offsets, layers[0][1].width, config.num_attention_heads,
         np.float32(config.layer_norm_eps), each("qkv"), each("qkv_bias"), each("attention_output"),
         each("attention_output_bias"), *norms("attention_norm"), each("intermediate"), each("intermediate_bias"),
-        each("output"), each("output_bias"), *norms("output_norm"), threads)
+        each("output"), each("output_bias"), *norms("output_norm"), buffers["workspace"])
 
 
 def classification_head(first, p: Classifier):
@@ -143,10 +143,17 @@ def classification_head(first, p: Classifier):
 
 def forward(ids, offsets, weights: Weights, matrices: list, config: ModelConfig):
     """Packed ids [N] with offsets [B+1] -> [B] logits. matrices: layout.gemm_weights(weights)."""
-    N = len(ids)
+    N, B = len(ids), len(offsets) - 1
+    threads = 1 if numba.config.DISABLE_JIT else numba.get_num_threads()  # without JIT prange is a loop
+    m = matrices[0]
+    floats = max(kernels.attention_floats(offsets, offsets, config.head_size),  # the last layer's need less
+                 *(kernels.feed_forward_floats(rows, threads, m.attention_output, m.intermediate) for rows in (N, B)))
+    # Everything the kernels write is made here, before any parallel region: a failed allocation
+    # is a MemoryError now, never a thread lost inside a region (kernels.py, "scratch memory").
     buffers = {  # reused by every layer
-        "qkv": np.empty((N, 3 * matrices[0].width), dtype=np.float32),
+        "qkv": np.empty((N, 3 * m.width), dtype=np.float32),
         "context": np.empty((N, config.hidden_size), dtype=np.float32),
+        "workspace": kernels.make_workspace(threads, floats),  # [threads, S]: each thread's scratch
     }
     x = embeddings(ids, offsets, weights.embeddings, config)  # [N, C]
     *layers, last = zip(weights.layers, matrices)
