@@ -168,3 +168,45 @@ def test_running_out_of_memory_is_a_memory_error(tiny_model):
     print(outcomes)
     assert set(outcomes) <= {"ok", "MemoryError"}, outcomes
     assert outcomes[0] == "MemoryError" and outcomes[-1] == "ok", f"the limits did not span the batch's need: {outcomes}"
+
+
+# --- threads: concurrent calls -----------------------------------------------------------------
+
+CONCURRENT = """
+import json, sys, threading
+from nprerank import Reranker
+folder, shared = sys.argv[1], sys.argv[2] == "shared"
+texts = ["a panda eats bamboo", "the river bank at night", "café music", "search engine ranking", "x"]
+rerankers = [Reranker.from_pretrained(folder, threads=2) for _ in range(1 if shared else 2)]
+want = rerankers[0].rerank("what do pandas eat", texts)
+failures = []
+
+def work(reranker, n):
+    for i in range(30):
+        contexts = texts[i % 3 :]  # batches of different sizes meet in the engine
+        got = reranker.rerank("what do pandas eat", contexts)
+        expected = sorted(({"id": j, "score": s} for j, s in
+                           ((h["id"] - i % 3, h["score"]) for h in want if h["id"] >= i % 3)),
+                          key=lambda h: -h["score"])
+        if got != expected:
+            failures.append((n, i, got, expected))
+
+threads = [threading.Thread(target=work, args=(rerankers[n % len(rerankers)], n)) for n in range(4)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+print(json.dumps({"failures": failures[:3], "count": len(failures)}))
+"""
+
+
+@pytest.mark.parametrize("rerankers", ["shared", "two"])
+def test_concurrent_threads_get_the_single_threaded_answers(tiny_model, rerankers):
+    """Four Python threads x 30 calls, on one shared Reranker or on two: the process lives (it
+    aborted before: Numba's workqueue pool takes one launch at a time) and every answer equals
+    the one a single thread gets."""
+    done = subprocess.run([sys.executable, "-c", CONCURRENT, str(tiny_model), rerankers], capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, f"the child died ({done.returncode}): {done.stderr[-3000:]}"
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["count"] == 0, result["failures"]

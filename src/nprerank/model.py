@@ -32,6 +32,7 @@ maths in plain NumPy).
 """
 
 import os
+import threading
 
 import numba
 import numpy as np
@@ -46,6 +47,13 @@ from .weights import Classifier, Embeddings, Layer, Weights, embedding_rows
 # Numba's workqueue layer (kernels.py's choice) and of OpenMP, not promised by TBB.
 ONE_REGION = numba.config.THREADING_LAYER in ("workqueue", "omp")
 
+# One forward pass at a time in the whole process, whatever the FastModel: Numba's workqueue layer
+# has one pool of threads and aborts the process (SIGABRT) when two Python threads launch parallel
+# regions at once (issue 10), and one pass already keeps every core busy, so two at once would
+# only share them. Checking and packing the input stay outside the lock (tokenizing is the
+# Reranker's, before it calls us).
+ENGINE_LOCK = threading.Lock()
+
 
 class FastModel:
     def __init__(self, weights: Weights, config: ModelConfig, threads: int | None = None):
@@ -55,11 +63,13 @@ class FastModel:
         _check_float32(weights, self.matrices)
 
     def __call__(self, sequences: list) -> np.ndarray:
-        """[ids] * B, unpadded token-id sequences -> [B] float32 logits."""
-        if self.threads:
-            numba.set_num_threads(self.threads)  # Numba's count is per calling thread, so set it here
+        """[ids] * B, unpadded token-id sequences -> [B] float32 logits. Safe to call from several
+        Python threads: the passes run one after another (ENGINE_LOCK)."""
         ids, offsets = pack(sequences, self.config)  # [N], [B+1]
-        return forward(ids, offsets, self.weights, self.matrices, self.config)
+        with ENGINE_LOCK:
+            if self.threads:
+                numba.set_num_threads(self.threads)  # Numba's count is per calling thread, so set it here
+            return forward(ids, offsets, self.weights, self.matrices, self.config)
 
 
 def pack(sequences: list, config: ModelConfig) -> tuple:
