@@ -210,3 +210,88 @@ def test_concurrent_threads_get_the_single_threaded_answers(tiny_model, reranker
     assert done.returncode == 0, f"the child died ({done.returncode}): {done.stderr[-3000:]}"
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["count"] == 0, result["failures"]
+
+
+# --- threads: how many ---------------------------------------------------------------------------
+
+
+def write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+@pytest.mark.parametrize("files, membership, quota", [
+    ({"cpu.max": "max 100000\n"}, "0::/\n", None),  # v2, no limit
+    ({"cpu.max": "150000 100000\n"}, "0::/\n", 1.5),  # v2 in a container (docker --cpus 1.5)
+    ({"kubepods/pod1/cpu.max": "max 100000\n", "kubepods/cpu.max": "300000 100000\n"}, "0::/kubepods/pod1\n", 3.0),
+    ({"cpu,cpuacct/cpu.cfs_quota_us": "-1\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n"},
+     "4:cpu,cpuacct:/\n", None),  # v1, no limit
+    ({"cpu,cpuacct/docker/abc/cpu.cfs_quota_us": "50000\n", "cpu,cpuacct/docker/abc/cpu.cfs_period_us": "100000\n"},
+     "4:cpu,cpuacct:/docker/abc\n2:memory:/docker/abc\n", 0.5),  # v1 in a container
+    ({}, "", None),  # no cgroup files at all
+])
+def test_cgroup_cpu_quota_is_read(tmp_path, files, membership, quota):
+    """cgroup v2 cpu.max and v1 cfs_quota/period, in the process's own cgroup or an ancestor's."""
+    from nprerank.model import cgroup_cpu_quota
+
+    for name, text in files.items():
+        write(tmp_path / "sys" / name, text)
+    write(tmp_path / "proc-self-cgroup", membership)
+    assert cgroup_cpu_quota(tmp_path / "sys", tmp_path / "proc-self-cgroup") == quota
+
+
+@pytest.mark.parametrize("affinity, quota, asked, used, warned", [
+    (2, None, None, 2, False),
+    (2, 1.5, None, 1, False),  # a fractional quota rounds down: a second spinning thread is throttled
+    (2, 0.2, None, 1, False),
+    (1, None, None, 1, False),
+    (1, None, 2, 1, True),  # an explicit larger count is capped, with a warning
+    (2, 1.0, 2, 1, True),
+    (2, None, 1, 1, False),
+])
+def test_default_threads_follow_the_usable_cpus(monkeypatch, affinity, quota, asked, used, warned):
+    import warnings
+
+    import nprerank.model
+
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs a Numba pool of 2 threads")
+    monkeypatch.setattr(nprerank.model, "affinity_cpus", lambda: affinity)
+    monkeypatch.setattr(nprerank.model, "cgroup_cpu_quota", lambda: quota)
+    monkeypatch.delenv("NPRERANK_NUM_THREADS", raising=False)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert nprerank.model.set_threads(asked) == used
+            assert numba.get_num_threads() == used
+        messages = [str(w.message) for w in caught]
+        assert bool(messages) == warned, messages
+        if warned:
+            assert f"{asked} threads asked for" in messages[0] and f"using {used}" in messages[0], messages
+    finally:
+        monkeypatch.undo()
+        nprerank.model.set_threads(None)
+
+
+AFFINITY = """
+import os, sys, warnings
+import numba
+from nprerank import Reranker
+os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})  # like `taskset -c 0`, after Numba sized its pool
+reranker = Reranker.from_pretrained(sys.argv[1])
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    capped = Reranker.from_pretrained(sys.argv[1], threads=2)
+print(numba.config.NUMBA_NUM_THREADS, reranker.model.threads, capped.model.threads, len(caught))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs 2 CPUs and sched_setaffinity")
+def test_threads_follow_the_affinity_mask(tiny_model):
+    """A process pinned to one CPU uses one thread, and caps (with a warning) a request for two."""
+    done = subprocess.run([sys.executable, "-c", AFFINITY, str(tiny_model)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    pool, default, capped, warnings = map(int, done.stdout.split()[-4:])
+    assert pool >= 2 and default == 1 and capped == 1 and warnings == 1, done.stdout

@@ -24,7 +24,7 @@ from nprerank import kernels, reference
 from nprerank.config import ModelConfig
 from nprerank.layout import _pack
 from nprerank.blas import blas_function, set_blas_threads
-from nprerank.model import FastModel, pack, set_threads
+from nprerank.model import FastModel, pack, set_threads, usable_cpus
 from nprerank.synthetic import make_model
 from nprerank.weights import Classifier, Embeddings, Layer, LayerNorm, Linear, load_weights
 
@@ -260,7 +260,7 @@ def test_thread_control(monkeypatch):
         with pytest.raises(ValueError, match="threads must be a positive integer"):
             set_threads(0)
         monkeypatch.delenv("NPRERANK_NUM_THREADS")
-        assert set_threads(None) is None
+        assert set_threads(None) == min(usable_cpus(), numba.config.NUMBA_NUM_THREADS)
     finally:
         set_threads(numba.config.NUMBA_NUM_THREADS)
 

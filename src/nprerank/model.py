@@ -33,6 +33,8 @@ maths in plain NumPy).
 
 import os
 import threading
+import warnings
+from pathlib import Path
 
 import numba
 import numpy as np
@@ -67,8 +69,7 @@ class FastModel:
         Python threads: the passes run one after another (ENGINE_LOCK)."""
         ids, offsets = pack(sequences, self.config)  # [N], [B+1]
         with ENGINE_LOCK:
-            if self.threads:
-                numba.set_num_threads(self.threads)  # Numba's count is per calling thread, so set it here
+            numba.set_num_threads(self.threads)  # Numba's count is per calling thread, so set it here
             return forward(ids, offsets, self.weights, self.matrices, self.config)
 
 
@@ -180,25 +181,98 @@ def forward(ids, offsets, weights: Weights, matrices: list, config: ModelConfig)
 # --- threads -----------------------------------------------------------------------------------
 
 
-def set_threads(threads: int | None) -> int | None:
+def set_threads(threads: int | None) -> int:
     """Use `threads` (or $NPRERANK_NUM_THREADS) threads in Numba's kernels and in OpenBLAS (which
-    the fast path does not call, but the reference engine's NumPy products do).
+    the fast path does not call, but the reference engine's NumPy products do). Returns the count
+    in force.
 
-    Returns the count in force, or None when neither is given (both libraries keep their defaults).
+    By default, one per CPU this process may use (`usable_cpus`: its affinity mask and its
+    container's CPU quota), never more than Numba's pool. More threads than that only compete:
+    the kernels' threads spin at barriers waiting for each other, and on 2 CPUs one pair took 15x
+    longer with 4 threads and 41x with 8 (issue 10). So a larger explicit count is capped too,
+    with a warning saying what was used.
     """
     if threads is None:
         value = os.environ.get("NPRERANK_NUM_THREADS", "").strip()
-        if not value:
-            return None
-        if not value.isdigit() or int(value) < 1:
+        if value and (not value.isdigit() or int(value) < 1):
             raise ValueError(f"NPRERANK_NUM_THREADS must be a positive integer, got {value!r}")
-        threads = int(value)
-    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
+        threads = int(value) if value else None
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1):
         raise ValueError(f"threads must be a positive integer, got {threads!r}")
-    threads = min(int(threads), numba.config.NUMBA_NUM_THREADS)  # Numba's pool is sized at start-up
-    numba.set_num_threads(threads)
-    set_blas_threads(threads)
-    return threads
+    cpus, pool = usable_cpus(), numba.config.NUMBA_NUM_THREADS  # Numba's pool is sized at start-up
+    usable = min(cpus, pool)
+    if threads is None:
+        threads = usable
+    elif threads > usable:
+        why = f"this process may use {cpus} CPU{'s' * (cpus > 1)}" if cpus <= pool else f"Numba's pool has {pool} threads"
+        warnings.warn(f"nprerank: {threads} threads asked for, but {why}; using {usable} "
+                      "(more threads than CPUs spin against each other and run many times slower)", stacklevel=3)
+        threads = usable
+    numba.set_num_threads(int(threads))
+    set_blas_threads(int(threads))
+    return int(threads)
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity mask (taskset, a container's cpuset), and no
+    more than its cgroup's CPU quota (docker --cpus, a Kubernetes CPU limit), rounded down: with a
+    quota of 1.5 CPUs a second spinning thread would only be throttled."""
+    count = affinity_cpus()
+    quota = cgroup_cpu_quota()
+    if quota is not None:
+        count = min(count, max(1, int(quota)))
+    return count
+
+
+def affinity_cpus() -> int:
+    """CPUs in this process's affinity mask (os.cpu_count() where the OS has no such mask)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup"), membership: Path = Path("/proc/self/cgroup")) -> float | None:
+    """The CPU quota of this process's cgroup and its ancestors, in CPUs (quota / period), or None
+    when there is none or no cgroup file can be read. cgroup v2: `cpu.max` ("max 100000" or
+    "150000 100000"); v1: `cpu.cfs_quota_us` (-1: none) over `cpu.cfs_period_us`."""
+    try:
+        lines = membership.read_text().splitlines()
+    except OSError:
+        lines = []
+    folders = []  # (controller folder, this process's path in it)
+    for line in lines:
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if controllers == "":  # v2: one unified hierarchy
+            folders.append((root, path))
+        elif "cpu" in controllers.split(","):  # v1: the cpu controller's own hierarchy
+            folders += [(root / name, path) for name in (controllers, "cpu", "cpu,cpuacct")]
+    folders.append((root, "/"))  # a container sees its own cgroup as the root
+    quotas = []
+    for folder, path in folders:
+        here = folder / path.strip("/")
+        while True:  # the quota of every ancestor applies too
+            quotas.append(_quota_in(here))
+            if here == folder or folder not in here.parents:
+                break
+            here = here.parent
+    quotas = [q for q in quotas if q is not None]
+    return min(quotas) if quotas else None
+
+
+def _quota_in(folder: Path) -> float | None:
+    """The CPU quota set in one cgroup folder, in CPUs, or None."""
+    try:
+        quota, period = (folder / "cpu.max").read_text().split()[:2]  # v2
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota = int((folder / "cpu.cfs_quota_us").read_text())  # v1
+        period = int((folder / "cpu.cfs_period_us").read_text())
+        return None if quota <= 0 or period <= 0 else quota / period
+    except (OSError, ValueError):
+        return None
 
 
 def _check_float32(weights: Weights, matrices: list) -> None:
