@@ -295,3 +295,69 @@ def test_threads_follow_the_affinity_mask(tiny_model):
     assert done.returncode == 0, done.stderr[-3000:]
     pool, default, capped, warnings = map(int, done.stdout.split()[-4:])
     assert pool >= 2 and default == 1 and capped == 1 and warnings == 1, done.stdout
+
+
+# --- files changed under a loaded model ------------------------------------------------------
+
+
+def overwrite_in_place(path):
+    """Same size, same inode: new bytes written into the file, as `cp new old` or a careless
+    download does. The byte changed lies in the last tensor's data."""
+    with open(path, "r+b") as f:
+        f.seek(-4, os.SEEK_END)
+        old = f.read(4)
+        f.seek(-4, os.SEEK_END)
+        f.write(bytes(b ^ 0x01 for b in old))
+
+
+def replace_by_rename(path):
+    """A new file renamed over the old one (the safe way to update): the map keeps the old one."""
+    new = path.with_suffix(".new")
+    new.write_bytes(path.read_bytes())
+    os.replace(new, path)
+
+
+def truncate(path):
+    os.truncate(path, path.stat().st_size // 2)
+
+
+def touch(path):
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+
+
+CHANGES = {
+    "overwritten in place": (overwrite_in_place, "was written to"),
+    "replaced by rename": (replace_by_rename, "was replaced by another file"),
+    "truncated": (truncate, "changed size from"),
+    "touched": (touch, "was written to"),
+    "deleted": (lambda path: path.unlink(), "is gone"),
+}
+
+
+@pytest.mark.parametrize("engine", ["fast", "reference"])
+@pytest.mark.parametrize("change", list(CHANGES))
+def test_a_changed_checkpoint_is_refused(tiny_model, tmp_path, monkeypatch, engine, change):
+    """model.safetensors changed after loading: Weights.changed() says how, naming the file,
+    and both engines refuse to score (ModelError) instead of mixing old and new weights or
+    dying of SIGBUS on a truncated map. Loading again gives a working Reranker."""
+    import shutil
+
+    from nprerank import ModelError
+
+    monkeypatch.setenv("NPRERANK_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model, folder)
+    reranker = Reranker.from_pretrained(folder, engine=engine)
+    assert reranker.weights.changed() is None
+    want = reranker.rerank("what do pandas eat", ["bamboo", "rocks"])
+    assert reranker.weights.changed() is None, "scoring must not look like a change"
+
+    modify, message = CHANGES[change]
+    path = folder / "model.safetensors"
+    modify(path)
+    assert message in (reranker.weights.changed() or ""), reranker.weights.changed()
+    assert str(path) in reranker.weights.changed()
+    with pytest.raises(ModelError, match=re.escape(str(path)) + ".*" + message):
+        reranker.rerank("what do pandas eat", ["bamboo", "rocks"])
+    if change in ("replaced by rename", "touched"):  # same contents: loading again scores as before
+        assert Reranker.from_pretrained(folder, engine=engine).rerank("what do pandas eat", ["bamboo", "rocks"]) == want

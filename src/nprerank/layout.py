@@ -41,14 +41,14 @@ import tempfile
 import time
 import warnings
 import zlib
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .config import ModelError
 from .kernels import PANEL
-from .weights import Layer, Weights, check_all_finite, map_safetensors, read_safetensors
+from .weights import FileStamp, Layer, Weights, check_all_finite, map_safetensors, read_safetensors
 
 LAYOUT_VERSION = 3  # bump when the file's contents change meaning (3: the data checksum)
 CHECKSUM_BLOCK = 4096  # bytes summed into one uint64 by _checksum
@@ -89,7 +89,7 @@ def gemm_weights(weights: Weights) -> list:
         check_all_finite(weights)
         return [_in_memory(layer) for layer in weights.layers]
     name = hashlib.sha256(str(Path(weights.source).resolve()).encode()).hexdigest()[:16]
-    stamp = _stamp(weights.source)
+    stamp = _stamp(weights.source, weights.stamp)
     matrices = problem = None
     try:
         path = cache_dir() / f"layout-{name}.safetensors"
@@ -133,12 +133,11 @@ def _checksum(buffer, start: int) -> str:
     return f"{zlib.crc32(buffer[start + whole :], zlib.crc32(sums)):08x}"
 
 
-def _stamp(source: Path) -> dict:
-    """What tells this checkpoint file from a changed one (safetensors metadata is all strings).
-    The change time cannot be set back by cp -p, rsync -a or tar, unlike the modification time."""
-    stat = os.stat(source)
-    fields = {"path": Path(source).resolve(), "size": stat.st_size, "inode": stat.st_ino, "mtime_ns": stat.st_mtime_ns,
-              "ctime_ns": stat.st_ctime_ns}
+def _stamp(source: Path, file: FileStamp | None = None) -> dict:
+    """What tells this checkpoint file from a changed one (weights.FileStamp: the stamp taken when
+    it was mapped, else its stat now), as safetensors metadata, which is all strings."""
+    file = file or FileStamp.of(os.stat(source))
+    fields = {"path": Path(source).resolve(), **asdict(file)}
     return {"layout_version": str(LAYOUT_VERSION), "panel": str(PANEL), **{f"source_{key}": str(value) for key, value in fields.items()}}
 
 

@@ -43,7 +43,7 @@ from . import kernels
 from .blas import set_blas_threads
 from .config import ModelConfig
 from .layout import LayerMatrices, gemm_weights
-from .weights import Classifier, Embeddings, Layer, Weights, embedding_rows
+from .weights import Classifier, Embeddings, Layer, Weights, embedding_rows, refuse_if_changed
 
 # kernels.encoder_layers' barriers need a thread of their own for every prange iteration: true of
 # Numba's workqueue layer (kernels.py's choice) and of OpenMP, not promised by TBB.
@@ -66,8 +66,10 @@ class FastModel:
 
     def __call__(self, sequences: list) -> np.ndarray:
         """[ids] * B, unpadded token-id sequences -> [B] float32 logits. Safe to call from several
-        Python threads: the passes run one after another (ENGINE_LOCK)."""
+        Python threads: the passes run one after another (ENGINE_LOCK). ModelError once
+        model.safetensors has changed since it was loaded (Weights.changed)."""
         ids, offsets = pack(sequences, self.config)  # [N], [B+1]
+        refuse_if_changed(self.weights)  # ModelError rather than stale or mixed weights
         with ENGINE_LOCK:
             numba.set_num_threads(self.threads)  # Numba's count is per calling thread, so set it here
             return forward(ids, offsets, self.weights, self.matrices, self.config)

@@ -16,7 +16,7 @@ import math
 import numpy as np
 
 from .config import ModelConfig
-from .weights import Classifier, Embeddings, Layer, LayerNorm, Linear, Weights, check_all_finite, embedding_rows
+from .weights import Classifier, Embeddings, Layer, LayerNorm, Linear, Weights, check_all_finite, embedding_rows, refuse_if_changed
 
 
 def linear(x, p: Linear):
@@ -125,4 +125,5 @@ class ReferenceModel:
         self.weights, self.config = weights, config
 
     def __call__(self, sequences: list) -> np.ndarray:
+        refuse_if_changed(self.weights)  # ModelError rather than stale or mixed weights
         return forward(*pad(sequences, self.config.pad_token_id), self.weights, self.config)

@@ -102,6 +102,52 @@ class Weights:
     layers: list  # [Layer] * num_hidden_layers
     classifier: Classifier
     source: Path | None = None  # the model.safetensors they were read from (layout.py keys its cache on it)
+    stamp: tuple | None = None  # the file's FileStamp when it was mapped
+
+    def changed(self) -> str | None:
+        """None while model.safetensors is as it was when it was loaded (size, inode, modification
+        and change times: one os.stat, a few microseconds), else one line naming the file and
+        what changed. The arrays are views of the file's memory map: a file rewritten in place
+        would mix old and new weights, a truncated one kill the process (SIGBUS) when a page past
+        its end is touched, and a replaced one leave us scoring with the old weights."""
+        if self.source is None or self.stamp is None:
+            return None
+        try:
+            now = FileStamp.of(os.stat(self.source))
+        except OSError as e:
+            return f"{self.source}: the model file is gone since it was loaded ({e.strerror})"
+        if now == self.stamp:
+            return None
+        if now.inode != self.stamp.inode:
+            what = "was replaced by another file"
+        elif now.size != self.stamp.size:
+            what = f"changed size from {self.stamp.size} to {now.size} bytes"
+        else:
+            what = "was written to"
+        return f"{self.source}: the model file {what} since it was loaded; load the model again to use it"
+
+
+@dataclass(frozen=True)
+class FileStamp:
+    """What tells a file from a changed one without reading it. The change time (ctime) cannot be
+    set back by cp -p, rsync -a or tar, unlike the modification time."""
+
+    size: int
+    inode: int
+    mtime_ns: int
+    ctime_ns: int
+
+    @classmethod
+    def of(cls, stat: os.stat_result) -> "FileStamp":
+        return cls(stat.st_size, stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns)
+
+
+def refuse_if_changed(weights: Weights) -> None:
+    """ModelError (Weights.changed's message) once the weights' file has changed: both engines
+    call it before each forward pass, rather than score with stale or mixed weights."""
+    message = weights.changed()
+    if message:
+        raise ModelError(message)
 
 
 # An encoder layer's modules: checkpoint name -> (our Layer field, out size, in size), sizes named by
@@ -157,7 +203,8 @@ _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
 def load_weights(path, config: ModelConfig) -> Weights:
     """Map model.safetensors at `path` and return its tensors as `Weights`, checked against `config`."""
     path = Path(path)
-    tensors, _ = read_safetensors(path)
+    mapped = map_safetensors(path)
+    tensors = mapped.tensors
     for old, new in _OLD_NAMES.items():
         tensors = {(k[: -len(old)] + new if k.endswith(old) else k): v for k, v in tensors.items()}
     table = _table(config)
@@ -209,6 +256,7 @@ def load_weights(path, config: ModelConfig) -> Weights:
         layers=layers,
         classifier=Classifier(dense=linear("classifier.dense"), out_proj=linear("classifier.out_proj")),
         source=path,
+        stamp=mapped.stamp,
     )
 
 
@@ -283,12 +331,14 @@ class Mapped:
     metadata: dict
     buffer: mmap.mmap  # the whole file, read-only
     data_start: int  # where the tensors' data begins (8 + the header's length)
+    stamp: FileStamp  # the file's, as it was mapped
 
 
 def map_safetensors(path: Path) -> Mapped:
     """read_safetensors, keeping the map and where the data starts (layout.py checksums it)."""
     try:
         with open(path, "rb") as f:
+            stamp = FileStamp.of(os.fstat(f.fileno()))  # of the very file mapped, not of its name later
             size = f.seek(0, 2)
             if size < 8:
                 raise ModelError(f"{path}: file is {size} bytes, too short to be safetensors")
@@ -329,7 +379,7 @@ def map_safetensors(path: Path) -> Mapped:
         if not array.flags.aligned:
             array = array.copy()  # BLAS and Numba want aligned data; current writers align, old ones may not
         tensors[name] = (array, dtype, data_start + begin)
-    return Mapped(tensors, metadata, buffer, data_start)
+    return Mapped(tensors, metadata, buffer, data_start, stamp)
 
 
 def _shortlist(names: list) -> str:
