@@ -15,7 +15,6 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import pytest
 
 httpx = pytest.importorskip("httpx")
@@ -33,7 +32,6 @@ from test_server import (  # noqa: E402
     check_tei,
     cloudflare_error,
     cohere_error,
-    expected_scores,
     get,
     post,
     tei_error,
@@ -99,6 +97,7 @@ def reranker(tiny_model) -> Reranker:
 
 @pytest.fixture(scope="module")
 def server(tiny_model, tmp_path_factory):
+    """A server with the default flags: what `nprerank serve --model ...` runs."""
     running = Server(["--model", str(tiny_model)], tmp_path_factory.mktemp("hardening") / "log")
     running.wait()
     yield running

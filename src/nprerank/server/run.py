@@ -53,15 +53,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-connections", metavar="N", type=positive_int, default=default.max_connections,
                         help=f"open connections; a request on one more gets 429 and is closed "
                              f"(default {default.max_connections})")
-    parser.add_argument("--header-timeout", metavar="SECONDS", type=seconds, default=default.header_timeout,
-                        help=f"a request's headers must arrive within this, else the connection is closed "
-                             f"(default {default.header_timeout:g})")
-    parser.add_argument("--body-timeout", metavar="SECONDS", type=seconds, default=default.body_timeout,
-                        help=f"a request's body must arrive within this after its headers, else 408 "
-                             f"(default {default.body_timeout:g})")
-    parser.add_argument("--shutdown-timeout", metavar="SECONDS", type=seconds, default=default.shutdown_timeout,
-                        help=f"on Ctrl-C or SIGTERM, requests in progress get this long, then 503 "
-                             f"(default {default.shutdown_timeout:g})")
+    for name, meaning in (("header_timeout", "a request's headers must arrive within this, else the connection is closed"),
+                          ("body_timeout", "a request's body must arrive within this after its headers, else 408"),
+                          ("shutdown_timeout", "on Ctrl-C or SIGTERM, requests in progress get this long, then 503")):
+        parser.add_argument(f"--{name.replace('_', '-')}", metavar="SECONDS", type=seconds, default=getattr(default, name),
+                            help=f"{meaning} (default {getattr(default, name):g})")
     parser.add_argument("--allowed-host", metavar="NAME", action="append", default=[],
                         help="also answer requests whose Host header names NAME (repeat for more; '*' for any). "
                              "Served by default: the --host address, any IP address, localhost, *.localhost "
