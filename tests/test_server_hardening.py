@@ -40,6 +40,7 @@ from test_server import (  # noqa: E402
 from nprerank import Reranker  # noqa: E402
 from nprerank.synthetic import make_model  # noqa: E402
 
+STARTUP = 180  # seconds a server may take to load and warm up on a busy 2-core machine
 # One request of each dialect, and how each dialect's error is checked: what a refusal must look like
 DIALECTS = {
     "cloudflare": (CF_SHORT, lambda query, texts: {"query": query, "contexts": [{"text": t} for t in texts]}),
@@ -99,7 +100,7 @@ def reranker(tiny_model) -> Reranker:
 def server(tiny_model, tmp_path_factory):
     """A server with the default flags: what `nprerank serve --model ...` runs."""
     running = Server(["--model", str(tiny_model)], tmp_path_factory.mktemp("hardening") / "log")
-    running.wait()
+    running.wait(timeout=STARTUP)
     yield running
     running.stop()
 
@@ -146,7 +147,7 @@ def test_huge_bodies_cost_bounded_memory(tiny_model, reranker, tmp_path, long_do
     """Bodies of ~1 MB shaped to make the most work: each is answered, or refused cleanly, with bounded RSS."""
     server = Server(["--model", str(tiny_model), "--long-documents", long_documents], tmp_path / "log")
     try:
-        server.wait()
+        server.wait(timeout=STARTUP)
         check_tei(post(server.url + "/rerank", json={"query": "warm", "texts": ["up"]}), reranker, "warm", ["up"])
         bodies = [
             ("cloudflare", CF_SHORT, {"query": HUGE_QUERY, "contexts": [{"text": "w"}] * 1000}),
@@ -186,7 +187,7 @@ def copy_model(source, folder):
     return folder
 
 
-def wait_for_health(server, *statuses, timeout=60):
+def wait_for_health(server, *statuses, timeout=STARTUP):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         body = get(server.url + "/health").json()
@@ -214,7 +215,7 @@ def test_changed_checkpoint_is_reloaded(tiny_model, tmp_path, change):
     folder = copy_model(tiny_model, tmp_path / "model")
     server = Server(["--model", str(folder)], tmp_path / "log")
     try:
-        server.wait()
+        server.wait(timeout=STARTUP)
         check_tei(post(server.url + "/rerank", json={"query": "q", "texts": TEXTS}), Reranker.from_pretrained(folder),
                   "q", TEXTS)
         change(folder / "model.safetensors", other / "model.safetensors")
@@ -234,7 +235,7 @@ def test_truncated_checkpoint_is_refused_until_mended(tiny_model, reranker, tmp_
     folder = copy_model(tiny_model, tmp_path / "model")
     server = Server(["--model", str(folder)], tmp_path / "log")
     try:
-        server.wait()
+        server.wait(timeout=STARTUP)
         weights = folder / "model.safetensors"
         os.truncate(weights, weights.stat().st_size // 2)
         health = wait_for_health(server, "stale")
@@ -261,7 +262,7 @@ def test_slow_clients_do_not_shut_others_out(tiny_model, reranker, tmp_path):
     deadline, the half-sent headers are closed, and the file descriptors come back."""
     server = Server(["--model", str(tiny_model), "--header-timeout", "3", "--body-timeout", "4"], tmp_path / "log")
     try:
-        server.wait()
+        server.wait(timeout=STARTUP)
         host = f"127.0.0.1:{server.port}"
         fds = psutil.Process(server.process.pid).num_fds()
         slow, started = [], time.monotonic()
@@ -304,7 +305,7 @@ def test_connection_limit_answers_in_dialect_shape(tiny_model, reranker, tmp_pat
     the idle connections time out, requests are served again."""
     server = Server(["--model", str(tiny_model), "--max-connections", "8", "--header-timeout", "2"], tmp_path / "log")
     try:
-        server.wait()
+        server.wait(timeout=STARTUP)
         idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(8)]
         for s in idle:
             s.sendall(b"POST /rerank HTTP/1.1\r\n")
@@ -329,7 +330,7 @@ def open_server(tiny_model, tmp_path_factory):
     """A server that allows one more host name and one browser origin."""
     running = Server(["--model", str(tiny_model), "--allowed-host", "reranker.internal.example",
                       "--allowed-origin", "https://app.example"], tmp_path_factory.mktemp("open") / "log")
-    running.wait()
+    running.wait(timeout=STARTUP)
     yield running
     running.stop()
 
@@ -361,7 +362,7 @@ def test_allowed_host_flag(open_server, server, reranker):
 def test_any_host_with_wildcard(tiny_model, reranker, tmp_path):
     server = Server(["--model", str(tiny_model), "--allowed-host", "*"], tmp_path / "log")
     try:
-        server.wait()
+        server.wait(timeout=STARTUP)
         check_tei(post(server.url + "/rerank", json={"query": "q", "texts": ["a"]}, headers={"host": "any.example"}),
                   reranker, "q", ["a"])
     finally:
@@ -418,7 +419,7 @@ def test_shutdown_past_grace_answers_in_dialect_shape(tiny_model, tmp_path):
     server = Server([str(gate), "--model", str(tiny_model), "--shutdown-timeout", "1"], tmp_path / "log",
                     script=SLOW_SERVER)
     try:
-        server.wait()
+        server.wait(timeout=STARTUP)
         gate.touch()
         with ThreadPoolExecutor(3) as pool:
             calls = {dialect: pool.submit(post, server.url + path, json=body("q", ["a"]))
@@ -471,7 +472,7 @@ sys.exit(server.main(sys.argv[2:]))
 def test_uncaught_errors_answer_in_dialect_shape(tiny_model, tmp_path, broken):
     server = Server([broken, "--model", str(tiny_model)], tmp_path / "log", script=FAILING_SERVER)
     try:
-        server.wait()
+        server.wait(timeout=STARTUP)
         for dialect, (path, body) in DIALECTS.items():
             response = post(server.url + path, json=body("q", ["a"]))
             assert response.headers["content-type"].startswith("application/json"), response.text
@@ -501,11 +502,11 @@ def test_ready_only_after_warm_up(tiny_model, reranker, tmp_path):
     gate = tmp_path / "gate"
     server = Server([str(gate), "--model", str(tiny_model)], tmp_path / "log", script=WARMING_SERVER)
     try:
-        server.wait(status=503)
+        server.wait(status=503, timeout=STARTUP)
         time.sleep(1.0)
         assert get(server.url + "/health").json()["status"] == "loading"
         gate.touch()
-        server.wait(status=200)
+        server.wait(status=200, timeout=STARTUP)
         check_tei(post(server.url + "/rerank", json={"query": "q", "texts": ["a"]}), reranker, "q", ["a"])
     finally:
         server.stop()
