@@ -10,6 +10,7 @@ The server, helpers and expected scores are tests/test_server.py's.
 import asyncio
 import json
 
+import numpy as np
 import pytest
 
 httpx = pytest.importorskip("httpx")
@@ -22,6 +23,7 @@ from test_server import (  # noqa: E402  (the fixtures are used by name)
 )
 
 from nprerank import Reranker, __version__  # noqa: E402
+from nprerank.reranker import sigmoid  # noqa: E402
 from nprerank.server import CLOUDFLARE_MODEL, Limits  # noqa: E402
 
 _ = (client, limited_server, reranker, server)  # fixtures, imported to be found by name
@@ -54,6 +56,21 @@ def test_cohere_v2(client, reranker):
     check_cohere_v2(client.post("/v2/rerank", json={**body, "top_n": 3}), reranker, query, TEXTS, top=3)
     # max_tokens_per_doc larger than any document here changes nothing
     check_cohere_v2(client.post("/v2/rerank", json={**body, "max_tokens_per_doc": 4096}), reranker, query, TEXTS)
+
+
+NEEDS_ENCODE = pytest.mark.skipif(not hasattr(Reranker, "encode"),
+                                  reason="needs Reranker.encode (library-api's side of INTERFACES.md)")
+
+
+@NEEDS_ENCODE
+def test_cohere_v2_max_tokens_per_doc_cuts_each_document(client, reranker):
+    query, cut = "which one is cooler?", 3
+    response = client.post("/v2/rerank", json={"model": "m", "query": query, "documents": TEXTS, "max_tokens_per_doc": cut})
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    expected = sigmoid(reranker.logits([(query, t) for t in TEXTS], passage_max_length=cut))
+    check_ranking([r["index"] for r in results], [r["relevance_score"] for r in results], expected)
+    assert np.abs(expected - expected_scores(reranker, query, TEXTS)).max() > 1e-3, "the cut changed nothing"
 
 
 @pytest.mark.parametrize("body, words", [
@@ -139,6 +156,13 @@ def test_cloudflare_sdk(server, reranker):
     assert "7003" in str(unrouted.value) and "/client/v4" in str(unrouted.value)
 
 
+def test_cloudflare_sdk_wrong_token(limited_server):
+    cf = cloudflare.Cloudflare(api_token="wrong", base_url=limited_server.url + "/client/v4", max_retries=0)
+    with pytest.raises(cloudflare.AuthenticationError) as refused:
+        cf.ai.run(CLOUDFLARE_MODEL, account_id="account", extra_body={"query": "q", "contexts": [{"text": "a"}]})
+    assert "10000" in str(refused.value) and "invalid API key" in str(refused.value)
+
+
 def test_cloudflare_percent_encoded_model_path(client, reranker):
     path = "/client/v4/accounts/acc/ai/run/@cf%2Fbaai%2Fbge-reranker-base"
     check_cloudflare(client.post(path, json={"query": "q", "contexts": [{"text": "a"}, {"text": "b"}]}),
@@ -176,8 +200,7 @@ def test_tei_long_input_without_truncate_is_cut(client, reranker):
     check_tei(client.post("/rerank", json={"query": query, "texts": texts}), reranker, query, texts)
 
 
-@pytest.mark.skipif(not hasattr(Reranker, "encode"),
-                    reason="needs Reranker.encode(truncation=...), library-api's side of INTERFACES.md")
+@NEEDS_ENCODE
 def test_tei_cuts_longest_first_as_tei_does(client, reranker, tiny_model):
     """Issue 9's case: TEI keeps 121 query tokens of "panda " * 150 against "hi" on a 128-token model
     (transformers' longest_first), where FlagEmbedding's only_second keeps 96; the logit is the model's on them."""

@@ -373,7 +373,7 @@ def test_bad_input_cloudflare(client, reranker, body, words):
 
 @pytest.mark.parametrize("body, words", [case for case in BAD_BODIES if "empty" not in case[1]])
 def test_bad_input_tei(client, reranker, body, words):
-    """As above but for empty text: TEI scores an empty query or text (tests/test_dialects.py)."""
+    """Every bad body but the empty-text ones: TEI scores an empty query or text (tests/test_dialects.py)."""
     words = [w.replace("{name}", "texts") for w in words]
     tei_error(client.post("/rerank", json=rename(body, "tei")), 422, *words)
     still_serving(client, reranker)

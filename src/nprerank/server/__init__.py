@@ -1,13 +1,14 @@
 """The HTTP server: bge-reranker-base behind the rerank APIs that clients already speak.
 
-One port answers three dialects, each with its own request, response and error shapes, so a
+One port answers several dialects, each with its own request, response and error shapes, so a
 client written for the original service keeps working when pointed here:
 
 - Cloudflare Workers AI `@cf/baai/bge-reranker-base`: `POST /ai/run/@cf/baai/bge-reranker-base`
   and the full `POST /client/v4/accounts/{account_id}/ai/run/@cf/baai/bge-reranker-base`.
-- Hugging Face Text Embeddings Inference (TEI): `POST /rerank`.
-- Cohere / Jina: `POST /v1/rerank`.
-- `GET /health` (200 ready, 503 loading) and `GET /openapi.json`.
+- Hugging Face Text Embeddings Inference (TEI): `POST /rerank` (and `POST /`, `POST /invocations`),
+  `GET /info`.
+- Cohere v1 / Jina: `POST /v1/rerank`; Cohere v2: `POST /v2/rerank`.
+- `GET /health` (200 ready, 503 loading; also at TEI's `GET /ping` and `GET /`), `GET /openapi.json`.
 
 How a request flows: check the API key, take one of --queue-size places (none free: 429 at once,
 before the body is read, so memory stays bounded), read the body (at most --max-body-bytes), parse
@@ -19,8 +20,8 @@ that thread after the port is bound, so /health can say 503 meanwhile.
 
 Reading order:
 1. protocol.py: `ApiError`, `Query`, the field readers and the `Dialect` every dialect fills in.
-2. cloudflare.py, tei.py, cohere.py: one module per dialect (parsing, validation, answer, errors),
-   each naming the source it follows.
+2. cloudflare.py, tei.py, cohere.py: one module per dialect (parsing, validation, answer, errors,
+   schemas), each naming the source it follows; dialects.py lists them.
 3. limits.py: the bounds (`Limits`), one `serve` flag each.
 4. batcher.py: the worker thread that owns the model; it knows nothing of dialects.
 5. app.py: `build_app`, the routes, the API key, admission and body reading.

@@ -113,13 +113,11 @@ class CohereV2(Cohere):
         return {"id": str(uuid.uuid4()), "results": results, "meta": self.meta()}
 
     def schemas(self, limits):
-        schemas = super().schemas(limits)
-        text = schemas["request"]["properties"]["query"]
-        schemas["request"] = {"type": "object", "required": ["model", "query", "documents"], "properties": {
-            "model": {"type": "string"}, "query": text, "top_n": {"type": "integer", "minimum": 1},
-            "max_tokens_per_doc": {"type": "integer", "minimum": 1},
-            "documents": {"type": "array", "minItems": 1, "maxItems": limits.max_contexts, "items": text}}}
-        schemas["answer"] = {"type": "object", "properties": {
-            "id": {"type": "string"}, "meta": {"type": "object"}, "results": {"type": "array", "items": {
-                "type": "object", "properties": {"index": {"type": "integer"}, "relevance_score": {"type": "number"}}}}}}
+        schemas = super().schemas(limits)  # v1's, less what v2 does not have, plus max_tokens_per_doc
+        request, answer = schemas["request"]["properties"], schemas["answer"]["properties"]
+        schemas["request"]["required"] = ["model", "query", "documents"]
+        del request["return_documents"]
+        request["documents"]["items"] = request["query"]  # strings only
+        request["max_tokens_per_doc"] = {"type": "integer", "minimum": 1}
+        del answer["model"], answer["usage"], answer["results"]["items"]["properties"]["document"]
         return schemas
