@@ -39,7 +39,7 @@ def test_predict_is_float32_sigmoid_of_compute_score(reranker):
     np.testing.assert_allclose(scores, sigmoid(logits).astype(np.float32), rtol=1e-6)
     np.testing.assert_allclose(scores, reranker.compute_score(pairs, normalize=True), rtol=1e-6)
     assert len(set(scores.tolist())) == len(pairs)  # the calibrated test model spreads its scores
-    np.testing.assert_allclose(reranker.predict(pairs, activation=None), logits, rtol=1e-6)
+    np.testing.assert_allclose(reranker.predict(pairs, activation_fn=lambda x: x), logits, rtol=1e-6)
     np.testing.assert_allclose(reranker.predict(pairs, batch_size=2), scores, atol=TOLERANCE)
 
 
@@ -50,8 +50,8 @@ def test_predict_one_pair_is_a_scalar(reranker):
     assert abs(score - in_a_list) < TOLERANCE
     (logit,) = reranker.compute_score([QUERY, DOCUMENTS[1]])  # FlagEmbedding: a list even for one pair
     assert score == pytest.approx(float(sigmoid(logit)), rel=1e-6)
-    with pytest.raises(ValueError, match="activation"):
-        reranker.predict([(QUERY, "a")], activation="softmax")
+    with pytest.raises(ValueError, match="activation_fn must be a callable"):
+        reranker.predict([(QUERY, "a")], activation_fn="softmax")
 
 
 def test_rank_is_best_first_with_corpus_ids(reranker):
@@ -71,6 +71,75 @@ def test_rank_is_best_first_with_corpus_ids(reranker):
         reranker.rank(QUERY, DOCUMENTS, top_k=0)
     with pytest.raises(ValueError, match="documents"):
         reranker.rank(QUERY, [DOCUMENTS[0], 3])
+
+
+def test_predict_takes_sentence_transformers_keywords(reranker, capsys):
+    """CrossEncoder.predict(sentences, batch_size, show_progress_bar, activation_fn, apply_softmax,
+    convert_to_numpy, convert_to_tensor), and the older activation_fct."""
+    import torch
+
+    pairs = [(QUERY, d) for d in DOCUMENTS]
+    logits = np.array(reranker.compute_score(pairs), dtype=np.float32)
+    scores = reranker.predict(pairs)
+    same = dict(atol=1e-6, rtol=1e-6)
+    np.testing.assert_allclose(reranker.predict(pairs, activation_fn=torch.nn.Identity()), logits, **same)
+    np.testing.assert_allclose(reranker.predict(pairs, activation_fn=torch.nn.Sigmoid()), scores, **same)
+    np.testing.assert_allclose(reranker.predict(pairs, activation_fn=np.tanh), np.tanh(logits), **same)
+    np.testing.assert_allclose(reranker.predict(pairs, activation_fct=lambda x: 2 * x), 2 * logits, **same)
+    np.testing.assert_array_equal(reranker.predict(pairs, apply_softmax=True), scores)  # one logit: no softmax
+    listed = reranker.predict(pairs, convert_to_numpy=False)
+    assert isinstance(listed, list) and all(isinstance(x, np.float32) for x in listed) and listed == scores.tolist()
+    tensor = reranker.predict(pairs, 2, False, None, False, True, True)  # positionally, in CrossEncoder's order
+    assert isinstance(tensor, torch.Tensor) and tensor.dtype == torch.float32 and tensor.tolist() == scores.tolist()
+
+    capsys.readouterr()
+    reranker.predict(pairs, batch_size=2, show_progress_bar=True)
+    bar = capsys.readouterr().err
+    assert "Batches" in bar and f"{len(pairs)}/{len(pairs)}" in bar
+    reranker.predict(pairs, show_progress_bar=False)
+    assert capsys.readouterr().err == ""
+
+    with pytest.raises(TypeError, match="unexpected keyword argument 'activation'"):
+        reranker.predict(pairs, activation=None)
+    with pytest.raises(ValueError, match="one score per pair"):
+        reranker.predict(pairs, activation_fn=lambda x: x[:1])
+
+
+def test_rank_takes_sentence_transformers_keywords(reranker, capsys):
+    import torch
+
+    logits = np.array(reranker.compute_score([(QUERY, d) for d in DOCUMENTS]), dtype=np.float32)
+    ranked = reranker.rank(QUERY, DOCUMENTS, top_k=3, return_documents=True, batch_size=2, show_progress_bar=True,
+                           activation_fn=torch.nn.Identity(), apply_softmax=False, convert_to_numpy=True,
+                           convert_to_tensor=False)
+    assert "Batches" in capsys.readouterr().err
+    assert [hit["corpus_id"] for hit in ranked] == np.argsort(-logits, kind="stable")[:3].tolist()
+    for hit in ranked:
+        assert hit["score"] == pytest.approx(float(logits[hit["corpus_id"]]), abs=TOLERANCE)
+        assert hit["text"] == DOCUMENTS[hit["corpus_id"]]
+    with pytest.raises(TypeError, match="unexpected keyword argument 'top_n'"):
+        reranker.rank(QUERY, DOCUMENTS, top_n=2)
+
+
+def test_compute_score_max_length_wins_up_to_the_model(tiny_model):
+    """FlagEmbedding: compute_score(..., max_length=64) on a reranker loaded with max_length=32 cuts at 64."""
+    short = Reranker.from_pretrained(tiny_model, max_length=32)
+    pairs = [(QUERY, FILLER * 3), (QUERY, "hi"), (FILLER * 3, FILLER * 3)]
+    at_64 = Reranker.from_pretrained(tiny_model, max_length=64).compute_score(pairs)
+    at_128 = Reranker.from_pretrained(tiny_model, max_length=128).compute_score(pairs)
+    np.testing.assert_allclose(short.compute_score(pairs, max_length=64), at_64, atol=TOLERANCE)
+    assert short.compute_score(pairs)[0] != pytest.approx(at_64[0], abs=1e-3)  # it did cut differently
+    # beyond the model's 128 positions: the model's limit
+    np.testing.assert_allclose(short.compute_score(pairs, max_length=10_000), at_128, atol=TOLERANCE)
+    encoding = short.encode(pairs, max_length=10_000)
+    assert encoding.max_length == 128 and max(map(len, encoding.sequences)) == 128
+    # query_max_length per call, as FlagEmbedding's
+    cut_query = Reranker.from_pretrained(tiny_model, max_length=64, query_max_length=8).compute_score(pairs)
+    np.testing.assert_allclose(short.compute_score(pairs, max_length=64, query_max_length=8), cut_query, atol=TOLERANCE)
+    with pytest.raises(ValueError, match="runs on the CPU"):
+        short.compute_score(pairs, device="cuda:0")
+    with pytest.raises(TypeError, match="unexpected keyword argument 'normalise'"):
+        short.compute_score(pairs, normalise=True)
 
 
 def _windows(reranker, query: str, document: str) -> list:

@@ -131,3 +131,147 @@ def test_encoding_in_chunk_mode_scores_a_pair_as_its_best_window(tiny_model):
     window_logits = chunked.run(encoding.sequences)
     expected = [window_logits[encoding.owners == i].max() for i in range(3)]
     np.testing.assert_array_equal(encoding.pair_logits(window_logits), np.array(expected, dtype=np.float32))
+
+
+# --- bounded work: issue 10's one request that killed the server ------------------------------
+
+HUGE_QUERY = "word " * 200_000  # 1 MB, 200,000 tokens
+ONE_WORD_CONTEXTS = ["w"] * 1000
+
+
+def test_a_huge_query_is_read_once_and_only_as_far_as_the_model_can_see(tiny_model, monkeypatch):
+    from nprerank.tokenizer import PairTokenizer, prefix_chars
+
+    reranker = Reranker.from_pretrained(tiny_model)
+    handed = []
+    encode_texts = PairTokenizer.encode_texts
+    monkeypatch.setattr(PairTokenizer, "encode_texts", lambda self, texts: handed.extend(texts) or encode_texts(self, texts))
+    encoding = reranker.encode([(HUGE_QUERY, text) for text in ONE_WORD_CONTEXTS])
+    budget = reranker.tokenizer.max_length - 4
+    # the query once, cut to the prefix that holds budget + 1 tokens; the context once
+    assert sum(text.startswith("word") for text in handed) == 1 and handed.count("w") == 1
+    assert sum(map(len, handed)) <= prefix_chars(budget + 1) + 1
+    assert all(length > reranker.tokenizer.max_length for length in encoding.lengths)
+    query_limit = reranker.tokenizer.max_length * 3 // 4  # only_second: the query is cut to its share
+    (w,) = encode_texts(reranker.tokenizer, ["w"])
+    assert len(encoding.sequences) == 1000 and all(len(s) == query_limit + len(w) + 4 for s in encoding.sequences)
+
+
+@pytest.mark.parametrize("long_documents", ["truncate", "chunk"])
+def test_chunk_mode_reads_at_most_max_windows(tiny_model, monkeypatch, long_documents):
+    from nprerank.tokenizer import PairTokenizer, prefix_chars
+
+    reranker = Reranker.from_pretrained(tiny_model, max_length=32, long_documents=long_documents, max_windows=3)
+    handed = []
+    encode_texts = PairTokenizer.encode_texts
+    monkeypatch.setattr(PairTokenizer, "encode_texts", lambda self, texts: handed.extend(texts) or encode_texts(self, texts))
+    encoding = reranker.encode([("panda", HUGE_QUERY), (HUGE_QUERY, HUGE_QUERY)])
+    windows = np.bincount(encoding.owners).tolist()
+    assert windows == ([3, 3] if long_documents == "chunk" else [1, 1])
+    most = 28 * 3 if long_documents == "chunk" else 28 + 1  # tokens a passage can need
+    assert sum(map(len, handed)) <= len("panda") + prefix_chars(most)
+
+
+def test_a_huge_request_stays_in_bounded_memory(tiny_model):
+    """Issue 10's body (a 200,000-word query, 1,000 one-word contexts), peak memory of the call
+    measured in a fresh process: tens of MB, where tokenizing the query for each context took GBs."""
+    import subprocess
+    import sys
+
+    code = f"""
+import sys
+from nprerank import Reranker
+reranker = Reranker.from_pretrained(sys.argv[1], engine="reference")
+query, contexts = "word " * 200_000, ["w"] * 1000
+reranker.rerank("q", ["w"])
+open("/proc/self/clear_refs", "w").write("5")  # restart the peak (VmHWM) from here
+reranker.rerank(query, contexts)
+peak = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
+rss = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmRSS"))
+print(peak - rss)
+"""
+    done = subprocess.run([sys.executable, "-c", code, str(tiny_model)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    grown_mb = int(done.stdout.split()[-1]) / 1024
+    assert grown_mb < 100, f"the call's peak was {grown_mb:.0f} MB above the resident memory around it"
+
+
+# --- text that is not Unicode: a lone surrogate ("\ud800" is valid JSON and a valid Python str) ---
+
+LONE = "caf\ud800e"
+
+
+@pytest.mark.parametrize(
+    "call, name",
+    [
+        (lambda r: r.rerank(LONE, ["a"]), "query"),
+        (lambda r: r.rerank("q", ["a", LONE]), r"contexts\[1\].text"),
+        (lambda r: r.rerank("q", [{"text": "a"}, {"text": LONE}]), r"contexts\[1\].text"),
+        (lambda r: r.compute_score([("q", "a"), (LONE, "p")]), r"pairs\[1\]\[0\]"),
+        (lambda r: r.compute_score(("q", LONE)), r"pairs\[0\]\[1\]"),
+        (lambda r: r.predict([("q", "a"), ("q", "b"), ("q", LONE)]), r"pairs\[2\]\[1\]"),
+        (lambda r: r.predict((LONE, "a")), r"pairs\[0\]\[0\]"),
+        (lambda r: r.rank(LONE, ["a"]), "query"),
+        (lambda r: r.rank("q", ["a", "b", LONE]), r"documents\[2\]"),
+        (lambda r: r.encode([("q", "a"), ("q", LONE)]), r"pairs\[1\]\[1\]"),
+        (lambda r: r.logits([(LONE, "a")]), r"pairs\[0\]\[0\]"),
+        (lambda r: r.tokenizer.encode_pairs([("q", "\udfff")]), r"pairs\[0\]\[1\]"),
+        (lambda r: Reranker.from_pretrained("/tmp/\ud800"), "path"),
+    ],
+)
+def test_text_that_is_not_unicode_is_refused_naming_the_field(reranker, call, name):
+    with pytest.raises(ValueError, match=name + r" is not valid Unicode: a lone surrogate '\\ud[8f]"):
+        call(reranker)
+
+
+
+# --- per-call truncation, passage_max_length, lengths -------------------------------------------
+
+
+@pytest.mark.parametrize("loaded, asked", [("only_second", "longest_first"), ("longest_first", "only_second")])
+def test_truncation_per_call(tiny_model, loaded, asked):
+    """TEI cuts longest_first whatever the server was started with: one call, one policy."""
+    reranker = Reranker.from_pretrained(tiny_model, truncation=loaded)
+    other = Reranker.from_pretrained(tiny_model, truncation=asked)
+    pairs = [("panda " * 150, "hi"), ("what is panda?", "bamboo " * 300), ("panda " * 100, "bamboo " * 100)]
+    encoding = reranker.encode(pairs, truncation=asked)
+    assert encoding.sequences == other.encode(pairs).sequences != reranker.encode(pairs).sequences
+    np.testing.assert_array_equal(reranker.logits(pairs, truncation=asked), other.logits(pairs))
+    with pytest.raises(ValueError, match="truncation must be one of"):
+        reranker.encode(pairs, truncation="longest")
+
+
+def test_tei_long_query_keeps_what_tei_keeps(tiny_model):
+    """Issue 9: query "panda " * 150 and text "hi", max_length 128, longest_first: the query keeps
+    128 - 4 - len(hi) tokens, as transformers (TEI's tokenizer) does, not the 3/4 share of only_second."""
+    from transformers import AutoTokenizer
+
+    reranker = Reranker.from_pretrained(tiny_model)  # only_second by default
+    query, text = "panda " * 150, "hi"
+    (ids,) = reranker.encode([(query, text)], truncation="longest_first").sequences
+    expected = AutoTokenizer.from_pretrained(str(tiny_model))(query, text, truncation=True, max_length=128)["input_ids"]
+    assert ids == expected and len(ids) == 128
+
+
+def test_passage_max_length_cuts_every_passage_first(reranker):
+    """Cohere v2's max_tokens_per_doc: each document cut to that many tokens, then the pair as usual."""
+    tokenizer = reranker.tokenizer
+    pairs = [("q", "bamboo " * 300), ("q", "hi"), ("q", "the giant panda eats bamboo every day")]
+    query_ids = tokenizer.encode_texts(["q"])[0]
+    encoding = reranker.encode(pairs, passage_max_length=5)
+    for (_, passage), ids, length in zip(pairs, encoding.sequences, encoding.lengths):
+        passage_ids = tokenizer.encode_texts([passage])[0][:5]
+        assert ids == [0, *query_ids, 2, 2, *passage_ids, 2] and length == len(ids)
+    with pytest.raises(ValueError, match="passage_max_length must be an integer >= 1"):
+        reranker.encode(pairs, passage_max_length=0)
+
+
+@pytest.mark.parametrize("max_length", [128, 40, 16])
+def test_lengths_are_exact_up_to_max_length(reranker, max_length):
+    from cases import PAIRS
+
+    pairs = PAIRS + [("q", "word " * n) for n in range(0, 140, 7)]
+    encoding = reranker.encode(pairs, max_length=max_length)
+    for (query, passage), length in zip(pairs, encoding.lengths):
+        full = sum(map(len, reranker.tokenizer.encode_texts([query, passage]))) + 4
+        assert length == full if full <= max_length else length > max_length, (query[:20], passage[:20])

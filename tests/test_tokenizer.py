@@ -88,3 +88,96 @@ def test_bad_options_are_refused(tiny_model, options, message):
 def test_non_string_text_is_refused(tiny_model):
     with pytest.raises(ValueError, match="must be a string"):
         PairTokenizer(tiny_model / "tokenizer.json", 128).encode_pairs([("query", 3)])
+
+
+# --- reading only as much text as the model can take ------------------------------------------
+
+# Long texts in several scripts, with the characters that make a cut risky near any cut point
+LONG_TEXTS = {  # each a few times longer than the prefix read for 128 tokens, so that cuts are exercised
+    "english": "The giant panda lives in the mountains of central China and eats bamboo. " * 50,
+    "cjk without spaces": "熊猫是一种生活在中国的熊主要吃竹子。" * 200,
+    "emoji sequences": "🐼👩‍👩‍👧🏽🇯🇵❤️" * 300,
+    "combining accents": ("cafe\u0301 e\u0301\u0301x \u0301 n\u0303o " * 150),
+    "nfkc and odd spaces": "ﬁnal ① Ａ\u00a0ｶﾀｶﾅ\u3000ﷺ\u200b soft\u00adhyphen\t\r\n  " * 100,
+    "one long word": "a" * 6000,
+    "korean jamo": "\u1100\u1161\u11a8 한국어 " * 400,
+}
+
+
+@pytest.mark.parametrize("name", list(LONG_TEXTS))
+def test_first_tokens_are_the_full_texts_first_tokens(tiny_model, name):
+    tokenizer = PairTokenizer(tiny_model / "tokenizer.json", 128)
+    text = LONG_TEXTS[name]
+    full = tokenizer.encode_texts([text])[0]
+    for need in [1, 7, 125, 300]:
+        first = tokenizer._first_tokens({text: need})[text]
+        assert first == full[:need], f"{name}, {need} tokens: first mismatch at {_mismatch(first, full)}"
+
+
+def _mismatch(first, full):
+    return next((i for i, (a, b) in enumerate(zip(first, full)) if a != b), min(len(first), len(full)))
+
+
+def test_a_prefix_cut_before_a_space_tokenizes_as_the_full_text(tiny_model):
+    """The fact the cut relies on, checked at every space of texts made of risky characters."""
+    import random
+
+    tokenizer = PairTokenizer(tiny_model / "tokenizer.json", 128)
+    pool = ["panda", "熊猫", "ﬁnal", "①", "\u200b", "\u00a0", "\t", "\n", "Ａ", "cafe\u0301", "🐼", "\u0301", "e\u0301",
+            "\u3000", "ﷺ", "\u00ad", "<s>", "ｶ", "\u0308", "\x1c", "\r\n", "가", "\u1100\u1161"]
+    rng = random.Random(1)
+    for _ in range(10):
+        text = "".join(rng.choice(pool) + rng.choice([" ", "", "", " "]) for _ in range(300))
+        full = tokenizer.encode_texts([text])[0]
+        cuts = [i for i, char in enumerate(text) if char == " "]
+        for cut, ids in zip(cuts, tokenizer.encode_texts([text[:cut] for cut in cuts])):
+            assert full[: len(ids)] == ids, repr(text[max(0, cut - 12) : cut + 4])
+
+
+LONG_PAIRS = [(LONG_TEXTS[a], LONG_TEXTS[b]) for a, b in [
+    ("english", "cjk without spaces"), ("cjk without spaces", "emoji sequences"), ("combining accents", "one long word"),
+    ("nfkc and odd spaces", "korean jamo"), ("english", "english"),
+]] + [("short query", text) for text in LONG_TEXTS.values()] + [(text, "short passage") for text in LONG_TEXTS.values()]
+
+
+@pytest.mark.parametrize("max_length", [128])
+def test_long_pairs_match_transformers(tiny_model, hf_tokenizer, max_length):
+    """longest_first on long texts in several scripts: the same ids as transformers, which reads them whole.
+
+    (Not at small max_length: the `tokenizers` library then builds every overflowing window of
+    both texts, pairwise, which takes minutes and gigabytes; the next test covers small max_length.)
+    """
+    tokenizer = PairTokenizer(tiny_model / "tokenizer.json", max_length, "longest_first")
+    ours = tokenizer.encode_pairs(LONG_PAIRS)
+    theirs = hf_tokenizer([q for q, _ in LONG_PAIRS], [p for _, p in LONG_PAIRS], truncation=True,
+                          max_length=max_length)["input_ids"]
+    for (query, passage), mine, expected in zip(LONG_PAIRS, ours, theirs):
+        assert mine == expected, f"{query[:20]!r}, {passage[:20]!r}: first mismatch at {_mismatch(mine, expected)}"
+
+
+@pytest.mark.parametrize("truncation", ["only_second", "longest_first"])
+@pytest.mark.parametrize("max_length", [128, 40, 17])
+def test_bounded_reading_changes_no_id_and_no_length(tiny_model, truncation, max_length):
+    """Against the same policy applied to the texts tokenized whole (the path before bounding)."""
+    from nprerank.tokenizer import _longest_first, _query_limit
+
+    tokenizer = PairTokenizer(tiny_model / "tokenizer.json", max_length, truncation)
+    pairs = LONG_PAIRS + PAIRS
+    owners, sequences, lengths = tokenizer.encode(pairs)
+    assert owners == list(range(len(pairs)))
+    budget = max_length - 4
+    for (query, passage), ids, length in zip(pairs, sequences, lengths):
+        q, p = tokenizer.encode_texts([query, passage])
+        full = len(q) + len(p) + 4
+        assert length == full if full <= max_length else length > max_length
+        if truncation == "only_second":
+            q = q[: _query_limit(max_length, None)]
+            p = p[: max(0, budget - len(q))]
+        else:
+            if budget % 2 and min(len(q), len(p)) > budget:
+                # both longer than the model can read and an odd budget: transformers gives the spare
+                # token to the longer text, which only reading both whole could tell; the passage gets it
+                q, p = q[: budget // 2], p[: budget // 2 + 1]
+            else:
+                q, p = _longest_first(q, p, budget)
+        assert ids == [0, *q, 2, 2, *p, 2], f"{query[:20]!r}, {passage[:20]!r}"

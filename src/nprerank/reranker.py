@@ -3,15 +3,25 @@
 `Reranker` owns everything between the user's texts and the model's forward pass: checking the
 input, tokenizing pairs, sorting them by length and cutting them into batches under a token
 budget (so memory stays bounded and little work goes to padding), running the model, restoring
-the input order, the sigmoid, and the ranking. It speaks the interfaces users already call:
+the input order, the sigmoid, and the ranking. The work is three steps, each public:
+
+- `encode(pairs, ...) -> Encoding`: the token-id sequences the model will be given, which pair
+  owns each, and each pair's length (tokenizer.py does the reading and cutting).
+- `run(sequences) -> [S] logits`: batched forward passes (the server's batcher runs several
+  requests' sequences in one call), then `Encoding.pair_logits` gives each pair its logit.
+- `score(encoding)` = `pair_logits(run(sequences))`; `logits(pairs)` = `score(encode(pairs))`.
+
+On top of them it speaks the interfaces users already call:
 
 - `rerank(query, contexts, top_k)`: Cloudflare Workers AI `@cf/baai/bge-reranker-base`.
-- `compute_score(pairs, normalize)`: FlagEmbedding's `FlagReranker.compute_score`.
-- `predict(pairs)` and `rank(query, documents)`: sentence-transformers' `CrossEncoder`.
+- `compute_score(sentence_pairs, ...)`: FlagEmbedding's `FlagReranker.compute_score`.
+- `predict(sentences, ...)` and `rank(query, documents, ...)`: sentence-transformers' `CrossEncoder`.
 
 Read next: model.py (the fast forward pass it calls) and reference.py (the readable one).
 """
 
+import logging
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,7 +70,7 @@ class Reranker:
                         query_max_length: int | None = None, **options) -> "Reranker":
         """Load a bge-reranker-base folder (config.json, tokenizer.json, model.safetensors), or a
         Hugging Face repo id: found in the Hugging Face cache, else downloaded (hub.py)."""
-        folder = resolve(path)
+        folder = resolve(check_text("path", path) if isinstance(path, str) else path)
         missing = [name for name in MODEL_FILES if not (folder / name).is_file()]
         if missing:
             raise ModelError(f"{folder}: missing {', '.join(missing)} (a model folder needs {', '.join(MODEL_FILES)})")
@@ -88,35 +98,66 @@ class Reranker:
 
     # --- FlagEmbedding ---------------------------------------------------------------------
 
-    def compute_score(self, pairs, normalize: bool = False, batch_size: int | None = None,
-                      max_length: int | None = None) -> list:
-        """FlagReranker.compute_score: [(query, passage)] -> [logit] (or sigmoid if normalize)."""
-        pairs = _as_pairs(pairs)
-        logits = self.logits(pairs, batch_size=batch_size, max_length=max_length)
+    def compute_score(self, sentence_pairs, *, batch_size: int | None = None, query_max_length: int | None = None,
+                      max_length: int | None = None, normalize: bool | None = None, device: str | None = None) -> list:
+        """FlagEmbedding's `FlagReranker.compute_score` (inference/reranker/encoder_only/base.py):
+        [(query, passage)] * P, or one pair -> a list of P raw logits (sigmoid scores if normalize).
+
+        batch_size: pairs per forward pass (None: the Reranker's). max_length: this call's tokens per
+        pair; it wins over the Reranker's, up to the model's usable positions. query_max_length:
+        the query's share (None: the Reranker's, else 3/4 of max_length). device: None or "cpu".
+        """
+        if device not in (None, "cpu"):
+            raise ValueError(f"nprerank runs on the CPU: device must be None or 'cpu', got {device!r}")
+        pairs = _as_pairs(sentence_pairs)
+        encoding = self.encode(pairs, max_length, query_max_length=query_max_length)
+        logits = self.score(encoding, batch_size)  # [P]
         return (sigmoid(logits) if normalize else logits.astype(np.float64)).tolist()
 
     # --- sentence-transformers -------------------------------------------------------------
 
-    def predict(self, pairs, batch_size: int | None = None, activation: str | None = "sigmoid"):
-        """CrossEncoder.predict: float32 scores as an ndarray (a scalar for one pair)."""
-        single = _is_pair(pairs)
-        if activation not in ("sigmoid", None, "none"):
-            raise ValueError(f"activation must be 'sigmoid' or None, got {activation!r}")
-        logits = self.logits(_as_pairs(pairs), batch_size=batch_size)
-        scores = (sigmoid(logits) if activation == "sigmoid" else logits).astype(np.float32)
+    def predict(self, sentences, batch_size: int | None = None, show_progress_bar: bool | None = None,
+                activation_fn=None, apply_softmax: bool = False, convert_to_numpy: bool = True,
+                convert_to_tensor: bool = False, *, activation_fct=None):
+        """sentence-transformers' `CrossEncoder.predict` (cross_encoder/CrossEncoder.py):
+        [(query, passage)] * P -> [P] float32 scores, or a NumPy scalar for one pair.
+
+        Scores are sigmoid(logit), the one-label model's default activation, unless activation_fn
+        is given: any callable taking the [P] float32 logits as a NumPy array (`lambda x: x` gives
+        the logits); a torch module (torch.nn.Identity(), torch.nn.Sigmoid()) is called on a tensor
+        view of them, torch being whatever the caller imported (nprerank itself never imports it).
+        activation_fct is the older name of activation_fn. apply_softmax changes nothing with one
+        logit per pair (as in sentence-transformers). convert_to_numpy=False gives a list of NumPy
+        scalars; convert_to_tensor=True a torch tensor (needs torch installed).
+        show_progress_bar: a tqdm bar over the batches; None shows it when this module's logger
+        is at INFO or DEBUG, as sentence-transformers does.
+        """
+        single = _is_pair(sentences)
+        pairs = _as_pairs(sentences)
+        logits = self.score(self.encode(pairs), batch_size, _show_progress(show_progress_bar))
+        scores = _activate(logits, activation_fn if activation_fn is not None else activation_fct)
+        if convert_to_tensor:
+            scores = _torch().from_numpy(scores)
+        elif not convert_to_numpy:
+            scores = list(scores)
         return scores[0] if single else scores
 
     def rank(self, query: str, documents: list, top_k: int | None = None, return_documents: bool = False,
-             batch_size: int | None = None) -> list:
-        """CrossEncoder.rank: [{"corpus_id", "score", "text"?}] best first."""
+             batch_size: int | None = None, show_progress_bar: bool | None = None, activation_fn=None,
+             apply_softmax: bool = False, convert_to_numpy: bool = True, convert_to_tensor: bool = False,
+             *, activation_fct=None) -> list:
+        """sentence-transformers' `CrossEncoder.rank`: [{"corpus_id", "score", "text"?}] best first,
+        at most top_k; scores as `predict` gives them (as Python floats, whatever convert_to_* say)."""
         check_text("query", query, allow_empty=False)
         if top_k is not None:
             _check_int("top_k", top_k)
         if not isinstance(documents, (list, tuple)):
-            raise ValueError("documents must be a list of strings")
+            raise ValueError(f"documents must be a list of strings, got {type(documents).__name__}")
         for i, document in enumerate(documents):
             check_text(f"documents[{i}]", document)
-        scores = sigmoid(self.logits([(query, d) for d in documents], batch_size=batch_size)).astype(np.float32)
+        pairs = [(query, document) for document in documents]
+        logits = self.score(self.encode(pairs), batch_size, _show_progress(show_progress_bar))
+        scores = _activate(logits, activation_fn if activation_fn is not None else activation_fct)
         ranked = []
         for i in best_first(scores, top_k):
             hit = {"corpus_id": i, "score": float(scores[i])}
@@ -218,6 +259,36 @@ class Encoding:
         logits = np.full(len(self.lengths), -np.inf, dtype=np.float32)  # [P]
         np.maximum.at(logits, self.owners, sequence_logits)  # a chunked document scores as its best window
         return logits
+
+
+def _show_progress(show: bool | None) -> bool:
+    # sentence-transformers' rule for None: shown when its logger would print INFO
+    return logging.getLogger(__name__).getEffectiveLevel() <= logging.INFO if show is None else bool(show)
+
+
+def _activate(logits: np.ndarray, activation_fn) -> np.ndarray:
+    """[P] logits -> [P] float32 scores: sigmoid, or activation_fn (a callable, or a torch module)."""
+    if activation_fn is None:
+        return sigmoid(logits).astype(np.float32)
+    if not callable(activation_fn):
+        raise ValueError(f"activation_fn must be a callable on the logits, got {activation_fn!r:.80}")
+    if any(cls.__module__.split(".")[0] == "torch" for cls in type(activation_fn).__mro__):
+        torch = sys.modules["torch"]  # a torch module was made by the caller, so torch is imported
+        scores = activation_fn(torch.from_numpy(logits)).detach().cpu().numpy()
+    else:
+        scores = activation_fn(logits)
+    scores = np.asarray(scores, dtype=np.float32)
+    if scores.shape != logits.shape:
+        raise ValueError(f"activation_fn must return one score per pair: {logits.shape} in, {scores.shape} out")
+    return scores
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError:
+        raise ValueError("convert_to_tensor=True needs torch, which nprerank does not install") from None
+    return torch
 
 
 def _progress_bar(total: int):

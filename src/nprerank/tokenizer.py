@@ -13,6 +13,14 @@ tokens, so that both truncation policies are plain, visible arithmetic:
 
 Both must give the same ids as transformers' tokenizer on the same text and policy (tests/).
 
+Only what can reach the model is read: each distinct text of a call is tokenized once, and a
+long one only as a prefix that provably (cut before a space) or verifiably (cut elsewhere,
+checked against a longer prefix) holds the same first ids as the whole text (`_first_tokens`).
+So a 1 MB query costs about a kilobyte of tokenizing, not a megabyte per passage. The one
+visible consequence: under "longest_first" with an odd token budget and both texts longer than
+the model can read, transformers gives the spare token to the longer text, which only reading
+both whole could tell; here the passage gets it.
+
 Read next: reranker.py, which batches these ids for the model.
 """
 
