@@ -292,7 +292,9 @@ def test_slow_clients_do_not_shut_others_out(tiny_model, reranker, tmp_path):
             else:
                 refused(dialect, Raw(data), 408, "body", cloudflare_code=3007, tei_type="timeout")
         elapsed = time.monotonic() - started
-        assert elapsed < 15, f"the slow connections were held {elapsed:.1f}s; the deadlines are 3 s and 4 s"
+        # a socket the server kept open would time out read_all (15 s) above; this bounds them all at
+        # once, loosely, because the normal clients in between may be slow on a busy machine
+        assert elapsed < 60, f"the slow connections were held {elapsed:.1f}s; the deadlines are 3 s and 4 s"
         time.sleep(0.5)
         assert psutil.Process(server.process.pid).num_fds() <= fds + 2, "file descriptors were not given back"
         check_tei(post(server.url + "/rerank", json={"query": "q", "texts": TEXTS}), reranker, "q", TEXTS)
