@@ -570,7 +570,7 @@ def test_concurrent_clients_get_their_own_answers(server, client, reranker):
 def test_client_disconnect_does_not_disturb_others(server, client, reranker):
     """Clients that hang up mid-body or before their answer, while others are being served."""
     body = json.dumps({"query": "leaving", "texts": TEXTS * 20, "truncate": True}).encode()
-    head = b"POST /rerank HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+    head = b"POST /rerank HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
     before = client.get("/health").json()
 
     def rude_client():

@@ -32,11 +32,13 @@ class Cloudflare(Dialect):
     summary = f"Cloudflare Workers AI {CLOUDFLARE_MODEL}: sigmoid scores, best first, at most top_k"
     json_only = False
     statuses = dict(bad_json=400, media_type=400, invalid=400, empty=400, empty_pair=400, too_long=400, too_many=413,
-                    too_large=413, unauthorized=401, overloaded=429, loading=503, internal=500)
+                    too_large=413, unauthorized=401, forbidden=403, timeout=408, overloaded=429, loading=503,
+                    internal=500)
     # Workers AI's documented error codes (developers.cloudflare.com/workers-ai/platform/errors)
     codes = dict(too_many=(3006, "Request is too large"), too_large=(3006, "Request is too large"),
                  overloaded=(3040, "Out of capacity"), loading=(3040, "Out of capacity"),
-                 unauthorized=(10000, "Authentication error"), internal=(5000, "Internal error"))
+                 unauthorized=(10000, "Authentication error"), forbidden=(10000, "Forbidden"),
+                 timeout=(3007, "Request timeout"), internal=(5000, "Internal error"))
 
     def parse(self, payload, limits):
         payload = read_object(payload)

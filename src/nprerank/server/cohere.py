@@ -34,7 +34,8 @@ class Cohere(Dialect):
     version = "1"
     documents_shape = 'a list of strings or {"text": "..."} objects'
     statuses = dict(bad_json=400, media_type=415, invalid=400, empty=400, empty_pair=400, too_long=400,
-                    too_many=422, too_large=413, unauthorized=401, overloaded=429, loading=503, internal=500)
+                    too_many=422, too_large=413, unauthorized=401, forbidden=403, timeout=408, overloaded=429,
+                    loading=503, internal=500)
 
     def parse(self, payload, limits):
         payload = read_object(payload)

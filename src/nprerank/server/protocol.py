@@ -20,7 +20,7 @@ class ApiError(Exception):
     """A request we refuse. `kind` says why; each dialect maps kinds to its own status and shape."""
 
     KINDS = ("bad_json", "media_type", "invalid", "empty", "empty_pair", "too_many", "too_long", "too_large",
-             "unauthorized", "overloaded", "loading", "internal")
+             "unauthorized", "forbidden", "timeout", "overloaded", "loading", "internal")
     # empty: a list with no items; empty_pair: a pair whose query and text are both "" (TEI's rule)
 
     def __init__(self, kind: str, message: str):

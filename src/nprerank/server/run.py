@@ -1,4 +1,15 @@
-"""Running the server: the `serve` flags, `serve()` (uvicorn until Ctrl-C or SIGTERM), `main()`.
+"""Running the server: the `serve` flags, `serve()` (uvicorn until Ctrl-C or SIGTERM), `main()`,
+and the connection-level guards uvicorn does not have.
+
+Uvicorn (0.29 to at least 0.54) reads a request's headers without any deadline: a client that
+connects and sends nothing, or half its headers, holds a socket and a file descriptor until it
+leaves, and --limit-concurrency answers with a text/plain 503 once every place is held that way.
+`guarded_protocol` is uvicorn's own h11 protocol with three changes: the headers of each request
+must arrive within --header-timeout of connecting (or of the previous answer) or the socket is
+closed; a connection opened while --max-connections are open gets its request refused in the
+dialect's shape (by app.py) and is closed; and a client that half-closes its side after sending
+its request (shutdown(SHUT_WR), as some clients and proxies do) still gets its answer.
+The body's deadline (--body-timeout) is app.py's, because it answers in the dialect's shape.
 
 Read next: app.py (what is served).
 """
@@ -13,7 +24,10 @@ import threading
 
 from ..arguments import positive_int
 from ..config import ModelError
-from .app import build_app, require
+from pathlib import Path
+
+from .access import Access
+from .app import OVER_CAPACITY, build_app, require
 from .limits import Limits
 from .protocol import DEFAULT_MODEL
 
@@ -35,8 +49,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-contexts", metavar="N", type=positive_int, default=default.max_contexts,
                         help=f"most contexts/texts/documents in one request (default {default.max_contexts})")
     parser.add_argument("--queue-size", metavar="N", type=positive_int, default=default.queue_size,
-                        help=f"requests in progress at once (being read, waiting or scored); more get 429 "
-                             f"(default {default.queue_size})")
+                        help=f"requests read whole and waiting or being scored; more get 429 (default {default.queue_size})")
+    parser.add_argument("--max-connections", metavar="N", type=positive_int, default=default.max_connections,
+                        help=f"open connections; a request on one more gets 429 and is closed "
+                             f"(default {default.max_connections})")
+    for name, meaning in (("header_timeout", "a request's headers must arrive within this, else the connection is closed"),
+                          ("body_timeout", "a request's body must arrive within this after its headers, else 408"),
+                          ("shutdown_timeout", "on Ctrl-C or SIGTERM, requests in progress get this long, then 503")):
+        parser.add_argument(f"--{name.replace('_', '-')}", metavar="SECONDS", type=seconds, default=getattr(default, name),
+                            help=f"{meaning} (default {getattr(default, name):g})")
+    parser.add_argument("--allowed-host", metavar="NAME", action="append", default=[],
+                        help="also answer requests whose Host header names NAME (repeat for more; '*' for any). "
+                             "Served by default: the --host address, any IP address, localhost, *.localhost "
+                             "and this machine's name")
+    parser.add_argument("--allowed-origin", metavar="ORIGIN", action="append", default=[],
+                        help="let web pages of ORIGIN (e.g. https://app.example.com) call the server from a browser, "
+                             "with CORS headers (repeat for more; '*' for any). Default: none")
     parser.add_argument("--batch-tokens", metavar="N", type=positive_int, default=default.batch_tokens,
                         help=f"tokens of waiting requests scored in one forward call (default {default.batch_tokens})")
     parser.add_argument("--auto-truncate", action=argparse.BooleanOptionalAction, default=default.auto_truncate,
@@ -53,40 +81,115 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="uvicorn's log level (default info)")
 
 
+def seconds(text: str) -> float:
+    """argparse type: a number of seconds > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < 86400:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+    return value
+
+
 def serve_from_args(args: argparse.Namespace) -> None:
+    limits = {name: getattr(args, name) for name in Limits.__dataclass_fields__}
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key, threads=args.threads,
-          long_documents=args.long_documents, log_level=args.log_level, max_body_bytes=args.max_body_bytes,
-          max_contexts=args.max_contexts, queue_size=args.queue_size, batch_tokens=args.batch_tokens,
-          auto_truncate=args.auto_truncate, truncation=args.truncation)
+          long_documents=args.long_documents, log_level=args.log_level, allowed_hosts=args.allowed_host,
+          allowed_origins=args.allowed_origin, **limits)
+
+
+def public_name(model: str) -> str:
+    """What /health and the answers call the model: a repo id as given, a folder by its own name
+    (never the path, which tells a client about the server's disk)."""
+    path = Path(model).expanduser()
+    return path.resolve().name if path.exists() else str(model)
+
+
+def guarded_protocol(limits: Limits):
+    """Uvicorn's h11 protocol with header deadlines, a connection bound and half-close support."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class GuardedProtocol(H11Protocol):
+        def connection_made(self, transport):
+            over_capacity = len(self.connections) >= limits.max_connections  # before this one counts
+            super().connection_made(transport)
+            if over_capacity:  # app.py answers its request 429 in the dialect's shape, and closes
+                self.app_state = {**self.app_state, OVER_CAPACITY: True}
+            self.header_timer = None
+            self.await_headers()
+
+        def await_headers(self):
+            """From now, the next request's headers have --header-timeout to arrive whole."""
+            self.cancel_header_timer()
+            self.header_timer = self.loop.call_later(limits.header_timeout, self.headers_late)
+
+        def cancel_header_timer(self):
+            if self.header_timer is not None:
+                self.header_timer.cancel()
+                self.header_timer = None
+
+        def headers_late(self):
+            self.header_timer = None
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self.transport.close()  # no request yet: nothing to answer, no dialect known
+
+        def data_received(self, data):
+            super().data_received(data)
+            if self.conn.their_state is not h11.IDLE:  # the headers are in
+                self.cancel_header_timer()
+
+        def on_response_complete(self):
+            super().on_response_complete()
+            if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
+                self.await_headers()
+
+        def connection_lost(self, exc):
+            self.cancel_header_timer()
+            super().connection_lost(exc)
+
+        def eof_received(self):
+            # the client finished sending (a half-close): if its request is whole, keep our side
+            # open to answer it, then close; otherwise (uvicorn's behaviour) close now
+            if self.cycle is not None and not self.cycle.response_complete and self.conn.their_state is h11.DONE:
+                self.cycle.keep_alive = False
+                return True
+            return None
+
+    return GuardedProtocol
 
 
 def serve(model: str = DEFAULT_MODEL, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None,
-          threads: int | None = None, long_documents: str = "truncate", log_level: str = "info", **limits) -> None:
+          threads: int | None = None, long_documents: str = "truncate", log_level: str = "info",
+          allowed_hosts=(), allowed_origins=(), **limits) -> None:
     """Serve `model` until Ctrl-C or SIGTERM, then return. Raises ModelError if the model fails to load."""
     uvicorn = require("uvicorn")
     from ..reranker import Reranker
 
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
+    limits = Limits(**limits)
 
     def load():
         options = {"long_documents": long_documents}
         if threads is not None:
             options["threads"] = threads
-        if limits.get("truncation"):  # the server's --truncation, for routes whose Query leaves it to the server
-            options["truncation"] = limits["truncation"]
+        if limits.truncation:  # the server's --truncation, for routes whose Query leaves it to the server
+            options["truncation"] = limits.truncation
         return Reranker.from_pretrained(model, **options)
 
-    app = build_app(load, api_key=api_key, model_name=str(model), **limits)
+    access = Access(host, allowed_hosts, allowed_origins)
+    app = build_app(load, api_key=api_key, model_name=public_name(model), access=access, **vars(limits))
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s without --api-key: anyone who can reach this port can use it", host)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
-                            timeout_graceful_shutdown=10)
+                            http=guarded_protocol(limits), timeout_graceful_shutdown=limits.shutdown_timeout)
     server = uvicorn.Server(config)
     app.state.batcher.on_load_failure = lambda: setattr(server, "should_exit", True)
     with _signals_end_quietly():
         server.run()
-    if app.state.batcher.load_error:
-        raise ModelError(f"could not load the model {model}: {app.state.batcher.load_error}")
+    if app.state.batcher.state == "failed":
+        raise ModelError(f"could not load the model {model}: {app.state.batcher.problem}")
 
 
 @contextlib.contextmanager

@@ -40,9 +40,10 @@ class TEI(Dialect):
     paths = ("/rerank", "/", "/invocations")
     summary = "Text Embeddings Inference rerank: sigmoid scores (logits with raw_scores), best first"
     statuses = dict(bad_json=400, media_type=415, invalid=422, empty=400, empty_pair=413, too_long=413, too_many=413,
-                    too_large=413, unauthorized=401, overloaded=429, loading=503, internal=424)
+                    too_large=413, unauthorized=401, forbidden=403, timeout=408, overloaded=429, loading=503,
+                    internal=424)
     error_types = dict(empty="empty", overloaded="overloaded", loading="unhealthy", internal="backend",
-                       unauthorized="unauthorized")
+                       unauthorized="unauthorized", forbidden="forbidden", timeout="timeout")
 
     def __init__(self, auto_truncate: bool = True, truncation: str | None = None):
         self.auto_truncate = auto_truncate
