@@ -78,8 +78,9 @@ class LayerMatrices:
 
 
 def cache_dir() -> Path:
-    """$NPRERANK_CACHE, else ~/.cache/nprerank (RuntimeError when there is no home to find)."""
-    return Path(os.environ.get("NPRERANK_CACHE") or Path.home() / ".cache" / "nprerank")
+    """$NPRERANK_CACHE (a leading ~ expanded, as a shell would), else ~/.cache/nprerank
+    (RuntimeError when there is no home to find)."""
+    return Path(os.environ.get("NPRERANK_CACHE") or Path.home() / ".cache" / "nprerank").expanduser()
 
 
 def gemm_weights(weights: Weights) -> list:
