@@ -49,7 +49,7 @@ class Reranker:
 
             self.model = FastModel(weights, config, threads=threads)
         else:
-            self.model = reference.ReferenceModel(weights, config)
+            self.model = reference.ReferenceModel(weights, config, threads=threads)
 
     @classmethod
     def from_pretrained(cls, path="BAAI/bge-reranker-base", max_length: int | None = None, truncation: str = "only_second",
