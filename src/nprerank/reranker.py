@@ -63,7 +63,7 @@ class Reranker:
 
             self.model = FastModel(weights, config, threads=threads)
         else:
-            self.model = reference.ReferenceModel(weights, config)
+            self.model = reference.ReferenceModel(weights, config, threads=threads)
 
     @classmethod
     def from_pretrained(cls, path="BAAI/bge-reranker-base", max_length: int | None = None, truncation: str = "only_second",
@@ -71,7 +71,8 @@ class Reranker:
         """Load a bge-reranker-base folder (config.json, tokenizer.json, model.safetensors), or a
         Hugging Face repo id: found in the Hugging Face cache, else downloaded (hub.py)."""
         folder = resolve(check_text("path", path) if isinstance(path, str) else path)
-        missing = [name for name in MODEL_FILES if not (folder / name).is_file()]
+        # exists(), not is_file(): a FIFO or a folder in its place is refused by its reader, by name
+        missing = [name for name in MODEL_FILES if not (folder / name).exists()]
         if missing:
             raise ModelError(f"{folder}: missing {', '.join(missing)} (a model folder needs {', '.join(MODEL_FILES)})")
         config = ModelConfig.from_json(folder / "config.json")
@@ -80,6 +81,9 @@ class Reranker:
         elif isinstance(max_length, int) and max_length > config.max_tokens:
             raise ValueError(f"max_length {max_length} exceeds the model's {config.max_tokens} usable positions")
         tokenizer = PairTokenizer(folder / "tokenizer.json", max_length, truncation, query_max_length)
+        if tokenizer.vocab_size > config.vocab_size:  # its ids would index past the embedding table
+            raise ModelError(f"{folder / 'tokenizer.json'}: token ids go up to {tokenizer.vocab_size - 1}, but "
+                             f"config.json's vocab_size is {config.vocab_size}; the two do not belong together")
         weights = load_weights(folder / "model.safetensors", config)
         return cls(config, weights, tokenizer, **options)
 
