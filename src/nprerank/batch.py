@@ -581,4 +581,6 @@ def _source(args, say) -> Source:
     for path in source.paths():
         if not path.is_file():
             raise OSError(f"{path}: no such file")
+        if args.output.resolve() == path.resolve():
+            raise ValueError(f"--output {args.output} is also an input")
     return source
