@@ -88,6 +88,7 @@ def scores(jobs, model, options: dict, address: str | None = None, concurrency: 
             return
         if concurrency is None:
             concurrency = max(1, int(ray.cluster_resources().get("CPU", 1) // threads))
+        concurrency = min(concurrency, len(refs))  # an actor with no block to take would only load the model
         options = {k: v for k, v in options.items() if k != "threads"}
         dataset = ray.data.from_arrow_refs(refs).map_batches(
             RerankActor, fn_constructor_kwargs=dict(model=str(model), threads=threads, **options),
