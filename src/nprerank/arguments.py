@@ -1,4 +1,4 @@
-"""Argument types shared by the command-line front ends (cli.py, server.py, bench.py)."""
+"""Argument types shared by the command-line front ends (cli.py, server/, bench.py)."""
 
 import argparse
 
