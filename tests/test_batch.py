@@ -90,6 +90,19 @@ def read_jsonl(path) -> list:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
+def interrupted_after(queries: int):
+    """batch.local_scores, but Ctrl-C comes after `queries` queries are scored."""
+    real = batch.local_scores
+
+    def scores(reranker, jobs, batch_size=None):
+        for i, scored in enumerate(real(reranker, jobs, batch_size)):
+            if i == queries:
+                raise KeyboardInterrupt
+            yield scored
+
+    return scores
+
+
 @pytest.fixture(scope="module")
 def reranker(tiny_model):
     return Reranker.from_pretrained(tiny_model)
@@ -158,14 +171,7 @@ def test_resume_after_an_injected_failure_and_a_torn_line(tmp_path, tiny_model, 
     assert batch_cli(*args, "-o", tmp_path / "whole.trec") == 0
 
     real = batch.local_scores
-
-    def failing(reranker, jobs, batch_size=None):  # the process dies while scoring the 12th query
-        for i, scored in enumerate(real(reranker, jobs, batch_size)):
-            if i == 11:
-                raise KeyboardInterrupt
-            yield scored
-
-    monkeypatch.setattr(batch, "local_scores", failing)
+    monkeypatch.setattr(batch, "local_scores", interrupted_after(11))  # dies scoring the 12th query
     assert batch_cli(*args, "-o", tmp_path / "cut.trec") == 130
     progress = json.loads((tmp_path / "cut.trec.progress").read_text())
     assert 0 < progress["records"] <= 11 and not progress["done"]
@@ -240,7 +246,8 @@ def test_skip_bad_logs_every_bad_line_and_scores_the_rest(tmp_path, tiny_model, 
     assert f"line {len(lines) + 1}: not UTF-8" in err
     out = read_jsonl(tmp_path / "out.jsonl")
     assert [r["id"] for r in out] == ["g0", "g1", "g2"]
-    assert [r["scores"][0] for r in out] == sigmoid(reranker.logits([("panda", g["documents"][0]) for g in good])).tolist()
+    expected = sigmoid(reranker.logits([("panda", g["documents"][0]) for g in good])).tolist()
+    assert [r["scores"][0] for r in out] == expected
 
 
 def test_bad_trec_inputs_are_named_and_skippable(tmp_path, tiny_model, capsys):

@@ -12,7 +12,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from test_batch import batch_cli, jsonl_records, trec_trio, write_jsonl  # noqa: E402
+from test_batch import batch_cli, interrupted_after, jsonl_records, trec_trio, write_jsonl  # noqa: E402
 
 from nprerank import Reranker  # noqa: E402
 from nprerank import ray as nprerank_ray  # noqa: E402
@@ -31,7 +31,8 @@ def test_ray_gives_the_local_results_bit_for_bit(cluster, tmp_path, tiny_model, 
     trio = trec_trio(tmp_path, n_queries=7, queries_format="jsonl")
     inputs = {
         "jsonl": [tmp_path / "in.jsonl"],
-        "trec": ["--run", trio["run"], "--queries", trio["queries_path"], "--corpus", trio["corpus_path"], "--depth", 9],
+        "trec": ["--run", trio["run"], "--queries", trio["queries_path"], "--corpus", trio["corpus_path"],
+                 "--depth", 9],
     }
     for name, args in inputs.items():
         for output_format in ("jsonl", "trec"):
@@ -51,15 +52,7 @@ def test_ray_run_resumes_a_local_run(cluster, tmp_path, tiny_model, monkeypatch)
     write_jsonl(tmp_path / "in.jsonl", jsonl_records(12, seed=8, docs=(1, 4)))
     common = [tmp_path / "in.jsonl", "--model", tiny_model, "--batch-size", 2]
     assert batch_cli(*common, "-o", tmp_path / "whole.jsonl") == 0
-    real = batch.local_scores
-
-    def failing(reranker, jobs, batch_size=None):
-        for i, scored in enumerate(real(reranker, jobs, batch_size)):
-            if i == 6:
-                raise KeyboardInterrupt
-            yield scored
-
-    monkeypatch.setattr(batch, "local_scores", failing)
+    monkeypatch.setattr(batch, "local_scores", interrupted_after(6))
     assert batch_cli(*common, "-o", tmp_path / "cut.jsonl") == 130
     assert batch_cli(*common, "-o", tmp_path / "cut.jsonl", "--ray") == 0
     assert (tmp_path / "cut.jsonl").read_bytes() == (tmp_path / "whole.jsonl").read_bytes()
@@ -73,7 +66,10 @@ def test_the_actor_in_a_users_own_pipeline(cluster, tiny_model):
         nprerank_ray.RerankActor, fn_constructor_kwargs={"model": str(tiny_model), "threads": 1},
         batch_format="pyarrow", batch_size=3, num_cpus=1, compute=ray.data.ActorPoolStrategy(size=2),
     )
-    scored = sorted(dataset.take_all(), key=lambda row: rows.index({"query": row["query"], "documents": list(row["documents"])}))
+    def position(row):  # take_all's order is Ray's; put the rows back in ours
+        return rows.index({"query": row["query"], "documents": list(row["documents"])})
+
+    scored = sorted(dataset.take_all(), key=position)
     reranker = Reranker.from_pretrained(tiny_model)
     for row, expected in zip(scored, rows):
         logits = reranker.logits([(expected["query"], d) for d in expected["documents"]])

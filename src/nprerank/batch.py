@@ -197,7 +197,8 @@ def _text(path, line_number: int, name: str, value, empty_ok: bool = True) -> st
 
 def _identifier(path, line_number: int, name: str, value) -> str:
     if isinstance(value, bool) or not isinstance(value, (str, int)) or value == "":
-        raise BadRecord(path, line_number, f"field {name!r} must be a non-empty string or an integer, got {value!r:.60}")
+        raise BadRecord(path, line_number,
+                        f"field {name!r} must be a non-empty string or an integer, got {value!r:.60}")
     return str(value)
 
 
@@ -233,7 +234,8 @@ def _run_groups(path, skip_bad: bool, say):
         try:
             fields = _decode(path, line_number, raw).split()
             if len(fields) != 6:
-                raise BadRecord(path, line_number, f"expected 6 fields `qid Q0 docid rank score tag`, got {len(fields)}")
+                raise BadRecord(path, line_number,
+                                f"expected 6 fields `qid Q0 docid rank score tag`, got {len(fields)}")
             try:
                 score = float(fields[4])
             except ValueError:
@@ -396,7 +398,8 @@ class Output:
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as e:
-            raise ValueError(f"{self.progress_path}: unreadable ({e}); remove it and the output to start over") from None
+            raise ValueError(f"{self.progress_path}: unreadable ({e}); remove it and the output to start over") \
+                from None
         if progress.get("version") != PROGRESS_VERSION:
             raise ValueError(f"{self.progress_path}: written by another version of nprerank; remove it and the output")
         return progress
@@ -507,7 +510,8 @@ def add_arguments(parser) -> None:
     inputs.add_argument("input", metavar="INPUT", nargs="?", type=Path,
                         help='JSONL: {"id"?, "query", "documents": [str | {"id"?, "text"}]} per line')
     inputs.add_argument("--run", type=Path, metavar="RUN", help="a TREC run: qid Q0 docid rank score tag")
-    inputs.add_argument("--queries", type=Path, metavar="PATH", help='queries: TSV qid<TAB>text, or JSONL {"_id", "text"}')
+    inputs.add_argument("--queries", type=Path, metavar="PATH",
+                        help='queries: TSV qid<TAB>text, or JSONL {"_id", "text"}')
     inputs.add_argument("--corpus", type=Path, metavar="PATH", help='a BEIR corpus.jsonl: {"_id", "text", "title"?}')
     inputs.add_argument("--depth", type=positive_int, default=100, metavar="K",
                         help="rerank the K best of each query of the run (default %(default)s)")
@@ -539,7 +543,8 @@ def run_from_args(args, say=None) -> int:
     output = Output(args.output, settings)
     if output.finished:
         output.close()
-        say(f"nprerank batch: {args.output} is complete ({output.written} queries, {output.pairs} pairs); nothing to do")
+        say(f"nprerank batch: {args.output} is complete ({output.written} queries, {output.pairs} pairs); "
+            "nothing to do")
         return 0
     if output.done:
         say(f"nprerank batch: resuming {args.output} after {output.written} queries ({output.pairs} pairs)")
@@ -576,7 +581,8 @@ def _source(args, say) -> Source:
         raise ValueError("give either a JSONL INPUT or --run, --queries and --corpus, not both")
     if args.input is None and not all(trio):
         missing = [name for name, value in zip(("--run", "--queries", "--corpus"), trio) if value is None]
-        raise ValueError(f"no input: give a JSONL INPUT, or --run, --queries and --corpus ({', '.join(missing)} missing)")
+        raise ValueError(f"no input: give a JSONL INPUT, or --run, --queries and --corpus "
+                         f"({', '.join(missing)} missing)")
     source = Source(args.input, args.run, args.queries, args.corpus, args.depth, args.skip_bad, say)
     for path in source.paths():
         if not path.is_file():
