@@ -15,6 +15,10 @@ are for a host with more cores than one pass can use, or to keep answering while
 is busy with a long batch. Each worker keeps its own queue and batches (--queue-size and
 --batch-tokens are per worker).
 
+Before the workers, one short-lived process loads the model and scores a pair: it writes the
+caches (layout file, compiled kernels) that the workers then only read, and a model that cannot
+be loaded is reported before any worker starts.
+
 Lifecycle: SIGTERM or Ctrl-C to the parent is passed to every child, each of which stops taking
 connections and finishes the requests it holds (uvicorn's graceful shutdown, --shutdown-timeout
 where the server has it), then the parent exits 0. A child that fails (the model cannot be
@@ -47,6 +51,16 @@ def serve_replicas(workers: int, serve_options: dict) -> None:
     context = multiprocessing.get_context("spawn")
     stopping = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stopping.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    # First, once: write the caches every worker then only maps (the packed weight layout, Numba's
+    # compiled kernels). Workers that all found the layout missing would each write their own
+    # file and map different copies: no sharing, and N compilations at once.
+    prepare = context.Process(target=_prepare, args=(serve_options,))
+    prepare.start()
+    prepare.join()
+    if prepare.exitcode:
+        listener.close()
+        raise ModelError(f"the model {serve_options.get('model')} could not be loaded (the error is above)")
 
     def start():
         child = context.Process(target=_child, args=(serve_options, listener), daemon=False)
@@ -93,6 +107,22 @@ def bind(host: str, port: int) -> socket.socket:
     listener.listen(2048)
     listener.set_inheritable(True)
     return listener
+
+
+def _prepare(serve_options: dict) -> None:
+    """Load the model once and score one pair, so that its layout file and the kernels are cached."""
+    import sys
+
+    from ..reranker import Reranker
+
+    options = {"long_documents": serve_options.get("long_documents", "truncate")}
+    if serve_options.get("threads"):
+        options["threads"] = serve_options["threads"]
+    try:
+        Reranker.from_pretrained(serve_options["model"], **options).logits([("warm", "up")])
+    except (ValueError, OSError) as e:  # ModelError is a ValueError
+        print(f"nprerank serve: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 def _child(serve_options: dict, listener: socket.socket) -> None:
