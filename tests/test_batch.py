@@ -18,6 +18,7 @@ import time
 import numpy as np
 import pytest
 
+import nprerank
 from nprerank import Reranker, batch
 from nprerank.cli import main
 from nprerank.reranker import sigmoid
@@ -330,3 +331,12 @@ def test_the_index_holds_16_bytes_per_line_not_the_texts(tmp_path):
     for doc_id, doc in trio["corpus"].items():
         assert index.get(doc_id) == (doc.get("title", "") + " " + doc["text"]).strip()
     assert index.get("doc-not-there") is None
+
+
+def test_ray_missing_is_one_line_naming_the_extra(tmp_path, tiny_model, monkeypatch, capsys):
+    write_jsonl(tmp_path / "in.jsonl", jsonl_records(1))
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed: `import ray` fails
+    monkeypatch.delitem(sys.modules, "nprerank.ray", raising=False)
+    monkeypatch.delattr(nprerank, "ray", raising=False)  # test_ray.py may have imported it already
+    assert batch_cli(tmp_path / "in.jsonl", "-o", tmp_path / "out.jsonl", "--model", tiny_model, "--ray") == 1
+    assert "needs ray: pip install 'nprerank[ray]'" in capsys.readouterr().err

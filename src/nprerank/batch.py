@@ -551,8 +551,12 @@ def run_from_args(args, say=None) -> int:
     options = reranker_options(args)
     jobs = source.jobs(output.done)
     if args.ray is not None:
-        from . import ray as on_ray
-
+        try:
+            from . import ray as on_ray
+        except ModuleNotFoundError as e:
+            if e.name not in ("ray", "pyarrow"):
+                raise
+            raise OSError(f"`nprerank batch --ray` needs {e.name}: pip install 'nprerank[ray]'") from None
         scored = on_ray.scores(jobs, args.model, options, address=args.ray or None,
                                concurrency=args.concurrency, threads=args.threads)
     else:
