@@ -295,6 +295,9 @@ def test_an_output_from_elsewhere_or_other_settings_is_refused(tmp_path, tiny_mo
     assert batch_cli(tmp_path / "in.jsonl", "-o", tmp_path / "out.jsonl", "--model", tiny_model,
                      "--format", "trec") == 1
     assert "was started with other settings (format 'jsonl' now 'trec')" in capsys.readouterr().err
+    (tmp_path / "out.jsonl").write_text("")  # someone emptied it: resuming would pad it with zeros
+    assert batch_cli(tmp_path / "in.jsonl", "-o", tmp_path / "out.jsonl", "--model", tiny_model) == 1
+    assert "is shorter (0 bytes) than its out.jsonl.progress says" in capsys.readouterr().err
 
 
 def test_usage_errors(tmp_path, tiny_model, capsys):

@@ -388,6 +388,10 @@ class Output:
             committed, self.done, self.pairs = progress["bytes"], progress["records"], progress["pairs"]
             self.written = progress["written"]
             self.finished = progress.get("done", False)
+        size = self.path.stat().st_size if self.path.exists() else 0
+        if size < committed:  # truncate() would pad it with zeros: something else changed the file
+            raise ValueError(f"{self.path} is shorter ({size} bytes) than its {self.progress_path.name} says "
+                             f"({committed}): it was changed; remove both to start over")
         self.file = open(self.path, "ab")
         self.file.truncate(committed)  # drop a torn line or a batch written but never committed
         self.file.seek(committed)
