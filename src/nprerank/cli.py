@@ -124,6 +124,8 @@ def build_parser() -> _Parser:
     serve.set_defaults(run=_serve)
     bench = commands.add_parser("bench", help="measure speed against torch and ONNX Runtime", add_help=False)
     bench.set_defaults(run=_bench)
+    batch = commands.add_parser("batch", help="rerank a JSONL file or a TREC run, resumable, locally or on Ray", add_help=False)
+    batch.set_defaults(run=_batch)
     return parser
 
 
@@ -147,7 +149,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def main(argv=None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if rest and args.command not in ("serve", "bench"):
+    if rest and args.command not in ("serve", "bench", "batch"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         return args.run(args, rest) or 0
@@ -361,6 +363,14 @@ def _bench(args, rest) -> int:
     parser = _Parser(prog="nprerank bench", description="Measure nprerank against torch and ONNX Runtime.")
     bench.add_arguments(parser)
     return bench.run_from_args(parser.parse_args(rest)) or 0
+
+
+def _batch(args, rest) -> int:
+    from . import batch
+
+    parser = _Parser(prog="nprerank batch", description="Rerank every query of a file; rerun to resume.")
+    batch.add_arguments(parser)
+    return batch.run_from_args(parser.parse_args(rest)) or 0
 
 
 def _optional_module(name: str, command: str, install: str):

@@ -77,6 +77,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", metavar="N", type=positive_int, default=None, help="CPU threads for the model (default: all cores)")
     parser.add_argument("--long-documents", choices=("truncate", "chunk"), default="truncate",
                         help="a passage longer than the model takes: cut it (default), or score its best window")
+    parser.add_argument("--workers", metavar="N", type=positive_int, default=1,
+                        help="server processes sharing the port and one memory-mapped copy of the weights "
+                             "(default 1; see docs/scale.md)")
     parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                         help="uvicorn's log level (default info)")
 
@@ -94,9 +97,14 @@ def seconds(text: str) -> float:
 
 def serve_from_args(args: argparse.Namespace) -> None:
     limits = {name: getattr(args, name) for name in Limits.__dataclass_fields__}
-    serve(args.model, host=args.host, port=args.port, api_key=args.api_key, threads=args.threads,
-          long_documents=args.long_documents, log_level=args.log_level, allowed_hosts=args.allowed_host,
-          allowed_origins=args.allowed_origin, **limits)
+    options = dict(model=args.model, host=args.host, port=args.port, api_key=args.api_key, threads=args.threads,
+                   long_documents=args.long_documents, log_level=args.log_level, allowed_hosts=args.allowed_host,
+                   allowed_origins=args.allowed_origin, **limits)
+    if args.workers > 1:
+        from .replicas import serve_replicas
+
+        return serve_replicas(args.workers, options)
+    serve(**options)
 
 
 def public_name(model: str) -> str:
@@ -162,8 +170,11 @@ def guarded_protocol(limits: Limits):
 
 def serve(model: str = DEFAULT_MODEL, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None,
           threads: int | None = None, long_documents: str = "truncate", log_level: str = "info",
-          allowed_hosts=(), allowed_origins=(), **limits) -> None:
-    """Serve `model` until Ctrl-C or SIGTERM, then return. Raises ModelError if the model fails to load."""
+          allowed_hosts=(), allowed_origins=(), sockets=None, preload: bool = False, **limits) -> None:
+    """Serve `model` until Ctrl-C or SIGTERM, then return. Raises ModelError if the model fails to load.
+    sockets: listening sockets to accept on instead of binding host:port (replicas.py's workers).
+    preload: load the model before accepting any connection (a worker sharing a port with others
+    must not take a request it would answer 503)."""
     uvicorn = require("uvicorn")
     from ..reranker import Reranker
 
@@ -178,8 +189,12 @@ def serve(model: str = DEFAULT_MODEL, host: str = "127.0.0.1", port: int = 8080,
             options["truncation"] = limits.truncation
         return Reranker.from_pretrained(model, **options)
 
+    loader = load
+    if preload:  # loaded now, before the port is served; later reloads (a changed checkpoint) load afresh
+        loaded = [load()]
+        loader = lambda: loaded.pop() if loaded else load()  # noqa: E731
     access = Access(host, allowed_hosts, allowed_origins)
-    app = build_app(load, api_key=api_key, model_name=public_name(model), access=access, **vars(limits))
+    app = build_app(loader, api_key=api_key, model_name=public_name(model), access=access, **vars(limits))
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s without --api-key: anyone who can reach this port can use it", host)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
@@ -187,7 +202,7 @@ def serve(model: str = DEFAULT_MODEL, host: str = "127.0.0.1", port: int = 8080,
     server = uvicorn.Server(config)
     app.state.batcher.on_load_failure = lambda: setattr(server, "should_exit", True)
     with _signals_end_quietly():
-        server.run()
+        server.run(sockets=sockets)
     if app.state.batcher.state == "failed":
         raise ModelError(f"could not load the model {model}: {app.state.batcher.problem}")
 

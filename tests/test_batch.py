@@ -1,0 +1,345 @@
+"""`nprerank batch` end to end on small files, with a tiny random model.
+
+Every score is checked against the library called directly (Reranker.logits, one query at a
+time), so the job must read, join, order and write exactly what the library would score. Also:
+the TREC trio (depth, BEIR's title + text, best first, ties by docid as trec_eval orders them),
+resuming after a killed run and after an injected failure with a torn last line, bad lines with
+and without --skip-bad, and the progress lines.
+"""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import nprerank
+from nprerank import Reranker, batch
+from nprerank.cli import main
+from nprerank.reranker import sigmoid
+
+WORDS = ("the a panda bear species endemic to china giant bamboo eats lives mountains forest query passage "
+         "what is how why cyberpunk lizard cat car search engine ranking relevant document river bank").split()
+
+
+def sentence(rng: random.Random, low: int = 2, high: int = 30) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(low, high)))
+
+
+def write_jsonl(path, records) -> None:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+
+
+def jsonl_records(n: int, seed: int = 0, docs: tuple = (0, 6)) -> list:
+    """Query records in every accepted shape: ids or not, documents as strings or {"id"?, "text"}."""
+    rng = random.Random(seed)
+    records = []
+    for i in range(n):
+        documents = []
+        for j in range(rng.randint(*docs)):
+            text = sentence(rng)
+            documents.append(rng.choice([text, {"text": text}, {"id": f"d{i}-{j}", "text": text}]))
+        record = {"query": sentence(rng, 1, 8), "documents": documents}
+        if i % 3:
+            record["id"] = rng.choice([f"q{i}", i])
+        records.append(record)
+    return records
+
+
+def trec_trio(folder, n_queries: int = 5, n_docs: int = 40, per_query: int = 12, seed: int = 1,
+              queries_format: str = "tsv") -> dict:
+    """A BEIR corpus (some titles, duplicate texts for ties), queries and a TREC run in shuffled score order."""
+    rng = random.Random(seed)
+    corpus = []
+    for i in range(n_docs):
+        doc = {"_id": f"doc{i}", "text": sentence(rng)}
+        if i % 2:
+            doc["title"] = sentence(rng, 1, 4)
+        corpus.append(doc)
+    corpus.append({"_id": "twin-a", "text": "the giant panda eats bamboo"})  # equal texts, equal logits:
+    corpus.append({"_id": "twin-b", "text": "the giant panda eats bamboo"})  # a tie to break
+    write_jsonl(folder / "corpus.jsonl", corpus)
+    queries = {f"{100 + i}": sentence(rng, 2, 6) for i in range(n_queries)}
+    if queries_format == "tsv":
+        (folder / "queries.tsv").write_text("".join(f"{k}\t{v}\n" for k, v in queries.items()), encoding="utf-8")
+    else:
+        write_jsonl(folder / "queries.jsonl", [{"_id": k, "text": v} for k, v in queries.items()])
+    lines = []
+    for qid in queries:
+        chosen = rng.sample([d["_id"] for d in corpus[:-2]], per_query) + ["twin-a", "twin-b"]
+        scores = [round(rng.uniform(0, 20), 3) for _ in chosen[:-2]] + [30.0, 29.0]  # the twins in every top
+        ranked = sorted(zip(chosen, scores), key=lambda x: -x[1])
+        entries = [f"{qid} Q0 {d} {r} {s} bm25\n" for r, (d, s) in enumerate(ranked, 1)]
+        rng.shuffle(entries)  # the run's own order must not matter: its scores pick the top
+        lines += entries
+    (folder / "run.trec").write_text("".join(lines), encoding="utf-8")
+    return dict(corpus={d["_id"]: d for d in corpus}, queries=queries, run=folder / "run.trec",
+                queries_path=folder / f"queries.{'tsv' if queries_format == 'tsv' else 'jsonl'}",
+                corpus_path=folder / "corpus.jsonl")
+
+
+def batch_cli(*args) -> int:
+    return main(["batch", *[str(a) for a in args]])
+
+
+def read_jsonl(path) -> list:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def interrupted_after(queries: int):
+    """batch.local_scores, but Ctrl-C comes after `queries` queries are scored."""
+    real = batch.local_scores
+
+    def scores(reranker, jobs, batch_size=None):
+        for i, scored in enumerate(real(reranker, jobs, batch_size)):
+            if i == queries:
+                raise KeyboardInterrupt
+            yield scored
+
+    return scores
+
+
+@pytest.fixture(scope="module")
+def reranker(tiny_model):
+    return Reranker.from_pretrained(tiny_model)
+
+
+def test_jsonl_scores_equal_the_library_in_input_order(tmp_path, tiny_model, reranker):
+    records = jsonl_records(12)
+    write_jsonl(tmp_path / "in.jsonl", records)
+    assert batch_cli(tmp_path / "in.jsonl", "-o", tmp_path / "out.jsonl", "--model", tiny_model, "--batch-size", 3) == 0
+    out = read_jsonl(tmp_path / "out.jsonl")
+    assert len(out) == len(records)
+    for line_number, (record, result) in enumerate(zip(records, out), 1):
+        assert result["id"] == str(record.get("id", line_number))
+        texts = [d["text"] if isinstance(d, dict) else d for d in record["documents"]]
+        expected = sigmoid(reranker.logits([(record["query"], t) for t in texts])).tolist() if texts else []
+        assert result["scores"] == expected  # exact: the same floats, through JSON and back
+        named = any(isinstance(d, dict) and "id" in d for d in record["documents"])
+        assert ("doc_ids" in result) == named
+        if named:
+            assert result["doc_ids"] == [d["id"] if isinstance(d, dict) and "id" in d else str(i)
+                                         for i, d in enumerate(record["documents"])]
+
+
+@pytest.mark.parametrize("queries_format", ["tsv", "jsonl"])
+def test_trec_trio_reranks_the_top_depth_best_first(tmp_path, tiny_model, reranker, queries_format):
+    trio = trec_trio(tmp_path, queries_format=queries_format)
+    depth = 10
+    code = batch_cli("--run", trio["run"], "--queries", trio["queries_path"], "--corpus", trio["corpus_path"],
+                     "--depth", depth, "--format", "trec", "--tag", "bge", "-o", tmp_path / "out.trec",
+                     "--model", tiny_model)
+    assert code == 0
+    rows = [line.split() for line in (tmp_path / "out.trec").read_text().splitlines()]
+    run = [line.split() for line in trio["run"].read_text().splitlines()]
+    qids = list(dict.fromkeys(row[0] for row in run))  # the run's order of queries
+    assert list(dict.fromkeys(row[0] for row in rows)) == qids
+    for qid in qids:
+        # the input's top `depth` by its score
+        candidates = sorted((row for row in run if row[0] == qid), key=lambda row: -float(row[4]))[:depth]
+        top = {row[2] for row in candidates}
+        mine = [row for row in rows if row[0] == qid]
+        assert {row[2] for row in mine} == top and len(mine) == depth
+        assert [row[3] for row in mine] == [str(r) for r in range(1, depth + 1)]
+        assert all(row[1] == "Q0" and row[5] == "bge" for row in mine)
+        # BEIR's passage: (title + " " + text).strip()
+        docs = {d: trio["corpus"][d] for d in top}
+        texts = {d: (doc.get("title", "") + " " + doc["text"]).strip() for d, doc in docs.items()}
+        logits = dict(zip(texts, reranker.logits([(trio["queries"][qid], texts[d]) for d in texts])))
+        assert [np.float32(row[4]) for row in mine] == [logits[row[2]] for row in mine]  # exact float32
+        expected = sorted(sorted(top, reverse=True), key=lambda d: -logits[d])  # ties: docid descending
+        assert [row[2] for row in mine] == expected
+        twins = [row[2] for row in mine if row[2].startswith("twin")]
+        assert twins == ["twin-b", "twin-a"]  # a tie, broken as trec_eval breaks it
+
+
+def test_jsonl_output_of_a_trec_input_names_its_documents(tmp_path, tiny_model):
+    trio = trec_trio(tmp_path, n_queries=2)
+    assert batch_cli("--run", trio["run"], "--queries", trio["queries_path"], "--corpus", trio["corpus_path"],
+                     "--depth", 3, "-o", tmp_path / "out.jsonl", "--model", tiny_model) == 0
+    out = read_jsonl(tmp_path / "out.jsonl")
+    assert [len(r["scores"]) for r in out] == [3, 3] and all(len(r["doc_ids"]) == 3 for r in out)
+
+
+def test_resume_after_an_injected_failure_and_a_torn_line(tmp_path, tiny_model, monkeypatch, capsys):
+    write_jsonl(tmp_path / "in.jsonl", jsonl_records(20, seed=3, docs=(1, 5)))
+    args = [tmp_path / "in.jsonl", "--model", tiny_model, "--batch-size", 4, "--format", "trec"]
+    assert batch_cli(*args, "-o", tmp_path / "whole.trec") == 0
+
+    real = batch.local_scores
+    monkeypatch.setattr(batch, "local_scores", interrupted_after(11))  # dies scoring the 12th query
+    assert batch_cli(*args, "-o", tmp_path / "cut.trec") == 130
+    progress = json.loads((tmp_path / "cut.trec.progress").read_text())
+    assert 0 < progress["records"] <= 11 and not progress["done"]
+    lost = jsonl_records(20, seed=3, docs=(1, 5))[progress["records"] : 11]
+    assert sum(len(r["documents"]) for r in lost) < 4  # at most the batch in flight (--batch-size 4) is lost
+    with open(tmp_path / "cut.trec", "ab") as f:
+        f.write(b"17 Q0 d17-0 1 0.25")  # a torn last line, as a kill mid-write leaves
+    monkeypatch.setattr(batch, "local_scores", real)
+    capsys.readouterr()
+    assert batch_cli(*args, "-o", tmp_path / "cut.trec") == 0
+    assert f"resuming {tmp_path / 'cut.trec'} after" in capsys.readouterr().err
+    assert (tmp_path / "cut.trec").read_bytes() == (tmp_path / "whole.trec").read_bytes()
+    assert batch_cli(*args, "-o", tmp_path / "cut.trec") == 0  # done: a third run changes nothing
+    assert "nothing to do" in capsys.readouterr().err
+    assert (tmp_path / "cut.trec").read_bytes() == (tmp_path / "whole.trec").read_bytes()
+
+
+def test_resume_after_the_process_is_killed(tmp_path, tiny_model):
+    write_jsonl(tmp_path / "in.jsonl", jsonl_records(600, seed=4, docs=(8, 16)))
+    args = [sys.executable, "-m", "nprerank", "batch", str(tmp_path / "in.jsonl"), "--model", str(tiny_model),
+            "--batch-size", "8"]
+    whole = subprocess.run(args + ["-o", str(tmp_path / "whole.jsonl")], capture_output=True, text=True, timeout=600)
+    assert whole.returncode == 0, whole.stderr
+    child = subprocess.Popen(args + ["-o", str(tmp_path / "cut.jsonl")], stderr=subprocess.PIPE)
+    progress = tmp_path / "cut.jsonl.progress"
+    deadline = time.monotonic() + 300
+    while not (progress.exists() and json.loads(progress.read_text())["records"] >= 3) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    state = json.loads(progress.read_text())
+    if state["done"]:
+        pytest.skip("the run finished before it could be killed")
+    assert (tmp_path / "cut.jsonl").stat().st_size >= state["bytes"]  # maybe more: uncommitted, dropped on resume
+    again = subprocess.run(args + ["-o", str(tmp_path / "cut.jsonl")], capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert f"after {state['written']} queries" in again.stderr
+    assert (tmp_path / "cut.jsonl").read_bytes() == (tmp_path / "whole.jsonl").read_bytes()
+
+
+BAD_JSONL = [
+    ('{"query": "panda", "documents": ["a bear"]', "line 2: not valid JSON"),
+    ('["panda", ["a bear"]]', "line 3: expected a JSON object, got list"),
+    ('{"documents": ["a bear"]}', "line 4: field 'query' is missing"),
+    ('{"query": "", "documents": ["a bear"]}', "line 5: field 'query' is empty"),
+    ('{"query": "panda", "documents": "a bear"}', "line 6: field 'documents' must be a list"),
+    ('{"query": "panda", "documents": ["a bear", 7]}', "line 7: field 'documents[1]' must be a string"),
+    ('{"query": "panda", "documents": [{"id": "x"}]}', "line 8: field 'documents[0].text' is missing"),
+    ('{"query": "\\ud800 panda", "documents": ["a bear"]}', "line 9: field 'query' is not valid Unicode"),
+    ('{"id": [1], "query": "panda", "documents": ["a bear"]}', "line 10: field 'id' must be"),
+]
+
+
+@pytest.mark.parametrize("bad,message", BAD_JSONL)
+def test_a_bad_jsonl_line_is_named_and_stops_the_run(tmp_path, tiny_model, capsys, bad, message):
+    good = '{"id": "ok", "query": "panda", "documents": ["a bear"]}'
+    lines = [good] * (int(message.split()[1].rstrip(":")) - 1) + [bad]  # the bad one on its message's line
+    (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    assert batch_cli(tmp_path / "in.jsonl", "-o", tmp_path / "out.jsonl", "--model", tiny_model) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"in.jsonl: {message}" in err, err
+
+
+def test_skip_bad_logs_every_bad_line_and_scores_the_rest(tmp_path, tiny_model, reranker, capsys):
+    good = [{"id": f"g{i}", "query": "panda", "documents": [f"a bear number {i}"]} for i in range(3)]
+    lines = [json.dumps(good[0])] + [bad for bad, _ in BAD_JSONL] + [json.dumps(g) for g in good[1:]]
+    (tmp_path / "in.jsonl").write_bytes(("\n".join(lines) + "\n").encode() + b'{"query": "\xff"}\n')
+    assert batch_cli(tmp_path / "in.jsonl", "-o", tmp_path / "out.jsonl", "--model", tiny_model, "--skip-bad") == 0
+    err = capsys.readouterr().err
+    for _, message in BAD_JSONL:
+        assert f"skipped: {tmp_path / 'in.jsonl'}: {message}" in err
+    assert f"line {len(lines) + 1}: not UTF-8" in err
+    out = read_jsonl(tmp_path / "out.jsonl")
+    assert [r["id"] for r in out] == ["g0", "g1", "g2"]
+    expected = sigmoid(reranker.logits([("panda", g["documents"][0]) for g in good])).tolist()
+    assert [r["scores"][0] for r in out] == expected
+
+
+def test_bad_trec_inputs_are_named_and_skippable(tmp_path, tiny_model, capsys):
+    trio = trec_trio(tmp_path, n_queries=3, per_query=4)
+    run = trio["run"].read_text().splitlines()
+    first_qid = run[0].split()[0]
+    cases = {
+        "fields": (run[:1] + ["101 Q0 doc1 1 bm25"] + run[1:], "run.trec: line 2: expected 6 fields"),
+        "score": (run[:1] + ["101 Q0 doc1 1 high bm25"] + run[1:], "run.trec: line 2: field 'score' must be a number"),
+        "docid": (run[:1] + [f"{first_qid} Q0 nosuchdoc 1 1.0 bm25"] + run[1:], "docid 'nosuchdoc' is not in"),
+        "qid": (["999 Q0 doc1 1 1.0 bm25"] + run, "run.trec: line 1: query id '999' is not in"),
+        "regrouped": (run + [run[0]], "appears again after other queries"),
+    }
+    for name, (lines, message) in cases.items():
+        trio["run"].write_text("\n".join(lines) + "\n")
+        common = ["--run", trio["run"], "--queries", trio["queries_path"], "--corpus", trio["corpus_path"],
+                  "--model", tiny_model, "--format", "trec"]
+        assert batch_cli(*common, "-o", tmp_path / f"{name}.trec") == 1, name
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, (name, err)
+        for leftover in (tmp_path / f"{name}.trec", tmp_path / f"{name}.trec.progress"):
+            leftover.unlink(missing_ok=True)
+        assert batch_cli(*common, "-o", tmp_path / f"{name}.trec", "--skip-bad") == 0, name
+        err = capsys.readouterr().err
+        assert "skipped: " in err and message in err, (name, err)
+        qids = {line.split()[0] for line in (tmp_path / f"{name}.trec").read_text().splitlines()}
+        assert qids == {line.split()[0] for line in run}, name  # every good query is there
+    corpus = trio["corpus_path"].read_text().splitlines()
+    trio["corpus_path"].write_text("\n".join(['{"text": "no id"}'] + corpus) + "\n")
+    trio["run"].write_text("\n".join(run) + "\n")
+    common = ["--run", trio["run"], "--queries", trio["queries_path"], "--corpus", trio["corpus_path"],
+              "--model", tiny_model]
+    assert batch_cli(*common, "-o", tmp_path / "out.jsonl") == 1
+    assert "corpus.jsonl: line 1: field '_id' is missing" in capsys.readouterr().err
+
+
+def test_an_output_from_elsewhere_or_other_settings_is_refused(tmp_path, tiny_model, capsys):
+    write_jsonl(tmp_path / "in.jsonl", jsonl_records(3))
+    (tmp_path / "taken.jsonl").write_text("somebody's results\n")
+    assert batch_cli(tmp_path / "in.jsonl", "-o", tmp_path / "taken.jsonl", "--model", tiny_model) == 1
+    assert "is not an unfinished `nprerank batch` output" in capsys.readouterr().err
+    assert (tmp_path / "taken.jsonl").read_text() == "somebody's results\n"  # untouched
+    assert batch_cli(tmp_path / "in.jsonl", "-o", tmp_path / "out.jsonl", "--model", tiny_model) == 0
+    assert batch_cli(tmp_path / "in.jsonl", "-o", tmp_path / "out.jsonl", "--model", tiny_model,
+                     "--format", "trec") == 1
+    assert "was started with other settings (format 'jsonl' now 'trec')" in capsys.readouterr().err
+    (tmp_path / "out.jsonl").write_text("")  # someone emptied it: resuming would pad it with zeros
+    assert batch_cli(tmp_path / "in.jsonl", "-o", tmp_path / "out.jsonl", "--model", tiny_model) == 1
+    assert "is shorter (0 bytes) than its out.jsonl.progress says" in capsys.readouterr().err
+
+
+def test_usage_errors(tmp_path, tiny_model, capsys):
+    write_jsonl(tmp_path / "in.jsonl", jsonl_records(1))
+    assert batch_cli("-o", tmp_path / "out.jsonl", "--model", tiny_model) == 1
+    assert "no input" in capsys.readouterr().err
+    assert batch_cli(tmp_path / "in.jsonl", "--run", tmp_path / "in.jsonl", "-o", tmp_path / "o") == 1
+    assert "not both" in capsys.readouterr().err
+    assert batch_cli(tmp_path / "missing.jsonl", "-o", tmp_path / "o", "--model", tiny_model) == 1
+    assert "missing.jsonl: no such file" in capsys.readouterr().err
+    assert batch_cli(tmp_path / "in.jsonl", "-o", tmp_path / "in.jsonl", "--model", tiny_model) == 1
+    assert "is also an input" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        batch_cli(tmp_path / "in.jsonl")  # no --output: nowhere to resume from
+    assert exit_.value.code == 2
+
+
+def test_plain_progress_lines_say_pairs_rate_and_eta(tmp_path, tiny_model, monkeypatch, capsys):
+    write_jsonl(tmp_path / "in.jsonl", jsonl_records(6, docs=(2, 4)))
+    monkeypatch.setattr(batch, "PROGRESS_EVERY", 0.0)
+    assert batch_cli(tmp_path / "in.jsonl", "-o", tmp_path / "out.jsonl", "--model", tiny_model) == 0
+    lines = capsys.readouterr().err.splitlines()
+    total = sum(len(r["documents"]) for r in jsonl_records(6, docs=(2, 4)))
+    assert any(line.startswith(f"nprerank batch: {total}/{total} pairs (100.0%)") and "pairs/s, ETA" in line
+               for line in lines), lines
+    assert lines[-1].startswith(f"nprerank batch: {total} pairs of 6 queries in")
+
+
+def test_the_index_holds_16_bytes_per_line_not_the_texts(tmp_path):
+    trio = trec_trio(tmp_path, n_docs=200)
+    index = batch.LineIndex(trio["corpus_path"], batch._corpus_line(trio["corpus_path"]), bad=None)
+    lines = len(trio["corpus"])
+    assert index.hashes.nbytes + index.offsets.nbytes == 16 * lines
+    for doc_id, doc in trio["corpus"].items():
+        assert index.get(doc_id) == (doc.get("title", "") + " " + doc["text"]).strip()
+    assert index.get("doc-not-there") is None
+
+
+def test_ray_missing_is_one_line_naming_the_extra(tmp_path, tiny_model, monkeypatch, capsys):
+    write_jsonl(tmp_path / "in.jsonl", jsonl_records(1))
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed: `import ray` fails
+    monkeypatch.delitem(sys.modules, "nprerank.ray", raising=False)
+    monkeypatch.delattr(nprerank, "ray", raising=False)  # test_ray.py may have imported it already
+    assert batch_cli(tmp_path / "in.jsonl", "-o", tmp_path / "out.jsonl", "--model", tiny_model, "--ray") == 1
+    assert "needs ray: pip install 'nprerank[ray]'" in capsys.readouterr().err

@@ -1,0 +1,76 @@
+"""`nprerank batch --ray` and nprerank.ray.RerankActor on a local Ray cluster the test starts.
+
+The Ray run must give the local run's results bit for bit: the same files, byte for byte, in
+both output formats, with more than one actor and more than one block in play. The actor class
+is also used as users would use it, in a Ray Data pipeline of their own.
+"""
+
+import json
+
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from test_batch import batch_cli, interrupted_after, jsonl_records, trec_trio, write_jsonl  # noqa: E402
+
+from nprerank import Reranker  # noqa: E402
+from nprerank import ray as nprerank_ray  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_ray_gives_the_local_results_bit_for_bit(cluster, tmp_path, tiny_model, monkeypatch):
+    monkeypatch.setattr(nprerank_ray, "ROWS_PER_BLOCK", 5)  # several blocks, so both actors take some
+    write_jsonl(tmp_path / "in.jsonl", jsonl_records(23, seed=7))
+    trio = trec_trio(tmp_path, n_queries=7, queries_format="jsonl")
+    inputs = {
+        "jsonl": [tmp_path / "in.jsonl"],
+        "trec": ["--run", trio["run"], "--queries", trio["queries_path"], "--corpus", trio["corpus_path"],
+                 "--depth", 9],
+    }
+    for name, args in inputs.items():
+        for output_format in ("jsonl", "trec"):
+            common = [*args, "--model", tiny_model, "--format", output_format, "--batch-size", 4]
+            local, remote = tmp_path / f"{name}.local.{output_format}", tmp_path / f"{name}.ray.{output_format}"
+            assert batch_cli(*common, "-o", local) == 0
+            assert batch_cli(*common, "-o", remote, "--ray", "--concurrency", 2) == 0
+            assert local.stat().st_size > 0
+            assert remote.read_bytes() == local.read_bytes(), (name, output_format)
+            assert json.loads(remote.with_name(remote.name + ".progress").read_text())["done"]
+
+
+def test_ray_run_resumes_a_local_run(cluster, tmp_path, tiny_model, monkeypatch):
+    """The .progress protocol is the same on both paths: a run cut short locally finishes on Ray."""
+    from nprerank import batch
+
+    write_jsonl(tmp_path / "in.jsonl", jsonl_records(12, seed=8, docs=(1, 4)))
+    common = [tmp_path / "in.jsonl", "--model", tiny_model, "--batch-size", 2]
+    assert batch_cli(*common, "-o", tmp_path / "whole.jsonl") == 0
+    monkeypatch.setattr(batch, "local_scores", interrupted_after(6))
+    assert batch_cli(*common, "-o", tmp_path / "cut.jsonl") == 130
+    assert batch_cli(*common, "-o", tmp_path / "cut.jsonl", "--ray") == 0
+    assert (tmp_path / "cut.jsonl").read_bytes() == (tmp_path / "whole.jsonl").read_bytes()
+
+
+def test_the_actor_in_a_users_own_pipeline(cluster, tiny_model):
+    records = [r for r in jsonl_records(9, seed=9) if r["documents"]]
+    rows = [{"query": r["query"], "documents": [d["text"] if isinstance(d, dict) else d for d in r["documents"]]}
+            for r in records]
+    dataset = ray.data.from_items(rows).map_batches(
+        nprerank_ray.RerankActor, fn_constructor_kwargs={"model": str(tiny_model), "threads": 1},
+        batch_format="pyarrow", batch_size=3, num_cpus=1, compute=ray.data.ActorPoolStrategy(size=2),
+    )
+    def position(row):  # take_all's order is Ray's; put the rows back in ours
+        return rows.index({"query": row["query"], "documents": list(row["documents"])})
+
+    scored = sorted(dataset.take_all(), key=position)
+    reranker = Reranker.from_pretrained(tiny_model)
+    for row, expected in zip(scored, rows):
+        logits = reranker.logits([(expected["query"], d) for d in expected["documents"]])
+        assert np.array_equal(np.asarray(row["logits"], dtype=np.float32), logits)
