@@ -10,13 +10,18 @@ client written for the original service keeps working when pointed here:
 - Cohere v1 / Jina: `POST /v1/rerank`; Cohere v2: `POST /v2/rerank`.
 - `GET /health` (200 ready, 503 loading; also at TEI's `GET /ping` and `GET /`), `GET /openapi.json`.
 
-How a request flows: check the API key, take one of --queue-size places (none free: 429 at once,
-before the body is read, so memory stays bounded), read the body (at most --max-body-bytes), parse
-it by the dialect's rules into a `Query`, count its tokens, queue it and await its scores. One
-worker thread owns the model (`Batcher`): it takes whatever is waiting, up to a token budget, runs
-ONE forward call over all those requests' pairs and hands each request its slice, so concurrent
-small requests share a forward pass. A client that leaves has its job skipped. The model loads in
-that thread after the port is bound, so /health can say 503 meanwhile.
+How a request flows: the Host and Origin are checked (access.py: web pages cannot drive a local
+server), then the API key; the headers and the body must arrive within their deadlines and the body
+within --max-body-bytes; the body is parsed by the dialect's rules into a `Query`; only then does the
+request take one of --queue-size places (none free: 429), so a slow sender holds no place a ready
+request needs. The request is tokenized once (`Reranker.encode`, bounded whatever the body's
+shape), queued, and awaits its scores. One worker thread owns the model (`Batcher`): it takes
+whatever is waiting, up to a token budget, runs ONE forward call over the sequences of all those
+requests and hands each request its slice, so concurrent small requests share a forward pass. A
+client that leaves has its job skipped. The model loads and warms up in that thread after the port
+is bound, so /health says 503 until the first request would be fast; a checkpoint changed on disk
+makes it "stale" (503) until it is reloaded. Every refusal, whatever its cause, answers in the
+route's dialect.
 
 Reading order:
 1. protocol.py: `ApiError`, `Query`, the field readers and the `Dialect` every dialect fills in.
@@ -26,7 +31,10 @@ Reading order:
 4. batcher.py: the worker thread that owns the model; it knows nothing of dialects.
 5. app.py: `build_app`, the routes, the API key, admission and body reading.
 6. openapi.py: the description served at /openapi.json.
-7. run.py: the `serve` flags, `serve()` and `main()` (`python -m nprerank.server`).
+7. access.py: which Host and Origin headers are served.
+8. run.py: the `serve` flags, `serve()` and `main()` (`python -m nprerank.server`); uvicorn's
+   protocol with the header deadline, the connection bound and half-close support.
+9. replicas.py: `serve --workers N`, worker processes on one listening socket.
 
 Starlette and Uvicorn are the optional `nprerank[server]` extra and are imported only to serve;
 everything but app.py and run.py is plain Python. Read also: docs/server.md (every route with a
