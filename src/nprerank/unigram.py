@@ -243,10 +243,10 @@ def _build(path: Path) -> tuple:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ModelError(f"{path}: not a usable tokenizer.json ({e})") from None
     model = document.get("model") if isinstance(document, dict) else None
+    if isinstance(model, dict) and model.get("type", "Unigram") != "Unigram":
+        raise ModelError(f"{path}: the tokenizer's model is {model.get('type')}; nprerank reads XLM-R's Unigram tokenizers")
     if not isinstance(model, dict) or not isinstance(model.get("vocab"), list):
         raise ModelError(f"{path}: not a usable tokenizer.json (no model vocabulary)")
-    if model.get("type", "Unigram") != "Unigram":
-        raise ModelError(f"{path}: the tokenizer's model is {model.get('type')}; nprerank reads XLM-R's Unigram tokenizers")
     vocab = model["vocab"]
     if not vocab or not all(isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)
                             and isinstance(entry[1], (int, float)) for entry in vocab):
