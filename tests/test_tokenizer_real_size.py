@@ -9,6 +9,7 @@ force ties and unknown characters, and against a plain-Python twin of the Viterb
 import json
 import os
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -205,6 +206,22 @@ def test_arrays_are_memory_mapped_from_the_cache_and_rebuilt_when_the_file_chang
     assert len(list((tmp_path / "cache").glob("unigram-*"))) == 1
     _unigram_file(tmp_path / "tok", [("<unk>", 0.0), ("▁b", -1.0), ("▁a", -1.0)])  # same path, new vocabulary
     assert Unigram(path).encode_texts(["a b"]) == [[2, 1]]
+
+
+def test_writing_the_cache_deletes_that_of_tokenizers_gone_or_changed(tmp_path, monkeypatch):
+    monkeypatch.setenv("NPRERANK_CACHE", str(tmp_path / "cache"))
+    vocab = [("<unk>", 0.0), ("▁a", -1.0), ("▁b", -1.0)]
+    paths = [_unigram_file(tmp_path / name, vocab)[0] for name in ("kept", "deleted", "changed", "new")]
+    for path in paths[:3]:
+        Unigram(path)
+    shutil.rmtree(tmp_path / "deleted")
+    _unigram_file(tmp_path / "changed", vocab[::-1])
+    (tmp_path / "cache" / "unigram-x.tmp").mkdir()  # a writer killed long ago
+    os.utime(tmp_path / "cache" / "unigram-x.tmp", (0, 0))
+    Unigram(paths[3])  # a write: prunes
+    left = sorted(json.loads((folder / "stamp.json").read_text())["path"]
+                  for folder in (tmp_path / "cache").glob("unigram-*"))
+    assert left == sorted(str(path.resolve()) for path in (paths[0], paths[3]))
 
 
 def test_damaged_cache_is_rebuilt(tmp_path, monkeypatch):

@@ -43,6 +43,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -181,6 +182,7 @@ def _load(path: Path) -> tuple:
         if folder is None:
             raise OSError("no cache folder (set NPRERANK_CACHE)")
         _write(folder, frame, arrays, stamp)
+        _prune(folder.parent)
         return _read(folder, stamp)
     except (OSError, ValueError, KeyError) as e:
         for array in arrays.values():  # read-only like the mapped ones: one compiled viterbi_forward
@@ -220,6 +222,25 @@ def _write(folder: Path, frame: dict, arrays: dict, stamp: dict) -> None:
             os.replace(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _prune(cache: Path) -> None:
+    """Delete the cached arrays of tokenizer.json files that are gone or have changed since (a
+    deleted model folder, an old revision), and temporary folders left by a killed writer. Runs
+    after each write, which is rare; a process still mapping deleted arrays keeps them until it exits."""
+    for folder in cache.glob("unigram-*"):
+        try:
+            if folder.name.endswith((".tmp", ".old")):
+                stale = time.time() - folder.stat().st_mtime > 3600
+            else:
+                stamp = json.loads((folder / "stamp.json").read_text())
+                stat = os.stat(stamp["path"])
+                stale = (stat.st_size, stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns) != (
+                    stamp["size"], stamp["inode"], stamp["mtime_ns"], stamp["ctime_ns"])
+        except (OSError, ValueError, KeyError, TypeError):  # its tokenizer.json is gone, or it is not ours
+            stale = True
+        if stale:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _check(arrays: dict) -> None:
