@@ -42,6 +42,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat as stat_module
 import tempfile
 import time
 import warnings
@@ -168,6 +169,8 @@ def _load(path: Path) -> tuple:
         raise ModelError(f"{path}: tokenizer.json not found") from None
     except OSError as e:
         raise ModelError(f"{path}: not a usable tokenizer.json ({e})") from None
+    if not stat_module.S_ISREG(stat.st_mode):  # reading a FIFO would block for ever, a device never end
+        raise ModelError(f"{path}: not a usable tokenizer.json (not a regular file)")
     # what tells this file from a changed one (as layout.py's stamp of the checkpoint)
     stamp = {"version": CACHE_VERSION, "path": str(path.resolve()), "size": stat.st_size, "inode": stat.st_ino,
              "mtime_ns": stat.st_mtime_ns, "ctime_ns": stat.st_ctime_ns}
