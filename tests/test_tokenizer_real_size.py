@@ -111,6 +111,34 @@ def test_random_multiscript_corpus_matches_transformers(ours_real_size, hf_real_
     assert any(3 in ids for ids in theirs)  # unknown characters were met
 
 
+def test_the_real_checkpoints_tokenizer_matches_transformers(real_model):
+    """bge-reranker-base's own tokenizer.json (its <mask> takes the space before it: lstrip), when
+    NPRERANK_MODEL_DIR points at the real checkpoint."""
+    texts = [text for pair in PAIRS for text in pair] + random_texts(1000, seed=2)
+    theirs = AutoTokenizer.from_pretrained(str(real_model))(texts, add_special_tokens=False)["input_ids"]
+    _compare(Unigram(real_model / "tokenizer.json").encode_texts(texts), theirs, texts)
+
+
+@pytest.mark.parametrize("variant", ["mask takes the space before it", "older Metaspace format", "no normalizer"])
+def test_tokenizer_json_variants_match_tokenizers(real_size, tmp_path, monkeypatch, variant):
+    """What differs between XLM-R tokenizer.json files in the wild: bge-reranker-base's <mask> has
+    lstrip (it takes the whitespace before it), older files write Metaspace with add_prefix_space
+    and no WhitespaceSplit."""
+    monkeypatch.setenv("NPRERANK_CACHE", str(tmp_path / "cache"))
+    document = json.loads((real_size / "tokenizer.json").read_text(encoding="utf-8"))
+    if variant == "mask takes the space before it":
+        next(t for t in document["added_tokens"] if t["content"] == "<mask>")["lstrip"] = True
+    elif variant == "older Metaspace format":
+        document["pre_tokenizer"] = {"type": "Metaspace", "replacement": "▁", "add_prefix_space": True}
+    else:
+        document["normalizer"] = None
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(document, ensure_ascii=False), encoding="utf-8")
+    texts = [text for pair in PAIRS for text in pair] + random_texts(300, seed=3) + ["a <mask> b", "a  \t<mask>"]
+    theirs = [e.ids for e in Tokenizer.from_file(str(path)).encode_batch(texts, add_special_tokens=False)]
+    _compare(Unigram(path).encode_texts(texts), theirs, texts)
+
+
 def test_every_piece_is_found_with_its_id(real_size, ours_real_size):
     vocab = json.loads((real_size / "tokenizer.json").read_text(encoding="utf-8"))["model"]["vocab"]
     sample = random.Random(0).sample(range(len(vocab)), 3000) + [0, 1, 2, 3, len(vocab) - 1]
