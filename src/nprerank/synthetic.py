@@ -11,7 +11,8 @@ load time grow with its vocabulary. So `make_real_size_tokenizer` grows the test
 real size with real words: the most frequent words of the 42 languages of the `wordfreq` package,
 each as a word-initial piece ("▁word") and a continuation piece ("word"), so that pieces share
 their beginnings as a real vocabulary's do (random strings would not: the size of a trie depends
-on that). Its sentencepiece model gets the same pieces, so both files give the same ids.
+on that). Its sentencepiece model gets the same pieces and scores (sentencepiece's own library
+then gives transformers' ids, shifted by fairseq's offset, on most texts but not all).
 
 Every output is deterministic for its arguments and cached outside the repository
 ($NPRERANK_CACHE, default ~/.cache/nprerank), so a second run costs nothing.
