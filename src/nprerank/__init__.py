@@ -5,7 +5,7 @@
     reranker.rerank("Which one is cooler?", [{"text": "a cyberpunk lizzard"}, {"text": "a cyberpunk cat"}])
 
 Modules, in the order they depend on each other (read them in this order too):
-config.py -> weights.py -> tokenizer.py -> reference.py -> kernels.py (+ blas.py) -> model.py
+config.py -> weights.py -> tokenizer.py (+ unigram.py) -> reference.py -> kernels.py (+ blas.py) -> model.py
 -> reranker.py (+ hub.py, finding the model) -> startup.py (the warm-up) -> cli.py / server/ / bench.py.
 synthetic.py makes random-weight test models; nothing at run time imports it.
 docs/architecture.md walks the forward pass with shapes.
