@@ -4,9 +4,9 @@ and the connection-level guards uvicorn does not have.
 Uvicorn (0.29 to at least 0.54) reads a request's headers without any deadline: a client that
 connects and sends nothing, or half its headers, holds a socket and a file descriptor until it
 leaves, and --limit-concurrency answers with a text/plain 503 once every place is held that way.
-`guarded_protocol` is uvicorn's own h11 protocol with three changes: the headers of each request
+`guarded_protocol` is uvicorn's own h11 protocol with four changes: the headers of each request
 must arrive within --header-timeout of connecting (or of the previous answer) or the socket is
-closed; a connection opened while --max-connections are open gets its request refused in the
+closed; a client that stops reading its answer for --body-timeout is cut off; a connection opened while --max-connections are open gets its request refused in the
 dialect's shape (by app.py) and is closed; and a client that half-closes its side after sending
 its request (shutdown(SHUT_WR), as some clients and proxies do) still gets its answer.
 The body's deadline (--body-timeout) is app.py's, because it answers in the dialect's shape.
@@ -115,7 +115,7 @@ def public_name(model: str) -> str:
 
 
 def guarded_protocol(limits: Limits):
-    """Uvicorn's h11 protocol with header deadlines, a connection bound and half-close support."""
+    """Uvicorn's h11 protocol with header and answer deadlines, a connection bound and half-close support."""
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -125,7 +125,7 @@ def guarded_protocol(limits: Limits):
             super().connection_made(transport)
             if over_capacity:  # app.py answers its request 429 in the dialect's shape, and closes
                 self.app_state = {**self.app_state, OVER_CAPACITY: True}
-            self.header_timer = None
+            self.header_timer = self.write_timer = None
             self.await_headers()
 
         def await_headers(self):
@@ -153,8 +153,31 @@ def guarded_protocol(limits: Limits):
             if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
                 self.await_headers()
 
+        def pause_writing(self):
+            # the client stopped reading its answer: the socket and its buffered answer are held
+            # for as long as it likes, so a stall gets the body's deadline too, then the socket goes
+            super().pause_writing()
+            if self.write_timer is None:
+                self.write_timer = self.loop.call_later(limits.body_timeout, self.reader_late)
+
+        def resume_writing(self):
+            self.cancel_write_timer()
+            super().resume_writing()
+
+        def cancel_write_timer(self):
+            if self.write_timer is not None:
+                self.write_timer.cancel()
+                self.write_timer = None
+
+        def reader_late(self):
+            self.write_timer = None
+            if not self.transport.is_closing():
+                log.info("closing a connection whose client read nothing of its answer for %g s", limits.body_timeout)
+            self.transport.abort()  # close() would wait for the buffer to drain, which is what never happens
+
         def connection_lost(self, exc):
             self.cancel_header_timer()
+            self.cancel_write_timer()
             super().connection_lost(exc)
 
         def eof_received(self):
