@@ -399,6 +399,28 @@ def test_allowed_host_flag(open_server, server, reranker):
               error_type="forbidden")
 
 
+def test_a_server_on_the_network_says_which_names_it_serves(tiny_model, reranker, tmp_path):
+    """Bound to 0.0.0.0 (the container recipe), clients name the server by names it cannot know
+    (a compose service, a Kubernetes Service): they get 403 until --allowed-host adds them, so the
+    server says so when it starts, and stays quiet when names were given."""
+    server = Server(["--model", str(tiny_model), "--host", "0.0.0.0"], tmp_path / "log")
+    try:
+        server.wait(timeout=STARTUP)
+        assert "--allowed-host" in server.log() and "Host" in server.log(), server.log()
+        tei_error(post(server.url + "/rerank", json={"query": "q", "texts": ["a"]}, headers={"host": "reranker:8080"}),
+                  403, "--allowed-host", error_type="forbidden")
+    finally:
+        server.stop()
+    named = Server(["--model", str(tiny_model), "--host", "0.0.0.0", "--allowed-host", "reranker"], tmp_path / "log2")
+    try:
+        named.wait(timeout=STARTUP)
+        assert "--allowed-host NAME" not in named.log(), named.log()
+        check_tei(post(named.url + "/rerank", json={"query": "q", "texts": ["a"]}, headers={"host": "reranker:8080"}),
+                  reranker, "q", ["a"])
+    finally:
+        named.stop()
+
+
 def test_any_host_with_wildcard(tiny_model, reranker, tmp_path):
     server = Server(["--model", str(tiny_model), "--allowed-host", "*"], tmp_path / "log")
     try:

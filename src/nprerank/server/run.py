@@ -19,6 +19,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 
@@ -32,6 +33,7 @@ from .limits import Limits
 from .protocol import DEFAULT_MODEL
 
 API_KEY_ENV = "NPRERANK_API_KEY"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 log = logging.getLogger("uvicorn.error")  # uvicorn's logger, so our lines share its format
 
 
@@ -218,8 +220,12 @@ def serve(model: str = DEFAULT_MODEL, host: str = "127.0.0.1", port: int = 8080,
         loader = lambda: loaded.pop() if loaded else load()  # noqa: E731
     access = Access(host, allowed_hosts, allowed_origins)
     app = build_app(loader, api_key=api_key, model_name=public_name(model), access=access, **vars(limits))
-    if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+    if api_key is None and host not in LOOPBACK:
         log.warning("listening on %s without --api-key: anyone who can reach this port can use it", host)
+    if host not in LOOPBACK and not allowed_hosts:  # clients on the network name the server: access.py refuses names
+        log.warning("listening on %s: only requests whose Host is an IP address, localhost or this machine's name "
+                    "(%s) are served; add the names clients use (a DNS or service name) with --allowed-host NAME, "
+                    "or --allowed-host '*' behind a load balancer", host, socket.gethostname())
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
                             http=guarded_protocol(limits), timeout_graceful_shutdown=limits.shutdown_timeout)
     server = uvicorn.Server(config)
