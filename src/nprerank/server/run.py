@@ -56,7 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"open connections; a request on one more gets 429 and is closed "
                              f"(default {default.max_connections})")
     for name, meaning in (("header_timeout", "a request's headers must arrive within this, else the connection is closed"),
-                          ("body_timeout", "a request's body must arrive within this after its headers, else 408"),
+                          ("body_timeout", "a request's body must arrive within this after its headers, else 408; a client that "
+                                          "reads nothing of its answer this long is cut off"),
                           ("shutdown_timeout", "on Ctrl-C or SIGTERM, requests in progress get this long, then 503")):
         parser.add_argument(f"--{name.replace('_', '-')}", metavar="SECONDS", type=seconds, default=getattr(default, name),
                             help=f"{meaning} (default {getattr(default, name):g})")
