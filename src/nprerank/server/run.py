@@ -77,7 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how every route cuts a pair too long for the model: only the passage (only_second), "
                              "or the longer side first (longest_first); default: TEI routes longest_first as TEI "
                              "does, the others only_second as FlagEmbedding does")
-    parser.add_argument("--threads", metavar="N", type=positive_int, default=None, help="CPU threads for the model (default: all cores)")
+    parser.add_argument("--threads", metavar="N", type=positive_int, default=None, help="CPU threads for the model (default: the CPUs this process may use, "
+                             "from its affinity and CPU quota)")
     parser.add_argument("--long-documents", choices=("truncate", "chunk"), default="truncate",
                         help="a passage longer than the model takes: cut it (default), or score its best window")
     parser.add_argument("--workers", metavar="N", type=positive_int, default=1,
