@@ -410,6 +410,9 @@ def test_request_bodies_honour_their_limit(tiny_model, expected, tmp_path, body,
     ({"query": QUERY, "texts": ["a", " "]}, ["item 1 is empty"]),
     ({"query": 3, "texts": ["a"]}, ["'query' must be a string"]),
     ({"query": " ", "texts": ["a"]}, ["'query' is empty"]),
+    # Cohere v1 ranks on the keys rank_fields names: scoring the text instead would be silently wrong
+    ({"query": QUERY, "documents": [{"title": "x", "text": "a"}], "rank_fields": ["title"]}, ["'rank_fields'"]),
+    ({"query": QUERY, "documents": ["a"], "rank_fields": ["text", "title"]}, ["'rank_fields'", "not supported"]),
 ])
 def test_bad_request_bodies(tiny_model, tmp_path, body, phrases):
     path = tmp_path / "body.json"

@@ -306,3 +306,31 @@ def test_openapi_has_both_cohere_versions(client):
     v2 = paths["/v2/rerank"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert v2["required"] == ["model", "query", "documents"] and "max_tokens_per_doc" in v2["properties"]
     assert "/v1/rerank" in paths and "/info" in paths and paths["/"].keys() == {"get", "post"}
+
+
+# --- Cohere v1's rank_fields ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fields", [["title"], ["title", "text"], ["text", "author"], [], "text"])
+def test_cohere_v1_refuses_rank_fields_it_cannot_follow(client, fields):
+    """Cohere ranks on the keys rank_fields names: scoring `text` instead would be silently wrong."""
+    documents = [{"title": "a cat", "text": "a dog"}, {"title": "a bird", "text": "a fish"}]
+    cohere_error(client.post("/v1/rerank", json={"query": "cat", "documents": documents, "rank_fields": fields}),
+                 400, "rank_fields", "text")
+
+
+def test_cohere_v1_rank_fields_text_is_the_default(client, reranker):
+    documents = [{"title": "a cat", "text": "a dog"}, {"title": "a bird", "text": "a fish"}]
+    for fields in (["text"], None):
+        response = client.post("/v1/rerank", json={"query": "cat", "documents": documents, "rank_fields": fields})
+        assert response.status_code == 200, response.text
+        results = response.json()["results"]
+        check_ranking([r["index"] for r in results], [r["relevance_score"] for r in results],
+                      expected_scores(reranker, "cat", ["a dog", "a fish"]))
+
+
+def test_cohere_sdk_v1_rank_fields_refused(server):
+    co = cohere.Client(api_key="any", base_url=server.url, max_retries=0)
+    with pytest.raises(cohere.BadRequestError) as refused:
+        co.rerank(model="m", query="cat", documents=[{"title": "a cat", "text": "a dog"}], rank_fields=["title"])
+    assert "rank_fields" in refused.value.body["message"]

@@ -331,6 +331,10 @@ def test_unknown_routes(client):
     assert response.status_code == 404 and "no route" in response.json()["message"]
     response = client.get("/rerank")
     assert response.status_code == 405 and "not allowed" in response.json()["message"]
+    # a long path is named, not echoed whole: a 20 kB path makes no 20 kB answer
+    for path in ("/" + "a" * 20000, "/ai/run/" + "b" * 20000):
+        response = client.post(path, json={})
+        assert response.status_code == 404 and len(response.content) < 1000, len(response.content)
 
 
 # --- bad input, in each dialect's shape ------------------------------------------------------

@@ -302,6 +302,44 @@ def test_slow_clients_do_not_shut_others_out(tiny_model, reranker, tmp_path):
         server.stop()
 
 
+def test_a_client_that_reads_no_answer_is_cut_off(tiny_model, reranker, tmp_path):
+    """A client that sends whole requests but never reads the answers held each socket (and its
+    megabytes of buffered answer) for ever: --max-connections of them shut everyone out. A stalled
+    answer now gets the body's deadline; then the socket is closed and its descriptor given back."""
+    server = Server(["--model", str(tiny_model), "--body-timeout", "3", "--max-contexts", "2000",
+                     "--max-body-bytes", str(10 * 2**20)], tmp_path / "log")
+    try:
+        server.wait(timeout=STARTUP)
+        # 2,000 documents of 4,000 letters returned: an 8 MB answer, more than the kernel's socket buffers take
+        body = json.dumps({"query": "q", "documents": ["a" * 4000] * 2000, "return_documents": True}).encode()
+        readers = []
+        for _ in range(2):
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: a small window
+            s.connect(("127.0.0.1", server.port))
+            s.sendall(request_bytes("/v1/rerank", body, f"127.0.0.1:{server.port}"))
+            readers.append(s)
+        ports = {s.getsockname()[1] for s in readers}
+
+        def held() -> int:  # the server's sockets to our non-reading clients
+            return sum(1 for c in psutil.Process(server.process.pid).net_connections("tcp")
+                       if c.raddr and c.raddr.port in ports)
+
+        deadline = time.monotonic() + 30
+        while held() < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert held() == 2, "the server did not take the connections"
+        deadline = time.monotonic() + 90  # scoring 4,000 pairs on a busy machine, then the 3 s stall
+        while held() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert held() == 0, "the sockets of clients that read nothing are held past --body-timeout"
+        for s in readers:
+            s.close()
+        check_tei(post(server.url + "/rerank", json={"query": "q", "texts": TEXTS}), reranker, "q", TEXTS)
+    finally:
+        server.stop()
+
+
 def test_connection_limit_answers_in_dialect_shape(tiny_model, reranker, tmp_path):
     """--max-connections bounds open sockets: past it a request gets 429 in its dialect's shape; once
     the idle connections time out, requests are served again."""
@@ -359,6 +397,28 @@ def test_allowed_host_flag(open_server, server, reranker):
     check_tei(post(open_server.url + "/rerank", json={"query": "q", "texts": ["a"]}, headers=headers), reranker, "q", ["a"])
     tei_error(post(server.url + "/rerank", json={"query": "q", "texts": ["a"]}, headers=headers), 403, "Host",
               error_type="forbidden")
+
+
+def test_a_server_on_the_network_says_which_names_it_serves(tiny_model, reranker, tmp_path):
+    """Bound to 0.0.0.0 (the container recipe), clients name the server by names it cannot know
+    (a compose service, a Kubernetes Service): they get 403 until --allowed-host adds them, so the
+    server says so when it starts, and stays quiet when names were given."""
+    server = Server(["--model", str(tiny_model), "--host", "0.0.0.0"], tmp_path / "log")
+    try:
+        server.wait(timeout=STARTUP)
+        assert "--allowed-host" in server.log() and "Host" in server.log(), server.log()
+        tei_error(post(server.url + "/rerank", json={"query": "q", "texts": ["a"]}, headers={"host": "reranker:8080"}),
+                  403, "--allowed-host", error_type="forbidden")
+    finally:
+        server.stop()
+    named = Server(["--model", str(tiny_model), "--host", "0.0.0.0", "--allowed-host", "reranker"], tmp_path / "log2")
+    try:
+        named.wait(timeout=STARTUP)
+        assert "--allowed-host NAME" not in named.log(), named.log()
+        check_tei(post(named.url + "/rerank", json={"query": "q", "texts": ["a"]}, headers={"host": "reranker:8080"}),
+                  reranker, "q", ["a"])
+    finally:
+        named.stop()
 
 
 def test_any_host_with_wildcard(tiny_model, reranker, tmp_path):

@@ -288,6 +288,9 @@ def _body(body: dict, source: str) -> tuple:
     limits = [key for key in BODY_LIMITS if body.get(key) is not None]
     if len(limits) > 1:
         raise ValueError(f"{source}: gives both 'top_k' and 'top_n'; keep one")
+    if body.get("rank_fields") not in (None, ["text"]):  # Cohere v1 would rank those keys; we read only text
+        raise ValueError(f"{source}: 'rank_fields' {body['rank_fields']!r:.60} is not supported: only each "
+                         "document's text is ranked; leave it out or give [\"text\"]")
     top_k = body[limits[0]] if limits else None
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"{source}: '{limits[0]}' must be an integer >= 1, got {top_k!r}")

@@ -263,8 +263,9 @@ def build_app(reranker_or_loader, api_key: str | None = None, model_name: str = 
         return JSONResponse(openapi_spec(limits))
 
     async def not_found(request, exc):
-        path, status = request.url.path, getattr(exc, "status_code", 404)
-        if status == 404 and Cloudflare.is_cloudflare_path(path):  # an unknown account path or model
+        status, cloudflare = getattr(exc, "status_code", 404), Cloudflare.is_cloudflare_path(request.url.path)
+        path = request.url.path if len(request.url.path) <= 200 else request.url.path[:200] + "..."  # not echoed whole
+        if status == 404 and cloudflare:  # an unknown account path or model
             status, body = Cloudflare.no_route(path)
             return JSONResponse(body, status_code=status)
         message = f"no route {request.method} {path}; see GET /openapi.json" if status == 404 else \

@@ -8,7 +8,8 @@ Haystack `JinaRanker`, LangChain `JinaRerank`: Cohere v1's request, and `detail`
 
 - v1 `{model?, query, documents: [str | {text}], top_n?, return_documents?}` ->
   `{id, results: [{index, relevance_score, document?: {text}}], meta}`, plus Jina's `model` and
-  `usage`, so either client finds what it reads.
+  `usage`, so either client finds what it reads. `rank_fields` other than `["text"]` is refused:
+  Cohere would rank on those keys, and scoring `text` instead would be silently wrong.
 - v2 `{model, query, documents: [str], top_n?, max_tokens_per_doc?}` ->
   `{id, results: [{index, relevance_score}], meta}`; `max_tokens_per_doc` cuts each document to
   that many tokens (Cohere's default is 4096, beyond what this model takes anyway).
@@ -55,6 +56,7 @@ class Cohere(Dialect):
         return model
 
     def options(self, payload: dict) -> dict:
+        read_rank_fields(payload)
         return {"return_text": read_optional(payload, "return_documents", bool, False)}
 
     def answer(self, query, logits, tokens, model_name):
@@ -88,6 +90,16 @@ class Cohere(Dialect):
                 "document": {"type": "object", "properties": {"text": {"type": "string"}}}}}}}}
         error = {"type": "object", "properties": {"message": {"type": "string"}, "detail": {"type": "string"}}}
         return {"request": request, "answer": answer, "error": error}
+
+
+def read_rank_fields(payload: dict) -> None:
+    """Cohere v1's `rank_fields` picks the object keys a document is ranked on; this server ranks
+    the `text` key only, so any other choice is refused rather than silently scored on `text`."""
+    fields = payload.get("rank_fields")
+    if fields is None or fields == ["text"]:
+        return
+    raise ApiError("invalid", f"rank_fields {fields!r:.80} is not supported: this server ranks each document's "
+                              'text only; leave rank_fields out or send ["text"]')
 
 
 class CohereV2(Cohere):

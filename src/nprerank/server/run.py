@@ -4,9 +4,9 @@ and the connection-level guards uvicorn does not have.
 Uvicorn (0.29 to at least 0.54) reads a request's headers without any deadline: a client that
 connects and sends nothing, or half its headers, holds a socket and a file descriptor until it
 leaves, and --limit-concurrency answers with a text/plain 503 once every place is held that way.
-`guarded_protocol` is uvicorn's own h11 protocol with three changes: the headers of each request
+`guarded_protocol` is uvicorn's own h11 protocol with four changes: the headers of each request
 must arrive within --header-timeout of connecting (or of the previous answer) or the socket is
-closed; a connection opened while --max-connections are open gets its request refused in the
+closed; a client that stops reading its answer for --body-timeout is cut off; a connection opened while --max-connections are open gets its request refused in the
 dialect's shape (by app.py) and is closed; and a client that half-closes its side after sending
 its request (shutdown(SHUT_WR), as some clients and proxies do) still gets its answer.
 The body's deadline (--body-timeout) is app.py's, because it answers in the dialect's shape.
@@ -19,6 +19,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 
@@ -32,6 +33,7 @@ from .limits import Limits
 from .protocol import DEFAULT_MODEL
 
 API_KEY_ENV = "NPRERANK_API_KEY"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 log = logging.getLogger("uvicorn.error")  # uvicorn's logger, so our lines share its format
 
 
@@ -54,7 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"open connections; a request on one more gets 429 and is closed "
                              f"(default {default.max_connections})")
     for name, meaning in (("header_timeout", "a request's headers must arrive within this, else the connection is closed"),
-                          ("body_timeout", "a request's body must arrive within this after its headers, else 408"),
+                          ("body_timeout", "a request's body must arrive within this after its headers, else 408; a client that "
+                                          "reads nothing of its answer this long is cut off"),
                           ("shutdown_timeout", "on Ctrl-C or SIGTERM, requests in progress get this long, then 503")):
         parser.add_argument(f"--{name.replace('_', '-')}", metavar="SECONDS", type=seconds, default=getattr(default, name),
                             help=f"{meaning} (default {getattr(default, name):g})")
@@ -74,7 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how every route cuts a pair too long for the model: only the passage (only_second), "
                              "or the longer side first (longest_first); default: TEI routes longest_first as TEI "
                              "does, the others only_second as FlagEmbedding does")
-    parser.add_argument("--threads", metavar="N", type=positive_int, default=None, help="CPU threads for the model (default: all cores)")
+    parser.add_argument("--threads", metavar="N", type=positive_int, default=None, help="CPU threads for the model (default: the CPUs this process may use, "
+                             "from its affinity and CPU quota)")
     parser.add_argument("--long-documents", choices=("truncate", "chunk"), default="truncate",
                         help="a passage longer than the model takes: cut it (default), or score its best window")
     parser.add_argument("--workers", metavar="N", type=positive_int, default=1,
@@ -115,7 +119,7 @@ def public_name(model: str) -> str:
 
 
 def guarded_protocol(limits: Limits):
-    """Uvicorn's h11 protocol with header deadlines, a connection bound and half-close support."""
+    """Uvicorn's h11 protocol with header and answer deadlines, a connection bound and half-close support."""
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -125,7 +129,7 @@ def guarded_protocol(limits: Limits):
             super().connection_made(transport)
             if over_capacity:  # app.py answers its request 429 in the dialect's shape, and closes
                 self.app_state = {**self.app_state, OVER_CAPACITY: True}
-            self.header_timer = None
+            self.header_timer = self.write_timer = None
             self.await_headers()
 
         def await_headers(self):
@@ -153,8 +157,31 @@ def guarded_protocol(limits: Limits):
             if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
                 self.await_headers()
 
+        def pause_writing(self):
+            # the client stopped reading its answer: the socket and its buffered answer are held
+            # for as long as it likes, so a stall gets the body's deadline too, then the socket goes
+            super().pause_writing()
+            if self.write_timer is None:
+                self.write_timer = self.loop.call_later(limits.body_timeout, self.reader_late)
+
+        def resume_writing(self):
+            self.cancel_write_timer()
+            super().resume_writing()
+
+        def cancel_write_timer(self):
+            if self.write_timer is not None:
+                self.write_timer.cancel()
+                self.write_timer = None
+
+        def reader_late(self):
+            self.write_timer = None
+            if not self.transport.is_closing():
+                log.info("closing a connection whose client read nothing of its answer for %g s", limits.body_timeout)
+            self.transport.abort()  # close() would wait for the buffer to drain, which is what never happens
+
         def connection_lost(self, exc):
             self.cancel_header_timer()
+            self.cancel_write_timer()
             super().connection_lost(exc)
 
         def eof_received(self):
@@ -195,8 +222,12 @@ def serve(model: str = DEFAULT_MODEL, host: str = "127.0.0.1", port: int = 8080,
         loader = lambda: loaded.pop() if loaded else load()  # noqa: E731
     access = Access(host, allowed_hosts, allowed_origins)
     app = build_app(loader, api_key=api_key, model_name=public_name(model), access=access, **vars(limits))
-    if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+    if api_key is None and host not in LOOPBACK:
         log.warning("listening on %s without --api-key: anyone who can reach this port can use it", host)
+    if host not in LOOPBACK and not allowed_hosts:  # clients on the network name the server: access.py refuses names
+        log.warning("listening on %s: only requests whose Host is an IP address, localhost or this machine's name "
+                    "(%s) are served; add the names clients use (a DNS or service name) with --allowed-host NAME, "
+                    "or --allowed-host '*' behind a load balancer", host, socket.gethostname())
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
                             http=guarded_protocol(limits), timeout_graceful_shutdown=limits.shutdown_timeout)
     server = uvicorn.Server(config)
