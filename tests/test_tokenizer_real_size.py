@@ -301,7 +301,7 @@ def test_unusable_tokenizers_are_refused_naming_the_file(tmp_path, monkeypatch, 
 
 @pytest.mark.parametrize("content, message", [(None, "not found"), (b"{not json", "not a usable tokenizer.json"),
                                               (b"\xff\xfe", "not a usable tokenizer.json"),
-                                              ("folder", "not a usable tokenizer.json"),
+                                              ("folder", "is a directory, not a regular file"),
                                               ("fifo", "not a regular file")])
 def test_missing_or_broken_files_are_refused(tmp_path, monkeypatch, content, message):
     monkeypatch.setenv("NPRERANK_CACHE", str(tmp_path / "cache"))

@@ -42,7 +42,6 @@ import hashlib
 import json
 import os
 import shutil
-import stat as stat_module
 import tempfile
 import time
 import warnings
@@ -51,7 +50,7 @@ from pathlib import Path
 import numpy as np
 from numba import njit
 
-from .config import ModelError
+from .config import ModelError, open_regular_file
 
 CACHE_VERSION = 1  # bump when the cached arrays change meaning
 UNK_PENALTY = 10.0  # tokenizers' K_UNK_PENALTY (sentencepiece's kUnkPenalty): unk scores min_score - 10
@@ -164,13 +163,12 @@ def _load(path: Path) -> tuple:
     from .layout import cache_dir
 
     try:
-        stat = os.stat(path)
+        with open_regular_file(path) as f:  # a FIFO would block the read for ever, a device never end
+            stat = os.fstat(f.fileno())
     except FileNotFoundError:
         raise ModelError(f"{path}: tokenizer.json not found") from None
     except OSError as e:
         raise ModelError(f"{path}: not a usable tokenizer.json ({e})") from None
-    if not stat_module.S_ISREG(stat.st_mode):  # reading a FIFO would block for ever, a device never end
-        raise ModelError(f"{path}: not a usable tokenizer.json (not a regular file)")
     # what tells this file from a changed one (as layout.py's stamp of the checkpoint)
     stamp = {"version": CACHE_VERSION, "path": str(path.resolve()), "size": stat.st_size, "inode": stat.st_ino,
              "mtime_ns": stat.st_mtime_ns, "ctime_ns": stat.st_ctime_ns}
