@@ -74,3 +74,14 @@ def test_the_actor_in_a_users_own_pipeline(cluster, tiny_model):
     for row, expected in zip(scored, rows):
         logits = reranker.logits([(expected["query"], d) for d in expected["documents"]])
         assert np.array_equal(np.asarray(row["logits"], dtype=np.float32), logits)
+
+
+def test_a_model_the_actors_cannot_load_is_one_line(cluster, tmp_path, tiny_model, capsys):
+    """The actors load the model, not the driver: their failure comes back as the local job's one line."""
+    write_jsonl(tmp_path / "in.jsonl", jsonl_records(2, docs=(1, 2)))
+    (tmp_path / "empty-model").mkdir()
+    assert batch_cli(tmp_path / "in.jsonl", "-o", tmp_path / "out.jsonl", "--model", tmp_path / "empty-model",
+                     "--ray") == 1
+    err = capsys.readouterr().err
+    assert err.startswith("nprerank: error: the Ray job failed:") and err.count("\n") == 1, err
+    assert "empty-model: missing config.json" in err and "Traceback" not in err
