@@ -445,3 +445,36 @@ def test_the_local_job_warms_up_so_a_first_run_says_it_compiles(tmp_path, tiny_m
     write_jsonl(tmp_path / "in.jsonl", jsonl_records(1))
     assert batch_cli(tmp_path / "in.jsonl", "-o", tmp_path / "out.jsonl", "--model", tiny_model) == 0
     assert len(calls) == 1
+
+
+def test_a_second_run_on_an_output_being_written_is_refused(tmp_path, tiny_model, capsys):
+    import fcntl
+
+    write_jsonl(tmp_path / "in.jsonl", jsonl_records(3))
+    assert batch_cli(tmp_path / "in.jsonl", "-o", tmp_path / "out.jsonl", "--model", tiny_model) == 0
+    whole = (tmp_path / "out.jsonl").read_bytes()
+    capsys.readouterr()
+    progress = tmp_path / "out.jsonl.progress"
+    progress.write_text(progress.read_text().replace('"done": true', '"done": false'))
+    for other in ("in a thread of this process", "in another process"):
+        if other == "in another process":  # a run elsewhere holds it: flock from a child that waits
+            holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'ab'); "
+                                       "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
+                                       str(tmp_path / "out.jsonl")], stdout=subprocess.PIPE, text=True)
+            assert holder.stdout.readline() == "held\n"
+        else:
+            held = open(tmp_path / "out.jsonl", "ab")  # flock is per open file: this one is "another run"
+            fcntl.flock(held, fcntl.LOCK_EX)
+        try:
+            assert batch_cli(tmp_path / "in.jsonl", "-o", tmp_path / "out.jsonl", "--model", tiny_model) == 1
+            err = capsys.readouterr().err
+            assert "out.jsonl is being written by another `nprerank batch` run" in err and err.count("\n") == 1, err
+            assert (tmp_path / "out.jsonl").read_bytes() == whole  # nothing truncated or appended
+        finally:
+            if other == "in another process":
+                holder.kill()
+                holder.wait()
+            else:
+                held.close()
+    assert batch_cli(tmp_path / "in.jsonl", "-o", tmp_path / "out.jsonl", "--model", tiny_model) == 0  # free again
+    assert (tmp_path / "out.jsonl").read_bytes() == whole

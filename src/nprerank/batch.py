@@ -415,8 +415,23 @@ class Output:
             raise ValueError(f"{self.path} is shorter ({size} bytes) than its {self.progress_path.name} says "
                              f"({committed}): it was changed; remove both to start over")
         self.file = open(self.path, "ab")
+        self._lock()
         self.file.truncate(committed)  # drop a torn line or a batch written but never committed
         self.file.seek(committed)
+
+    def _lock(self) -> None:
+        """One job per output: a second run on the same file would truncate and append under the
+        first one's feet, leaving records twice or torn. The lock dies with the process (kill -9 too)."""
+        try:
+            import fcntl
+        except ImportError:  # not a POSIX system: no advisory locks to take
+            return
+        try:
+            fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.close()
+            raise ValueError(f"{self.path} is being written by another `nprerank batch` run; wait for it, or "
+                             "choose another --output") from None
 
     def _read_progress(self):
         try:
