@@ -642,8 +642,11 @@ def _source(args, say) -> Source:
     source = Source(args.input, args.run, args.queries, args.corpus, args.depth, args.skip_bad, say,
                     trec=args.format == "trec")
     for path in source.paths():
-        if not path.is_file():
+        if not path.exists():
             raise OSError(f"{path}: no such file")
+        if not path.is_file():  # a pipe or /dev/stdin: read once, it could not be counted, indexed or resumed
+            raise OSError(f"{path}: not a regular file (the job reads its inputs more than once: to count the "
+                          "pairs, to index ids, to resume); save it to a file first")
         if args.output.resolve() == path.resolve():
             raise ValueError(f"--output {args.output} is also an input")
     return source
