@@ -54,6 +54,7 @@ import numpy as np
 from .arguments import positive_int
 
 FORMATS = ("jsonl", "trec")
+DEPTH = 100  # --depth's default: the run's 100 best of each query, as BEIR reranks
 PROGRESS_EVERY = 30.0  # seconds between plain progress lines when stderr is not a terminal
 PROGRESS_VERSION = 1  # bump when the .progress file or the output records change meaning
 
@@ -85,7 +86,7 @@ class Source:
     run: Path | None = None
     queries: Path | None = None
     corpus: Path | None = None
-    depth: int = 100
+    depth: int = DEPTH
     skip_bad: bool = False
     say: object = field(default=lambda line: print(line, file=sys.stderr, flush=True))
     trec: bool = False  # the output is a TREC run: ids must be single whitespace-free fields
@@ -561,8 +562,8 @@ def add_arguments(parser) -> None:
     inputs.add_argument("--queries", type=Path, metavar="PATH",
                         help='queries: TSV qid<TAB>text, or JSONL {"_id", "text"}')
     inputs.add_argument("--corpus", type=Path, metavar="PATH", help='a BEIR corpus.jsonl: {"_id", "text", "title"?}')
-    inputs.add_argument("--depth", type=positive_int, default=100, metavar="K",
-                        help="rerank the K best of each query of the run (default %(default)s)")
+    inputs.add_argument("--depth", type=positive_int, metavar="K",
+                        help=f"rerank the K best of each query of the run (default {DEPTH})")
     inputs.add_argument("--skip-bad", action="store_true", help="log a bad line (file, line, field) and go on")
     out = parser.add_argument_group("output")
     out.add_argument("--output", "-o", type=Path, required=True, metavar="PATH",
@@ -585,7 +586,7 @@ def run_from_args(args, say=None) -> int:
     say = say or (lambda line: print(line, file=sys.stderr, flush=True))
     source = _source(args, say)
     settings = dict(model=str(args.model), inputs=[str(p.resolve()) for p in source.paths()],
-                    sizes=[p.stat().st_size for p in source.paths()], depth=args.depth, format=args.format,
+                    sizes=[p.stat().st_size for p in source.paths()], depth=source.depth, format=args.format,
                     tag=args.tag, max_length=args.max_length, truncation=args.truncation,
                     long_documents=args.long_documents, engine=args.engine)
     output = Output(args.output, settings)
@@ -639,7 +640,11 @@ def _source(args, say) -> Source:
         missing = [name for name, value in zip(("--run", "--queries", "--corpus"), trio) if value is None]
         raise ValueError(f"no input: give a JSONL INPUT, or --run, --queries and --corpus "
                          f"({', '.join(missing)} missing)")
-    source = Source(args.input, args.run, args.queries, args.corpus, args.depth, args.skip_bad, say,
+    if args.input is not None and args.depth is not None:  # a JSONL record is scored whole: say so, not ignore it
+        raise ValueError("--depth picks the best of a --run's candidates; a JSONL INPUT's documents are all scored "
+                         "(keep the ones you want in the file)")
+    depth = args.depth if args.depth is not None else DEPTH
+    source = Source(args.input, args.run, args.queries, args.corpus, depth, args.skip_bad, say,
                     trec=args.format == "trec")
     for path in source.paths():
         if not path.exists():
