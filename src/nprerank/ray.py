@@ -29,6 +29,8 @@ Read next: batch.py (the job), reranker.py.
 """
 
 import logging
+import os
+import socket
 
 import numpy as np
 import pyarrow as pa
@@ -37,6 +39,7 @@ import ray
 from .batch import Job, score_query
 from .config import ModelError
 
+CONNECT_SECONDS = 10  # to reach a cluster's head before handing the address to ray.init
 ROWS_PER_BLOCK = 64  # queries per Arrow table in the object store: a unit of Ray's scheduling
 
 
@@ -78,6 +81,7 @@ def scores(jobs, model, options: dict, address: str | None = None, concurrency: 
     threads = threads or 1
     started = not ray.is_initialized()
     if started:
+        _check_reachable(address or os.environ.get("RAY_ADDRESS"))
         ray.init(address=address, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     try:
         context = ray.data.DataContext.get_current()
@@ -109,6 +113,22 @@ def scores(jobs, model, options: dict, address: str | None = None, concurrency: 
     finally:
         if started:
             ray.shutdown()
+
+
+def _check_reachable(address: str | None) -> None:
+    """Refuse a cluster address nobody answers at, in one line: ray.init would retry it for
+    minutes, printing a warning every few seconds. ADDRESS is host:port or ray://host:port
+    ("auto", "local" and None are Ray's own to resolve)."""
+    if not address or address in ("auto", "local"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not port.isdigit():
+        return  # not a form we can check: Ray says what it makes of it
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_SECONDS).close()
+    except OSError as e:
+        raise OSError(f"no Ray cluster answers at {address} ({e.strerror or e}): start one (`ray start --head`), "
+                      "or drop ADDRESS to run on a local Ray") from None
 
 
 def _last_line(error: BaseException) -> str:
