@@ -119,8 +119,8 @@ def _check_reachable(address: str | None) -> None:
     """Refuse a cluster address nobody answers at, in one line: ray.init would retry it for
     minutes, printing a warning every few seconds. ADDRESS is host:port or ray://host:port
     ("auto", "local" and None are Ray's own to resolve)."""
-    if not address or address in ("auto", "local"):
-        return
+    if not address or address in ("auto", "local") or ("://" in address and not address.startswith("ray://")):
+        return  # Ray's own to resolve (an http:// one is the dashboard's, which `ray job submit` uses)
     host, _, port = address.removeprefix("ray://").rpartition(":")
     if not port.isdigit():
         return  # not a form we can check: Ray says what it makes of it
