@@ -308,6 +308,15 @@ def test_usage_errors(tmp_path, tiny_model, capsys):
     assert "not both" in capsys.readouterr().err
     assert batch_cli(tmp_path / "missing.jsonl", "-o", tmp_path / "o", "--model", tiny_model) == 1
     assert "missing.jsonl: no such file" in capsys.readouterr().err
+    assert batch_cli(tmp_path / "in.jsonl", "-o", tmp_path / "o", "--model", tiny_model, "--depth", 1) == 1
+    assert "--depth picks the best of a --run's candidates" in capsys.readouterr().err
+    os.mkfifo(tmp_path / "pipe.jsonl")
+    for not_a_file in (tmp_path / "pipe.jsonl", tmp_path):
+        assert batch_cli(not_a_file, "-o", tmp_path / "o", "--model", tiny_model) == 1
+        assert f"{not_a_file}: not a regular file" in capsys.readouterr().err
+        assert batch_cli("--run", tmp_path / "in.jsonl", "--queries", not_a_file, "--corpus", tmp_path / "in.jsonl",
+                         "-o", tmp_path / "o", "--model", tiny_model) == 1
+        assert f"{not_a_file}: not a regular file" in capsys.readouterr().err
     assert batch_cli(tmp_path / "in.jsonl", "-o", tmp_path / "in.jsonl", "--model", tiny_model) == 1
     assert "is also an input" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_:
@@ -343,3 +352,138 @@ def test_ray_missing_is_one_line_naming_the_extra(tmp_path, tiny_model, monkeypa
     monkeypatch.delattr(nprerank, "ray", raising=False)  # test_ray.py may have imported it already
     assert batch_cli(tmp_path / "in.jsonl", "-o", tmp_path / "out.jsonl", "--model", tiny_model, "--ray") == 1
     assert "needs ray: pip install 'nprerank[ray]'" in capsys.readouterr().err
+
+
+def test_engine_reaches_the_model_and_the_resume_settings(tmp_path, tiny_model, capsys):
+    records = jsonl_records(4, docs=(2, 5))
+    write_jsonl(tmp_path / "in.jsonl", records)
+    assert batch_cli(tmp_path / "in.jsonl", "-o", tmp_path / "ref.jsonl", "--model", tiny_model,
+                     "--engine", "reference") == 0
+    reference = Reranker.from_pretrained(tiny_model, engine="reference")
+    for record, result in zip(records, read_jsonl(tmp_path / "ref.jsonl")):
+        texts = [d["text"] if isinstance(d, dict) else d for d in record["documents"]]
+        expected = sigmoid(reference.logits([(record["query"], t) for t in texts])).tolist() if texts else []
+        assert result["scores"] == expected  # the reference engine's own floats, not the fast one's
+    (tmp_path / "ref.jsonl.progress").write_text(
+        (tmp_path / "ref.jsonl.progress").read_text().replace('"done": true', '"done": false'))
+    assert batch_cli(tmp_path / "in.jsonl", "-o", tmp_path / "ref.jsonl", "--model", tiny_model) == 1
+    assert "engine 'reference' now 'fast'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("field,value", [("id", "q 1"), ("id", "q\t1"), ("doc", "d\n2"), ("doc", "d 2"),
+                                         ("doc", "d\u20282"), ("id", "q\r")])
+def test_trec_output_refuses_ids_that_would_split_its_columns(tmp_path, tiny_model, capsys, field, value):
+    good = {"id": "ok", "query": "panda", "documents": [{"id": "d1", "text": "a bear"}]}
+    bad = {"id": value if field == "id" else "q2", "query": "panda",
+           "documents": [{"id": value if field == "doc" else "d1", "text": "a bear"}]}
+    write_jsonl(tmp_path / "in.jsonl", [good, bad, good])
+    assert batch_cli(tmp_path / "in.jsonl", "-o", tmp_path / "out.trec", "--model", tiny_model, "--format", "trec") == 1
+    err = capsys.readouterr().err
+    assert "in.jsonl: line 2: field" in err and "cannot hold whitespace" in err and err.count("\n") == 1, err
+    for leftover in (tmp_path / "out.trec", tmp_path / "out.trec.progress"):
+        leftover.unlink(missing_ok=True)
+    assert batch_cli(tmp_path / "in.jsonl", "-o", tmp_path / "out.trec", "--model", tiny_model, "--format", "trec",
+                     "--skip-bad") == 0
+    lines = (tmp_path / "out.trec").read_text().splitlines()
+    assert len(lines) == 2 and all(len(line.split()) == 6 for line in lines), lines
+    assert batch_cli(tmp_path / "in.jsonl", "-o", tmp_path / "out.jsonl", "--model", tiny_model) == 0  # JSONL holds any id
+
+
+@pytest.mark.parametrize("tag", ["my run", "", "tab\there", "new\nline"])
+def test_a_trec_tag_with_whitespace_is_a_usage_error(tmp_path, tiny_model, capsys, tag):
+    write_jsonl(tmp_path / "in.jsonl", jsonl_records(1))
+    with pytest.raises(SystemExit) as exit_:
+        batch_cli(tmp_path / "in.jsonl", "-o", tmp_path / "out.trec", "--format", "trec", "--tag", tag)
+    assert exit_.value.code == 2
+    assert "argument --tag" in capsys.readouterr().err
+    assert not (tmp_path / "out.trec").exists()
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_line(tmp_path, tiny_model):
+    bom = "\ufeff".encode()
+    for name in ("plain", "bom"):
+        folder = tmp_path / name
+        folder.mkdir()
+        trio = trec_trio(folder)
+        write_jsonl(folder / "in.jsonl", jsonl_records(3))
+        if name == "bom":  # every input as a Windows editor saves it
+            for path in (trio["run"], trio["queries_path"], trio["corpus_path"], folder / "in.jsonl"):
+                path.write_bytes(bom + path.read_bytes())
+        assert batch_cli(folder / "in.jsonl", "-o", folder / "out.jsonl", "--model", tiny_model) == 0
+        assert batch_cli("--run", trio["run"], "--queries", trio["queries_path"], "--corpus", trio["corpus_path"],
+                         "-o", folder / "out.trec", "--format", "trec", "--model", tiny_model) == 0
+    for out in ("out.jsonl", "out.trec"):
+        assert (tmp_path / "bom" / out).read_bytes() == (tmp_path / "plain" / out).read_bytes()
+
+
+@pytest.mark.parametrize("score", ["nan", "NaN", "inf", "-Infinity"])
+def test_a_non_finite_run_score_is_a_bad_line(tmp_path, tiny_model, capsys, score):
+    trio = trec_trio(tmp_path, n_queries=2, per_query=4)
+    run = trio["run"].read_text().splitlines()
+    fields = run[1].split()
+    run[1] = " ".join(fields[:4] + [score] + fields[5:])
+    trio["run"].write_text("\n".join(run) + "\n")
+    common = ["--run", trio["run"], "--queries", trio["queries_path"], "--corpus", trio["corpus_path"],
+              "--model", tiny_model, "--format", "trec"]
+    assert batch_cli(*common, "-o", tmp_path / "out.trec") == 1
+    err = capsys.readouterr().err
+    assert "run.trec: line 2: field 'score' must be a finite number" in err and err.count("\n") == 1, err
+    assert batch_cli(*common, "-o", tmp_path / "skip.trec", "--skip-bad") == 0
+    pairs = [tuple(line.split()[0:3:2]) for line in (tmp_path / "skip.trec").read_text().splitlines()]
+    assert (fields[0], fields[2]) not in pairs and len(pairs) == len(run) - 1  # that line alone is left out
+
+
+@pytest.mark.parametrize("progress", ["[1]", '"text"', '{"version": 1}', '{"version": 1, "settings": [], "bytes": 0, '
+                                      '"records": 0, "written": 0, "pairs": 0}',
+                                      '{"version": 1, "settings": {}, "bytes": -5, "records": 0, "written": 0, '
+                                      '"pairs": 0}'])
+def test_a_damaged_progress_file_is_one_line_not_a_traceback(tmp_path, tiny_model, capsys, progress):
+    write_jsonl(tmp_path / "in.jsonl", jsonl_records(2))
+    (tmp_path / "out.jsonl").write_text("")
+    (tmp_path / "out.jsonl.progress").write_text(progress)
+    assert batch_cli(tmp_path / "in.jsonl", "-o", tmp_path / "out.jsonl", "--model", tiny_model) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("nprerank: error: ") and "out.jsonl.progress: damaged" in err and err.count("\n") == 1, err
+
+
+def test_the_local_job_warms_up_so_a_first_run_says_it_compiles(tmp_path, tiny_model, monkeypatch):
+    import nprerank.startup
+
+    calls = []
+    monkeypatch.setattr(nprerank.startup, "warm_up", lambda reranker, say: calls.append(say) or 0.0)
+    write_jsonl(tmp_path / "in.jsonl", jsonl_records(1))
+    assert batch_cli(tmp_path / "in.jsonl", "-o", tmp_path / "out.jsonl", "--model", tiny_model) == 0
+    assert len(calls) == 1
+
+
+def test_a_second_run_on_an_output_being_written_is_refused(tmp_path, tiny_model, capsys):
+    import fcntl
+
+    write_jsonl(tmp_path / "in.jsonl", jsonl_records(3))
+    assert batch_cli(tmp_path / "in.jsonl", "-o", tmp_path / "out.jsonl", "--model", tiny_model) == 0
+    whole = (tmp_path / "out.jsonl").read_bytes()
+    capsys.readouterr()
+    progress = tmp_path / "out.jsonl.progress"
+    progress.write_text(progress.read_text().replace('"done": true', '"done": false'))
+    for other in ("in a thread of this process", "in another process"):
+        if other == "in another process":  # a run elsewhere holds it: flock from a child that waits
+            holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'ab'); "
+                                       "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
+                                       str(tmp_path / "out.jsonl")], stdout=subprocess.PIPE, text=True)
+            assert holder.stdout.readline() == "held\n"
+        else:
+            held = open(tmp_path / "out.jsonl", "ab")  # flock is per open file: this one is "another run"
+            fcntl.flock(held, fcntl.LOCK_EX)
+        try:
+            assert batch_cli(tmp_path / "in.jsonl", "-o", tmp_path / "out.jsonl", "--model", tiny_model) == 1
+            err = capsys.readouterr().err
+            assert "out.jsonl is being written by another `nprerank batch` run" in err and err.count("\n") == 1, err
+            assert (tmp_path / "out.jsonl").read_bytes() == whole  # nothing truncated or appended
+        finally:
+            if other == "in another process":
+                holder.kill()
+                holder.wait()
+            else:
+                held.close()
+    assert batch_cli(tmp_path / "in.jsonl", "-o", tmp_path / "out.jsonl", "--model", tiny_model) == 0  # free again
+    assert (tmp_path / "out.jsonl").read_bytes() == whole

@@ -74,3 +74,33 @@ def test_the_actor_in_a_users_own_pipeline(cluster, tiny_model):
     for row, expected in zip(scored, rows):
         logits = reranker.logits([(expected["query"], d) for d in expected["documents"]])
         assert np.array_equal(np.asarray(row["logits"], dtype=np.float32), logits)
+
+
+def test_a_model_the_actors_cannot_load_is_one_line(cluster, tmp_path, tiny_model, capsys):
+    """The actors load the model, not the driver: their failure comes back as the local job's one line."""
+    write_jsonl(tmp_path / "in.jsonl", jsonl_records(2, docs=(1, 2)))
+    (tmp_path / "empty-model").mkdir()
+    assert batch_cli(tmp_path / "in.jsonl", "-o", tmp_path / "out.jsonl", "--model", tmp_path / "empty-model",
+                     "--ray") == 1
+    err = capsys.readouterr().err
+    assert err.startswith("nprerank: error: the Ray job failed:") and err.count("\n") == 1, err
+    assert "empty-model: missing config.json" in err and "Traceback" not in err
+
+
+def test_a_cluster_address_nobody_answers_at_is_one_line(tmp_path, tiny_model):
+    """Not the module's cluster: a fresh process, as a user runs it, given an address with no Ray."""
+    import socket
+    import subprocess
+    import sys
+
+    write_jsonl(tmp_path / "in.jsonl", jsonl_records(1))
+    with socket.socket() as probe:  # a port that was free a moment ago: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+        done = subprocess.run([sys.executable, "-m", "nprerank", "batch", str(tmp_path / "in.jsonl"), "-o",
+                               str(tmp_path / "out.jsonl"), "--model", str(tiny_model), "--ray", address],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 1, done.stderr
+        assert done.stderr == f"nprerank: error: no Ray cluster answers at {address} (Connection refused): start one " \
+            "(`ray start --head`), or drop ADDRESS to run on a local Ray\n"

@@ -114,3 +114,33 @@ def test_a_port_in_use_is_one_clear_error(tmp_path, tiny_model):
     assert done.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in done.stderr and "Traceback" not in done.stderr
 
+
+
+def test_a_worker_accepts_nothing_until_it_can_score(tmp_path, tiny_model):
+    """No connection reaches a worker that would answer 503 "loading": the warm-up after the load
+    (Numba's kernels loaded or compiled, seconds on a busy machine) is made slow here, in every
+    worker, by a sitecustomize the spawned interpreters import, and /health is asked meanwhile."""
+    import os
+
+    (tmp_path / "slow").mkdir()
+    (tmp_path / "slow" / "sitecustomize.py").write_text(
+        "import time\nimport nprerank.startup as startup\nreal = startup.warm_up\n"
+        "def slow(reranker, say=startup._to_stderr):\n    time.sleep(3)\n    return real(reranker, say)\n"
+        "startup.warm_up = slow\n")
+    path = os.pathsep.join([str(tmp_path / "slow"), os.environ.get("PYTHONPATH", "")])
+    server = Server(["--model", str(tiny_model), "--workers", "2"], tmp_path / "log", env={"PYTHONPATH": path})
+    statuses = []
+    try:
+        deadline = time.monotonic() + 120
+        while 200 not in statuses and time.monotonic() < deadline:
+            assert server.process.poll() is None, server.log()
+            try:
+                statuses.append(httpx.get(server.url + "/health", timeout=60).status_code)
+            except httpx.TransportError:  # not bound yet
+                time.sleep(0.05)
+        assert statuses and set(statuses) == {200}, statuses
+        body = {"query": "panda", "texts": ["a bear", "a cat"]}
+        answers = [httpx.post(server.url + "/rerank", json=body, timeout=60) for _ in range(4)]
+        assert [a.status_code for a in answers] == [200] * 4, [a.text for a in answers]
+    finally:
+        server.stop()

@@ -40,6 +40,7 @@ the batch in flight. A finished run leaves `"done": true` and a rerun does nothi
 Read next: ray.py (the same job as a Ray Data pipeline), reranker.py (what scores the pairs).
 """
 
+import argparse
 import json
 import os
 import sys
@@ -53,6 +54,7 @@ import numpy as np
 from .arguments import positive_int
 
 FORMATS = ("jsonl", "trec")
+DEPTH = 100  # --depth's default: the run's 100 best of each query, as BEIR reranks
 PROGRESS_EVERY = 30.0  # seconds between plain progress lines when stderr is not a terminal
 PROGRESS_VERSION = 1  # bump when the .progress file or the output records change meaning
 
@@ -84,9 +86,10 @@ class Source:
     run: Path | None = None
     queries: Path | None = None
     corpus: Path | None = None
-    depth: int = 100
+    depth: int = DEPTH
     skip_bad: bool = False
     say: object = field(default=lambda line: print(line, file=sys.stderr, flush=True))
+    trec: bool = False  # the output is a TREC run: ids must be single whitespace-free fields
 
     def paths(self) -> list:
         return [p for p in (self.jsonl, self.run, self.queries, self.corpus) if p is not None]
@@ -126,6 +129,8 @@ class Source:
                 continue
             try:
                 job = _jsonl_job(self.jsonl, line_number, line, number)
+                if self.trec:
+                    _check_trec_ids(self.jsonl, line_number, job)
             except BadRecord as error:
                 self._bad(error)
                 continue
@@ -167,7 +172,7 @@ def _records(path):
 
 def _decode(path, line_number: int, raw: bytes) -> str:
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8").removeprefix("\ufeff")  # a byte order mark (Windows editors) is no text
     except UnicodeDecodeError as e:
         raise BadRecord(path, line_number, f"not UTF-8 text (byte {e.start})") from None
 
@@ -226,6 +231,22 @@ def _jsonl_job(path, line_number: int, raw: bytes, number: int) -> Job:
     return Job(number, qid, query, doc_ids, texts, named)
 
 
+def _check_trec_ids(path, line_number: int, job: Job) -> None:
+    """A TREC run's columns are split at whitespace: an id holding a space or a newline would
+    shift them (or start a line) and trec_eval would read another run than the one written."""
+    for name, value in [("id", job.qid)] + [(f"documents[{i}].id", d) for i, d in enumerate(job.doc_ids)]:
+        if value.split() != [value]:
+            raise BadRecord(path, line_number, f"field {name!r} is {value!r:.60}: a TREC run's ids "
+                            "cannot hold whitespace (use --format jsonl)")
+
+
+def trec_field(text: str) -> str:
+    """argparse type of --tag: one non-empty field of a TREC line (no whitespace)."""
+    if text.split() != [text]:
+        raise argparse.ArgumentTypeError(f"a TREC run tag is one word without whitespace, got {text!r}")
+    return text
+
+
 def _run_groups(path, skip_bad: bool, say):
     """A TREC run -> (qid, first line number, [(line number, docid, score)]) per query, in file order."""
     seen = set()
@@ -240,6 +261,8 @@ def _run_groups(path, skip_bad: bool, say):
                 score = float(fields[4])
             except ValueError:
                 raise BadRecord(path, line_number, f"field 'score' must be a number, got {fields[4]!r:.40}") from None
+            if not np.isfinite(score):  # NaN sorts anywhere: the --depth best would be a wrong set
+                raise BadRecord(path, line_number, f"field 'score' must be a finite number, got {fields[4]!r:.40}")
             if fields[0] != qid and fields[0] in seen:
                 raise BadRecord(path, line_number, f"query {fields[0]!r} appears again after other queries: the run "
                                 "must keep each query's lines together (sort it: sort -s -k1,1)")
@@ -393,8 +416,23 @@ class Output:
             raise ValueError(f"{self.path} is shorter ({size} bytes) than its {self.progress_path.name} says "
                              f"({committed}): it was changed; remove both to start over")
         self.file = open(self.path, "ab")
+        self._lock()
         self.file.truncate(committed)  # drop a torn line or a batch written but never committed
         self.file.seek(committed)
+
+    def _lock(self) -> None:
+        """One job per output: a second run on the same file would truncate and append under the
+        first one's feet, leaving records twice or torn. The lock dies with the process (kill -9 too)."""
+        try:
+            import fcntl
+        except ImportError:  # not a POSIX system: no advisory locks to take
+            return
+        try:
+            fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.close()
+            raise ValueError(f"{self.path} is being written by another `nprerank batch` run; wait for it, or "
+                             "choose another --output") from None
 
     def _read_progress(self):
         try:
@@ -404,8 +442,15 @@ class Output:
         except (OSError, ValueError) as e:
             raise ValueError(f"{self.progress_path}: unreadable ({e}); remove it and the output to start over") \
                 from None
+        if not isinstance(progress, dict):
+            raise ValueError(f"{self.progress_path}: damaged (not a JSON object); remove it and the output "
+                             "to start over")
         if progress.get("version") != PROGRESS_VERSION:
             raise ValueError(f"{self.progress_path}: written by another version of nprerank; remove it and the output")
+        if not isinstance(progress.get("settings"), dict) or not all(
+                type(progress.get(key)) is int and progress[key] >= 0 for key in ("bytes", "records", "written", "pairs")):
+            raise ValueError(f"{self.progress_path}: damaged (a field is missing or of the wrong type); "
+                             "remove it and the output to start over")
         return progress
 
     def write(self, job: Job, text: str) -> None:
@@ -517,15 +562,15 @@ def add_arguments(parser) -> None:
     inputs.add_argument("--queries", type=Path, metavar="PATH",
                         help='queries: TSV qid<TAB>text, or JSONL {"_id", "text"}')
     inputs.add_argument("--corpus", type=Path, metavar="PATH", help='a BEIR corpus.jsonl: {"_id", "text", "title"?}')
-    inputs.add_argument("--depth", type=positive_int, default=100, metavar="K",
-                        help="rerank the K best of each query of the run (default %(default)s)")
+    inputs.add_argument("--depth", type=positive_int, metavar="K",
+                        help=f"rerank the K best of each query of the run (default {DEPTH})")
     inputs.add_argument("--skip-bad", action="store_true", help="log a bad line (file, line, field) and go on")
     out = parser.add_argument_group("output")
     out.add_argument("--output", "-o", type=Path, required=True, metavar="PATH",
                      help="results file; rerun with the same one to resume (OUTPUT.progress tracks it)")
     out.add_argument("--format", choices=FORMATS, default="jsonl",
                      help="jsonl: {id, scores, doc_ids?} per query in input order; trec: a run, best first")
-    out.add_argument("--tag", default="nprerank", help="the run tag of --format trec (default %(default)s)")
+    out.add_argument("--tag", type=trec_field, default="nprerank", help="the run tag of --format trec (default %(default)s)")
     _add_model_arguments(parser)
     parser.add_argument("--batch-size", type=positive_int, default=32, metavar="N",
                         help="most pairs per forward pass; results are committed every N pairs (default %(default)s)")
@@ -541,9 +586,9 @@ def run_from_args(args, say=None) -> int:
     say = say or (lambda line: print(line, file=sys.stderr, flush=True))
     source = _source(args, say)
     settings = dict(model=str(args.model), inputs=[str(p.resolve()) for p in source.paths()],
-                    sizes=[p.stat().st_size for p in source.paths()], depth=args.depth, format=args.format,
+                    sizes=[p.stat().st_size for p in source.paths()], depth=source.depth, format=args.format,
                     tag=args.tag, max_length=args.max_length, truncation=args.truncation,
-                    long_documents=args.long_documents)
+                    long_documents=args.long_documents, engine=args.engine)
     output = Output(args.output, settings)
     if output.finished:
         output.close()
@@ -565,8 +610,11 @@ def run_from_args(args, say=None) -> int:
                                concurrency=args.concurrency, threads=args.threads)
     else:
         from .reranker import Reranker
+        from .startup import warm_up
 
-        scored = local_scores(Reranker.from_pretrained(args.model, **options), jobs)
+        reranker = Reranker.from_pretrained(args.model, **options)
+        warm_up(reranker, say=say)  # a first run compiles the kernels: say so, before the silent wait
+        scored = local_scores(reranker, jobs)
     summary = run(source, output, scored, args.format, args.tag, args.batch_size, say)
     rate = summary["pairs"] / max(summary["seconds"], 1e-9)
     say(f"nprerank batch: {summary['pairs']} pairs of {summary['records']} queries in {summary['seconds']:.1f} s "
@@ -576,7 +624,8 @@ def run_from_args(args, say=None) -> int:
 
 def reranker_options(args) -> dict:
     """The command line's Reranker.from_pretrained options (None: the Reranker's default)."""
-    options = dict(truncation=args.truncation, long_documents=args.long_documents, batch_size=args.batch_size)
+    options = dict(truncation=args.truncation, long_documents=args.long_documents, batch_size=args.batch_size,
+                   engine=args.engine)
     for name in ("max_length", "threads"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
@@ -591,10 +640,18 @@ def _source(args, say) -> Source:
         missing = [name for name, value in zip(("--run", "--queries", "--corpus"), trio) if value is None]
         raise ValueError(f"no input: give a JSONL INPUT, or --run, --queries and --corpus "
                          f"({', '.join(missing)} missing)")
-    source = Source(args.input, args.run, args.queries, args.corpus, args.depth, args.skip_bad, say)
+    if args.input is not None and args.depth is not None:  # a JSONL record is scored whole: say so, not ignore it
+        raise ValueError("--depth picks the best of a --run's candidates; a JSONL INPUT's documents are all scored "
+                         "(keep the ones you want in the file)")
+    depth = args.depth if args.depth is not None else DEPTH
+    source = Source(args.input, args.run, args.queries, args.corpus, depth, args.skip_bad, say,
+                    trec=args.format == "trec")
     for path in source.paths():
-        if not path.is_file():
+        if not path.exists():
             raise OSError(f"{path}: no such file")
+        if not path.is_file():  # a pipe or /dev/stdin: read once, it could not be counted, indexed or resumed
+            raise OSError(f"{path}: not a regular file (the job reads its inputs more than once: to count the "
+                          "pairs, to index ids, to resume); save it to a file first")
         if args.output.resolve() == path.resolve():
             raise ValueError(f"--output {args.output} is also an input")
     return source

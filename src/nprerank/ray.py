@@ -29,13 +29,17 @@ Read next: batch.py (the job), reranker.py.
 """
 
 import logging
+import os
+import socket
 
 import numpy as np
 import pyarrow as pa
 import ray
 
 from .batch import Job, score_query
+from .config import ModelError
 
+CONNECT_SECONDS = 10  # to reach a cluster's head before handing the address to ray.init
 ROWS_PER_BLOCK = 64  # queries per Arrow table in the object store: a unit of Ray's scheduling
 
 
@@ -77,12 +81,15 @@ def scores(jobs, model, options: dict, address: str | None = None, concurrency: 
     threads = threads or 1
     started = not ray.is_initialized()
     if started:
+        _check_reachable(address or os.environ.get("RAY_ADDRESS"))
         ray.init(address=address, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     try:
         context = ray.data.DataContext.get_current()
         context.execution_options.preserve_order = True  # results in input order, as the local run
         context.enable_progress_bars = False  # batch.py reports progress in pairs
-        logging.getLogger("ray.data").setLevel(logging.WARNING)  # not a line per dataset started
+        # not a line per dataset started, nor Ray Data's own copy of a traceback: a failure is raised
+        # below as one line (a model an actor cannot load), as the local job reports it
+        logging.getLogger("ray.data").setLevel(logging.CRITICAL)
         refs = [ray.put(table) for table in _tables(jobs)]  # the read: staged in the object store
         if not refs:
             return
@@ -95,13 +102,46 @@ def scores(jobs, model, options: dict, address: str | None = None, concurrency: 
             batch_format="pyarrow", batch_size=None, num_cpus=threads,
             compute=ray.data.ActorPoolStrategy(size=concurrency),
         )
-        for table in dataset.drop_columns(["query", "documents"]).iter_batches(batch_size=None, batch_format="pyarrow"):
-            for row in table.to_pylist():
-                job = Job(row["number"], row["qid"], "", row["doc_ids"], [""] * len(row["doc_ids"]), row["named"])
-                yield job, np.asarray(row["logits"], dtype=np.float32)
+        try:
+            for table in dataset.drop_columns(["query", "documents"]).iter_batches(batch_size=None,
+                                                                                   batch_format="pyarrow"):
+                for row in table.to_pylist():
+                    job = Job(row["number"], row["qid"], "", row["doc_ids"], [""] * len(row["doc_ids"]), row["named"])
+                    yield job, np.asarray(row["logits"], dtype=np.float32)
+        except (ray.exceptions.RayError, ray.data.exceptions.SystemException) as error:
+            raise ModelError(f"the Ray job failed: {_last_line(error)}") from error
     finally:
         if started:
             ray.shutdown()
+
+
+def _check_reachable(address: str | None) -> None:
+    """Refuse a cluster address nobody answers at, in one line: ray.init would retry it for
+    minutes, printing a warning every few seconds. ADDRESS is host:port or ray://host:port
+    ("auto", "local" and None are Ray's own to resolve)."""
+    if not address or address in ("auto", "local") or ("://" in address and not address.startswith("ray://")):
+        return  # Ray's own to resolve (an http:// one is the dashboard's, which `ray job submit` uses)
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not port.isdigit():
+        return  # not a form we can check: Ray says what it makes of it
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_SECONDS).close()
+    except OSError as e:
+        raise OSError(f"no Ray cluster answers at {address} ({e.strerror or e}): start one (`ray start --head`), "
+                      "or drop ADDRESS to run on a local Ray") from None
+
+
+def _last_line(error: BaseException) -> str:
+    """What went wrong, in one line: Ray wraps an actor's exception (a model it cannot load) in
+    its own, whose text ends with the original `module.Error: message` line (the exceptions it is
+    chained to may have no text at all); take the first that says something."""
+    first = error
+    while error is not None:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        if lines:
+            return lines[-1]
+        error = error.__cause__ or error.__context__
+    return type(first).__name__
 
 
 def _tables(jobs):

@@ -275,6 +275,8 @@ def build_app(reranker_or_loader, api_key: str | None = None, model_name: str = 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         batcher.start()
+        if batcher.serve_when_settled:  # uvicorn accepts only after this: no 503 "loading" from a worker
+            await run_in_threadpool(batcher.settled.wait)
         yield
         await run_in_threadpool(batcher.stop)  # joining the model thread must not stall the event loop
 

@@ -67,6 +67,8 @@ class Batcher:
         self._change = None  # what Weights.changed() said, while stale
         self._retry, self._next_reload = RETRY_SECONDS[0], 0.0
         self._stopping = threading.Event()
+        self.settled = threading.Event()  # set once the first load ended: "ready" or "failed"
+        self.serve_when_settled = False  # a --workers worker: accept nothing before then (app.py)
         self._thread = threading.Thread(target=self._work, name="nprerank-model", daemon=True)
 
     def start(self):
@@ -108,9 +110,11 @@ class Batcher:
         except Exception as e:  # any load failure: report it, then stop the server
             self.state, self.problem = "failed", str(e) or type(e).__name__
             log.error("could not load the model: %s", self.problem)
+            self.settled.set()
             self.on_load_failure()
             return
         self.state = "ready"
+        self.settled.set()
         log.info("model loaded; ready")
         held = None  # a job taken from the queue that did not fit the previous batch
         while not self._stopping.is_set():

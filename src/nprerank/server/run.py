@@ -232,6 +232,9 @@ def serve(model: str = DEFAULT_MODEL, host: str = "127.0.0.1", port: int = 8080,
                             http=guarded_protocol(limits), timeout_graceful_shutdown=limits.shutdown_timeout)
     server = uvicorn.Server(config)
     app.state.batcher.on_load_failure = lambda: setattr(server, "should_exit", True)
+    # a worker sharing the port must not accept before it can score: the warm-up (Numba's kernels
+    # loaded or compiled) runs in the model thread after the load, so wait for it too
+    app.state.batcher.serve_when_settled = preload
     with _signals_end_quietly():
         server.run(sockets=sockets)
     if app.state.batcher.state == "failed":
