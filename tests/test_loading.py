@@ -1,6 +1,7 @@
 """Broken or unsupported model folders fail with a message naming the file and the problem."""
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -43,6 +44,12 @@ def rewrite_tensors(folder, change):
         (dict(hidden_size=33), "hidden_size 33 is not divisible by num_attention_heads 4"),
         (dict(num_hidden_layers=0), "num_hidden_layers must be a positive int"),
         (dict(layer_norm_eps="tiny"), "layer_norm_eps must be a positive float"),
+        (dict(layer_norm_eps=0), "layer_norm_eps must be a positive float, got 0"),
+        (dict(layer_norm_eps=-1e-5), "layer_norm_eps must be a positive float"),
+        (dict(layer_norm_eps=float("nan")), "layer_norm_eps must be a finite positive number .* got nan"),
+        (dict(layer_norm_eps=float("inf")), "layer_norm_eps must be a finite positive number .* got inf"),
+        (dict(layer_norm_eps=1e300), "layer_norm_eps must be a finite positive number .* got 1e[+]?300"),
+        (dict(layer_norm_eps=1e-45), "layer_norm_eps must be a positive float"),  # 0 in float32
         (dict(is_decoder=True), "decoder"),
     ],
 )
@@ -157,3 +164,41 @@ def test_broken_tokenizer_json(folder):
     (folder / "tokenizer.json").write_text("{ not a tokenizer")
     with pytest.raises(ModelError, match="tokenizer.json"):
         Reranker.from_pretrained(folder)
+
+
+NON_FINITE = [
+    ("roberta.encoder.layer.1.intermediate.dense.weight", (3, 5), np.nan),  # a large layer weight
+    ("roberta.encoder.layer.0.attention.self.key.weight", (0, 0), np.inf),
+    ("roberta.encoder.layer.0.output.dense.bias", (7,), np.nan),  # a bias
+    ("roberta.encoder.layer.1.attention.output.LayerNorm.weight", (2,), -np.inf),
+    ("roberta.embeddings.position_embeddings.weight", (4, 1), np.nan),
+    ("roberta.embeddings.word_embeddings.weight", (777, 3), np.inf),  # a row no test text uses
+    ("classifier.out_proj.bias", (0,), np.nan),
+]
+
+
+@pytest.mark.parametrize("engine", ["fast", "reference"])
+@pytest.mark.parametrize("name, index, value", NON_FINITE)
+def test_non_finite_weights_are_refused_at_load(folder, tmp_path, monkeypatch, engine, name, index, value):
+    """NaN or infinity anywhere in the checkpoint: ModelError at load naming the tensor, from
+    either engine (before, every score was NaN)."""
+    monkeypatch.setenv("NPRERANK_CACHE", str(tmp_path / "cache"))
+
+    def poison(tensors):
+        tensors[name][index] = value
+
+    rewrite_tensors(folder, poison)
+    with pytest.raises(ModelError, match=re.escape(name)):
+        Reranker.from_pretrained(folder, engine=engine)
+
+
+def test_non_finite_word_rows_are_caught_when_gathered(folder):
+    """The rows a batch reads are checked as they are read (they bypass the load-time scan when
+    the layout was written before the checkpoint's bytes were changed under the same stamp)."""
+    config = ModelConfig.from_json(folder / "config.json")
+    weights = load_weights(folder / "model.safetensors", config)
+    table = np.array(weights.embeddings.word.rows(0, config.vocab_size))
+    table[5, 2] = np.nan
+    with pytest.raises(ModelError, match="word_embeddings.weight row 5"):
+        embedding_rows(table, np.array([3, 4, 5, 6]))
+    assert np.isfinite(embedding_rows(table, np.array([3, 4, 6]))).all()

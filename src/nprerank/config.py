@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+FLOAT32_TINY, FLOAT32_MAX = 1.1754943508222875e-38, 3.4028234663852886e38  # float32's normal range
+
+
 class ModelError(ValueError):
     """A model folder or file we cannot use; the message names the file and the problem."""
 
@@ -66,6 +69,10 @@ class ModelConfig:
             smallest = 0 if name == "pad_token_id" else 1e-12
             if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int) or value < smallest:
                 raise ModelError(f"{source}: {name} must be a positive {kind.__name__}, got {value!r}")
+            if kind is float and not FLOAT32_TINY <= value <= FLOAT32_MAX:  # NaN fails both comparisons
+                # the kernels compute in float32: 1e300 would be inf there, and inf or NaN gives NaN scores
+                raise ModelError(f"{source}: {name} must be a finite positive number that float32 can hold "
+                                 f"({FLOAT32_TINY:.3g} to {FLOAT32_MAX:.3g}), got {value!r}")
             values[name] = kind(value)
         config = cls(**values)
         if config.hidden_size % config.num_attention_heads:

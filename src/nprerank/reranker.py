@@ -49,9 +49,7 @@ class Reranker:
 
             self.model = FastModel(weights, config, threads=threads)
         else:
-            self.model = lambda sequences: reference.forward(
-                *reference.pad(sequences, config.pad_token_id), weights, config
-            )
+            self.model = reference.ReferenceModel(weights, config)
 
     @classmethod
     def from_pretrained(cls, path="BAAI/bge-reranker-base", max_length: int | None = None, truncation: str = "only_second",

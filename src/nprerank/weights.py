@@ -62,6 +62,13 @@ class RowsOnDisk:
                 raise ModelError(f"{self.path}: row {index} of the word embeddings could not be read; the file changed")
         return rows[inverse.reshape(-1)]  # [N, C]
 
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows start:stop [stop - start, C], read in one call, as `array[start:stop]` would give."""
+        rows = np.empty((stop - start, self.shape[1]), dtype=self.dtype)
+        if os.preadv(self.file.fileno(), [rows], self.offset + start * self.row_bytes) != rows.nbytes:
+            raise ModelError(f"{self.path}: rows {start}:{stop} of the word embeddings could not be read; the file changed")
+        return rows
+
 
 @dataclass(frozen=True)
 class Embeddings:
@@ -95,13 +102,76 @@ class Weights:
     layers: list  # [Layer] * num_hidden_layers
     classifier: Classifier
     source: Path | None = None  # the model.safetensors they were read from (layout.py keys its cache on it)
+    stamp: tuple | None = None  # the file's FileStamp when it was mapped
+
+    def changed(self) -> str | None:
+        """None while model.safetensors is as it was when it was loaded (size, inode, modification
+        and change times: one os.stat, a few microseconds), else one line naming the file and
+        what changed. The arrays are views of the file's memory map: a file rewritten in place
+        would mix old and new weights, a truncated one kill the process (SIGBUS) when a page past
+        its end is touched, and a replaced one leave us scoring with the old weights."""
+        if self.source is None or self.stamp is None:
+            return None
+        try:
+            now = FileStamp.of(os.stat(self.source))
+        except OSError as e:
+            return f"{self.source}: the model file is gone since it was loaded ({e.strerror})"
+        if now == self.stamp:
+            return None
+        if now.inode != self.stamp.inode:
+            what = "was replaced by another file"
+        elif now.size != self.stamp.size:
+            what = f"changed size from {self.stamp.size} to {now.size} bytes"
+        else:
+            what = "was written to"
+        return f"{self.source}: the model file {what} since it was loaded; load the model again to use it"
+
+
+@dataclass(frozen=True)
+class FileStamp:
+    """What tells a file from a changed one without reading it. The change time (ctime) cannot be
+    set back by cp -p, rsync -a or tar, unlike the modification time."""
+
+    size: int
+    inode: int
+    mtime_ns: int
+    ctime_ns: int
+
+    @classmethod
+    def of(cls, stat: os.stat_result) -> "FileStamp":
+        return cls(stat.st_size, stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns)
+
+
+def refuse_if_changed(weights: Weights) -> None:
+    """ModelError (Weights.changed's message) once the weights' file has changed: both engines
+    call it before each forward pass, rather than score with stale or mixed weights."""
+    message = weights.changed()
+    if message:
+        raise ModelError(message)
+
+
+# An encoder layer's modules: checkpoint name -> (our Layer field, out size, in size), sizes named by
+# their legend letter (None: a LayerNorm, which has no in size).
+LAYER_MODULES = {
+    "attention.self.query": ("query", "C", "C"),
+    "attention.self.key": ("key", "C", "C"),
+    "attention.self.value": ("value", "C", "C"),
+    "attention.output.dense": ("attention_output", "C", "C"),
+    "attention.output.LayerNorm": ("attention_norm", "C", None),
+    "intermediate.dense": ("intermediate", "F", "C"),
+    "output.dense": ("output", "C", "F"),
+    "output.LayerNorm": ("output_norm", "C", None),
+}
+WORD_EMBEDDINGS = "roberta.embeddings.word_embeddings.weight"
+LARGE = re.compile(r"^roberta\.encoder\.layer\.\d+\.(attention\.self\.\w+|attention\.output\.dense|intermediate\.dense|"
+                   r"output\.dense)\.weight$")  # the layers' products: 97% of the weights beside the word table
 
 
 def _table(config: ModelConfig) -> dict:
     """Checkpoint name -> (our field path, expected shape). `N` in a path is the layer index."""
     C, F = config.hidden_size, config.intermediate_size
     table = {
-        "roberta.embeddings.word_embeddings.weight": ("embeddings.word", (config.vocab_size, C)),
+        WORD_EMBEDDINGS: ("embeddings.word", (config.vocab_size, C)),
         "roberta.embeddings.position_embeddings.weight": ("embeddings.position", (config.max_position_embeddings, C)),
         "roberta.embeddings.token_type_embeddings.weight": ("embeddings.token_type", (config.type_vocab_size, C)),
         "classifier.out_proj.weight": ("classifier.out_proj.weight", (1, C)),
@@ -111,19 +181,10 @@ def _table(config: ModelConfig) -> dict:
         "roberta.embeddings.LayerNorm": ("embeddings.norm", C, None),
         "classifier.dense": ("classifier.dense", C, C),
     }
-    layer_modules = {
-        "attention.self.query": ("query", C, C),
-        "attention.self.key": ("key", C, C),
-        "attention.self.value": ("value", C, C),
-        "attention.output.dense": ("attention_output", C, C),
-        "attention.output.LayerNorm": ("attention_norm", C, None),
-        "intermediate.dense": ("intermediate", F, C),
-        "output.dense": ("output", C, F),
-        "output.LayerNorm": ("output_norm", C, None),
-    }
+    sizes = {"C": C, "F": F, None: None}
     for n in range(config.num_hidden_layers):
-        for name, (field, out, inp) in layer_modules.items():
-            modules[f"roberta.encoder.layer.{n}.{name}"] = (f"layers.{n}.{field}", out, inp)
+        for name, (field, out, inp) in LAYER_MODULES.items():
+            modules[f"roberta.encoder.layer.{n}.{name}"] = (f"layers.{n}.{field}", sizes[out], sizes[inp])
     for name, (field, out, inp) in modules.items():
         table[f"{name}.weight"] = (f"{field}.weight", (out, inp) if inp else (out,))
         table[f"{name}.bias"] = (f"{field}.bias", (out,))
@@ -142,7 +203,8 @@ _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
 def load_weights(path, config: ModelConfig) -> Weights:
     """Map model.safetensors at `path` and return its tensors as `Weights`, checked against `config`."""
     path = Path(path)
-    tensors, _ = read_safetensors(path)
+    mapped = map_safetensors(path)
+    tensors = mapped.tensors
     for old, new in _OLD_NAMES.items():
         tensors = {(k[: -len(old)] + new if k.endswith(old) else k): v for k, v in tensors.items()}
     table = _table(config)
@@ -162,6 +224,8 @@ def load_weights(path, config: ModelConfig) -> Weights:
             fields[field] = RowsOnDisk(path, offset, shape, array.dtype)
         else:
             fields[field] = _as_float32(array, dtype)
+            if not LARGE.match(name):  # small: checked at every load; the large ones by check_all_finite
+                check_finite(fields[field], name, path)
 
     def linear(prefix):
         return Linear(fields[f"{prefix}.weight"], fields[f"{prefix}.bias"])
@@ -192,15 +256,53 @@ def load_weights(path, config: ModelConfig) -> Weights:
         layers=layers,
         classifier=Classifier(dense=linear("classifier.dense"), out_proj=linear("classifier.out_proj")),
         source=path,
+        stamp=mapped.stamp,
     )
 
 
 def embedding_rows(table: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """Gather rows of the word-embedding table as fp32: [N] ids -> [N, C]. Only these rows are read."""
-    rows = table[ids]
+    rows = _rows_as_float32(table[ids])
+    if not np.isfinite(rows).all():  # cheap, and the rows a batch reads are all it can be hurt by
+        bad = int(ids[np.argmin(np.isfinite(rows).all(axis=1))])
+        raise ModelError(f"{getattr(table, 'path', 'the word embeddings')}: {WORD_EMBEDDINGS} row {bad} holds NaN "
+                         "or infinity; the checkpoint is damaged")
+    return rows
+
+
+def _rows_as_float32(rows: np.ndarray) -> np.ndarray:
     if rows.dtype == np.uint16:  # bf16 bits: the top half of an fp32
         return (rows.astype(np.uint32) << 16).view(np.float32)
     return rows.astype(np.float32, copy=False)
+
+
+def check_finite(array: np.ndarray, name: str, path) -> None:
+    """ModelError naming the tensor unless every value of `array` is finite: a NaN or infinity in
+    a weight gives NaN scores for every pair it touches, with nothing to say why."""
+    finite = np.isfinite(array)
+    if not finite.all():
+        where = np.unravel_index(np.argmin(finite), array.shape)
+        raise ModelError(f"{path}: {name} holds {array[where]} at {list(map(int, where))}; every weight must be "
+                         "finite (the checkpoint is damaged, or was saved from a diverged model)")
+
+
+def check_all_finite(weights: "Weights") -> None:
+    """check_finite on the large tensors load_weights leaves unchecked: every layer's products
+    (340 MB at bge-reranker-base's size, ~0.2 s) and the word-embedding table (768 MB, read in
+    chunks, ~0.5 s). layout.py runs it once, when it writes its cache file; the reference engine
+    at construction."""
+    fields = {field: name for name, (field, _, inp) in LAYER_MODULES.items() if inp}
+    for n, layer in enumerate(weights.layers):
+        for field, name in fields.items():
+            check_finite(getattr(layer, field).weight, f"roberta.encoder.layer.{n}.{name}.weight", weights.source)
+    word = weights.embeddings.word
+    for start in range(0, word.shape[0], 4096):  # a chunk of rows at a time: no 768 MB copy
+        stop = min(start + 4096, word.shape[0])
+        rows = _rows_as_float32(word.rows(start, stop) if isinstance(word, RowsOnDisk) else word[start:stop])
+        if not np.isfinite(rows).all():
+            where = np.unravel_index(np.argmin(np.isfinite(rows)), rows.shape)
+            raise ModelError(f"{weights.source}: {WORD_EMBEDDINGS} holds {rows[where]} at "
+                             f"[{start + int(where[0])}, {int(where[1])}]; every weight must be finite")
 
 
 def _as_float32(array: np.ndarray, dtype: str) -> np.ndarray:
@@ -217,8 +319,26 @@ def read_safetensors(path: Path) -> tuple:
 
     Validates the header against the file's size before anything is read.
     """
+    mapped = map_safetensors(path)
+    return mapped.tensors, mapped.metadata
+
+
+@dataclass(frozen=True)
+class Mapped:
+    """A safetensors file mapped into memory: read_safetensors' answer, and the map itself."""
+
+    tensors: dict  # name -> (array, dtype, offset)
+    metadata: dict
+    buffer: mmap.mmap  # the whole file, read-only
+    data_start: int  # where the tensors' data begins (8 + the header's length)
+    stamp: FileStamp  # the file's, as it was mapped
+
+
+def map_safetensors(path: Path) -> Mapped:
+    """read_safetensors, keeping the map and where the data starts (layout.py checksums it)."""
     try:
         with open(path, "rb") as f:
+            stamp = FileStamp.of(os.fstat(f.fileno()))  # of the very file mapped, not of its name later
             size = f.seek(0, 2)
             if size < 8:
                 raise ModelError(f"{path}: file is {size} bytes, too short to be safetensors")
@@ -259,7 +379,7 @@ def read_safetensors(path: Path) -> tuple:
         if not array.flags.aligned:
             array = array.copy()  # BLAS and Numba want aligned data; current writers align, old ones may not
         tensors[name] = (array, dtype, data_start + begin)
-    return tensors, metadata
+    return Mapped(tensors, metadata, buffer, data_start, stamp)
 
 
 def _shortlist(names: list) -> str:
