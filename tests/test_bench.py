@@ -131,6 +131,21 @@ def test_fresh_process_start_and_memory_and_acceptance_lines(tiny_model):
         assert label in table
 
 
+def test_startup_only_measures_fresh_processes_and_nothing_else(tiny_model):
+    done = run_bench("--model", tiny_model, "--quick", "--startup-only", "--engines", "nprerank-fast", "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["workloads"] == {} and set(report["startup"]) == {"nprerank-fast"}
+    fast = report["startup"]["nprerank-fast"]
+    assert 0 < fast["first_score_s"] < 300 and 0 < fast["cold"]["peak_anonymous_mb"] <= fast["cold"]["peak_rss_mb"]
+    statuses = {check["check"]: check["status"] for check in report["acceptance"]}
+    assert statuses["nprerank-fast / onnxruntime on rerank-100"] == "N/A"
+    assert statuses["nprerank-fast peak RSS"] in ("PASS", "FAIL")
+    assert "nprerank-fast (cached)" in bench.format_report(report)
+    both = run_bench("--model", tiny_model, "--startup-only", "--no-startup")
+    assert both.returncode == 2 and "not allowed with" in both.stderr
+
+
 def test_a_missing_engine_is_reported_as_skipped(tiny_model):
     done = run_bench("--model", tiny_model, "--quick", "--repeats", "1", "--workloads", "single", "--no-startup",
                      "--engines", "nprerank-fast,onnxruntime", "--json", hide=["onnxruntime"])

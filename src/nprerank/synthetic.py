@@ -6,11 +6,18 @@ with `save_pretrained` (config.json + model.safetensors, exactly the files the r
 and an XLM-R-style tokenizer.json made offline by training a small sentencepiece Unigram model
 (nmt_nfkc normalisation, like XLM-R's) and letting transformers' XLMRobertaTokenizer convert it.
 
+That test tokenizer has 800 pieces; bge-reranker-base's has 250,002, and a tokenizer's memory and
+load time grow with its vocabulary. So `make_real_size_tokenizer` grows the test tokenizer to the
+real size with real words: the most frequent words of the 42 languages of the `wordfreq` package,
+each as a word-initial piece ("▁word") and a continuation piece ("word"), so that pieces share
+their beginnings as a real vocabulary's do (random strings would not: the size of a trie depends
+on that). Its sentencepiece model gets the same pieces, so both files give the same ids.
+
 Every output is deterministic for its arguments and cached outside the repository
 ($NPRERANK_CACHE, default ~/.cache/nprerank), so a second run costs nothing.
 
-Needs the `test` or `bench` extra (torch, transformers, sentencepiece); nothing at run time
-imports this module.
+Needs the `test` or `bench` extra (torch, transformers, sentencepiece, wordfreq); nothing at run
+time imports this module.
 """
 
 import hashlib
@@ -18,6 +25,7 @@ import json
 import os
 import random
 import shutil
+import unicodedata
 from pathlib import Path
 
 from .layout import cache_dir
@@ -98,24 +106,99 @@ def make_tokenizer(vocab_size: int = 800) -> Path:
     return folder
 
 
-def make_model(seed: int = 0, dtype: str = "float32", tokenizer_vocab: int = 800, **config) -> Path:
+REAL_SIZE = 250002  # pieces in bge-reranker-base's tokenizer.json (<s> <pad> </s> <unk> ... <mask>)
+
+
+def make_real_size_tokenizer(pieces: int = REAL_SIZE) -> Path:
+    """A folder holding an XLM-R-style tokenizer.json of `pieces` pieces, and its sentencepiece model.
+
+    The 800-piece test tokenizer, its ids unchanged, with real words added after its pieces and
+    <mask> kept last (id pieces - 1, as in XLM-R). Words come round-robin by frequency rank from
+    wordfreq's 42 languages, NFKC-normalised as the tokenizer's normaliser would leave them; each
+    gives "▁word" and "word", scores falling slowly with rank like a trained Unigram's.
+    """
+    from importlib.metadata import version
+
+    folder = cache_dir() / f"tokenizer-{_key(pieces=pieces, wordfreq=version('wordfreq'))}"
+    if (folder / "tokenizer.json").exists():
+        return folder
+    from sentencepiece import sentencepiece_model_pb2
+
+    base = make_tokenizer()
+    document = json.loads((base / "tokenizer.json").read_text(encoding="utf-8"))
+    vocab = document["model"]["vocab"]  # [[piece, score]]; the last is <mask>
+    mask = vocab.pop()
+    words = _frequent_words(pieces - len(vocab) - 1, known={piece for piece, _ in vocab})
+    scores = [round(-9.0 - 9.0 * i / len(words), 6) for i in range(len(words))]
+    vocab += [[word, score] for word, score in zip(words, scores)] + [mask]
+    for token in document["added_tokens"]:
+        if token["content"] == mask[0]:
+            token["id"] = len(vocab) - 1
+
+    model = sentencepiece_model_pb2.ModelProto()  # the same pieces, for sentencepiece and the slow tokenizer
+    model.ParseFromString((base / "sentencepiece.bpe.model").read_bytes())
+    for word, score in zip(words, scores):
+        model.pieces.add(piece=word, score=score)
+
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    (tmp / "tokenizer.json").write_text(json.dumps(document, ensure_ascii=False), encoding="utf-8")
+    (tmp / "sentencepiece.bpe.model").write_bytes(model.SerializeToString())
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        if (base / name).exists():
+            shutil.copy(base / name, tmp / name)
+    os.replace(tmp, folder) if not folder.exists() else shutil.rmtree(tmp)
+    return folder
+
+
+def _frequent_words(count: int, known: set) -> list:
+    """`count` distinct pieces "▁word" and "word" from wordfreq's languages, most frequent first."""
+    import wordfreq
+
+    languages = sorted(wordfreq.available_languages("best"))
+    lists = {language: wordfreq.top_n_list(language, 20000) for language in languages}
+    out, seen = [], set(known)
+    for rank in range(max(map(len, lists.values()))):
+        for language in languages:
+            if rank >= len(lists[language]):
+                continue
+            word = unicodedata.normalize("NFKC", lists[language][rank])
+            if not word or any(c.isspace() or c == "▁" for c in word):
+                continue
+            for piece in ("▁" + word, word):
+                if piece not in seen:
+                    seen.add(piece)
+                    out.append(piece)
+                    if len(out) == count:
+                        return out
+    raise RuntimeError(f"wordfreq's lists hold fewer than {count} distinct words")
+
+
+def make_model(seed: int = 0, dtype: str = "float32", tokenizer_vocab: int = 800, real_size_tokenizer: bool = False,
+               **config) -> Path:
     """A folder with config.json, model.safetensors and tokenizer.json of a random reranker.
 
     `config` overrides XLMRobertaConfig fields (tiny defaults; pass **BGE_RERANKER_BASE for the
     full size). Weights are drawn so that every parameter matters: biases and LayerNorm scales are
     random too, and the head is calibrated so that logits spread like a trained model's.
+    `real_size_tokenizer` ships `make_real_size_tokenizer()`'s 250,002 pieces instead of the test
+    tokenizer's 800 (the model's vocab_size must then be 250,002: pass **BGE_RERANKER_BASE).
     """
     spec = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                 max_position_embeddings=130, vocab_size=tokenizer_vocab + 2, layer_norm_eps=1e-5,
                 initializer_range=0.1)
     spec.update(config)
-    folder = cache_dir() / f"model-{_key(seed=seed, dtype=dtype, tokenizer_vocab=tokenizer_vocab, **spec)}"
+    tokenizer_spec = {"real_size_tokenizer": True} if real_size_tokenizer else {}  # old cache keys stay valid
+    folder = cache_dir() / f"model-{_key(seed=seed, dtype=dtype, tokenizer_vocab=tokenizer_vocab, **tokenizer_spec, **spec)}"
     if (folder / "model.safetensors").exists():
         return folder
     import torch
     from transformers import XLMRobertaConfig, XLMRobertaForSequenceClassification
 
-    tokenizer = make_tokenizer(tokenizer_vocab)
+    tokenizer = make_real_size_tokenizer() if real_size_tokenizer else make_tokenizer(tokenizer_vocab)
+    if real_size_tokenizer and spec["vocab_size"] < REAL_SIZE:
+        raise ValueError(f"a real-size tokenizer needs vocab_size >= {REAL_SIZE}, got {spec['vocab_size']}")
     torch.manual_seed(seed)
     model = XLMRobertaForSequenceClassification(
         XLMRobertaConfig(num_labels=1, type_vocab_size=1, pad_token_id=1, bos_token_id=0, eos_token_id=2, **spec)

@@ -1,7 +1,8 @@
 """Text pairs to token ids: `<s> query </s></s> passage </s>`, truncated to fit the model.
 
 The vocabulary and the text normalisation come from the checkpoint's tokenizer.json (XLM-R's
-sentencepiece Unigram model, run by the `tokenizers` library). Query and passage are encoded
+sentencepiece Unigram model): unigram.py turns text into ids, with the `tokenizers` library's
+normaliser and pre-tokenizer and a compact vocabulary of its own. Query and passage are encoded
 separately without special tokens, truncated here in id space, then joined with the special
 tokens, so that both truncation policies are plain, visible arithmetic:
 
@@ -19,6 +20,7 @@ Read next: reranker.py, which batches these ids for the model.
 from pathlib import Path
 
 from .config import ModelError
+from .unigram import Unigram
 
 SPECIAL_TOKENS_IN_PAIR = 4  # <s> ... </s></s> ... </s>
 TRUNCATIONS = ("only_second", "longest_first")
@@ -26,8 +28,6 @@ TRUNCATIONS = ("only_second", "longest_first")
 
 class PairTokenizer:
     def __init__(self, path, max_length: int, truncation: str = "only_second", query_max_length: int | None = None):
-        from tokenizers import Tokenizer
-
         path = Path(path)
         if truncation not in TRUNCATIONS:
             raise ValueError(f"truncation must be one of {TRUNCATIONS}, got {truncation!r}")
@@ -42,18 +42,16 @@ class PairTokenizer:
                 f"query_max_length must be an int from 1 to max_length - {SPECIAL_TOKENS_IN_PAIR} "
                 f"= {max_length - SPECIAL_TOKENS_IN_PAIR}, got {query_max_length!r}"
             )
-        try:
-            self.tokenizer = Tokenizer.from_file(str(path))
-        except FileNotFoundError:
-            raise ModelError(f"{path}: tokenizer.json not found") from None
-        except Exception as e:  # the Rust side raises a plain Exception for bad JSON
-            raise ModelError(f"{path}: not a usable tokenizer.json ({e})") from None
-        self.tokenizer.no_truncation()
-        self.tokenizer.no_padding()
+        self.tokenizer = Unigram(path)  # ModelError naming the file if missing or unusable
         self.bos, self.eos = (self._special_id(path, token) for token in ("<s>", "</s>"))
         self.max_length = max_length
         self.truncation = truncation
         self.query_max_length = query_max_length
+
+    @property
+    def vocab_size(self) -> int:
+        """The tokenizer's highest id + 1, added tokens included."""
+        return self.tokenizer.vocab_size
 
     def _special_id(self, path, token: str) -> int:
         token_id = self.tokenizer.token_to_id(token)
@@ -107,8 +105,9 @@ class PairTokenizer:
         return [self.bos, *query, self.eos, self.eos, *passage, self.eos]
 
     def encode_texts(self, texts: list) -> list:
-        """[text] -> [ids] without special tokens or truncation."""
-        return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
+        """[text] -> [ids] without special tokens or truncation (special tokens typed in the text
+        are kept as their ids, as transformers does)."""
+        return self.tokenizer.encode_texts(texts)
 
 
 def _longest_first(first: list, second: list, budget: int) -> tuple:
