@@ -76,7 +76,7 @@ def test_sigmoid_does_not_saturate_large_logits():
         (lambda r: r.rerank("q", CONTEXTS, top_k=True), "top_k must be an integer >= 1"),
         (lambda r: r.compute_score("not pairs"), "pairs must be"),
         (lambda r: r.compute_score([("q", "p"), ("q",)]), r"pairs\[1\] must be a \(query, passage\) pair"),
-        (lambda r: r.compute_score([("q", None)]), r"pairs\[0\] must be a \(query, passage\) pair"),
+        (lambda r: r.compute_score([("q", None)]), r"pairs\[0\]\[1\] must be a string"),
         (lambda r: r.compute_score([("q", "p")], batch_size=0), "batch_size must be an integer >= 1"),
         (lambda r: r.compute_score([("q", "p")], max_length=2), "max_length must be an integer >= 6"),
     ],
@@ -99,3 +99,35 @@ def test_bad_input_names_the_problem(reranker, call, message):
 def test_bad_options_name_the_problem(tiny_model, options, message):
     with pytest.raises(ValueError, match=message):
         Reranker.from_pretrained(tiny_model, **options)
+
+
+# --- the Encoding API: encode -> (run | score) -> pair_logits -----------------------------------
+
+
+def test_encode_then_score_is_logits(reranker):
+    pairs = [("what is panda?", "hi"), ("what is panda?", "bamboo " * 300), ("q", "")]
+    encoding = reranker.encode(pairs)
+    assert encoding.owners.dtype == np.int64 and encoding.owners.tolist() == [0, 1, 2]
+    assert encoding.max_length == reranker.tokenizer.max_length
+    assert encoding.sequences == reranker.tokenizer.encode_pairs(pairs)
+    full = [len(reranker.tokenizer.encode_texts([q])[0]) + len(reranker.tokenizer.encode_texts([p])[0]) + 4
+            for q, p in pairs]
+    assert encoding.lengths[0] == full[0] and encoding.lengths[2] == full[2]  # exact while they fit
+    assert full[1] > encoding.max_length and encoding.lengths[1] > encoding.max_length
+    logits = reranker.score(encoding)
+    assert logits.dtype == np.float32 and logits.shape == (3,)
+    np.testing.assert_array_equal(logits, reranker.logits(pairs))
+    np.testing.assert_array_equal(encoding.pair_logits(reranker.run(encoding.sequences)), logits)
+    with pytest.raises(ValueError, match="expected 3 sequence logits"):
+        encoding.pair_logits(np.zeros(2))
+
+
+def test_encoding_in_chunk_mode_scores_a_pair_as_its_best_window(tiny_model):
+    chunked = Reranker.from_pretrained(tiny_model, max_length=32, long_documents="chunk", chunk_overlap=4)
+    pairs = [("panda", "hi"), ("panda", "the giant panda eats bamboo " * 20), ("panda", "a bear")]
+    encoding = chunked.encode(pairs)
+    counts = np.bincount(encoding.owners).tolist()
+    assert counts[0] == 1 and counts[1] > 2 and counts[2] == 1
+    window_logits = chunked.run(encoding.sequences)
+    expected = [window_logits[encoding.owners == i].max() for i in range(3)]
+    np.testing.assert_array_equal(encoding.pair_logits(window_logits), np.array(expected, dtype=np.float32))

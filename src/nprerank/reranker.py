@@ -12,12 +12,14 @@ the input order, the sigmoid, and the ranking. It speaks the interfaces users al
 Read next: model.py (the fast forward pass it calls) and reference.py (the readable one).
 """
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from . import reference
 from .config import ModelConfig, ModelError
 from .hub import resolve
-from .tokenizer import SPECIAL_TOKENS_IN_PAIR, PairTokenizer
+from .tokenizer import SPECIAL_TOKENS_IN_PAIR, TRUNCATIONS, PairTokenizer, check_pairs, check_text
 from .weights import load_weights
 
 LONG_DOCUMENTS = ("truncate", "chunk")
@@ -28,10 +30,11 @@ MODEL_FILES = ("config.json", "tokenizer.json", "model.safetensors")
 class Reranker:
     def __init__(self, config: ModelConfig, weights, tokenizer: PairTokenizer, engine: str = "fast",
                  batch_size: int = 32, max_batch_tokens: int = 2048, long_documents: str = "truncate",
-                 chunk_overlap: int = 32, threads: int | None = None):
+                 chunk_overlap: int = 32, max_windows: int = 16, threads: int | None = None):
         _check_int("batch_size", batch_size)
         _check_int("max_batch_tokens", max_batch_tokens, minimum=tokenizer.max_length)
         _check_int("chunk_overlap", chunk_overlap, minimum=0)
+        _check_int("max_windows", max_windows)
         if long_documents not in LONG_DOCUMENTS:
             raise ValueError(f"long_documents must be one of {LONG_DOCUMENTS}, got {long_documents!r}")
         if engine not in ENGINES:
@@ -43,6 +46,7 @@ class Reranker:
         self.max_batch_tokens = max_batch_tokens
         self.long_documents = long_documents
         self.chunk_overlap = chunk_overlap
+        self.max_windows = max_windows
         self.engine = engine
         if engine == "fast":
             from .model import FastModel
@@ -73,7 +77,7 @@ class Reranker:
 
     def rerank(self, query: str, contexts: list, top_k: int | None = None) -> list:
         """Cloudflare's `{query, contexts: [{text}], top_k}` -> `[{"id", "score"}]`, best first."""
-        _check_text("query", query)
+        check_text("query", query, allow_empty=False)
         if top_k is not None:
             _check_int("top_k", top_k)
         if not isinstance(contexts, (list, tuple)):
@@ -105,11 +109,13 @@ class Reranker:
     def rank(self, query: str, documents: list, top_k: int | None = None, return_documents: bool = False,
              batch_size: int | None = None) -> list:
         """CrossEncoder.rank: [{"corpus_id", "score", "text"?}] best first."""
-        _check_text("query", query)
+        check_text("query", query, allow_empty=False)
         if top_k is not None:
             _check_int("top_k", top_k)
-        if not isinstance(documents, (list, tuple)) or not all(isinstance(d, str) for d in documents):
+        if not isinstance(documents, (list, tuple)):
             raise ValueError("documents must be a list of strings")
+        for i, document in enumerate(documents):
+            check_text(f"documents[{i}]", document)
         scores = sigmoid(self.logits([(query, d) for d in documents], batch_size=batch_size)).astype(np.float32)
         ranked = []
         for i in best_first(scores, top_k):
@@ -119,46 +125,60 @@ class Reranker:
             ranked.append(hit)
         return ranked
 
-    # --- the work --------------------------------------------------------------------------
+    # --- the work: encode, then score ----------------------------------------------------
 
-    def logits(self, pairs: list, batch_size: int | None = None, max_length: int | None = None) -> np.ndarray:
-        """[(query, passage)] * N -> [N] float32 logits, in input order. The server batches through here."""
+    def encode(self, pairs, max_length: int | None = None, truncation: str | None = None,
+               passage_max_length: int | None = None, query_max_length: int | None = None) -> "Encoding":
+        """[(query, passage)] * P -> the Encoding the model will be given (S sequences, S >= P in chunk mode).
+
+        max_length: tokens per sequence, special tokens included; None is the Reranker's; a larger
+        value than the model's usable positions is lowered to them (the model cannot see more).
+        truncation: None is the Reranker's; "only_second" or "longest_first" for this call (see
+        tokenizer.py). passage_max_length: every passage is first cut to that many tokens (Cohere's
+        `max_tokens_per_doc`). query_max_length: the query's share under "only_second" and in chunk
+        mode (None: the Reranker's, else 3/4 of max_length, as FlagEmbedding).
+        Each distinct text is tokenized once per call, and only as far as the model can read it.
+        Raises ValueError for a pair that is not two valid Unicode strings or a bad option.
+        """
+        if max_length is None:
+            max_length = self.tokenizer.max_length
+        else:
+            _check_int("max_length", max_length, minimum=SPECIAL_TOKENS_IN_PAIR + 2)
+            max_length = min(max_length, self.config.max_tokens)
+        if truncation is not None and truncation not in TRUNCATIONS:
+            raise ValueError(f"truncation must be one of {TRUNCATIONS}, got {truncation!r}")
+        for name, value in (("passage_max_length", passage_max_length), ("query_max_length", query_max_length)):
+            if value is not None:
+                _check_int(name, value)
+        chunk = (self.chunk_overlap, self.max_windows) if self.long_documents == "chunk" else None
+        owners, sequences, lengths = self.tokenizer.encode(
+            pairs, max_length, truncation, passage_max_length, query_max_length, chunk
+        )
+        return Encoding(np.array(owners, dtype=np.int64), sequences, lengths, max_length)
+
+    def score(self, encoding: "Encoding", batch_size: int | None = None, show_progress_bar: bool = False) -> np.ndarray:
+        """Encoding of P pairs -> [P] float32 logits, in input order (a chunked pair: its best window)."""
+        return encoding.pair_logits(self.run(encoding.sequences, batch_size, show_progress_bar))
+
+    def logits(self, pairs: list, batch_size: int | None = None, max_length: int | None = None,
+               truncation: str | None = None, passage_max_length: int | None = None) -> np.ndarray:
+        """[(query, passage)] * P -> [P] float32 logits: `score(encode(pairs, ...))`."""
+        return self.score(self.encode(pairs, max_length, truncation, passage_max_length), batch_size)
+
+    def run(self, sequences: list, batch_size: int | None = None, show_progress_bar: bool = False) -> np.ndarray:
+        """Token-id sequences [S] -> [S] float32 logits, in order, batched longest first under the token budget.
+
+        The server's batcher runs the sequences of several requests in one call here, then each
+        request takes its own logits with its Encoding.pair_logits.
+        """
         if batch_size is not None:
             _check_int("batch_size", batch_size)
-        if max_length is not None:
-            _check_int("max_length", max_length, minimum=SPECIAL_TOKENS_IN_PAIR + 2)
-            max_length = min(max_length, self.tokenizer.max_length)
-        if not pairs:
-            return np.zeros(0, dtype=np.float32)
-        owners, sequences = self._encode(pairs, max_length)
-        unit_logits = self.run(sequences, batch_size or self.batch_size)
-        logits = np.full(len(pairs), -np.inf, dtype=np.float32)
-        np.maximum.at(logits, owners, unit_logits)  # a chunked document scores as its best window
-        return logits
-
-    def token_counts(self, pairs: list) -> list:
-        """Untruncated length of each `<s> q </s></s> p </s>`: to refuse over-long input instead of cutting it."""
-        queries = self.tokenizer.encode_texts([query for query, _ in pairs])
-        passages = self.tokenizer.encode_texts([passage for _, passage in pairs])
-        return [len(q) + len(p) + SPECIAL_TOKENS_IN_PAIR for q, p in zip(queries, passages)]
-
-    def _encode(self, pairs: list, max_length: int | None) -> tuple:
-        """Pairs -> (owner pair index per sequence, token-id sequences); one sequence per pair unless chunking."""
-        if self.long_documents == "truncate":
-            return np.arange(len(pairs)), self.tokenizer.encode_pairs(pairs, max_length)
-        owners, sequences = [], []
-        for i, windows in enumerate(self.tokenizer.encode_chunked(pairs, max_length, self.chunk_overlap)):
-            owners += [i] * len(windows)
-            sequences += windows
-        return np.array(owners), sequences
-
-    def run(self, sequences: list, batch_size: int | None = None) -> np.ndarray:
-        """Token-id sequences -> [N] logits, in order, batched longest first under the token budget."""
         batch_size = batch_size or self.batch_size
         # longest first, ties broken by content not position: the same inputs in any order form the
         # same batches, so reordering the input never changes a score, not even in the last bit
         order = sorted(range(len(sequences)), key=lambda i: (-len(sequences[i]), sequences[i]))
-        logits = np.empty(len(sequences), dtype=np.float32)
+        logits = np.empty(len(sequences), dtype=np.float32)  # [S]
+        progress = _progress_bar(len(sequences)) if show_progress_bar else None
         start = 0
         while start < len(order):
             longest = len(sequences[order[start]])
@@ -167,7 +187,43 @@ class Reranker:
             batch = order[start : start + count]
             logits[batch] = self.model([sequences[i] for i in batch])
             start += count
+            if progress is not None:
+                progress.update(count)
+        if progress is not None:
+            progress.close()
         return logits
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """What `Reranker.encode` made of P pairs: S >= P token-id sequences, ready for the model.
+
+    owners: np.int64 [S], the pair index of each sequence (in chunk mode a pair owns its windows).
+    sequences: S lists of token ids, each `<s> q </s></s> p </s>`, at most max_length long.
+    lengths: [P] ints, each pair's token count with special tokens before max_length cuts it
+        (after passage_max_length); exact while <= max_length, beyond it only known to be larger.
+    max_length: the max_length the sequences were cut to.
+    """
+
+    owners: np.ndarray
+    sequences: list
+    lengths: list
+    max_length: int
+
+    def pair_logits(self, sequence_logits) -> np.ndarray:
+        """[S] logits of the sequences -> [P] float32 logits of the pairs: each pair's best sequence."""
+        sequence_logits = np.asarray(sequence_logits, dtype=np.float32)
+        if sequence_logits.shape != self.owners.shape:
+            raise ValueError(f"expected {self.owners.shape[0]} sequence logits, got shape {sequence_logits.shape}")
+        logits = np.full(len(self.lengths), -np.inf, dtype=np.float32)  # [P]
+        np.maximum.at(logits, self.owners, sequence_logits)  # a chunked document scores as its best window
+        return logits
+
+
+def _progress_bar(total: int):
+    from tqdm.auto import tqdm  # tqdm comes with huggingface_hub, which tokenizers depends on
+
+    return tqdm(total=total, desc="Batches", unit="seq")
 
 
 def sigmoid(logits: np.ndarray) -> np.ndarray:
@@ -182,22 +238,16 @@ def best_first(scores: np.ndarray, top_k: int | None = None) -> list:
     return order[:top_k] if top_k is not None else order
 
 
-def _check_text(name: str, value) -> None:
-    if not isinstance(value, str) or not value:
-        raise ValueError(f"{name} must be a non-empty string, got {value!r:.80}")
-
-
 def _check_int(name: str, value, minimum: int = 1) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 def _context_text(i: int, context) -> str:
-    text = context.get("text") if isinstance(context, dict) else context
     if not isinstance(context, (dict, str)):
         raise ValueError(f"contexts[{i}] must be an object with a text field, got {type(context).__name__}")
-    _check_text(f"contexts[{i}].text", text)
-    return text
+    text = context.get("text") if isinstance(context, dict) else context
+    return check_text(f"contexts[{i}].text", text, allow_empty=False)
 
 
 def _is_pair(pairs) -> bool:
@@ -205,12 +255,7 @@ def _is_pair(pairs) -> bool:
 
 
 def _as_pairs(pairs) -> list:
-    """One (query, passage) pair or a list of them -> a list of (str, str) tuples."""
+    """One (query, passage) pair or a list of them -> a list of (str, str) tuples of valid text."""
     if _is_pair(pairs):
-        return [tuple(pairs)]
-    if not isinstance(pairs, (list, tuple)):
-        raise ValueError(f"pairs must be a (query, passage) pair or a list of them, got {type(pairs).__name__}")
-    for i, pair in enumerate(pairs):
-        if not _is_pair(pair):
-            raise ValueError(f"pairs[{i}] must be a (query, passage) pair of strings, got {pair!r:.80}")
-    return [tuple(pair) for pair in pairs]
+        return check_pairs([pairs])
+    return check_pairs(pairs)
