@@ -32,7 +32,8 @@ class Reranker:
                  batch_size: int = 32, max_batch_tokens: int = 2048, long_documents: str = "truncate",
                  chunk_overlap: int = 32, max_windows: int = 16, threads: int | None = None):
         _check_int("batch_size", batch_size)
-        _check_int("max_batch_tokens", max_batch_tokens, minimum=tokenizer.max_length)
+        # any budget works: a sequence longer than it is a batch of its own (run), never a refusal
+        _check_int("max_batch_tokens", max_batch_tokens)
         _check_int("chunk_overlap", chunk_overlap, minimum=0)
         _check_int("max_windows", max_windows)
         if long_documents not in LONG_DOCUMENTS:
@@ -182,7 +183,8 @@ class Reranker:
         start = 0
         while start < len(order):
             longest = len(sequences[order[start]])
-            # longest first, so every later pair fits in `longest`: the padded size bounds memory
+            # longest first, so every later pair fits in `longest`: the padded size bounds memory;
+            # a sequence longer than the whole budget goes alone (attention's memory is O(T), kernels.py)
             count = max(1, min(batch_size, self.max_batch_tokens // longest, len(order) - start))
             batch = order[start : start + count]
             logits[batch] = self.model([sequences[i] for i in batch])
