@@ -84,24 +84,30 @@ def test_gelu32_matches_reference():
 
 
 @pytest.mark.parametrize("table_dtype", ["float32", "float16", "bfloat16"])
-def test_embeddings_forward_matches_reference(table_dtype):
+@pytest.mark.parametrize("architecture", ["XLMRobertaForSequenceClassification", "BertForSequenceClassification"])
+def test_embeddings_forward_matches_reference(table_dtype, architecture):
+    """Both numberings: RoBERTa's positions from pad + 1 (a typed "<pad>" skipped), BERT's from 0
+    with token type 1 after the first [SEP] (id 2 here, which also ends every sequence)."""
     rng = np.random.default_rng(3)
     C, vocab, pad = 24, 50, 1
     config = ModelConfig(vocab_size=vocab, hidden_size=C, num_attention_heads=4, max_position_embeddings=45,
-                         pad_token_id=pad)
+                         pad_token_id=pad, type_vocab_size=2, architecture_name=architecture)
     word = random(rng, vocab, C)
     if table_dtype == "float16":
         word = word.astype(np.float16)
     elif table_dtype == "bfloat16":
         word = (word.view(np.uint32) >> 16).astype(np.uint16)  # bf16 bits, as weights.py keeps them
-    p = Embeddings(word=word, position=random(rng, 45, C), token_type=random(rng, 1, C), norm=norm_params(rng, C))
+    p = Embeddings(word=word, position=random(rng, 45, C), token_type=random(rng, 2, C), norm=norm_params(rng, C))
     sequences = [[0] + list(rng.integers(1, vocab, n - 1)) for n in LENGTHS]  # id 1: a typed "<pad>"
-    want = reference.embeddings(reference.pad(sequences, pad)[0], p, config)  # [B, T, C]
+    sequences = [s[: len(s) // 2] + [2] + s[len(s) // 2 : -1] + [2] if len(s) > 2 else s for s in sequences]
+    want = reference.embeddings(*reference.pad(sequences, pad), p, config)  # [B, T, C]
     ids, offsets = pack(sequences, config)
     from nprerank.model import embeddings
 
     got = embeddings(ids, offsets, p, config)
-    assert_close(f"embeddings_forward ({table_dtype} table)", got, packed_from_padded(want, LENGTHS), atol=2e-5)
+    lengths = [len(s) for s in sequences]
+    assert_close(f"embeddings_forward ({table_dtype} table, {architecture})", got, packed_from_padded(want, lengths),
+                 atol=2e-5)
 
 
 # M: fewer rows than threads, a ragged last tile, more than PANEL_ROWS; K: more than DEPTH (sums of

@@ -174,26 +174,20 @@ def gelu32(x):
 
 
 @parallel_kernel
-def embeddings_forward(out, word, position, token_type, norm_weight, norm_bias, ids, offsets, pad_token_id, eps):
-    """reference.embeddings over a packed batch: LN(word + position + token_type[0]).
+def embeddings_forward(out, word, position, token_type, norm_weight, norm_bias, position_ids, token_type_ids, eps):
+    """reference.embeddings over a packed batch: LN(word + position[position_ids] + token_type[token_type_ids]).
 
     out [N, C]; word [N, C] the gathered word rows (may be `out`); position [P, C]; token_type
-    [types, C]; ids [N]; offsets [B+1]. Positions restart in every sequence at pad_token_id + 1,
-    as RoBERTa numbers tokens (reference.position_ids). A packed batch has no padding, but a
-    "<pad>" typed in a text is id pad_token_id too: like transformers, it gets position
-    pad_token_id and does not advance the count.
+    [types, C]; position_ids and token_type_ids [N], numbered per sequence as the architecture
+    says (model.embedding_ids: RoBERTa's positions from pad_token_id + 1, BERT's from 0 and its
+    two segments). Row by row: the rows are independent.
     """
-    B = offsets.shape[0] - 1
-    C = out.shape[1]
-    for b in prange(B):
-        counted = pad_token_id
-        for n in range(offsets[b], offsets[b + 1]):
-            if ids[n] != pad_token_id:
-                counted += 1
-            row = counted if ids[n] != pad_token_id else pad_token_id
-            for c in range(C):
-                out[n, c] = word[n, c] + position[row, c] + token_type[0, c]
-            _layer_norm_row(out, n, norm_weight, norm_bias, eps)
+    N, C = out.shape
+    for n in prange(N):
+        row, kind = position_ids[n], token_type_ids[n]
+        for c in range(C):
+            out[n, c] = word[n, c] + position[row, c] + token_type[kind, c]
+        _layer_norm_row(out, n, norm_weight, norm_bias, eps)
 
 
 @kernel

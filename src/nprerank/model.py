@@ -99,9 +99,23 @@ def pack(sequences: list, config: ModelConfig) -> tuple:
 def embeddings(ids, offsets, p: Embeddings, config: ModelConfig):
     x = embedding_rows(p.word, ids)  # [N, C], a fresh fp32 array whatever the table's dtype
     x = np.ascontiguousarray(x, dtype=np.float32)
-    kernels.embeddings_forward(x, x, p.position, p.token_type, p.norm.weight, p.norm.bias, ids, offsets,
-                               config.pad_token_id, np.float32(config.layer_norm_eps))
+    position_ids, token_type_ids = embedding_ids(ids, offsets, config)  # [N], [N]
+    kernels.embeddings_forward(x, x, p.position, p.token_type, p.norm.weight, p.norm.bias, position_ids,
+                               token_type_ids, np.float32(config.layer_norm_eps))
     return x  # [N, C]
+
+
+def embedding_ids(ids, offsets, config: ModelConfig) -> tuple:
+    """Packed ids [N] -> (position ids [N], token type ids [N]): the architecture's own numbering
+    (architectures.py, the same functions reference.embeddings calls), sequence by sequence."""
+    architecture = config.architecture
+    positions, types = np.empty(len(ids), dtype=np.int64), np.empty(len(ids), dtype=np.int64)
+    for start, stop in zip(offsets[:-1], offsets[1:]):
+        sequence = ids[None, start:stop]  # [1, T]
+        mask = np.ones(sequence.shape, dtype=np.int64)  # a packed sequence has no padding
+        positions[start:stop] = architecture.position_ids(sequence, mask, config.pad_token_id)[0]
+        types[start:stop] = architecture.token_type_ids(sequence, mask)[0]
+    return positions, types
 
 
 def encoder_layer(x, offsets, p: Layer, m: LayerMatrices, buffers, config: ModelConfig, first_tokens_only: bool = False):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import reference
-from .config import ModelConfig, ModelError
+from .config import ModelConfig, ModelError, default_max_length
 from .hub import resolve
 from .tokenizer import SPECIAL_TOKENS_IN_PAIR, TRUNCATIONS, PairTokenizer, check_pairs, check_text
 from .weights import load_weights
@@ -57,20 +57,31 @@ class Reranker:
             self.model = reference.ReferenceModel(weights, config)
 
     @classmethod
-    def from_pretrained(cls, path="BAAI/bge-reranker-base", max_length: int | None = None, truncation: str = "only_second",
+    def from_pretrained(cls, path="BAAI/bge-reranker-base", max_length: int | None = None, truncation: str | None = None,
                         query_max_length: int | None = None, **options) -> "Reranker":
-        """Load a bge-reranker-base folder (config.json, tokenizer.json, model.safetensors), or a
-        Hugging Face repo id: found in the Hugging Face cache, else downloaded (hub.py)."""
+        """Load a model folder (config.json, tokenizer.json, model.safetensors), or a Hugging Face
+        repo id: found in the Hugging Face cache, else downloaded (hub.py). docs/models.md lists
+        the models: bge-reranker-base, -large, -v2-m3 (XLM-RoBERTa) and the ms-marco MiniLM
+        cross-encoders (BERT).
+
+        max_length None: config.default_max_length's rule (512 for all of them, lowered by the
+        tokenizer's model_max_length or the position table). truncation None: the architecture's
+        library's default ("only_second" as FlagEmbedding for XLM-R, "longest_first" as
+        sentence-transformers for BERT). ModelError for a folder or checkpoint we cannot run."""
         folder = resolve(path)
         missing = [name for name in MODEL_FILES if not (folder / name).is_file()]
         if missing:
             raise ModelError(f"{folder}: missing {', '.join(missing)} (a model folder needs {', '.join(MODEL_FILES)})")
         config = ModelConfig.from_json(folder / "config.json")
         if max_length is None:
-            max_length = config.default_max_length
+            max_length = default_max_length(config, folder / "tokenizer_config.json")
         elif isinstance(max_length, int) and max_length > config.max_tokens:
             raise ValueError(f"max_length {max_length} exceeds the model's {config.max_tokens} usable positions")
+        truncation = config.architecture.truncation if truncation is None else truncation
         tokenizer = PairTokenizer(folder / "tokenizer.json", max_length, truncation, query_max_length)
+        if tokenizer.kind != config.architecture.tokenizer:
+            raise ModelError(f"{folder / 'tokenizer.json'}: a {tokenizer.kind} tokenizer, but "
+                             f"{config.architecture_name} needs {config.architecture.tokenizer}")
         weights = load_weights(folder / "model.safetensors", config)
         return cls(config, weights, tokenizer, **options)
 

@@ -162,37 +162,40 @@ LAYER_MODULES = {
     "output.dense": ("output", "C", "F"),
     "output.LayerNorm": ("output_norm", "C", None),
 }
-WORD_EMBEDDINGS = "roberta.embeddings.word_embeddings.weight"
-LARGE = re.compile(r"^roberta\.encoder\.layer\.\d+\.(attention\.self\.\w+|attention\.output\.dense|intermediate\.dense|"
-                   r"output\.dense)\.weight$")  # the layers' products: 97% of the weights beside the word table
+WORD_EMBEDDINGS = "roberta.embeddings.word_embeddings.weight"  # XLM-R's; word_embeddings_name() for any
+LARGE = re.compile(r"^(roberta|bert)\.encoder\.layer\.\d+\.(attention\.self\.\w+|attention\.output\.dense|"
+                   r"intermediate\.dense|output\.dense)\.weight$")  # the layers' products: 97% of the weights beside the word table
+
+
+def word_embeddings_name(config: ModelConfig) -> str:
+    return f"{config.architecture.prefix}.embeddings.word_embeddings.weight"
 
 
 def _table(config: ModelConfig) -> dict:
-    """Checkpoint name -> (our field path, expected shape). `N` in a path is the layer index."""
+    """Checkpoint name -> (our field path, expected shape). `N` in a path is the layer index.
+    The names are transformers' module tree under the architecture's prefix ("roberta" or "bert");
+    the head's two linears have names of their own per architecture (architectures.py)."""
     C, F = config.hidden_size, config.intermediate_size
+    prefix, (dense, out_proj) = config.architecture.prefix, config.architecture.head
     table = {
-        WORD_EMBEDDINGS: ("embeddings.word", (config.vocab_size, C)),
-        "roberta.embeddings.position_embeddings.weight": ("embeddings.position", (config.max_position_embeddings, C)),
-        "roberta.embeddings.token_type_embeddings.weight": ("embeddings.token_type", (config.type_vocab_size, C)),
-        "classifier.out_proj.weight": ("classifier.out_proj.weight", (1, C)),
-        "classifier.out_proj.bias": ("classifier.out_proj.bias", (1,)),
+        word_embeddings_name(config): ("embeddings.word", (config.vocab_size, C)),
+        f"{prefix}.embeddings.position_embeddings.weight": ("embeddings.position", (config.max_position_embeddings, C)),
+        f"{prefix}.embeddings.token_type_embeddings.weight": ("embeddings.token_type", (config.type_vocab_size, C)),
     }
     modules = {
-        "roberta.embeddings.LayerNorm": ("embeddings.norm", C, None),
-        "classifier.dense": ("classifier.dense", C, C),
+        f"{prefix}.embeddings.LayerNorm": ("embeddings.norm", C, None),
+        dense: ("classifier.dense", C, C),
+        out_proj: ("classifier.out_proj", 1, C),
     }
     sizes = {"C": C, "F": F, None: None}
     for n in range(config.num_hidden_layers):
         for name, (field, out, inp) in LAYER_MODULES.items():
-            modules[f"roberta.encoder.layer.{n}.{name}"] = (f"layers.{n}.{field}", sizes[out], sizes[inp])
+            modules[f"{prefix}.encoder.layer.{n}.{name}"] = (f"layers.{n}.{field}", sizes[out], sizes[inp])
     for name, (field, out, inp) in modules.items():
         table[f"{name}.weight"] = (f"{field}.weight", (out, inp) if inp else (out,))
         table[f"{name}.bias"] = (f"{field}.bias", (out,))
     return table
 
-
-# Tensors some checkpoints carry that the forward pass does not use.
-_KNOWN_EXTRAS = re.compile(r"^(roberta\.embeddings\.position_ids|roberta\.pooler\.dense\.(weight|bias))$")
 
 # Older checkpoints name LayerNorm parameters gamma/beta (TensorFlow's names).
 _OLD_NAMES = {".gamma": ".weight", ".beta": ".bias"}
@@ -211,16 +214,18 @@ def load_weights(path, config: ModelConfig) -> Weights:
     missing = [name for name in table if name not in tensors]
     if missing:
         raise ModelError(f"{path}: missing tensors {_shortlist(missing)}")
-    unknown = [name for name in tensors if name not in table and not _KNOWN_EXTRAS.match(name)]
+    extras = re.compile(f"^({config.architecture.extras})$")  # tensors some checkpoints carry that we do not use
+    unknown = [name for name in tensors if name not in table and not extras.match(name)]
     if unknown:
-        raise ModelError(f"{path}: unexpected tensors {_shortlist(unknown)} (is this an XLM-RoBERTa reranker?)")
+        raise ModelError(f"{path}: unexpected tensors {_shortlist(unknown)} (is this a {config.architecture_name} "
+                         "reranker?)")
 
     fields = {}
     for name, (field, shape) in table.items():
         array, dtype, offset = tensors[name]
         if array.shape != shape:
             raise ModelError(f"{path}: {name} has shape {list(array.shape)}, config.json implies {list(shape)}")
-        if field == "embeddings.word":
+        if field == "embeddings.word":  # read row by row, never mapped (see the module's docstring)
             fields[field] = RowsOnDisk(path, offset, shape, array.dtype)
         else:
             fields[field] = _as_float32(array, dtype)
