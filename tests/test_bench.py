@@ -39,7 +39,7 @@ def test_every_engine_is_measured_or_skipped_with_a_reason(report):
             assert state["reason"], name
     measured = {name for name, state in report["engines"].items() if state["status"] == "ok"}
     assert {"nprerank-fast", "nprerank-reference"} <= measured
-    assert set(report["workloads"]) == set(bench.WORKLOADS)
+    assert set(report["workloads"]) == set(bench.DEFAULT_WORKLOADS)
     for workload in report["workloads"].values():
         assert set(workload["results"]) == measured
 

@@ -591,6 +591,19 @@ def _value_block(values, k0, span, head_width):
 
 
 @kernel
+def _exponentials(x, highest, scale):
+    """x = exp((x - highest) * scale) in place, returning their sum. Each is <= 1: the max was
+    subtracted (numerical stability). Locals only in the loop, so LLVM can vectorise it (the
+    running max and sum live in the same workspace as x, which it cannot prove apart)."""
+    total = f32(0.0)
+    for j in range(x.shape[0]):
+        e = exp32((x[j] - highest) * scale)
+        x[j] = e
+        total += e
+    return total
+
+
+@kernel
 def _attend_block(context, query, column, keys, values, T, zeros, scores, highest, total, out, block_out):
     """context[:, column : column + D] = softmax(q k^T / sqrt(D)) v for a block of queries, over
     the keys a block at a time with an online softmax (Milakov & Gimelshein 2018, as in
@@ -622,10 +635,7 @@ def _attend_block(context, query, column, keys, values, T, zeros, scores, highes
                 for d in range(head_width):
                     out[i, d] *= rescale
                 highest[i] = block_highest
-            for j in range(real):
-                e = exp32((scores[i, j] - highest[i]) * scale)  # <= 1: the max was subtracted (numerical stability)
-                scores[i, j] = e
-                total[i] += e
+            total[i] += _exponentials(scores[i, :real], highest[i], scale)
             for j in range(real, columns):
                 scores[i, j] = f32(0.0)
         _panels_product(target, scores[:, :columns], _value_block(values, k0, span, head_width), zeros, 0,

@@ -168,6 +168,24 @@ def classification_head(first, p: Classifier):
     return logits
 
 
+# Layers per kernels.encoder_layers call. Its weights come as tuples, one array per layer, and
+# Numba compiles it anew for every tuple length, which grows with the length (a 23-tuple for
+# bge-reranker-large took over ten minutes on a busy host). So layers go in groups of these
+# sizes only: 11 (bge-reranker-base's 12 layers less the last), 5 (MiniLM-L-6) and 1; compiled
+# once each and cached, whatever the depth. A group is a region: one thread wake-up (~0.1 ms).
+GROUP_SIZES = (11, 5, 1)
+
+
+def layer_groups(layers: list) -> list:
+    """layers -> consecutive groups with sizes from GROUP_SIZES, largest first (23 = 11 + 11 + 1)."""
+    groups, start = [], 0
+    while start < len(layers):
+        size = next(size for size in GROUP_SIZES if size <= len(layers) - start)
+        groups.append(layers[start : start + size])
+        start += size
+    return groups
+
+
 def forward(ids, offsets, weights: Weights, matrices: list, config: ModelConfig):
     """Packed ids [N] with offsets [B+1] -> [B] logits. matrices: layout.gemm_weights(weights)."""
     N, B = len(ids), len(offsets) - 1
@@ -185,7 +203,8 @@ def forward(ids, offsets, weights: Weights, matrices: list, config: ModelConfig)
     x = embeddings(ids, offsets, weights.embeddings, config)  # [N, C]
     *layers, last = zip(weights.layers, matrices)
     if layers and ONE_REGION:
-        encoder_layers(x, offsets, layers, buffers, config)
+        for group in layer_groups(layers):
+            encoder_layers(x, offsets, group, buffers, config)
     else:
         for layer, layer_matrices in layers:
             x = encoder_layer(x, offsets, layer, layer_matrices, buffers, config)

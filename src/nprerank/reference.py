@@ -60,6 +60,9 @@ def embeddings(input_ids, attention_mask, p: Embeddings, config: ModelConfig):
     return layer_norm(word + position + token_type, p.norm, config.layer_norm_eps)  # [B, T, C]
 
 
+QUERY_BLOCK = 512  # queries whose scores attention() holds at once
+
+
 def attention(x, padding, p: Layer, config: ModelConfig):
     B, T, C = x.shape
     H, D = config.num_attention_heads, config.head_size
@@ -70,10 +73,15 @@ def attention(x, padding, p: Layer, config: ModelConfig):
     query = heads(linear(x, p.query))  # [B, H, T, D]
     key = heads(linear(x, p.key))  # [B, H, T, D]
     value = heads(linear(x, p.value))  # [B, H, T, D]
-    scores = query @ key.transpose(0, 1, 3, 2) / np.float32(math.sqrt(D))  # [B, H, T, T]
     # padded keys get the most negative float, so they receive zero weight (transformers' eager mask)
-    scores = scores + np.where(padding, np.finfo(np.float32).min, np.float32(0))[:, None, None, :]
-    context = softmax(scores) @ value  # [B, H, T, D]
+    mask = np.where(padding, np.finfo(np.float32).min, np.float32(0))[:, None, None, :]  # [B, 1, 1, T]
+    context = np.empty_like(query)  # [B, H, T, D]
+    # QUERY_BLOCK queries at a time: each row's softmax is whole, but the scores held are
+    # [B, H, QUERY_BLOCK, T], not [B, H, T, T] (16 heads x 8192^2 floats would be 4.3 GB)
+    for start in range(0, T, QUERY_BLOCK):
+        rows = slice(start, start + QUERY_BLOCK)
+        scores = query[:, :, rows] @ key.transpose(0, 1, 3, 2) / np.float32(math.sqrt(D))  # [B, H, rows, T]
+        context[:, :, rows] = softmax(scores + mask) @ value  # [B, H, rows, D]
     context = context.transpose(0, 2, 1, 3).reshape(B, T, C)  # [B, T, C]
     return linear(context, p.attention_output)  # [B, T, C]
 

@@ -1,4 +1,5 @@
-"""Random-weight models in bge-reranker-base's format, for tests and benchmarks.
+"""Random-weight models in bge-reranker-base's format (and the other shapes of docs/models.md,
+BERT's included), for tests and benchmarks.
 
 The real checkpoint cannot be fetched everywhere, so the tests and `nprerank bench --random` make
 their own: transformers' `XLMRobertaForSequenceClassification` with seeded random weights, saved
@@ -12,6 +13,10 @@ real size with real words: the most frequent words of the 42 languages of the `w
 each as a word-initial piece ("▁word") and a continuation piece ("word"), so that pieces share
 their beginnings as a real vocabulary's do (random strings would not: the size of a trie depends
 on that). Its sentencepiece model gets the same pieces, so both files give the same ids.
+
+The BERT cross-encoders (ms-marco MiniLM) get transformers' `BertForSequenceClassification` and a
+WordPiece tokenizer.json trained offline with the `tokenizers` library (make_wordpiece_tokenizer).
+`SHAPES` holds each named model's config, for `nprerank bench --random-shape` and the tests.
 
 Every output is deterministic for its arguments and cached outside the repository
 ($NPRERANK_CACHE, default ~/.cache/nprerank), so a second run costs nothing.
@@ -259,6 +264,14 @@ def make_model(seed: int = 0, dtype: str = "float32", tokenizer_vocab: int = 800
     model = XLMRobertaForSequenceClassification(
         XLMRobertaConfig(num_labels=1, type_vocab_size=1, pad_token_id=1, bos_token_id=0, eos_token_id=2, **spec)
     ).eval()
+    return _save_random(model, tokenizer, folder, dtype, model_max_length)
+
+
+def _save_random(model, tokenizer: Path, folder: Path, dtype: str, model_max_length: int | None) -> Path:
+    """Randomise the biases and LayerNorm scales too (so every parameter matters), calibrate the
+    head, and save the model with its tokenizer's files into `folder`, atomically."""
+    import torch
+
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if "LayerNorm.weight" in name:
@@ -267,7 +280,6 @@ def make_model(seed: int = 0, dtype: str = "float32", tokenizer_vocab: int = 800
                 parameter.copy_(0.05 * torch.randn_like(parameter))
         _calibrate_head(model, tokenizer)
     model = model.to(getattr(torch, dtype))
-
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp), safe_serialization=True)
@@ -296,7 +308,9 @@ def _make_bert_model(seed: int, dtype: str, tokenizer_vocab: int, model_max_leng
                 pad_token_id=0)
     spec.update(config)
     words = json.loads((tokenizer / "tokenizer.json").read_text(encoding="utf-8"))["model"]["vocab"]
-    spec["vocab_size"] = min(spec.get("vocab_size", len(words)), len(words))  # a reduced vocabulary: the tokenizer's
+    spec.setdefault("vocab_size", len(words))  # a reduced vocabulary: the tokenizer's (bench: MiniLM's 30,522)
+    if spec["vocab_size"] < len(words):
+        raise ValueError(f"vocab_size {spec['vocab_size']} is smaller than the tokenizer's {len(words)} entries")
     folder = cache_dir() / f"bert-{_key(seed=seed, dtype=dtype, tokenizer_vocab=tokenizer_vocab, max=model_max_length, **spec)}"
     if (folder / "model.safetensors").exists():
         return folder
@@ -305,20 +319,7 @@ def _make_bert_model(seed: int, dtype: str, tokenizer_vocab: int, model_max_leng
 
     torch.manual_seed(seed)
     model = BertForSequenceClassification(BertConfig(num_labels=1, **spec)).eval()
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "LayerNorm.weight" in name:
-                parameter.copy_(1.0 + 0.1 * torch.randn_like(parameter))
-            elif name.endswith("bias"):
-                parameter.copy_(0.05 * torch.randn_like(parameter))
-        _calibrate_head(model, tokenizer)
-    model = model.to(getattr(torch, dtype))
-    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    _copy_tokenizer(tokenizer, tmp, model_max_length)
-    os.replace(tmp, folder) if not folder.exists() else shutil.rmtree(tmp)
-    return folder
+    return _save_random(model, tokenizer, folder, dtype, model_max_length)
 
 
 def _calibrate_head(model, tokenizer_folder: Path) -> None:

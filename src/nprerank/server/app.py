@@ -9,7 +9,7 @@ import contextlib
 import hmac
 
 from .batcher import Batcher
-from .cloudflare import Cloudflare
+from .cloudflare import Cloudflare, unlisted
 from .dialects import dialects
 from .limits import Limits
 from .openapi import openapi_spec
@@ -35,7 +35,8 @@ def build_app(reranker_or_loader, api_key: str | None = None, model_name: str = 
 
     limits = Limits(**limits)
     batcher = Batcher(reranker_or_loader, limits.batch_tokens)
-    spoken = dialects(limits)
+    cloudflare_unlisted = unlisted(model_name)  # a model Workers AI does not list gets no @cf route
+    spoken = [d for d in dialects(limits) if not (cloudflare_unlisted and isinstance(d, Cloudflare))]
     tei = next(dialect for dialect in spoken if isinstance(dialect, TEI))
 
     def check_key(request):
@@ -148,7 +149,7 @@ def build_app(reranker_or_loader, api_key: str | None = None, model_name: str = 
     async def not_found(request, exc):
         path, status = request.url.path, getattr(exc, "status_code", 404)
         if status == 404 and Cloudflare.is_cloudflare_path(path):  # an unknown account path or model
-            status, body = Cloudflare.no_route(path)
+            status, body = Cloudflare.no_route(path, cloudflare_unlisted)
             return JSONResponse(body, status_code=status)
         message = f"no route {request.method} {path}; see GET /openapi.json" if status == 404 else \
             f"{request.method} is not allowed on {path}; see GET /openapi.json"
