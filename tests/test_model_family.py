@@ -37,7 +37,7 @@ def shape_model(name: str, **overrides):
 def pairs_of(lengths, seed=0):
     """(query, passage) pairs of about `lengths` words, from the test corpus, plus text that
     stresses tokenizers: accents, CJK, punctuation, a typed special token in the passage."""
-    lines = corpus(400, seed=seed)
+    lines = corpus(1500, seed=seed)
     words = " ".join(lines).split()
     pairs = [("what is a panda?", "The giant panda (Ailuropoda) is a bear; it eats bamboo. Café naïve résumé!"),
              ("熊猫 是 什么", "熊猫 是 一种 生活 在 中国 的 熊 </s> [SEP] " + " ".join(words[:40]))]
@@ -109,7 +109,7 @@ def test_v2_m3_shape_on_thousands_of_tokens(engine):
     any of them (each is a batch of its own): equal to transformers (sdpa attention, which holds
     no [T, T] matrix either)."""
     folder = shape_model("v2-m3", num_hidden_layers=2)
-    pairs = pairs_of([900, 2500], seed=3)[2:]
+    pairs = pairs_of([1200, 3600], seed=3)[2:]
     want_ids, want = transformers_logits(folder, pairs, 8192, "longest_first", attention="sdpa")
     assert max(map(len, want_ids)) > 4000
     reranker = Reranker.from_pretrained(folder, engine=engine, max_length=8192, truncation="longest_first",

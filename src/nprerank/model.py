@@ -16,7 +16,10 @@ What differs, and why:
   weight); attention; and all the rest, which works row by row (kernels.output_feed_forward).
   Waking Numba's sleeping threads for a parallel region costs ~100 us, so all layers but the
   last run in one region (kernels.encoder_layers), the threads meeting at spin barriers between
-  the steps.
+  the steps; in groups of 11, 5 or 1 layers for deeper or shallower models (GROUP_SIZES: each
+  group size is compiled once, whatever the model's depth).
+- Position and token-type ids are numbered per sequence by the architecture (embedding_ids:
+  XLM-R's or BERT's, architectures.py), the one place the two differ before the head.
 - The last layer computes queries, attention output and feed-forward for each sequence's first
   token only: the classification head reads nothing else (keys and values still cover all).
 - Memory is bounded by the batch: the [N, C] hidden states, the [N, 3C] projections and the [N, C]

@@ -103,6 +103,7 @@ class Weights:
     classifier: Classifier
     source: Path | None = None  # the model.safetensors they were read from (layout.py keys its cache on it)
     stamp: tuple | None = None  # the file's FileStamp when it was mapped
+    prefix: str = "roberta"  # the checkpoint names' first part (architectures.py), for messages
 
     def changed(self) -> str | None:
         """None while model.safetensors is as it was when it was loaded (size, inode, modification
@@ -162,7 +163,6 @@ LAYER_MODULES = {
     "output.dense": ("output", "C", "F"),
     "output.LayerNorm": ("output_norm", "C", None),
 }
-WORD_EMBEDDINGS = "roberta.embeddings.word_embeddings.weight"  # XLM-R's; word_embeddings_name() for any
 LARGE = re.compile(r"^(roberta|bert)\.encoder\.layer\.\d+\.(attention\.self\.\w+|attention\.output\.dense|"
                    r"intermediate\.dense|output\.dense)\.weight$")  # the layers' products: 97% of the weights beside the word table
 
@@ -262,6 +262,7 @@ def load_weights(path, config: ModelConfig) -> Weights:
         classifier=Classifier(dense=linear("classifier.dense"), out_proj=linear("classifier.out_proj")),
         source=path,
         stamp=mapped.stamp,
+        prefix=config.architecture.prefix,
     )
 
 
@@ -270,7 +271,7 @@ def embedding_rows(table: np.ndarray, ids: np.ndarray) -> np.ndarray:
     rows = _rows_as_float32(table[ids])
     if not np.isfinite(rows).all():  # cheap, and the rows a batch reads are all it can be hurt by
         bad = int(ids[np.argmin(np.isfinite(rows).all(axis=1))])
-        raise ModelError(f"{getattr(table, 'path', 'the word embeddings')}: {WORD_EMBEDDINGS} row {bad} holds NaN "
+        raise ModelError(f"{getattr(table, 'path', 'the word embeddings')}: word_embeddings.weight row {bad} holds NaN "
                          "or infinity; the checkpoint is damaged")
     return rows
 
@@ -299,14 +300,15 @@ def check_all_finite(weights: "Weights") -> None:
     fields = {field: name for name, (field, _, inp) in LAYER_MODULES.items() if inp}
     for n, layer in enumerate(weights.layers):
         for field, name in fields.items():
-            check_finite(getattr(layer, field).weight, f"roberta.encoder.layer.{n}.{name}.weight", weights.source)
+            check_finite(getattr(layer, field).weight, f"{weights.prefix}.encoder.layer.{n}.{name}.weight",
+                         weights.source)
     word = weights.embeddings.word
     for start in range(0, word.shape[0], 4096):  # a chunk of rows at a time: no 768 MB copy
         stop = min(start + 4096, word.shape[0])
         rows = _rows_as_float32(word.rows(start, stop) if isinstance(word, RowsOnDisk) else word[start:stop])
         if not np.isfinite(rows).all():
             where = np.unravel_index(np.argmin(np.isfinite(rows)), rows.shape)
-            raise ModelError(f"{weights.source}: {WORD_EMBEDDINGS} holds {rows[where]} at "
+            raise ModelError(f"{weights.source}: {weights.prefix}.embeddings.word_embeddings.weight holds {rows[where]} at "
                              f"[{start + int(where[0])}, {int(where[1])}]; every weight must be finite")
 
 
