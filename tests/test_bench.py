@@ -162,7 +162,7 @@ def test_a_missing_engine_is_reported_as_skipped(tiny_model):
     (["--random", "--model", "x"], "not allowed with argument"),
     (["--model", "x", "--engines", "nprerank-fast,bogus"], "bogus not among"),
     (["--model", "x", "--threads", "0"], "expected an integer >= 1"),
-    ([], "one of the arguments --model --random is required"),
+    ([], "one of the arguments --model --random --random-shape is required"),
 ])
 def test_bad_input_gets_a_one_line_error(args, message):
     done = run_bench(*args)
