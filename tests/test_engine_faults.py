@@ -361,3 +361,19 @@ def test_a_changed_checkpoint_is_refused(tiny_model, tmp_path, monkeypatch, engi
         reranker.rerank("what do pandas eat", ["bamboo", "rocks"])
     if change in ("replaced by rename", "touched"):  # same contents: loading again scores as before
         assert Reranker.from_pretrained(folder, engine=engine).rerank("what do pandas eat", ["bamboo", "rocks"]) == want
+
+
+def test_the_reference_engine_bounds_blas_threads_too(tiny_model):
+    """threads= reaches OpenBLAS, whose products the reference engine runs on (it was ignored)."""
+    from nprerank.blas import blas_function
+
+    getter = blas_function("get_num_threads")
+    if getter is None:
+        pytest.skip("NumPy does not use OpenBLAS here")
+    try:
+        reranker = Reranker.from_pretrained(tiny_model, engine="reference", threads=1)
+        assert reranker.model.threads == 1 and getter() == 1
+    finally:
+        from nprerank.model import set_threads
+
+        set_threads(None)

@@ -78,8 +78,9 @@ class LayerMatrices:
 
 
 def cache_dir() -> Path:
-    """$NPRERANK_CACHE, else ~/.cache/nprerank (RuntimeError when there is no home to find)."""
-    return Path(os.environ.get("NPRERANK_CACHE") or Path.home() / ".cache" / "nprerank")
+    """$NPRERANK_CACHE (a leading ~ expanded, as a shell would), else ~/.cache/nprerank
+    (RuntimeError when there is no home to find)."""
+    return Path(os.environ.get("NPRERANK_CACHE") or Path.home() / ".cache" / "nprerank").expanduser()
 
 
 def gemm_weights(weights: Weights) -> list:
@@ -227,7 +228,8 @@ def _write(path: Path, layers: list, stamp: dict) -> None:
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as written:  # the checksum, in its place
                 checksum = _checksum(written, 8 + len(text))
             f.seek(8)
-            f.write(text.replace(f'"data_checksum": "{NO_CHECKSUM}"'.encode(), f'"data_checksum": "{checksum}"'.encode()))
+            placeholder, value = (f'"data_checksum": "{c}"'.encode() for c in (NO_CHECKSUM, checksum))
+            f.write(text.replace(placeholder, value))  # the same length: the data stays where it is
             f.flush()
             os.fsync(f.fileno())  # the data is on disk before the name points at it
         os.replace(temporary, path)

@@ -22,6 +22,10 @@ What differs, and why:
   XLM-R's or BERT's, architectures.py), the one place the two differ before the head.
 - The last layer computes queries, attention output and feed-forward for each sequence's first
   token only: the classification head reads nothing else (keys and values still cover all).
+- Safe to call from several Python threads: one forward pass at a time in the process
+  (ENGINE_LOCK), as Numba's thread pool takes one launch at a time. Each call first checks that
+  model.safetensors is as it was loaded (weights.Weights.changed), and the thread count follows
+  the CPUs the process may use (set_threads).
 - Memory is bounded by the batch: the [N, C] hidden states, the [N, 3C] projections and the [N, C]
   attention output, reused by every layer, and a workspace row per thread for the kernels'
   scratch (a head's keys, values and scores; a block of rows' [rows, F] activation). All are
@@ -141,7 +145,8 @@ def encoder_layer(x, offsets, p: Layer, m: LayerMatrices, buffers, config: Model
         query_offsets, hidden, queries = offsets, x, qkv
         kernels.linear_forward(qkv, 0, x, m.qkv, m.qkv_bias, threads)
     context = buffers["context"][: len(hidden)]  # [Q, C]
-    kernels.attention_forward(context, queries, qkv, width, offsets, query_offsets, config.num_attention_heads, workspace)
+    kernels.attention_forward(context, queries, qkv, width, offsets, query_offsets, config.num_attention_heads,
+                              workspace)
     kernels.output_feed_forward(hidden, context, m.attention_output, m.attention_output_bias, p.attention_norm.weight,
                                 p.attention_norm.bias, m.intermediate, m.intermediate_bias, m.output, m.output_bias,
                                 p.output_norm.weight, p.output_norm.bias, np.float32(config.layer_norm_eps), workspace)
@@ -242,7 +247,8 @@ def set_threads(threads: int | None) -> int:
     if threads is None:
         threads = usable
     elif threads > usable:
-        why = f"this process may use {cpus} CPU{'s' * (cpus > 1)}" if cpus <= pool else f"Numba's pool has {pool} threads"
+        why = (f"this process may use {cpus} CPU{'s' * (cpus > 1)}" if cpus <= pool
+               else f"Numba's pool has {pool} threads")
         warnings.warn(f"nprerank: {threads} threads asked for, but {why}; using {usable} "
                       "(more threads than CPUs spin against each other and run many times slower)", stacklevel=3)
         threads = usable

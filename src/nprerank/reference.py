@@ -19,7 +19,8 @@ import math
 import numpy as np
 
 from .config import ModelConfig
-from .weights import Classifier, Embeddings, Layer, LayerNorm, Linear, Weights, check_all_finite, embedding_rows, refuse_if_changed
+from .weights import (Classifier, Embeddings, Layer, LayerNorm, Linear, Weights, check_all_finite, embedding_rows,
+                      refuse_if_changed)
 
 
 def linear(x, p: Linear):
@@ -126,9 +127,12 @@ def pad(sequences: list, pad_token_id: int) -> tuple:
 class ReferenceModel:
     """The reference engine behind model.FastModel's call: [ids] * B -> [B] float32 logits."""
 
-    def __init__(self, weights: Weights, config: ModelConfig):
+    def __init__(self, weights: Weights, config: ModelConfig, threads: int | None = None):
+        from .model import set_threads  # NumPy's products run on OpenBLAS, whose threads it bounds
+
         check_all_finite(weights)  # as the fast engine does when it writes its layout
         self.weights, self.config = weights, config
+        self.threads = set_threads(threads)
 
     def __call__(self, sequences: list) -> np.ndarray:
         refuse_if_changed(self.weights)  # ModelError rather than stale or mixed weights

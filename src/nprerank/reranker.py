@@ -54,7 +54,7 @@ class Reranker:
 
             self.model = FastModel(weights, config, threads=threads)
         else:
-            self.model = reference.ReferenceModel(weights, config)
+            self.model = reference.ReferenceModel(weights, config, threads=threads)
 
     @classmethod
     def from_pretrained(cls, path="BAAI/bge-reranker-base", max_length: int | None = None, truncation: str | None = None,
@@ -69,7 +69,8 @@ class Reranker:
         library's default ("only_second" as FlagEmbedding for XLM-R, "longest_first" as
         sentence-transformers for BERT). ModelError for a folder or checkpoint we cannot run."""
         folder = resolve(path)
-        missing = [name for name in MODEL_FILES if not (folder / name).is_file()]
+        # exists(), not is_file(): a FIFO or a folder in its place is refused by its reader, by name
+        missing = [name for name in MODEL_FILES if not (folder / name).exists()]
         if missing:
             raise ModelError(f"{folder}: missing {', '.join(missing)} (a model folder needs {', '.join(MODEL_FILES)})")
         config = ModelConfig.from_json(folder / "config.json")
@@ -82,6 +83,9 @@ class Reranker:
         if tokenizer.kind != config.architecture.tokenizer:
             raise ModelError(f"{folder / 'tokenizer.json'}: a {tokenizer.kind} tokenizer, but "
                              f"{config.architecture_name} needs {config.architecture.tokenizer}")
+        if tokenizer.vocab_size > config.vocab_size:  # its ids would index past the embedding table
+            raise ModelError(f"{folder / 'tokenizer.json'}: token ids go up to {tokenizer.vocab_size - 1}, but "
+                             f"config.json's vocab_size is {config.vocab_size}; the two do not belong together")
         weights = load_weights(folder / "model.safetensors", config)
         return cls(config, weights, tokenizer, **options)
 

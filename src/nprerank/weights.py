@@ -20,6 +20,7 @@ Read next: reference.py, which uses these arrays step by step.
 """
 
 import json
+import math
 import mmap
 import os
 import re
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import ModelConfig, ModelError
+from .config import ModelConfig, ModelError, open_regular_file
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ class RowsOnDisk:
     def __init__(self, path: Path, offset: int, shape: tuple, dtype):
         self.path, self.offset, self.shape, self.dtype = path, offset, shape, np.dtype(dtype)
         self.row_bytes = shape[1] * self.dtype.itemsize
-        self.file = open(path, "rb")  # closed when the table is collected
+        self.file = open_regular_file(path)  # closed when the table is collected
 
     def __getitem__(self, ids) -> np.ndarray:
         ids = np.asarray(ids)  # [N]
@@ -210,6 +211,7 @@ def load_weights(path, config: ModelConfig) -> Weights:
     tensors = mapped.tensors
     for old, new in _OLD_NAMES.items():
         tensors = {(k[: -len(old)] + new if k.endswith(old) else k): v for k, v in tensors.items()}
+    _check_sizes(path, tensors, config)  # before _table, whose size follows num_hidden_layers
     table = _table(config)
     missing = [name for name in table if name not in tensors]
     if missing:
@@ -264,6 +266,27 @@ def load_weights(path, config: ModelConfig) -> Weights:
         stamp=mapped.stamp,
         prefix=config.architecture.prefix,
     )
+
+
+def _check_sizes(path: Path, tensors: dict, config: ModelConfig) -> None:
+    """Compare config.json's sizes with what the checkpoint holds, before anything is built from
+    them: an absurd value (num_hidden_layers 10**7, hidden_size 10**9) is refused at once, naming
+    the field and both values, instead of costing minutes and gigabytes before a shape mismatch."""
+    prefix = config.architecture.prefix  # "roberta" or "bert"
+    layers = {int(m.group(1)) for name in tensors if (m := re.match(rf"{prefix}\.encoder\.layer\.(\d+)\.", name))}
+    found = {"num_hidden_layers": max(layers, default=-1) + 1}
+    for name, fields in {word_embeddings_name(config): ("vocab_size", "hidden_size"),
+                         f"{prefix}.embeddings.position_embeddings.weight": ("max_position_embeddings", None),
+                         f"{prefix}.embeddings.token_type_embeddings.weight": ("type_vocab_size", None),
+                         f"{prefix}.encoder.layer.0.intermediate.dense.weight": ("intermediate_size", None)}.items():
+        if name in tensors:  # a missing one is reported by load_weights, by name
+            for field, size in zip(fields, tensors[name][0].shape):
+                if field:
+                    found[field] = size
+    for field, size in found.items():
+        if getattr(config, field) != size:
+            raise ModelError(f"{path}: config.json says {field} is {getattr(config, field)}, but the checkpoint "
+                             f"holds {size}; the two files do not belong together")
 
 
 def embedding_rows(table: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -344,7 +367,7 @@ class Mapped:
 def map_safetensors(path: Path) -> Mapped:
     """read_safetensors, keeping the map and where the data starts (layout.py checksums it)."""
     try:
-        with open(path, "rb") as f:
+        with open_regular_file(path) as f:  # a FIFO or a device is refused, not opened to block
             stamp = FileStamp.of(os.fstat(f.fileno()))  # of the very file mapped, not of its name later
             size = f.seek(0, 2)
             if size < 8:
@@ -356,12 +379,13 @@ def map_safetensors(path: Path) -> Mapped:
         raise ModelError(f"{path}: cannot read ({e})") from None
 
     header_size = int.from_bytes(buffer[:8], "little")
-    if header_size > size - 8:
-        raise ModelError(f"{path}: header claims {header_size} bytes but the file has {size}; truncated or not safetensors")
+    if header_size > min(size - 8, MAX_HEADER):
+        raise ModelError(f"{path}: header claims {header_size} bytes but the file has {size} (and safetensors allows "
+                         f"at most {MAX_HEADER}); truncated or not safetensors")
     try:
         header = json.loads(bytes(buffer[8 : 8 + header_size]))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelError(f"{path}: header is not valid JSON ({e}); the file is corrupt") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ModelError(f"{path}: header is not valid JSON ({type(e).__name__}: {str(e)[:100]}); the file is corrupt") from None
     if not isinstance(header, dict):
         raise ModelError(f"{path}: header is not a JSON object; the file is corrupt")
     metadata = header.pop("__metadata__", None) or {}
@@ -369,24 +393,50 @@ def map_safetensors(path: Path) -> Mapped:
         raise ModelError(f"{path}: header's __metadata__ is not a JSON object; the file is corrupt")
 
     data_start = 8 + header_size
-    tensors = {}
+    tensors, ranges = {}, []
     for name, info in header.items():
-        try:
-            dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise ModelError(f"{path}: header entry for {name} is malformed") from None
-        if dtype not in _DTYPES:
-            raise ModelError(f"{path}: {name} is stored as {dtype}; only F32, F16 and BF16 are supported")
-        itemsize = np.dtype(_DTYPES[dtype]).itemsize
-        if end - begin != itemsize * int(np.prod(shape)) or begin < 0:
-            raise ModelError(f"{path}: {name} byte range [{begin}, {end}) does not fit its shape {list(shape)}")
-        if data_start + end > size:
-            raise ModelError(f"{path}: {name} ends at byte {data_start + end} beyond the file's {size}; the file is truncated")
-        array = np.frombuffer(buffer, _DTYPES[dtype], int(np.prod(shape)), data_start + begin).reshape(shape)
+        dtype, shape, begin, end = _header_entry(path, name, info, size - data_start)
+        count = math.prod(shape)
+        array = np.frombuffer(buffer, _DTYPES[dtype], count, data_start + begin).reshape(shape)
         if not array.flags.aligned:
             array = array.copy()  # BLAS and Numba want aligned data; current writers align, old ones may not
         tensors[name] = (array, dtype, data_start + begin)
+        ranges.append((begin, end, name))
+    ranges.sort()
+    for (_, end, first), (begin, _, second) in zip(ranges, ranges[1:]):
+        if begin < end:  # two tensors sharing bytes: writing one would change the other
+            raise ModelError(f"{path}: the byte ranges of {first} and {second} overlap; the file is corrupt")
     return Mapped(tensors, metadata, buffer, data_start, stamp)
+
+
+MAX_HEADER = 100_000_000  # bytes: the safetensors format's own limit on the header
+
+
+def _header_entry(path: Path, name: str, info, data_size: int) -> tuple:
+    """(dtype, shape, begin, end) of one header entry, each checked: ModelError naming the file
+    and the tensor for anything a safetensors writer cannot have written."""
+    shown = name if len(name) <= 80 else name[:77] + "..."
+    if not isinstance(info, dict):
+        raise ModelError(f"{path}: header entry for {shown} is not an object; the file is corrupt")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str):
+        raise ModelError(f"{path}: {shown} has dtype {dtype!r:.40}, not a string; the file is corrupt")
+    if dtype not in _DTYPES:
+        raise ModelError(f"{path}: {shown} is stored as {dtype[:20]}; only F32, F16 and BF16 are supported")
+    if not isinstance(shape, list) or not all(_is_size(d) for d in shape):
+        raise ModelError(f"{path}: {shown} has shape {shape!r:.60}, not a list of integers >= 0; the file is corrupt")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_size(o) for o in offsets):
+        raise ModelError(f"{path}: {shown} has data_offsets {offsets!r:.60}, not two integers >= 0; the file is corrupt")
+    begin, end = offsets
+    if end - begin != np.dtype(_DTYPES[dtype]).itemsize * math.prod(shape):  # Python ints: no overflow
+        raise ModelError(f"{path}: {shown} byte range [{begin}, {end}) does not fit its shape {shape}")
+    if end > data_size:
+        raise ModelError(f"{path}: {shown} ends at byte {end} of the data, beyond its {data_size}; the file is truncated")
+    return dtype, tuple(shape), begin, end
+
+
+def _is_size(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _shortlist(names: list) -> str:

@@ -13,7 +13,7 @@ Read next: tokenizer.py, which joins the ids as `[CLS] q [SEP] p [SEP]`.
 import json
 from pathlib import Path
 
-from .config import ModelError
+from .config import ModelError, open_regular_file
 
 
 def tokenizer_kind(path) -> str:
@@ -21,8 +21,8 @@ def tokenizer_kind(path) -> str:
     naming the file if it cannot be read."""
     path = Path(path)
     try:
-        with open(path, encoding="utf-8") as f:
-            document = json.load(f)
+        with open_regular_file(path) as f:  # a FIFO in its place would block a plain open for ever
+            document = json.loads(f.read().decode("utf-8"))
     except FileNotFoundError:
         raise ModelError(f"{path}: tokenizer.json not found") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
