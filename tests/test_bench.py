@@ -39,7 +39,7 @@ def test_every_engine_is_measured_or_skipped_with_a_reason(report):
             assert state["reason"], name
     measured = {name for name, state in report["engines"].items() if state["status"] == "ok"}
     assert {"nprerank-fast", "nprerank-reference"} <= measured
-    assert set(report["workloads"]) == set(bench.WORKLOADS)
+    assert set(report["workloads"]) == set(bench.DEFAULT_WORKLOADS)
     for workload in report["workloads"].values():
         assert set(workload["results"]) == measured
 
@@ -162,7 +162,7 @@ def test_a_missing_engine_is_reported_as_skipped(tiny_model):
     (["--random", "--model", "x"], "not allowed with argument"),
     (["--model", "x", "--engines", "nprerank-fast,bogus"], "bogus not among"),
     (["--model", "x", "--threads", "0"], "expected an integer >= 1"),
-    ([], "one of the arguments --model --random is required"),
+    ([], "one of the arguments --model --random --random-shape is required"),
 ])
 def test_bad_input_gets_a_one_line_error(args, message):
     done = run_bench(*args)

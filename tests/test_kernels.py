@@ -84,24 +84,30 @@ def test_gelu32_matches_reference():
 
 
 @pytest.mark.parametrize("table_dtype", ["float32", "float16", "bfloat16"])
-def test_embeddings_forward_matches_reference(table_dtype):
+@pytest.mark.parametrize("architecture", ["XLMRobertaForSequenceClassification", "BertForSequenceClassification"])
+def test_embeddings_forward_matches_reference(table_dtype, architecture):
+    """Both numberings: RoBERTa's positions from pad + 1 (a typed "<pad>" skipped), BERT's from 0
+    with token type 1 after the first [SEP] (id 2 here, which also ends every sequence)."""
     rng = np.random.default_rng(3)
     C, vocab, pad = 24, 50, 1
     config = ModelConfig(vocab_size=vocab, hidden_size=C, num_attention_heads=4, max_position_embeddings=45,
-                         pad_token_id=pad)
+                         pad_token_id=pad, type_vocab_size=2, architecture_name=architecture)
     word = random(rng, vocab, C)
     if table_dtype == "float16":
         word = word.astype(np.float16)
     elif table_dtype == "bfloat16":
         word = (word.view(np.uint32) >> 16).astype(np.uint16)  # bf16 bits, as weights.py keeps them
-    p = Embeddings(word=word, position=random(rng, 45, C), token_type=random(rng, 1, C), norm=norm_params(rng, C))
+    p = Embeddings(word=word, position=random(rng, 45, C), token_type=random(rng, 2, C), norm=norm_params(rng, C))
     sequences = [[0] + list(rng.integers(1, vocab, n - 1)) for n in LENGTHS]  # id 1: a typed "<pad>"
-    want = reference.embeddings(reference.pad(sequences, pad)[0], p, config)  # [B, T, C]
+    sequences = [s[: len(s) // 2] + [2] + s[len(s) // 2 : -1] + [2] if len(s) > 2 else s for s in sequences]
+    want = reference.embeddings(*reference.pad(sequences, pad), p, config)  # [B, T, C]
     ids, offsets = pack(sequences, config)
     from nprerank.model import embeddings
 
     got = embeddings(ids, offsets, p, config)
-    assert_close(f"embeddings_forward ({table_dtype} table)", got, packed_from_padded(want, LENGTHS), atol=2e-5)
+    lengths = [len(s) for s in sequences]
+    assert_close(f"embeddings_forward ({table_dtype} table, {architecture})", got, packed_from_padded(want, lengths),
+                 atol=2e-5)
 
 
 # M: fewer rows than threads, a ragged last tile, more than PANEL_ROWS; K: more than DEPTH (sums of
@@ -173,6 +179,65 @@ def test_attention_forward_matches_reference(C, H):
     kernels.attention_forward(context, first, qkv, C, offsets, np.arange(B + 1), H, workspace)
     got_first = reference.linear(context, layer.attention_output)
     assert_close(f"attention_forward first tokens C={C} H={H}", got_first, want[offsets[:-1]], atol=2e-5)
+
+
+def naive_online_attention(q, k, v, block):
+    """The online softmax in plain NumPy, one query at a time and one block of keys at a time:
+    the twin of kernels._attend_block. q [Q, D], k and v [T, D] -> [Q, D]."""
+    scale = 1.0 / math.sqrt(q.shape[1])
+    out = np.zeros(q.shape)
+    for i in range(len(q)):
+        highest, total, acc = -np.inf, 0.0, np.zeros(q.shape[1])
+        for k0 in range(0, len(k), block):
+            scores = k[k0 : k0 + block] @ q[i]  # [block]
+            new_highest = max(highest, scores.max())
+            rescale = math.exp((highest - new_highest) * scale)  # 0 for the first block
+            e = np.exp((scores - new_highest) * scale)
+            total = total * rescale + e.sum()
+            acc = acc * rescale + e @ v[k0 : k0 + block]
+            highest = new_highest
+        out[i] = acc / total
+    return out
+
+
+@pytest.mark.parametrize("T", [kernels.KEY_BLOCK, kernels.KEY_BLOCK + 1, 2 * kernels.KEY_BLOCK + 37])
+def test_attention_over_several_key_blocks(T):
+    """Sequences longer than a block of keys go through the online softmax. A key in the last
+    block matches some queries strongly, so their running max rises late and what was summed
+    before must be rescaled. Kernel, naive twin and the exact softmax (float64) agree."""
+    H, D = 2, 24
+    C = H * D
+    rng = np.random.default_rng(T)
+    lengths = [T, 5]
+    N = sum(lengths)
+    qkv = random(rng, N, 3 * C)
+    qkv[T - 1, C : 2 * C] *= 4  # a late, large key
+    qkv[: T // 3, :C] += qkv[T - 1, C : 2 * C]  # queries that point at it
+    offsets = offsets_of(lengths)
+    context = np.empty((N, C), dtype=np.float32)
+    kernels.attention_forward(context, qkv, qkv, C, offsets, offsets, H,
+                              kernels.make_workspace(2, kernels.attention_floats(offsets, offsets, D)))
+    for b, h in [(0, 0), (0, 1), (1, 1)]:
+        rows, columns = slice(offsets[b], offsets[b + 1]), slice(h * D, (h + 1) * D)
+        q, k, v = (qkv[rows, part * C :][:, columns].astype(np.float64) for part in range(3))
+        exact = reference.softmax(q @ k.T / math.sqrt(D)) @ v  # [T, D], float64
+        if b == 0 and h == 0:  # the twin is slow: a sample of the queries
+            sample = np.r_[0:4, T // 3 - 2 : T // 3 + 2, T - 3 : T]
+            twin = naive_online_attention(q[sample], k, v, kernels.KEY_BLOCK)
+            assert_close(f"naive online softmax T={T}", twin, exact[sample], atol=1e-9)
+        assert_close(f"attention_forward T={T} sequence {b} head {h}", context[rows, columns], exact, atol=2e-5)
+
+
+def test_attention_memory_grows_linearly_with_length():
+    """A thread's attention scratch is O(T): keys and values, not a [T, T] matrix (issue 13)."""
+    D = 64
+
+    def floats(T):
+        offsets = np.array([0, T], dtype=np.int64)
+        return kernels.attention_floats(offsets, offsets, D)
+
+    assert floats(8192) <= 2 * floats(4096) + kernels.SCRATCH_ALIGN * 8
+    assert floats(8192) * 4 < 8 * 1024 * 1024  # under 8 MB per thread at 8192 tokens (T^2 alone: 256 MB)
 
 
 def test_a_too_small_workspace_is_refused_before_the_region():

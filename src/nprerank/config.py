@@ -13,6 +13,8 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from .architectures import ARCHITECTURES, Architecture
+
 
 FLOAT32_TINY, FLOAT32_MAX = 1.1754943508222875e-38, 3.4028234663852886e38  # float32's normal range
 
@@ -61,6 +63,12 @@ class ModelConfig:
     type_vocab_size: int = 1  # token-type rows; XLM-R uses only type 0
     layer_norm_eps: float = 1e-5
     pad_token_id: int = 1  # also RoBERTa's padding_idx for positions
+    architecture_name: str = "XLMRobertaForSequenceClassification"  # config.json's `architectures` entry
+
+    @property
+    def architecture(self) -> Architecture:
+        """What differs between XLM-R and BERT cross-encoders (architectures.py)."""
+        return ARCHITECTURES[self.architecture_name]
 
     @property
     def head_size(self) -> int:
@@ -69,12 +77,13 @@ class ModelConfig:
     @property
     def max_tokens(self) -> int:
         # RoBERTa numbers real tokens from padding_idx + 1, so the first padding_idx + 1 rows of
-        # the position table are never used by a real token.
-        return self.max_position_embeddings - self.pad_token_id - 1
+        # the position table are never used by a real token; BERT numbers them from 0.
+        return self.max_position_embeddings - self.architecture.position_offset(self.pad_token_id)
 
     @property
     def default_max_length(self) -> int:
         # 512, the length bge-reranker-base was trained at, unless the position table is shorter
+        # (default_max_length() below also reads the tokenizer's model_max_length)
         return min(512, self.max_tokens)
 
     @classmethod
@@ -96,8 +105,10 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, raw: dict, source: str = "config") -> "ModelConfig":
         _refuse_unsupported(raw, source)
-        values = {}
+        values = {"architecture_name": _architecture(raw, source).name}
         for name, field in cls.__dataclass_fields__.items():
+            if name in values:
+                continue
             value = raw.get(name, field.default)
             kind = float if field.type in (float, "float") else int
             smallest = 0 if name == "pad_token_id" else 1e-12
@@ -114,6 +125,9 @@ class ModelConfig:
                 f"{source}: hidden_size {config.hidden_size} is not divisible by "
                 f"num_attention_heads {config.num_attention_heads}"
             )
+        if config.type_vocab_size < config.architecture.segments:
+            raise ModelError(f"{source}: type_vocab_size {config.type_vocab_size} is too small: "
+                             f"{config.architecture_name} gives query and passage {config.architecture.segments} token types")
         if config.max_tokens < 4:
             raise ModelError(f"{source}: max_position_embeddings {config.max_position_embeddings} leaves no room for a pair")
         return config
@@ -127,16 +141,24 @@ _REQUIRED = {
 }
 
 
-def _refuse_unsupported(raw: dict, source: str) -> None:
+def _architecture(raw: dict, source: str) -> Architecture:
+    """The Architecture config.json names (XLM-R when it names none, as older checkpoints)."""
     architectures = raw.get("architectures") or ["XLMRobertaForSequenceClassification"]
-    if architectures != ["XLMRobertaForSequenceClassification"] and architectures != ["RobertaForSequenceClassification"]:
+    if not isinstance(architectures, list) or len(architectures) != 1 or architectures[0] not in ARCHITECTURES:
         raise ModelError(
             f"{source}: architectures is {architectures!r}; nprerank runs "
-            "XLMRobertaForSequenceClassification cross-encoders only"
+            f"{' and '.join(sorted(set(a.name for a in ARCHITECTURES.values())))} cross-encoders only"
         )
-    model_type = raw.get("model_type", "xlm-roberta")
-    if model_type not in ("xlm-roberta", "roberta"):
-        raise ModelError(f"{source}: model_type {model_type!r} is not supported (expected 'xlm-roberta')")
+    architecture = ARCHITECTURES[architectures[0]]
+    model_type = raw.get("model_type", architecture.model_types[0])
+    if model_type not in architecture.model_types:
+        raise ModelError(f"{source}: model_type {model_type!r} does not go with {architectures[0]} "
+                         f"(expected {' or '.join(map(repr, architecture.model_types))})")
+    return architecture
+
+
+def _refuse_unsupported(raw: dict, source: str) -> None:
+    _architecture(raw, source)
     for name, wanted in _REQUIRED.items():
         value = raw.get(name, wanted)
         if value != wanted:
@@ -146,3 +168,28 @@ def _refuse_unsupported(raw: dict, source: str) -> None:
         raise ModelError(f"{source}: num_labels/id2label gives {labels} labels; a reranker has exactly 1")
     if raw.get("is_decoder") or raw.get("add_cross_attention"):
         raise ModelError(f"{source}: decoder/cross-attention configs are not supported")
+
+
+def default_max_length(config: ModelConfig, tokenizer_config) -> int:
+    """Tokens per pair when the caller names none: min(512, the tokenizer's model_max_length, the
+    positions the model can use).
+
+    The rule, and whom it follows:
+    - FlagEmbedding's FlagReranker (bge-reranker-base, -large, -v2-m3) cuts every pair to its
+      `max_length` argument, 512 by default, whatever the model (BaseReranker.__init__);
+      bge-reranker-v2-m3's 8192 positions are used only when asked (`max_length=8192`).
+    - sentence-transformers' CrossEncoder (the ms-marco MiniLM models) with no max_length lets
+      the tokenizer cut at its model_max_length from tokenizer_config.json (512 for MiniLM; 512
+      for bge-reranker-base/-large, 8192 for -v2-m3), as transformers' `truncation=True` does.
+    Both give 512 for all five models named in docs/models.md; the tokenizer's model_max_length
+    and the position table only ever lower it. A missing or unreadable tokenizer_config.json
+    (or transformers' "no limit" value, 1e30) leaves 512.
+    """
+    limit = min(512, config.max_tokens)
+    try:
+        value = json.loads(Path(tokenizer_config).read_text(encoding="utf-8")).get("model_max_length")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return limit
+    if isinstance(value, int) and not isinstance(value, bool) and value > 5:
+        limit = min(limit, value)
+    return limit

@@ -152,7 +152,7 @@ def _fetch(repo_id: str, revision: str | None, cache_dir, local_dir, asked_to_do
     if missing:
         raise ModelError(
             f"{repo_id} has no {', '.join(missing)}; nprerank needs {', '.join(REQUIRED_FILES)} "
-            "(a bge-reranker-style XLM-RoBERTa cross-encoder saved in safetensors)"
+            "(an XLM-RoBERTa or BERT cross-encoder, as docs/models.md lists, saved in safetensors)"
         )
     from huggingface_hub import hf_hub_download
 

@@ -174,26 +174,20 @@ def gelu32(x):
 
 
 @parallel_kernel
-def embeddings_forward(out, word, position, token_type, norm_weight, norm_bias, ids, offsets, pad_token_id, eps):
-    """reference.embeddings over a packed batch: LN(word + position + token_type[0]).
+def embeddings_forward(out, word, position, token_type, norm_weight, norm_bias, position_ids, token_type_ids, eps):
+    """reference.embeddings over a packed batch: LN(word + position[position_ids] + token_type[token_type_ids]).
 
     out [N, C]; word [N, C] the gathered word rows (may be `out`); position [P, C]; token_type
-    [types, C]; ids [N]; offsets [B+1]. Positions restart in every sequence at pad_token_id + 1,
-    as RoBERTa numbers tokens (reference.position_ids). A packed batch has no padding, but a
-    "<pad>" typed in a text is id pad_token_id too: like transformers, it gets position
-    pad_token_id and does not advance the count.
+    [types, C]; position_ids and token_type_ids [N], numbered per sequence as the architecture
+    says (model.embedding_ids: RoBERTa's positions from pad_token_id + 1, BERT's from 0 and its
+    two segments). Row by row: the rows are independent.
     """
-    B = offsets.shape[0] - 1
-    C = out.shape[1]
-    for b in prange(B):
-        counted = pad_token_id
-        for n in range(offsets[b], offsets[b + 1]):
-            if ids[n] != pad_token_id:
-                counted += 1
-            row = counted if ids[n] != pad_token_id else pad_token_id
-            for c in range(C):
-                out[n, c] = word[n, c] + position[row, c] + token_type[0, c]
-            _layer_norm_row(out, n, norm_weight, norm_bias, eps)
+    N, C = out.shape
+    for n in prange(N):
+        row, kind = position_ids[n], token_type_ids[n]
+        for c in range(C):
+            out[n, c] = word[n, c] + position[row, c] + token_type[kind, c]
+        _layer_norm_row(out, n, norm_weight, norm_bias, eps)
 
 
 @kernel
@@ -445,11 +439,19 @@ def _check_workspace(workspace, floats):
         raise ValueError("the workspace is too small for this batch")
 
 
+QUERY_BLOCK = 8 * TILE_ROWS  # queries attended together: their scores are [QUERY_BLOCK, KEY_BLOCK]
+KEY_BLOCK = 512  # keys per block of the online softmax (a multiple of PANEL); most pairs fit in one
+
+
 @kernel
 def _attention_sizes(T, count, D):
-    """Floats of (zeros, keys, values, scores, totals, out) for an item of T keys and count queries."""
+    """Floats of (zeros, keys, values, scores, row state, out, block out) for an item of T keys
+    and count queries. Only keys and values grow with T (2 T D floats); the scores of a block of
+    queries against a block of keys are the largest square part: no [T, T] matrix is ever made."""
     span, head_width = -(-T // PANEL) * PANEL, -(-D // PANEL) * PANEL
-    return max(span, head_width), span * D, head_width * T, count * span, count, count * head_width
+    rows, columns = min(count, QUERY_BLOCK), min(span, KEY_BLOCK)
+    return (max(columns, head_width), span * D, head_width * span, rows * columns, 2 * rows, rows * head_width,
+            rows * head_width)
 
 
 @kernel
@@ -467,23 +469,28 @@ def attention_floats(offsets, query_offsets, D):
 
 @kernel
 def _attention_scratch(scratch, T, count, D):
-    """Views into one thread's workspace row: zeros [max(span, Dp)], keys [span / PANEL, D,
-    PANEL], values [Dp / PANEL, T, PANEL], scores [count, span], totals [count], out [count, Dp]
-    (span, Dp: T, D rounded up to whole panels). Views only: nothing is allocated."""
+    """Views into one thread's workspace row: zeros [max(KEY_BLOCK, Dp)], keys [span / PANEL, D,
+    PANEL], values [Dp * span] (one [Dp / PANEL, block, PANEL] array per block of keys, back to
+    back), scores [rows, columns], highest and total [rows] (the online softmax's running max and
+    sum), out and block_out [rows, Dp] (span, Dp: T, D rounded up to whole panels; rows, columns:
+    a block of queries and of keys). Views only: nothing is allocated."""
     span, head_width = -(-T // PANEL) * PANEL, -(-D // PANEL) * PANEL
-    zeros_size, keys_size, values_size, scores_size, totals_size, out_size = _attention_sizes(T, count, D)
+    rows, columns = min(count, QUERY_BLOCK), min(span, KEY_BLOCK)
+    zeros_size, keys_size, values_size, scores_size, state_size, out_size, _ = _attention_sizes(T, count, D)
     at = _aligned(zeros_size)  # where the next buffer starts
     zeros = scratch[:zeros_size]
     keys = scratch[at : at + keys_size].reshape((span // PANEL, D, PANEL))
     at += _aligned(keys_size)
-    values = scratch[at : at + values_size].reshape((head_width // PANEL, T, PANEL))
+    values = scratch[at : at + values_size]
     at += _aligned(values_size)
-    scores = scratch[at : at + scores_size].reshape((count, span))
+    scores = scratch[at : at + scores_size].reshape((rows, columns))
     at += _aligned(scores_size)
-    totals = scratch[at : at + totals_size]
-    at += _aligned(totals_size)
-    out = scratch[at : at + out_size].reshape((count, head_width))
-    return zeros, keys, values, scores, totals, out
+    highest, total = scratch[at : at + rows], scratch[at + rows : at + 2 * rows]
+    at += _aligned(state_size)
+    out = scratch[at : at + out_size].reshape((rows, head_width))
+    at += _aligned(out_size)
+    block_out = scratch[at : at + out_size].reshape((rows, head_width))
+    return zeros, keys, values, scores, highest, total, out, block_out
 
 
 @kernel
@@ -536,52 +543,111 @@ def _attention_items(context, queries, qkv, width, offsets, query_offsets, H, sc
     in its own row of the workspace, `scratch`."""
     C = context.shape[1]
     D = C // H
-    head_width = -(-D // PANEL) * PANEL  # D rounded up to whole panels
     query, key, value = queries[:, :C], qkv[:, width : width + C], qkv[:, 2 * width : 2 * width + C]
-    scale = f32(1.0 / math.sqrt(D))
     B = offsets.shape[0] - 1
     item = take(taken)
     while item < B * H:
         b, h = item // H, item % H
         start, T = offsets[b], offsets[b + 1] - offsets[b]
         first, count = query_offsets[b], query_offsets[b + 1] - query_offsets[b]
-        span = -(-T // PANEL) * PANEL  # T rounded up to whole panels
-        zeros, keys, values, scores, totals, out = _attention_scratch(scratch, T, count, D)
-        zeros[:] = 0  # no bias
-        keys[:] = 0  # k^T [D, T] in panels, zero-padded
-        values[:] = 0  # v [T, D] in panels, zero-padded
-        for t in range(T):
-            for d in range(D):
-                keys[t // PANEL, d, t % PANEL] = key[start + t, h * D + d]
-        for q in range(head_width // PANEL):
-            for t in range(T):
-                for j in range(min(PANEL, D - q * PANEL)):
-                    values[q, t, j] = value[start + t, h * D + q * PANEL + j]
-        _panels_product(scores, query[first : first + count, h * D : h * D + D], keys, zeros, 0, span // PANEL)
-        for i in range(count):
-            totals[i] = _softmax_numerators(scores[i, :T], scale)
-        _panels_product(out, scores[:, :T], values, zeros, 0, head_width // PANEL)
-        for i in range(count):
-            norm = ONE / totals[i]
-            for d in range(D):
-                context[first + i, h * D + d] = out[i, d] * norm
+        zeros, keys, values, scores, highest, total, out, block_out = _attention_scratch(scratch, T, count, D)
+        _head_panels(zeros, keys, values, key, value, start, T, h * D)
+        for q0 in range(0, count, QUERY_BLOCK):
+            rows = min(QUERY_BLOCK, count - q0)
+            _attend_block(context[first + q0 : first + q0 + rows], query[first + q0 : first + q0 + rows], h * D,
+                          keys, values, T, zeros, scores[:rows], highest[:rows], total[:rows], out[:rows],
+                          block_out[:rows])
         item = take(taken)
 
 
 @kernel
-def _softmax_numerators(x, scale):
-    """x = exp((x - max(x)) * scale) in place, returning the sum: reference.softmax(x * scale)
-    before its division. Subtracting the max keeps every exp <= 1 (numerical stability) and
-    changes nothing else."""
-    highest = x[0]
-    for j in range(1, x.shape[0]):
-        highest = max(highest, x[j])
+def _head_panels(zeros, keys, values, key, value, start, T, column):
+    """Copy one head's keys and values (columns column : column + D of rows start : start + T)
+    into panels for `_tile`, zero-padded to whole panels: keys as k^T [span / PANEL, D, PANEL];
+    values block by block, each block of KEY_BLOCK keys a [Dp / PANEL, its keys, PANEL] array,
+    so that the product with a block's probabilities reads one contiguous array."""
+    D = keys.shape[1]
+    head_width = -(-D // PANEL) * PANEL
+    zeros[:] = 0  # no bias
+    keys[:] = 0
+    values[:] = 0
+    for t in range(T):
+        for d in range(D):
+            keys[t // PANEL, d, t % PANEL] = key[start + t, column + d]
+    span = keys.shape[0] * PANEL
+    for k0 in range(0, span, KEY_BLOCK):
+        block = _value_block(values, k0, span, head_width)
+        for q in range(head_width // PANEL):
+            for t in range(k0, min(T, k0 + KEY_BLOCK)):
+                for j in range(min(PANEL, D - q * PANEL)):
+                    block[q, t - k0, j] = value[start + t, column + q * PANEL + j]
+
+
+@kernel
+def _value_block(values, k0, span, head_width):
+    """The [Dp / PANEL, columns, PANEL] view of the values of the key block starting at k0."""
+    columns = min(KEY_BLOCK, span - k0)
+    return values[k0 * head_width : (k0 + columns) * head_width].reshape((head_width // PANEL, columns, PANEL))
+
+
+@kernel
+def _exponentials(x, highest, scale):
+    """x = exp((x - highest) * scale) in place, returning their sum. Each is <= 1: the max was
+    subtracted (numerical stability). Locals only in the loop, so LLVM can vectorise it (the
+    running max and sum live in the same workspace as x, which it cannot prove apart)."""
     total = f32(0.0)
     for j in range(x.shape[0]):
         e = exp32((x[j] - highest) * scale)
         x[j] = e
         total += e
     return total
+
+
+@kernel
+def _attend_block(context, query, column, keys, values, T, zeros, scores, highest, total, out, block_out):
+    """context[:, column : column + D] = softmax(q k^T / sqrt(D)) v for a block of queries, over
+    the keys a block at a time with an online softmax (Milakov & Gimelshein 2018, as in
+    FlashAttention): each row keeps its running max and sum of exponentials, and when a later
+    block holds a larger score, what was summed so far is scaled by exp(old max - new max).
+    Memory is a [rows, KEY_BLOCK] block of scores whatever T; with one block of keys (T <=
+    KEY_BLOCK, most pairs) this is exactly reference.softmax's arithmetic. The division by the
+    sum is done at the end, on D values per query instead of T."""
+    rows, D = query.shape[0], keys.shape[1]
+    head_width = out.shape[1]
+    span = keys.shape[0] * PANEL
+    scale = f32(1.0 / math.sqrt(D))
+    q = query[:, column : column + D]
+    for k0 in range(0, span, KEY_BLOCK):
+        columns = min(KEY_BLOCK, span - k0)  # a whole number of panels
+        real = min(columns, T - k0)  # the padded keys past T get no weight
+        _panels_product(scores, q, keys[k0 // PANEL : (k0 + columns) // PANEL], zeros, 0, columns // PANEL)
+        target = out if k0 == 0 else block_out
+        for i in range(rows):
+            block_highest = scores[i, 0]
+            for j in range(1, real):
+                block_highest = max(block_highest, scores[i, j])
+            if k0 == 0:
+                highest[i] = block_highest
+                total[i] = f32(0.0)
+            elif block_highest > highest[i]:
+                rescale = exp32((highest[i] - block_highest) * scale)  # the earlier blocks' exponentials shrink
+                total[i] *= rescale
+                for d in range(head_width):
+                    out[i, d] *= rescale
+                highest[i] = block_highest
+            total[i] += _exponentials(scores[i, :real], highest[i], scale)
+            for j in range(real, columns):
+                scores[i, j] = f32(0.0)
+        _panels_product(target, scores[:, :columns], _value_block(values, k0, span, head_width), zeros, 0,
+                        head_width // PANEL)
+        if k0 > 0:
+            for i in range(rows):
+                for d in range(head_width):
+                    out[i, d] += block_out[i, d]
+    for i in range(rows):
+        norm = ONE / total[i]
+        for d in range(D):
+            context[i, column + d] = out[i, d] * norm
 
 
 @parallel_kernel

@@ -16,7 +16,10 @@ What differs, and why:
   weight); attention; and all the rest, which works row by row (kernels.output_feed_forward).
   Waking Numba's sleeping threads for a parallel region costs ~100 us, so all layers but the
   last run in one region (kernels.encoder_layers), the threads meeting at spin barriers between
-  the steps.
+  the steps; in groups of 11, 5 or 1 layers for deeper or shallower models (GROUP_SIZES: each
+  group size is compiled once, whatever the model's depth).
+- Position and token-type ids are numbered per sequence by the architecture (embedding_ids:
+  XLM-R's or BERT's, architectures.py), the one place the two differ before the head.
 - The last layer computes queries, attention output and feed-forward for each sequence's first
   token only: the classification head reads nothing else (keys and values still cover all).
 - Safe to call from several Python threads: one forward pass at a time in the process
@@ -103,9 +106,23 @@ def pack(sequences: list, config: ModelConfig) -> tuple:
 def embeddings(ids, offsets, p: Embeddings, config: ModelConfig):
     x = embedding_rows(p.word, ids)  # [N, C], a fresh fp32 array whatever the table's dtype
     x = np.ascontiguousarray(x, dtype=np.float32)
-    kernels.embeddings_forward(x, x, p.position, p.token_type, p.norm.weight, p.norm.bias, ids, offsets,
-                               config.pad_token_id, np.float32(config.layer_norm_eps))
+    position_ids, token_type_ids = embedding_ids(ids, offsets, config)  # [N], [N]
+    kernels.embeddings_forward(x, x, p.position, p.token_type, p.norm.weight, p.norm.bias, position_ids,
+                               token_type_ids, np.float32(config.layer_norm_eps))
     return x  # [N, C]
+
+
+def embedding_ids(ids, offsets, config: ModelConfig) -> tuple:
+    """Packed ids [N] -> (position ids [N], token type ids [N]): the architecture's own numbering
+    (architectures.py, the same functions reference.embeddings calls), sequence by sequence."""
+    architecture = config.architecture
+    positions, types = np.empty(len(ids), dtype=np.int64), np.empty(len(ids), dtype=np.int64)
+    for start, stop in zip(offsets[:-1], offsets[1:]):
+        sequence = ids[None, start:stop]  # [1, T]
+        mask = np.ones(sequence.shape, dtype=np.int64)  # a packed sequence has no padding
+        positions[start:stop] = architecture.position_ids(sequence, mask, config.pad_token_id)[0]
+        types[start:stop] = architecture.token_type_ids(sequence, mask)[0]
+    return positions, types
 
 
 def encoder_layer(x, offsets, p: Layer, m: LayerMatrices, buffers, config: ModelConfig, first_tokens_only: bool = False):
@@ -159,6 +176,24 @@ def classification_head(first, p: Classifier):
     return logits
 
 
+# Layers per kernels.encoder_layers call. Its weights come as tuples, one array per layer, and
+# Numba compiles it anew for every tuple length, which grows with the length (a 23-tuple for
+# bge-reranker-large took over ten minutes on a busy host). So layers go in groups of these
+# sizes only: 11 (bge-reranker-base's 12 layers less the last), 5 (MiniLM-L-6) and 1; compiled
+# once each and cached, whatever the depth. A group is a region: one thread wake-up (~0.1 ms).
+GROUP_SIZES = (11, 5, 1)
+
+
+def layer_groups(layers: list) -> list:
+    """layers -> consecutive groups with sizes from GROUP_SIZES, largest first (23 = 11 + 11 + 1)."""
+    groups, start = [], 0
+    while start < len(layers):
+        size = next(size for size in GROUP_SIZES if size <= len(layers) - start)
+        groups.append(layers[start : start + size])
+        start += size
+    return groups
+
+
 def forward(ids, offsets, weights: Weights, matrices: list, config: ModelConfig):
     """Packed ids [N] with offsets [B+1] -> [B] logits. matrices: layout.gemm_weights(weights)."""
     N, B = len(ids), len(offsets) - 1
@@ -176,7 +211,8 @@ def forward(ids, offsets, weights: Weights, matrices: list, config: ModelConfig)
     x = embeddings(ids, offsets, weights.embeddings, config)  # [N, C]
     *layers, last = zip(weights.layers, matrices)
     if layers and ONE_REGION:
-        encoder_layers(x, offsets, layers, buffers, config)
+        for group in layer_groups(layers):
+            encoder_layers(x, offsets, group, buffers, config)
     else:
         for layer, layer_matrices in layers:
             x = encoder_layer(x, offsets, layer, layer_matrices, buffers, config)

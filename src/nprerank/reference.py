@@ -3,7 +3,10 @@
 One function per step of the maths, weights passed in explicitly, a shape on every line. This is
 the text to read to learn how the cross-encoder works, and the oracle the fast path (kernels.py,
 model.py) is tested against. It follows transformers' `XLMRobertaForSequenceClassification`
-(eager attention, fp32, inference) and must match its logits to 1e-4.
+(eager attention, fp32, inference) and `BertForSequenceClassification` (the ms-marco MiniLM
+cross-encoders), and must match their logits to 1e-4. The two differ only in position ids, token
+types and checkpoint names: `embeddings` takes the first two from config.architecture
+(architectures.py); the rest is one forward.
 
 Legend:  B pairs in a batch, T tokens in the longest pair, C hidden size (768), H heads (12),
          D head size (C / H = 64), F feed-forward width (3072).
@@ -50,18 +53,15 @@ def softmax(x):
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def position_ids(input_ids, pad_token_id: int):
-    # RoBERTa numbers real tokens pad_token_id + 1, pad_token_id + 2, ...; pads get pad_token_id.
-    # (transformers' create_position_ids_from_input_ids)
-    mask = (input_ids != pad_token_id).astype(np.int64)  # [B, T]
-    return np.cumsum(mask, axis=1) * mask + pad_token_id  # [B, T]
-
-
-def embeddings(input_ids, p: Embeddings, config: ModelConfig):
+def embeddings(input_ids, attention_mask, p: Embeddings, config: ModelConfig):
+    architecture = config.architecture  # XLM-R or BERT: how positions and token types are numbered
     word = embedding_rows(p.word, input_ids.ravel()).reshape(*input_ids.shape, -1)  # [B, T, C]
-    position = p.position[position_ids(input_ids, config.pad_token_id)]  # [B, T, C]
-    token_type = p.token_type[0]  # [C]; XLM-R has one segment, every token is type 0
+    position = p.position[architecture.position_ids(input_ids, attention_mask, config.pad_token_id)]  # [B, T, C]
+    token_type = p.token_type[architecture.token_type_ids(input_ids, attention_mask)]  # [B, T, C]
     return layer_norm(word + position + token_type, p.norm, config.layer_norm_eps)  # [B, T, C]
+
+
+QUERY_BLOCK = 512  # queries whose scores attention() holds at once
 
 
 def attention(x, padding, p: Layer, config: ModelConfig):
@@ -74,10 +74,15 @@ def attention(x, padding, p: Layer, config: ModelConfig):
     query = heads(linear(x, p.query))  # [B, H, T, D]
     key = heads(linear(x, p.key))  # [B, H, T, D]
     value = heads(linear(x, p.value))  # [B, H, T, D]
-    scores = query @ key.transpose(0, 1, 3, 2) / np.float32(math.sqrt(D))  # [B, H, T, T]
     # padded keys get the most negative float, so they receive zero weight (transformers' eager mask)
-    scores = scores + np.where(padding, np.finfo(np.float32).min, np.float32(0))[:, None, None, :]
-    context = softmax(scores) @ value  # [B, H, T, D]
+    mask = np.where(padding, np.finfo(np.float32).min, np.float32(0))[:, None, None, :]  # [B, 1, 1, T]
+    context = np.empty_like(query)  # [B, H, T, D]
+    # QUERY_BLOCK queries at a time: each row's softmax is whole, but the scores held are
+    # [B, H, QUERY_BLOCK, T], not [B, H, T, T] (16 heads x 8192^2 floats would be 4.3 GB)
+    for start in range(0, T, QUERY_BLOCK):
+        rows = slice(start, start + QUERY_BLOCK)
+        scores = query[:, :, rows] @ key.transpose(0, 1, 3, 2) / np.float32(math.sqrt(D))  # [B, H, rows, T]
+        context[:, :, rows] = softmax(scores + mask) @ value  # [B, H, rows, D]
     context = context.transpose(0, 2, 1, 3).reshape(B, T, C)  # [B, T, C]
     return linear(context, p.attention_output)  # [B, T, C]
 
@@ -93,7 +98,8 @@ def encoder_layer(x, padding, p: Layer, config: ModelConfig):
 
 
 def classification_head(x, p: Classifier):
-    first = x[:, 0]  # [B, C]: the <s> token stands for the whole pair
+    # XLM-R's classifier.dense/out_proj and BERT's pooler + classifier are the same maths
+    first = x[:, 0]  # [B, C]: the <s> ([CLS]) token stands for the whole pair
     return linear(np.tanh(linear(first, p.dense)), p.out_proj)[:, 0]  # [B, C] -> [B, C] -> [B]
 
 
@@ -102,7 +108,7 @@ def forward(input_ids, attention_mask, weights: Weights, config: ModelConfig):
     # The mask, not the pad id, says what is padding: a literal "<pad>" typed in a text is token 1
     # too, and transformers attends to it (though position_ids skips it, as it does here).
     padding = attention_mask == 0  # [B, T]
-    x = embeddings(input_ids, weights.embeddings, config)  # [B, T, C]
+    x = embeddings(input_ids, attention_mask, weights.embeddings, config)  # [B, T, C]
     for layer in weights.layers:
         x = encoder_layer(x, padding, layer, config)  # [B, T, C]
     return classification_head(x, weights.classifier)  # [B]

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import reference
-from .config import ModelConfig, ModelError
+from .config import ModelConfig, ModelError, default_max_length
 from .hub import resolve
 from .tokenizer import SPECIAL_TOKENS_IN_PAIR, TRUNCATIONS, PairTokenizer, check_pairs, check_text
 from .weights import load_weights
@@ -42,7 +42,8 @@ class Reranker:
                  batch_size: int = 32, max_batch_tokens: int = 2048, long_documents: str = "truncate",
                  chunk_overlap: int = 32, max_windows: int = 16, threads: int | None = None):
         _check_int("batch_size", batch_size)
-        _check_int("max_batch_tokens", max_batch_tokens, minimum=tokenizer.max_length)
+        # any budget works: a sequence longer than it is a batch of its own (run), never a refusal
+        _check_int("max_batch_tokens", max_batch_tokens)
         _check_int("chunk_overlap", chunk_overlap, minimum=0)
         _check_int("max_windows", max_windows)
         if long_documents not in LONG_DOCUMENTS:
@@ -66,10 +67,17 @@ class Reranker:
             self.model = reference.ReferenceModel(weights, config, threads=threads)
 
     @classmethod
-    def from_pretrained(cls, path="BAAI/bge-reranker-base", max_length: int | None = None, truncation: str = "only_second",
+    def from_pretrained(cls, path="BAAI/bge-reranker-base", max_length: int | None = None, truncation: str | None = None,
                         query_max_length: int | None = None, **options) -> "Reranker":
-        """Load a bge-reranker-base folder (config.json, tokenizer.json, model.safetensors), or a
-        Hugging Face repo id: found in the Hugging Face cache, else downloaded (hub.py)."""
+        """Load a model folder (config.json, tokenizer.json, model.safetensors), or a Hugging Face
+        repo id: found in the Hugging Face cache, else downloaded (hub.py). docs/models.md lists
+        the models: bge-reranker-base, -large, -v2-m3 (XLM-RoBERTa) and the ms-marco MiniLM
+        cross-encoders (BERT).
+
+        max_length None: config.default_max_length's rule (512 for all of them, lowered by the
+        tokenizer's model_max_length or the position table). truncation None: the architecture's
+        library's default ("only_second" as FlagEmbedding for XLM-R, "longest_first" as
+        sentence-transformers for BERT). ModelError for a folder or checkpoint we cannot run."""
         folder = resolve(check_text("path", path) if isinstance(path, str) else path)
         # exists(), not is_file(): a FIFO or a folder in its place is refused by its reader, by name
         missing = [name for name in MODEL_FILES if not (folder / name).exists()]
@@ -77,10 +85,14 @@ class Reranker:
             raise ModelError(f"{folder}: missing {', '.join(missing)} (a model folder needs {', '.join(MODEL_FILES)})")
         config = ModelConfig.from_json(folder / "config.json")
         if max_length is None:
-            max_length = config.default_max_length
+            max_length = default_max_length(config, folder / "tokenizer_config.json")
         elif isinstance(max_length, int) and max_length > config.max_tokens:
             raise ValueError(f"max_length {max_length} exceeds the model's {config.max_tokens} usable positions")
+        truncation = config.architecture.truncation if truncation is None else truncation
         tokenizer = PairTokenizer(folder / "tokenizer.json", max_length, truncation, query_max_length)
+        if tokenizer.kind != config.architecture.tokenizer:
+            raise ModelError(f"{folder / 'tokenizer.json'}: a {tokenizer.kind} tokenizer, but "
+                             f"{config.architecture_name} needs {config.architecture.tokenizer}")
         if tokenizer.vocab_size > config.vocab_size:  # its ids would index past the embedding table
             raise ModelError(f"{folder / 'tokenizer.json'}: token ids go up to {tokenizer.vocab_size - 1}, but "
                              f"config.json's vocab_size is {config.vocab_size}; the two do not belong together")
@@ -227,7 +239,8 @@ class Reranker:
         start = 0
         while start < len(order):
             longest = len(sequences[order[start]])
-            # longest first, so every later pair fits in `longest`: the padded size bounds memory
+            # longest first, so every later pair fits in `longest`: the padded size bounds memory;
+            # a sequence longer than the whole budget goes alone (attention's memory is O(T), kernels.py)
             count = max(1, min(batch_size, self.max_batch_tokens // longest, len(order) - start))
             batch = order[start : start + count]
             logits[batch] = self.model([sequences[i] for i in batch])

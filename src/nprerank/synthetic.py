@@ -1,4 +1,5 @@
-"""Random-weight models in bge-reranker-base's format, for tests and benchmarks.
+"""Random-weight models in bge-reranker-base's format (and the other shapes of docs/models.md,
+BERT's included), for tests and benchmarks.
 
 The real checkpoint cannot be fetched everywhere, so the tests and `nprerank bench --random` make
 their own: transformers' `XLMRobertaForSequenceClassification` with seeded random weights, saved
@@ -13,6 +14,10 @@ each as a word-initial piece ("▁word") and a continuation piece ("word"), so t
 their beginnings as a real vocabulary's do (random strings would not: the size of a trie depends
 on that). Its sentencepiece model gets the same pieces and scores (sentencepiece's own library
 then gives transformers' ids, shifted by fairseq's offset, on most texts but not all).
+
+The BERT cross-encoders (ms-marco MiniLM) get transformers' `BertForSequenceClassification` and a
+WordPiece tokenizer.json trained offline with the `tokenizers` library (make_wordpiece_tokenizer).
+`SHAPES` holds each named model's config, for `nprerank bench --random-shape` and the tests.
 
 Every output is deterministic for its arguments and cached outside the repository
 ($NPRERANK_CACHE, default ~/.cache/nprerank), so a second run costs nothing.
@@ -153,6 +158,52 @@ def make_real_size_tokenizer(pieces: int = REAL_SIZE) -> Path:
     return folder
 
 
+# The named models' shapes (docs/models.md), from their config.json files; tests reduce the width
+# (hidden_size and intermediate_size) and vocabulary, keeping depth, heads, positions and head.
+SHAPES = {
+    "base": BGE_RERANKER_BASE,
+    "large": dict(BGE_RERANKER_BASE, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                  intermediate_size=4096),
+    "v2-m3": dict(BGE_RERANKER_BASE, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                  intermediate_size=4096, max_position_embeddings=8194),
+    "minilm-l6": dict(architecture="bert", vocab_size=30522, hidden_size=384, num_hidden_layers=6,
+                      num_attention_heads=12, intermediate_size=1536, max_position_embeddings=512),
+    "minilm-l12": dict(architecture="bert", vocab_size=30522, hidden_size=384, num_hidden_layers=12,
+                       num_attention_heads=12, intermediate_size=1536, max_position_embeddings=512),
+}
+MODEL_MAX_LENGTH = {"v2-m3": 8192}  # tokenizer_config.json's model_max_length where not 512
+
+
+def make_wordpiece_tokenizer(vocab_size: int = 800) -> Path:
+    """A folder holding a BERT-style WordPiece tokenizer.json (and vocab.txt, tokenizer_config.json),
+    trained offline on corpus() with the `tokenizers` library: BertNormalizer (lowercase, accents
+    stripped, CJK spaced), BertPreTokenizer, "[CLS] $A [SEP] $B:1 [SEP]:1", as the ms-marco MiniLM
+    cross-encoders' tokenizer.json. Saved through transformers' BertTokenizerFast, so
+    AutoTokenizer loads it as it loads theirs."""
+    folder = cache_dir() / f"wordpiece-{_key(vocab_size=vocab_size)}"
+    if (folder / "tokenizer.json").exists():
+        return folder
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece()
+    tokenizer.train_from_iterator(corpus(), trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
+    cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    fast = BertTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                             sep_token="[SEP]", mask_token="[MASK]", model_max_length=512, do_lower_case=True)
+    fast.save_pretrained(str(tmp))
+    os.replace(tmp, folder) if not folder.exists() else shutil.rmtree(tmp)
+    return folder
+
+
 def _frequent_words(count: int, known: set) -> list:
     """`count` distinct pieces "▁word" and "word" from wordfreq's languages, most frequent first."""
     import wordfreq
@@ -177,7 +228,7 @@ def _frequent_words(count: int, known: set) -> list:
 
 
 def make_model(seed: int = 0, dtype: str = "float32", tokenizer_vocab: int = 800, real_size_tokenizer: bool = False,
-               **config) -> Path:
+               architecture: str = "xlm-roberta", model_max_length: int | None = None, **config) -> Path:
     """A folder with config.json, model.safetensors and tokenizer.json of a random reranker.
 
     `config` overrides XLMRobertaConfig fields (tiny defaults; pass **BGE_RERANKER_BASE for the
@@ -185,12 +236,22 @@ def make_model(seed: int = 0, dtype: str = "float32", tokenizer_vocab: int = 800
     random too, and the head is calibrated so that logits spread like a trained model's.
     `real_size_tokenizer` ships `make_real_size_tokenizer()`'s 250,002 pieces instead of the test
     tokenizer's 800 (the model's vocab_size must then be 250,002: pass **BGE_RERANKER_BASE).
+    `architecture="bert"` makes a BertForSequenceClassification with a WordPiece tokenizer
+    (make_wordpiece_tokenizer) instead, as the ms-marco MiniLM cross-encoders. `model_max_length`
+    is written into tokenizer_config.json (bge-reranker-v2-m3's is 8192).
     """
+    if architecture == "bert":
+        return _make_bert_model(seed, dtype, tokenizer_vocab, model_max_length, **config)
+    if model_max_length is not None:
+        config["model_max_length"] = model_max_length
     spec = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                 max_position_embeddings=130, vocab_size=tokenizer_vocab + 2, layer_norm_eps=1e-5,
                 initializer_range=0.1)
     spec.update(config)
+    model_max_length = spec.pop("model_max_length", None)
     tokenizer_spec = {"real_size_tokenizer": True} if real_size_tokenizer else {}  # old cache keys stay valid
+    if model_max_length is not None:
+        tokenizer_spec["model_max_length"] = model_max_length
     folder = cache_dir() / f"model-{_key(seed=seed, dtype=dtype, tokenizer_vocab=tokenizer_vocab, **tokenizer_spec, **spec)}"
     if (folder / "model.safetensors").exists():
         return folder
@@ -204,6 +265,14 @@ def make_model(seed: int = 0, dtype: str = "float32", tokenizer_vocab: int = 800
     model = XLMRobertaForSequenceClassification(
         XLMRobertaConfig(num_labels=1, type_vocab_size=1, pad_token_id=1, bos_token_id=0, eos_token_id=2, **spec)
     ).eval()
+    return _save_random(model, tokenizer, folder, dtype, model_max_length)
+
+
+def _save_random(model, tokenizer: Path, folder: Path, dtype: str, model_max_length: int | None) -> Path:
+    """Randomise the biases and LayerNorm scales too (so every parameter matters), calibrate the
+    head, and save the model with its tokenizer's files into `folder`, atomically."""
+    import torch
+
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if "LayerNorm.weight" in name:
@@ -212,15 +281,46 @@ def make_model(seed: int = 0, dtype: str = "float32", tokenizer_vocab: int = 800
                 parameter.copy_(0.05 * torch.randn_like(parameter))
         _calibrate_head(model, tokenizer)
     model = model.to(getattr(torch, dtype))
-
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp), safe_serialization=True)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "sentencepiece.bpe.model"):
-        if (tokenizer / name).exists():
-            shutil.copy(tokenizer / name, tmp / name)
+    _copy_tokenizer(tokenizer, tmp, model_max_length)
     os.replace(tmp, folder) if not folder.exists() else shutil.rmtree(tmp)
     return folder
+
+
+def _copy_tokenizer(tokenizer: Path, folder: Path, model_max_length: int | None) -> None:
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "sentencepiece.bpe.model",
+                 "vocab.txt"):
+        if (tokenizer / name).exists():
+            shutil.copy(tokenizer / name, folder / name)
+    if model_max_length is not None:
+        path = folder / "tokenizer_config.json"
+        settings = json.loads(path.read_text(encoding="utf-8"))
+        path.write_text(json.dumps(dict(settings, model_max_length=model_max_length), indent=2), encoding="utf-8")
+
+
+def _make_bert_model(seed: int, dtype: str, tokenizer_vocab: int, model_max_length: int | None, **config) -> Path:
+    """make_model's BERT cross-encoder: BertForSequenceClassification (two token types, positions
+    from 0, layer_norm_eps 1e-12, pooler + classifier) with a WordPiece tokenizer."""
+    tokenizer = make_wordpiece_tokenizer(tokenizer_vocab)
+    spec = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                max_position_embeddings=128, type_vocab_size=2, layer_norm_eps=1e-12, initializer_range=0.1,
+                pad_token_id=0)
+    spec.update(config)
+    words = json.loads((tokenizer / "tokenizer.json").read_text(encoding="utf-8"))["model"]["vocab"]
+    spec.setdefault("vocab_size", len(words))  # a reduced vocabulary: the tokenizer's (bench: MiniLM's 30,522)
+    if spec["vocab_size"] < len(words):
+        raise ValueError(f"vocab_size {spec['vocab_size']} is smaller than the tokenizer's {len(words)} entries")
+    folder = cache_dir() / f"bert-{_key(seed=seed, dtype=dtype, tokenizer_vocab=tokenizer_vocab, max=model_max_length, **spec)}"
+    if (folder / "model.safetensors").exists():
+        return folder
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    model = BertForSequenceClassification(BertConfig(num_labels=1, **spec)).eval()
+    return _save_random(model, tokenizer, folder, dtype, model_max_length)
 
 
 def _calibrate_head(model, tokenizer_folder: Path) -> None:
@@ -236,6 +336,6 @@ def _calibrate_head(model, tokenizer_folder: Path) -> None:
     max_length = min(64, model.config.max_position_embeddings - model.config.pad_token_id - 1)
     batch = tokenizer(texts[:8], texts[8:], truncation=True, max_length=max_length, padding=True, return_tensors="pt")
     logits = model(**batch).logits[:, 0]
-    head = model.classifier.out_proj
+    head = getattr(model.classifier, "out_proj", model.classifier)  # XLM-R's head, or BERT's Linear
     head.weight.mul_(2.0 / (logits.std() + 1e-6))
     head.bias.sub_(model(**batch).logits[:, 0].mean())

@@ -2,7 +2,9 @@
 
 The vocabulary and the text normalisation come from the checkpoint's tokenizer.json (XLM-R's
 sentencepiece Unigram model): unigram.py turns text into ids, with the `tokenizers` library's
-normaliser and pre-tokenizer and a compact vocabulary of its own. Query and passage are encoded
+normaliser and pre-tokenizer and a compact vocabulary of its own. A BERT cross-encoder's
+WordPiece tokenizer.json (wordpiece.py) gives `[CLS] query [SEP] passage [SEP]` instead:
+PAIR_LAYOUTS picks the layout from the file's model type. Query and passage are encoded
 separately without special tokens, truncated here in id space, then joined with the special
 tokens, so that both truncation policies are plain, visible arithmetic:
 
@@ -30,8 +32,14 @@ from pathlib import Path
 
 from .config import ModelError
 from .unigram import Unigram
+from .wordpiece import WordPiece, tokenizer_kind
 
-SPECIAL_TOKENS_IN_PAIR = 4  # <s> ... </s></s> ... </s>
+SPECIAL_TOKENS_IN_PAIR = 4  # <s> ... </s></s> ... </s>: the most any pair layout adds
+# tokenizer.json's model type -> (text-to-ids class, first token, separator, last token) of a pair
+PAIR_LAYOUTS = {
+    "Unigram": (Unigram, "<s>", ("</s>", "</s>"), "</s>"),  # XLM-R: <s> q </s></s> p </s>
+    "WordPiece": (WordPiece, "[CLS]", ("[SEP]",), "[SEP]"),  # BERT: [CLS] q [SEP] p [SEP]
+}
 TRUNCATIONS = ("only_second", "longest_first")
 
 
@@ -51,8 +59,16 @@ class PairTokenizer:
                 f"query_max_length must be an int from 1 to max_length - {SPECIAL_TOKENS_IN_PAIR} "
                 f"= {max_length - SPECIAL_TOKENS_IN_PAIR}, got {query_max_length!r}"
             )
-        self.tokenizer = Unigram(path)  # ModelError naming the file if missing or unusable
-        self.bos, self.eos = (self._special_id(path, token) for token in ("<s>", "</s>"))
+        kind = tokenizer_kind(path)  # ModelError naming the file if missing or unreadable
+        if kind not in PAIR_LAYOUTS:
+            raise ModelError(f"{path}: a {kind or 'unknown'} tokenizer; nprerank reads Unigram (XLM-R) and "
+                             "WordPiece (BERT) tokenizer.json files")
+        self.kind = kind
+        backend, first, separator, last = PAIR_LAYOUTS[kind]
+        self.tokenizer = backend(path)  # ModelError naming the file if unusable
+        self.bos, self.eos = self._special_id(path, first), self._special_id(path, last)
+        self.separator = [self._special_id(path, token) for token in separator]
+        self.special_tokens = 2 + len(self.separator)  # special tokens in a pair: 4 for XLM-R, 3 for BERT
         self.max_length = max_length
         self.truncation = truncation
         self.query_max_length = query_max_length
@@ -65,7 +81,7 @@ class PairTokenizer:
     def _special_id(self, path, token: str) -> int:
         token_id = self.tokenizer.token_to_id(token)
         if token_id is None:
-            raise ModelError(f"{path}: the vocabulary has no {token} token; not an XLM-R tokenizer")
+            raise ModelError(f"{path}: the vocabulary has no {token} token, which this kind of tokenizer needs")
         return token_id
 
     def encode(self, pairs, max_length: int | None = None, truncation: str | None = None,
@@ -87,7 +103,7 @@ class PairTokenizer:
             raise ValueError(f"truncation must be one of {TRUNCATIONS}, got {truncation!r}")
         query_max_length = self.query_max_length if query_max_length is None else query_max_length
         pairs = check_pairs(pairs)
-        budget = max_length - SPECIAL_TOKENS_IN_PAIR  # tokens left for query + passage
+        budget = max_length - self.special_tokens  # tokens left for query + passage
         # tokens needed per text: one more than the budget tells "longer than max_length" apart
         query_need = budget + 1
         passage_need = budget + 1 if chunk is None else max(budget + 1, chunk_tokens(budget, chunk[1]))
@@ -102,7 +118,7 @@ class PairTokenizer:
         query_limit = _query_limit(max_length, query_max_length)
         for i, (query, passage) in enumerate(pairs):
             query_ids, passage_ids = tokens[query][:query_need], tokens[passage][:passage_need]
-            lengths.append(len(query_ids) + len(passage_ids) + SPECIAL_TOKENS_IN_PAIR)
+            lengths.append(len(query_ids) + len(passage_ids) + self.special_tokens)
             if chunk is not None:
                 query_ids = query_ids[: min(query_limit, budget - 1)]  # at least one passage token
                 windows = _windows(passage_ids, budget - len(query_ids), *chunk)
@@ -135,7 +151,7 @@ class PairTokenizer:
         return grouped
 
     def _join(self, query: list, passage: list) -> list:
-        return [self.bos, *query, self.eos, self.eos, *passage, self.eos]
+        return [self.bos, *query, *self.separator, *passage, self.eos]
 
     def _first_tokens(self, needs: dict) -> dict:
         """{text: n} -> {text: the first n ids of text} (fewer if the text has fewer), tokenizing
@@ -145,7 +161,9 @@ class PairTokenizer:
         normalizer, then WhitespaceSplit and Metaspace, then a Unigram model applied word by word):
         a prefix cut just before a space holds whole words, each normalized and segmented exactly
         as in the full text, since no normalization step joins a character with a following
-        space. So its ids are the full text's first ids. A text with no space near the cut (CJK,
+        space. So its ids are the full text's first ids. (BERT's WordPiece tokenizer.json holds
+        too: BertNormalizer works per character, BertPreTokenizer splits at whitespace and
+        punctuation, and WordPiece reads word by word.) A text with no space near the cut (CJK,
         one long "word") is cut at a character that starts a grapheme and verified: the ids of
         that prefix and of one twice as long must agree on the first n, else more is read.
         A prefix starts at CHARS_PER_TOKEN characters per token needed (`prefix_chars`) and doubles

@@ -104,6 +104,7 @@ class Weights:
     classifier: Classifier
     source: Path | None = None  # the model.safetensors they were read from (layout.py keys its cache on it)
     stamp: tuple | None = None  # the file's FileStamp when it was mapped
+    prefix: str = "roberta"  # the checkpoint names' first part (architectures.py), for messages
 
     def changed(self) -> str | None:
         """None while model.safetensors is as it was when it was loaded (size, inode, modification
@@ -163,37 +164,39 @@ LAYER_MODULES = {
     "output.dense": ("output", "C", "F"),
     "output.LayerNorm": ("output_norm", "C", None),
 }
-WORD_EMBEDDINGS = "roberta.embeddings.word_embeddings.weight"
-LARGE = re.compile(r"^roberta\.encoder\.layer\.\d+\.(attention\.self\.\w+|attention\.output\.dense|intermediate\.dense|"
-                   r"output\.dense)\.weight$")  # the layers' products: 97% of the weights beside the word table
+LARGE = re.compile(r"^(roberta|bert)\.encoder\.layer\.\d+\.(attention\.self\.\w+|attention\.output\.dense|"
+                   r"intermediate\.dense|output\.dense)\.weight$")  # the layers' products: 97% of the weights beside the word table
+
+
+def word_embeddings_name(config: ModelConfig) -> str:
+    return f"{config.architecture.prefix}.embeddings.word_embeddings.weight"
 
 
 def _table(config: ModelConfig) -> dict:
-    """Checkpoint name -> (our field path, expected shape). `N` in a path is the layer index."""
+    """Checkpoint name -> (our field path, expected shape). `N` in a path is the layer index.
+    The names are transformers' module tree under the architecture's prefix ("roberta" or "bert");
+    the head's two linears have names of their own per architecture (architectures.py)."""
     C, F = config.hidden_size, config.intermediate_size
+    prefix, (dense, out_proj) = config.architecture.prefix, config.architecture.head
     table = {
-        WORD_EMBEDDINGS: ("embeddings.word", (config.vocab_size, C)),
-        "roberta.embeddings.position_embeddings.weight": ("embeddings.position", (config.max_position_embeddings, C)),
-        "roberta.embeddings.token_type_embeddings.weight": ("embeddings.token_type", (config.type_vocab_size, C)),
-        "classifier.out_proj.weight": ("classifier.out_proj.weight", (1, C)),
-        "classifier.out_proj.bias": ("classifier.out_proj.bias", (1,)),
+        word_embeddings_name(config): ("embeddings.word", (config.vocab_size, C)),
+        f"{prefix}.embeddings.position_embeddings.weight": ("embeddings.position", (config.max_position_embeddings, C)),
+        f"{prefix}.embeddings.token_type_embeddings.weight": ("embeddings.token_type", (config.type_vocab_size, C)),
     }
     modules = {
-        "roberta.embeddings.LayerNorm": ("embeddings.norm", C, None),
-        "classifier.dense": ("classifier.dense", C, C),
+        f"{prefix}.embeddings.LayerNorm": ("embeddings.norm", C, None),
+        dense: ("classifier.dense", C, C),
+        out_proj: ("classifier.out_proj", 1, C),
     }
     sizes = {"C": C, "F": F, None: None}
     for n in range(config.num_hidden_layers):
         for name, (field, out, inp) in LAYER_MODULES.items():
-            modules[f"roberta.encoder.layer.{n}.{name}"] = (f"layers.{n}.{field}", sizes[out], sizes[inp])
+            modules[f"{prefix}.encoder.layer.{n}.{name}"] = (f"layers.{n}.{field}", sizes[out], sizes[inp])
     for name, (field, out, inp) in modules.items():
         table[f"{name}.weight"] = (f"{field}.weight", (out, inp) if inp else (out,))
         table[f"{name}.bias"] = (f"{field}.bias", (out,))
     return table
 
-
-# Tensors some checkpoints carry that the forward pass does not use.
-_KNOWN_EXTRAS = re.compile(r"^(roberta\.embeddings\.position_ids|roberta\.pooler\.dense\.(weight|bias))$")
 
 # Older checkpoints name LayerNorm parameters gamma/beta (TensorFlow's names).
 _OLD_NAMES = {".gamma": ".weight", ".beta": ".bias"}
@@ -213,16 +216,18 @@ def load_weights(path, config: ModelConfig) -> Weights:
     missing = [name for name in table if name not in tensors]
     if missing:
         raise ModelError(f"{path}: missing tensors {_shortlist(missing)}")
-    unknown = [name for name in tensors if name not in table and not _KNOWN_EXTRAS.match(name)]
+    extras = re.compile(f"^({config.architecture.extras})$")  # tensors some checkpoints carry that we do not use
+    unknown = [name for name in tensors if name not in table and not extras.match(name)]
     if unknown:
-        raise ModelError(f"{path}: unexpected tensors {_shortlist(unknown)} (is this an XLM-RoBERTa reranker?)")
+        raise ModelError(f"{path}: unexpected tensors {_shortlist(unknown)} (is this a {config.architecture_name} "
+                         "reranker?)")
 
     fields = {}
     for name, (field, shape) in table.items():
         array, dtype, offset = tensors[name]
         if array.shape != shape:
             raise ModelError(f"{path}: {name} has shape {list(array.shape)}, config.json implies {list(shape)}")
-        if field == "embeddings.word":
+        if field == "embeddings.word":  # read row by row, never mapped (see the module's docstring)
             fields[field] = RowsOnDisk(path, offset, shape, array.dtype)
         else:
             fields[field] = _as_float32(array, dtype)
@@ -259,6 +264,7 @@ def load_weights(path, config: ModelConfig) -> Weights:
         classifier=Classifier(dense=linear("classifier.dense"), out_proj=linear("classifier.out_proj")),
         source=path,
         stamp=mapped.stamp,
+        prefix=config.architecture.prefix,
     )
 
 
@@ -266,12 +272,13 @@ def _check_sizes(path: Path, tensors: dict, config: ModelConfig) -> None:
     """Compare config.json's sizes with what the checkpoint holds, before anything is built from
     them: an absurd value (num_hidden_layers 10**7, hidden_size 10**9) is refused at once, naming
     the field and both values, instead of costing minutes and gigabytes before a shape mismatch."""
-    layers = {int(m.group(1)) for name in tensors if (m := re.match(r"roberta\.encoder\.layer\.(\d+)\.", name))}
+    prefix = config.architecture.prefix  # "roberta" or "bert"
+    layers = {int(m.group(1)) for name in tensors if (m := re.match(rf"{prefix}\.encoder\.layer\.(\d+)\.", name))}
     found = {"num_hidden_layers": max(layers, default=-1) + 1}
-    for name, fields in {WORD_EMBEDDINGS: ("vocab_size", "hidden_size"),
-                         "roberta.embeddings.position_embeddings.weight": ("max_position_embeddings", None),
-                         "roberta.embeddings.token_type_embeddings.weight": ("type_vocab_size", None),
-                         "roberta.encoder.layer.0.intermediate.dense.weight": ("intermediate_size", None)}.items():
+    for name, fields in {word_embeddings_name(config): ("vocab_size", "hidden_size"),
+                         f"{prefix}.embeddings.position_embeddings.weight": ("max_position_embeddings", None),
+                         f"{prefix}.embeddings.token_type_embeddings.weight": ("type_vocab_size", None),
+                         f"{prefix}.encoder.layer.0.intermediate.dense.weight": ("intermediate_size", None)}.items():
         if name in tensors:  # a missing one is reported by load_weights, by name
             for field, size in zip(fields, tensors[name][0].shape):
                 if field:
@@ -287,7 +294,7 @@ def embedding_rows(table: np.ndarray, ids: np.ndarray) -> np.ndarray:
     rows = _rows_as_float32(table[ids])
     if not np.isfinite(rows).all():  # cheap, and the rows a batch reads are all it can be hurt by
         bad = int(ids[np.argmin(np.isfinite(rows).all(axis=1))])
-        raise ModelError(f"{getattr(table, 'path', 'the word embeddings')}: {WORD_EMBEDDINGS} row {bad} holds NaN "
+        raise ModelError(f"{getattr(table, 'path', 'the word embeddings')}: word_embeddings.weight row {bad} holds NaN "
                          "or infinity; the checkpoint is damaged")
     return rows
 
@@ -316,14 +323,15 @@ def check_all_finite(weights: "Weights") -> None:
     fields = {field: name for name, (field, _, inp) in LAYER_MODULES.items() if inp}
     for n, layer in enumerate(weights.layers):
         for field, name in fields.items():
-            check_finite(getattr(layer, field).weight, f"roberta.encoder.layer.{n}.{name}.weight", weights.source)
+            check_finite(getattr(layer, field).weight, f"{weights.prefix}.encoder.layer.{n}.{name}.weight",
+                         weights.source)
     word = weights.embeddings.word
     for start in range(0, word.shape[0], 4096):  # a chunk of rows at a time: no 768 MB copy
         stop = min(start + 4096, word.shape[0])
         rows = _rows_as_float32(word.rows(start, stop) if isinstance(word, RowsOnDisk) else word[start:stop])
         if not np.isfinite(rows).all():
             where = np.unravel_index(np.argmin(np.isfinite(rows)), rows.shape)
-            raise ModelError(f"{weights.source}: {WORD_EMBEDDINGS} holds {rows[where]} at "
+            raise ModelError(f"{weights.source}: {weights.prefix}.embeddings.word_embeddings.weight holds {rows[where]} at "
                              f"[{start + int(where[0])}, {int(where[1])}]; every weight must be finite")
 
 

@@ -25,7 +25,7 @@ import re
 
 from .access import Access
 from .batcher import Batcher
-from .cloudflare import Cloudflare
+from .cloudflare import Cloudflare, unlisted
 from .cohere import Cohere
 from .dialects import dialects
 from .limits import Limits
@@ -61,9 +61,10 @@ def refusal(dialect: Dialect, error: ApiError, close: bool = False):
 
 
 def build_app(reranker_or_loader, api_key: str | None = None, model_name: str = DEFAULT_MODEL,
-              access: Access | None = None, **limits):
+              access: Access | None = None, model_source: str | None = None, **limits):
     """A Starlette app serving a Reranker, or a zero-argument loader called in the model thread
-    (then a changed checkpoint is reloaded; see batcher.py)."""
+    (then a changed checkpoint is reloaded; see batcher.py). model_name: what clients are told the
+    model is; model_source: the folder or repo id it came from (default model_name), never shown."""
     require("starlette")
     from starlette.applications import Starlette
     from starlette.concurrency import run_in_threadpool
@@ -76,7 +77,10 @@ def build_app(reranker_or_loader, api_key: str | None = None, model_name: str = 
     limits = Limits(**limits)
     access = access or Access()
     batcher = Batcher(reranker_or_loader, limits.batch_tokens)
-    spoken = dialects(limits)
+    # a model Workers AI does not list gets no @cf route; model_source (the folder or repo id as
+    # given, never shown to clients) tells, as model_name may be only a folder's name
+    cloudflare_unlisted = unlisted(model_source or model_name)
+    spoken = [d for d in dialects(limits) if not (cloudflare_unlisted and isinstance(d, Cloudflare))]
     tei = next(dialect for dialect in spoken if isinstance(dialect, TEI))
     cohere = next(dialect for dialect in spoken if type(dialect) is Cohere)  # {"message"}: routes of no dialect
 
@@ -266,7 +270,7 @@ def build_app(reranker_or_loader, api_key: str | None = None, model_name: str = 
         status, cloudflare = getattr(exc, "status_code", 404), Cloudflare.is_cloudflare_path(request.url.path)
         path = request.url.path if len(request.url.path) <= 200 else request.url.path[:200] + "..."  # not echoed whole
         if status == 404 and cloudflare:  # an unknown account path or model
-            status, body = Cloudflare.no_route(path)
+            status, body = Cloudflare.no_route(path, cloudflare_unlisted)
             return JSONResponse(body, status_code=status)
         message = f"no route {request.method} {path}; see GET /openapi.json" if status == 404 else \
             f"{request.method} is not allowed on {path}; see GET /openapi.json"

@@ -12,12 +12,42 @@ decoded path). Cloudflare answers a path it does not route with 404 and error co
 Read next: tei.py and cohere.py (the other dialects), app.py (the routes).
 """
 
+import json
+from pathlib import Path
+
 from ..reranker import best_first, sigmoid
 from .protocol import Dialect, Query, read_list, read_object, read_optional, read_query, read_texts
 
 CLOUDFLARE_MODEL = "@cf/baai/bge-reranker-base"
 CLOUDFLARE_PATHS = (f"/client/v4/accounts/{{account_id}}/ai/run/{CLOUDFLARE_MODEL}", f"/ai/run/{CLOUDFLARE_MODEL}")
 NO_ROUTE_CODE = 7003  # Cloudflare's "could not route" for an unknown path, account or model
+# Workers AI's model catalogue (developers.cloudflare.com/workers-ai/models) lists one reranker:
+# bge-reranker-base. bge-reranker-large, -v2-m3 and the MiniLM cross-encoders have no @cf name.
+LISTED_REPO = "BAAI/bge-reranker-base"
+
+
+def unlisted(model_name: str) -> str | None:
+    """None when the served model may answer at CLOUDFLARE_MODEL, else why not, in a few words.
+
+    A repo id must be bge-reranker-base's. A folder cannot say its name, so its config.json
+    decides: a BERT cross-encoder, or an XLM-R wider than base's 768 or with more than its 514
+    positions (bge-reranker-large, -v2-m3), is not bge-reranker-base; any other XLM-R reranker
+    folder (a fine-tune of base, a small test model) is served under base's name as before.
+    """
+    folder = Path(model_name).expanduser()
+    if not folder.is_dir():
+        return None if model_name == LISTED_REPO else f"{model_name} has no Workers AI name"
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # loading the model reports the problem
+    model_name = folder.resolve().name  # a folder by its own name: its path is nobody's business
+    architecture = (config.get("architectures") or ["XLMRobertaForSequenceClassification"])[0]
+    if architecture == "BertForSequenceClassification":
+        return f"{model_name} is a BERT cross-encoder, which Workers AI does not run"
+    if config.get("hidden_size", 768) > 768 or config.get("max_position_embeddings", 514) > 514:
+        return f"{model_name} is larger than bge-reranker-base (bge-reranker-large or -v2-m3 shape)"
+    return None
 
 
 class Cloudflare(Dialect):
@@ -57,8 +87,14 @@ class Cloudflare(Dialect):
         return self.statuses[error.kind], envelope(code, f"AiError: {title}: {error.message}")
 
     @staticmethod
-    def no_route(path: str) -> tuple:
-        """-> (404, body) for a Cloudflare-style path this server does not serve, saying what it does serve."""
+    def no_route(path: str, unlisted_reason: str | None = None) -> tuple:
+        """-> (404, body) for a Cloudflare-style path this server does not serve, saying what it
+        does serve. unlisted_reason: why the served model has no Cloudflare route at all."""
+        if unlisted_reason:
+            message = (f"Could not route to {path}: {unlisted_reason}; Workers AI lists only {CLOUDFLARE_MODEL}, "
+                       "so this server answers no Cloudflare path. Send the same query to POST /rerank (TEI) "
+                       "or POST /v1/rerank, /v2/rerank (Cohere, Jina)")
+            return 404, envelope(NO_ROUTE_CODE, message)
         message = (f"Could not route to {path}: this server runs only {CLOUDFLARE_MODEL}, at POST "
                    f"/client/v4/accounts/<account_id>/ai/run/{CLOUDFLARE_MODEL} (the cloudflare SDK's base_url "
                    f"is http://<host>:<port>/client/v4) and POST /ai/run/{CLOUDFLARE_MODEL}")

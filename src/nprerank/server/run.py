@@ -221,7 +221,8 @@ def serve(model: str = DEFAULT_MODEL, host: str = "127.0.0.1", port: int = 8080,
         loaded = [load()]
         loader = lambda: loaded.pop() if loaded else load()  # noqa: E731
     access = Access(host, allowed_hosts, allowed_origins)
-    app = build_app(loader, api_key=api_key, model_name=public_name(model), access=access, **vars(limits))
+    app = build_app(loader, api_key=api_key, model_name=public_name(model), access=access, model_source=str(model),
+                    **vars(limits))
     if api_key is None and host not in LOOPBACK:
         log.warning("listening on %s without --api-key: anyone who can reach this port can use it", host)
     if host not in LOOPBACK and not allowed_hosts:  # clients on the network name the server: access.py refuses names
