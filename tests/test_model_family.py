@@ -167,7 +167,7 @@ def test_the_cloudflare_route_is_answered_only_for_the_model_cloudflare_lists(na
     folder = shape_model(name, num_hidden_layers=1)
     app = build_app(Reranker.from_pretrained(folder), model_name=str(folder) if by_folder else f"BAAI/bge-reranker-{name}")
     body = {"query": "what is a panda?", "contexts": [{"text": "a bear"}, {"text": "a car"}]}
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://127.0.0.1") as client:  # a Host the server answers to
         for path in (f"/ai/run/{CLOUDFLARE_MODEL}", f"/client/v4/accounts/a/ai/run/{CLOUDFLARE_MODEL}"):
             response = client.post(path, json=body)
             assert response.status_code == 404, response.text

@@ -87,7 +87,8 @@ def build_app(reranker_or_loader, api_key: str | None = None, model_name: str = 
     def dialect_of(path: str) -> Dialect:
         """The dialect whose shape a request to `path` is answered in, even a refusal or a 404."""
         if Cloudflare.is_cloudflare_path(path):
-            return next(dialect for dialect in spoken if isinstance(dialect, Cloudflare))
+            # its shape even where the served model has no @cf route (unlisted: the 404 says so)
+            return next((dialect for dialect in spoken if isinstance(dialect, Cloudflare)), Cloudflare())
         return next((dialect for dialect in spoken if path in dialect.paths), cohere)
 
     def check_key(request):
