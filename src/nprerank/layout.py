@@ -43,6 +43,7 @@ from .kernels import PANEL
 from .weights import Layer, Weights, read_safetensors
 
 LAYOUT_VERSION = 2  # bump when the file's contents change meaning
+SAFETENSORS_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.int8): "I8", np.dtype(np.int32): "I32"}
 PRODUCTS = {"qkv": ("query", "key", "value"), "attention_output": ("attention_output",),
             "intermediate": ("intermediate",), "output": ("output",)}  # packed name -> Layer's Linear fields
 
@@ -72,33 +73,57 @@ def cache_dir() -> Path:
     return Path(os.environ.get("NPRERANK_CACHE") or Path.home() / ".cache" / "nprerank")
 
 
-def gemm_weights(weights: Weights) -> list:
-    """[LayerMatrices] * L for `weights`: memory-mapped from the cache file, written first if needed."""
+@dataclass(frozen=True)
+class Format:
+    """How one precision packs a layer: `packed(layer)` yields (name, array), `shapes(layer)`
+    (name, shape, dtype) of the same without making them, `matrices(arrays)` the per-layer object."""
+
+    packed: object
+    shapes: object
+    matrices: object
+
+
+def formats() -> dict:
+    """precision -> Format. int8.py defines its own format (imported here, not at the top: it
+    imports reference.py, which the fp32 path does not need)."""
+    from . import int8
+
+    return {"fp32": Format(_packed, _shapes, lambda arrays: LayerMatrices(**arrays)),
+            "int8": Format(int8.packed, int8.shapes, int8.matrices)}
+
+
+def gemm_weights(weights: Weights, precision: str = "fp32") -> list:
+    """[LayerMatrices] * L for `weights` (or, for precision "int8", [int8.Int8Matrices] * L):
+    memory-mapped from the cache file, written first if needed. One file per checkpoint and precision."""
+    form = formats()[precision]
     if weights.source is None:
-        return [_in_memory(layer) for layer in weights.layers]
+        return [_in_memory(layer, form) for layer in weights.layers]
     name = hashlib.sha256(str(Path(weights.source).resolve()).encode()).hexdigest()[:16]
-    stamp = _stamp(weights.source)
+    stamp = _stamp(weights.source, precision)
+    prefix = "layout-" if precision == "fp32" else f"layout-{precision}-"
     try:
-        path = cache_dir() / f"layout-{name}.safetensors"
+        path = cache_dir() / f"{prefix}{name}.safetensors"
         try:
-            return _read(path, weights.layers, stamp)
+            return _read(path, weights.layers, stamp, form)
         except ModelError:  # missing, stale or damaged: write it, once
-            _write(path, weights.layers, stamp)
+            _write(path, weights.layers, stamp, form)
             _prune(path.parent, keep=path)
-            return _read(path, weights.layers, stamp)
+            return _read(path, weights.layers, stamp, form)
     except (OSError, RuntimeError, ModelError) as e:
         warnings.warn(f"nprerank: cannot use the weight layout cache ({e}); keeping the packed copies in "
-                      f"memory instead (about {_bytes(weights.layers) >> 20} MB)", stacklevel=3)
-        return [_in_memory(layer) for layer in weights.layers]
+                      f"memory instead (about {_bytes(weights.layers, form) >> 20} MB)", stacklevel=3)
+        return [_in_memory(layer, form) for layer in weights.layers]
 
 
-def _stamp(source: Path) -> dict:
+def _stamp(source: Path, precision: str = "fp32") -> dict:
     """What tells this checkpoint file from a changed one (safetensors metadata is all strings).
     The change time cannot be set back by cp -p, rsync -a or tar, unlike the modification time."""
     stat = os.stat(source)
     fields = {"path": Path(source).resolve(), "size": stat.st_size, "inode": stat.st_ino, "mtime_ns": stat.st_mtime_ns,
               "ctime_ns": stat.st_ctime_ns}
-    return {"layout_version": str(LAYOUT_VERSION), "panel": str(PANEL), **{f"source_{key}": str(value) for key, value in fields.items()}}
+    precision_field = {} if precision == "fp32" else {"precision": precision}  # fp32 files predate the field
+    return {"layout_version": str(LAYOUT_VERSION), "panel": str(PANEL), **precision_field,
+            **{f"source_{key}": str(value) for key, value in fields.items()}}
 
 
 def _prune(folder: Path, keep: Path) -> None:
@@ -112,7 +137,8 @@ def _prune(folder: Path, keep: Path) -> None:
         try:
             _, metadata = read_safetensors(path)
             source = metadata.get("source_path")
-            stale = not source or not os.path.exists(source) or _stamp(source) != metadata
+            precision = metadata.get("precision", "fp32")
+            stale = not source or not os.path.exists(source) or _stamp(source, precision) != metadata
         except (OSError, ModelError):  # unreadable: not a layout file we can use
             stale = True
         if stale:
@@ -148,29 +174,30 @@ def _packed(layer: Layer):
 
 
 def _shapes(layer: Layer):
-    """(name, shape) of what _packed(layer) makes, without making it."""
+    """(name, shape, dtype) of what _packed(layer) makes, without making it."""
     for name, fields in PRODUCTS.items():
         count = sum(-(-getattr(layer, field).weight.shape[0] // PANEL) for field in fields)
-        yield name, [count, getattr(layer, fields[0]).weight.shape[1], PANEL]
-        yield f"{name}_bias", [count * PANEL]
+        yield name, [count, getattr(layer, fields[0]).weight.shape[1], PANEL], np.float32
+        yield f"{name}_bias", [count * PANEL], np.float32
 
 
-def _in_memory(layer: Layer) -> LayerMatrices:
-    return LayerMatrices(**dict(_packed(layer)))
+def _in_memory(layer: Layer, form: Format):
+    return form.matrices(dict(form.packed(layer)))
 
 
-def _bytes(layers: list) -> int:
-    return sum(4 * int(np.prod(shape)) for layer in layers for _, shape in _shapes(layer))
+def _bytes(layers: list, form: Format) -> int:
+    return sum(np.dtype(dtype).itemsize * int(np.prod(shape)) for layer in layers for _, shape, dtype in form.shapes(layer))
 
 
-def _write(path: Path, layers: list, stamp: dict) -> None:
+def _write(path: Path, layers: list, stamp: dict, form: Format) -> None:
     """Write every layer's packed arrays to `path` as safetensors: to a temporary file first, then
     renamed into place, so a reader never sees half a file."""
     header, offset = {"__metadata__": stamp}, 0
     for n, layer in enumerate(layers):
-        for name, shape in _shapes(layer):
-            size = 4 * int(np.prod(shape))
-            header[f"layers.{n}.{name}"] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + size]}
+        for name, shape, dtype in form.shapes(layer):
+            size = np.dtype(dtype).itemsize * int(np.prod(shape))
+            header[f"layers.{n}.{name}"] = {"dtype": SAFETENSORS_DTYPES[np.dtype(dtype)], "shape": shape,
+                                            "data_offsets": [offset, offset + size]}
             offset += size
     text = json.dumps(header).encode()
     text += b" " * (-(8 + len(text)) % 64)  # the data starts 64-byte aligned
@@ -180,7 +207,7 @@ def _write(path: Path, layers: list, stamp: dict) -> None:
         with os.fdopen(handle, "wb") as f:
             f.write(len(text).to_bytes(8, "little") + text)
             for layer in layers:
-                for _, array in _packed(layer):  # one product at a time: at most ~30 MB of extra memory
+                for _, array in form.packed(layer):  # one product at a time: at most ~30 MB of extra memory
                     f.write(array.data)
             f.flush()
             os.fsync(f.fileno())  # the data is on disk before the name points at it
@@ -189,7 +216,7 @@ def _write(path: Path, layers: list, stamp: dict) -> None:
         Path(temporary).unlink(missing_ok=True)
 
 
-def _read(path: Path, layers: list, stamp: dict) -> list:
+def _read(path: Path, layers: list, stamp: dict, form: Format) -> list:
     """The packed arrays in the file at `path`; ModelError unless it exists, is whole and was
     written for the checkpoint `stamp` describes."""
     tensors, metadata = read_safetensors(path)
@@ -198,10 +225,10 @@ def _read(path: Path, layers: list, stamp: dict) -> list:
     matrices = []
     for n, layer in enumerate(layers):
         arrays = {}
-        for name, shape in _shapes(layer):
+        for name, shape, want in form.shapes(layer):
             array, dtype, _ = tensors.get(f"layers.{n}.{name}", (None, None, None))
-            if array is None or dtype != "F32" or list(array.shape) != shape:
-                raise ModelError(f"{path}: layers.{n}.{name} is missing or not F32 {shape}")
+            if array is None or dtype != SAFETENSORS_DTYPES[np.dtype(want)] or list(array.shape) != shape:
+                raise ModelError(f"{path}: layers.{n}.{name} is missing or not {SAFETENSORS_DTYPES[np.dtype(want)]} {shape}")
             arrays[name] = array
-        matrices.append(LayerMatrices(**arrays))
+        matrices.append(form.matrices(arrays))
     return matrices

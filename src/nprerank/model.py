@@ -34,6 +34,7 @@ import os
 import numba
 import numpy as np
 
+from . import isa as isa_choice
 from . import kernels
 from .blas import set_blas_threads
 from .config import ModelConfig
@@ -45,18 +46,33 @@ from .weights import Classifier, Embeddings, Layer, Weights, embedding_rows
 ONE_REGION = numba.config.THREADING_LAYER in ("workqueue", "omp")
 
 
+PRECISIONS = ("fp32", "int8")
+
+
 class FastModel:
-    def __init__(self, weights: Weights, config: ModelConfig, threads: int | None = None):
-        self.weights, self.config = weights, config
+    """precision: "fp32" (exact to reference.forward) or "int8" (the encoder's products at int8,
+    int8_model.py; equal to int8.forward). isa: the int8 kernels' instruction set, isa.choose's
+    argument (None: $NPRERANK_ISA or the best this CPU has)."""
+
+    def __init__(self, weights: Weights, config: ModelConfig, threads: int | None = None, precision: str = "fp32",
+                 isa: str | None = None):
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        self.weights, self.config, self.precision = weights, config, precision
+        self.isa = isa_choice.choose(isa) if precision == "int8" else None
         self.threads = set_threads(threads)
-        self.matrices = gemm_weights(weights)  # [LayerMatrices] * L, packed
-        _check_float32(weights, self.matrices)
+        self.matrices = gemm_weights(weights, precision)  # [LayerMatrices] * L (or int8's), packed
+        _check_float32(weights, self.matrices if precision == "fp32" else [])
 
     def __call__(self, sequences: list) -> np.ndarray:
         """[ids] * B, unpadded token-id sequences -> [B] float32 logits."""
         if self.threads:
             numba.set_num_threads(self.threads)  # Numba's count is per calling thread, so set it here
         ids, offsets = pack(sequences, self.config)  # [N], [B+1]
+        if self.precision == "int8":
+            from . import int8_model
+
+            return int8_model.forward(ids, offsets, self.weights, self.matrices, self.config, isa_choice.code(self.isa))
         return forward(ids, offsets, self.weights, self.matrices, self.config)
 
 

@@ -28,7 +28,7 @@ MODEL_FILES = ("config.json", "tokenizer.json", "model.safetensors")
 class Reranker:
     def __init__(self, config: ModelConfig, weights, tokenizer: PairTokenizer, engine: str = "fast",
                  batch_size: int = 32, max_batch_tokens: int = 2048, long_documents: str = "truncate",
-                 chunk_overlap: int = 32, threads: int | None = None):
+                 chunk_overlap: int = 32, threads: int | None = None, precision: str = "fp32"):
         _check_int("batch_size", batch_size)
         _check_int("max_batch_tokens", max_batch_tokens, minimum=tokenizer.max_length)
         _check_int("chunk_overlap", chunk_overlap, minimum=0)
@@ -47,17 +47,25 @@ class Reranker:
         if engine == "fast":
             from .model import FastModel
 
-            self.model = FastModel(weights, config, threads=threads)
+            self.model = FastModel(weights, config, threads=threads, precision=precision)
         else:
-            self.model = lambda sequences: reference.forward(
-                *reference.pad(sequences, config.pad_token_id), weights, config
-            )
+            from . import int8
+            from .model import PRECISIONS
+
+            if precision not in PRECISIONS:
+                raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+            forward = reference.forward if precision == "fp32" else int8.forward  # int8: the fast path's oracle
+            self.model = lambda sequences: forward(*reference.pad(sequences, config.pad_token_id), weights, config)
+        self.precision = precision
 
     @classmethod
     def from_pretrained(cls, path="BAAI/bge-reranker-base", max_length: int | None = None, truncation: str = "only_second",
                         query_max_length: int | None = None, **options) -> "Reranker":
         """Load a bge-reranker-base folder (config.json, tokenizer.json, model.safetensors), or a
-        Hugging Face repo id: found in the Hugging Face cache, else downloaded (hub.py)."""
+        Hugging Face repo id: found in the Hugging Face cache, else downloaded (hub.py).
+        `precision="int8"` (option passed to Reranker) runs the encoder's products at int8 (int8.py's
+        format; about 0.01-0.4 of logit error on random models, docs/performance.md); "fp32", the
+        default, is exact."""
         folder = resolve(path)
         missing = [name for name in MODEL_FILES if not (folder / name).is_file()]
         if missing:

@@ -136,7 +136,9 @@ _KNOWN_EXTRAS = re.compile(r"^(roberta\.embeddings\.position_ids|roberta\.pooler
 # Older checkpoints name LayerNorm parameters gamma/beta (TensorFlow's names).
 _OLD_NAMES = {".gamma": ".weight", ".beta": ".bias"}
 
-_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
+_FLOATS = ("F32", "F16", "BF16")  # what a checkpoint may hold
+# the integers only in layout.py's int8 cache files, which read_safetensors reads too
+_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I8": np.int8, "I32": np.int32}
 
 
 def load_weights(path, config: ModelConfig) -> Weights:
@@ -156,6 +158,8 @@ def load_weights(path, config: ModelConfig) -> Weights:
     fields = {}
     for name, (field, shape) in table.items():
         array, dtype, offset = tensors[name]
+        if dtype not in _FLOATS:
+            raise ModelError(f"{path}: {name} is stored as {dtype}; a checkpoint's tensors must be {', '.join(_FLOATS)}")
         if array.shape != shape:
             raise ModelError(f"{path}: {name} has shape {list(array.shape)}, config.json implies {list(shape)}")
         if field == "embeddings.word":
@@ -249,7 +253,7 @@ def read_safetensors(path: Path) -> tuple:
         except (KeyError, TypeError, ValueError):
             raise ModelError(f"{path}: header entry for {name} is malformed") from None
         if dtype not in _DTYPES:
-            raise ModelError(f"{path}: {name} is stored as {dtype}; only F32, F16 and BF16 are supported")
+            raise ModelError(f"{path}: {name} is stored as {dtype}; only {', '.join(_DTYPES)} are supported")
         itemsize = np.dtype(_DTYPES[dtype]).itemsize
         if end - begin != itemsize * int(np.prod(shape)) or begin < 0:
             raise ModelError(f"{path}: {name} byte range [{begin}, {end}) does not fit its shape {list(shape)}")
