@@ -61,11 +61,12 @@ def test_quantize_rows_matches_twin(M, K, J, outliers):
     x, _ = problem(M, K, J, outliers=outliers)
     x[0] = 0  # a zero row: scale 0, all bytes 0
     want_q, want_scale = int8.quantize_rows(x)
-    q, scale = np.full_like(want_q, 99), np.empty(M, np.float32)
-    int8_kernels.quantize_rows_forward(q, scale, x)
-    assert (q == want_q).all(), f"{int((q != want_q).sum())} bytes differ"
-    assert (scale == want_scale).all()
-    assert np.abs(q.astype(int)).max() <= 127  # -128 never appears: symmetric
+    for dtype in (np.int8, np.int16):  # the paths' two ACTIVATION dtypes
+        q, scale = np.full(want_q.shape, 99, dtype), np.empty(M, np.float32)
+        int8_kernels.quantize_rows_forward(q, scale, x)
+        assert (q == want_q).all(), f"{int((q != want_q).sum())} values differ"
+        assert (scale == want_scale).all()
+        assert np.abs(q.astype(int)).max() <= 127  # -128 never appears: symmetric
 
 
 @pytest.mark.parametrize("path", RUNNABLE)
@@ -74,6 +75,7 @@ def test_int8_product_every_path_matches_twin(path, M, K, J):
     x, linear = problem(M, K, J, seed=M + K)
     packed = int8.pack([linear])
     q, scale = int8.quantize_rows(x)
+    q = q.astype(int8_kernels.ACTIVATION[isa.code(path)])  # as the path takes them
     width = len(packed.bias)
 
     # exact integer sums: unit scales, no bias
@@ -134,6 +136,16 @@ def test_forcing_a_path_this_cpu_lacks_is_refused(monkeypatch):
     monkeypatch.setenv("NPRERANK_ISA", name)
     with pytest.raises(ValueError, match="NPRERANK_ISA"):
         isa.choose()
+
+
+@pytest.mark.skipif(not JIT, reason="the plain-Python tile takes any dtype")
+def test_a_path_given_the_wrong_activation_dtype_refuses():
+    x, linear = problem(4, 16, 32)
+    packed = int8.pack([linear])
+    q, scale = int8.quantize_rows(x)  # int8: vpdpbusd's, not the widening paths'
+    with pytest.raises(ValueError, match="ACTIVATION"):
+        int8_kernels.linear_int8_forward(np.empty((4, 32), np.float32), 0, q, scale, *vars(packed).values(),
+                                         isa.code("generic"), 1)
 
 
 def test_isa_choice(monkeypatch):

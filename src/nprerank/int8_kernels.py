@@ -37,6 +37,12 @@ from .kernels import f32, kernel, parallel_kernel
 # tile shape per path, indexed by isa.code(name): the sums must fit the vector registers
 TILE_ROWS = (14, 6, 6, 4)  # vnni512: 14 x 2 zmm sums + 2 weights + 1 broadcast = 31 of 32
 TILE_COLUMNS = (32, 16, 8, 8)  # avxvnni and avx2: 6 x 2 ymm sums + 2 + 1 = 15 of 16
+# How the paths take the quantized activations (same values, in [-127, 127]): vpdpbusd reads bytes;
+# the widening paths read them as int16 already, so that a row's 4 values of a k-group are one
+# 8-byte broadcast from memory instead of a load, a widening and a broadcast (16 -> 10 vector
+# instructions per k-group and 6 rows).
+ACTIVATION = (np.int8, np.int8, np.int16, np.int16)
+ACTIVATION_BYTES = tuple(np.dtype(dtype).itemsize for dtype in ACTIVATION)  # what Numba code can index
 PANEL_ROWS = kernels.PANEL_ROWS  # rows of x per work item of linear_int8_forward
 QMAX = f32(127.0)
 ZERO = f32(0.0)
@@ -47,7 +53,8 @@ ZERO = f32(0.0)
 
 @kernel
 def _quantize_row(q, scales, x, m):
-    """int8.quantize_rows for row m: q[m] [K4 * 4] int8 (zero-padded), scales[m]; x [M, K]."""
+    """int8.quantize_rows for row m: q[m] [K4 * 4] (zero-padded), scales[m]; x [M, K]. q's
+    dtype is the path's ACTIVATION dtype: the values are int8's whatever it is."""
     K = x.shape[1]
     largest = ZERO
     for k in range(K):
@@ -55,14 +62,14 @@ def _quantize_row(q, scales, x, m):
     scales[m] = largest / QMAX
     inverse = QMAX / largest if largest > ZERO else ZERO
     for k in range(K):
-        q[m, k] = np.int8(np.rint(x[m, k] * inverse))
+        q[m, k] = np.int32(np.rint(x[m, k] * inverse))  # in [-127, 127]
     for k in range(K, q.shape[1]):
         q[m, k] = 0
 
 
 @kernel
 def quantize_rows(q, scales, x):
-    """int8.quantize_rows(x) into q [M, K4 * 4] int8 and scales [M] float32, row by row."""
+    """int8.quantize_rows(x) into q [M, K4 * 4] (int8 or int16) and scales [M] float32, row by row."""
     for m in range(x.shape[0]):
         _quantize_row(q, scales, x, m)
 
@@ -84,6 +91,7 @@ def linear_int8_forward(out, column, q, scales, panels, column_scales, correctio
     out [M, >= column + P * PANEL] float32; q [M, K4 * 4] int8 and scales [M]: the quantized input
     (quantize_rows); panels [P, K4, PANEL * 4] int8; column_scales, bias [P * PANEL] float32;
     corrections [P * PANEL] int32; isa: isa.code(name). Work items as kernels.linear_forward's."""
+    _check_activation(q, isa)
     taken = np.zeros(1, dtype=np.int64)
     for _ in prange(n_threads):
         _linear_items(out, column, q, scales, panels, column_scales, corrections, bias, isa, taken)
@@ -118,6 +126,14 @@ def _panels_product(out, q, scales, panels, column_scales, corrections, bias, fi
                 _int8_tile(out[i : i + n, j:], q[i : i + n], scales[i : i + n], panels[p, :, c * GROUP :],
                            column_scales[j:], corrections[j:], bias[j:], isa)
                 i += n
+
+
+@kernel
+def _check_activation(q, isa):
+    """ValueError unless q's dtype is ACTIVATION[isa]: the tile has no loop for another pair and
+    would leave out untouched. Checked before the parallel region (an exception inside one is lost)."""
+    if q.itemsize != ACTIVATION_BYTES[isa]:
+        raise ValueError("q's dtype is not the ACTIVATION dtype of this isa")
 
 
 @kernel
@@ -164,7 +180,8 @@ else:
 
     @intrinsic
     def _int8_tile(typingctx, out, q, scales, panel, column_scales, corrections, bias, isa):
-        """One tile: out [rows, >= columns] float32, q [rows, K4 * 4] int8, scales [rows], panel
+        """One tile: out [rows, >= columns] float32, q [rows, K4 * 4] int8 or int16 (ACTIVATION[isa]),
+        scales [rows], panel
         [K4, >= columns * 4] int8 with rows PANEL * 4 bytes apart, column_scales, corrections and
         bias from the tile's first column; rows in tile_counts(isa), columns TILE_COLUMNS[isa].
         A call to the LLVM function of path `isa` (tile_function), chosen by a switch."""
@@ -175,11 +192,15 @@ else:
             rows = cgutils.unpack_tuple(builder, arrays[0].shape)[0]
             groups = cgutils.unpack_tuple(builder, arrays[3].shape)[0]
             strides = [cgutils.unpack_tuple(builder, arrays[i].strides)[0] for i in (0, 1)]
-            operands = [arrays[0].data, strides[0], arrays[1].data, strides[1], arrays[2].data, arrays[3].data,
+            q = builder.bitcast(arrays[1].data, ir.IntType(8).as_pointer())  # int8 or int16: addressed in bytes
+            operands = [arrays[0].data, strides[0], q, strides[1], arrays[2].data, arrays[3].data,
                         arrays[4].data, arrays[5].data, arrays[6].data, rows, groups]
             after = builder.append_basic_block("int8_tile_done")
             choice = builder.switch(args[7], after)
+            size = sig.args[1].dtype.bitwidth // 8
             for code, name in enumerate(ISAS):
+                if ACTIVATION_BYTES[code] != size:  # _check_activation refuses that pair
+                    continue
                 block = builder.append_basic_block(f"int8_tile_{name}")
                 choice.add_case(ir.IntType(64)(code), block)
                 with builder.goto_block(block):
@@ -277,16 +298,20 @@ else:
                 wide = ir.VectorType(self.i16 if self.name == "avx2" else self.i32, 16)
                 w = [b.sext(b.load(self.at(self.panel, b.add(weights_at, self.i64(16 * v)), ir.VectorType(self.i8, 16)),
                                    align=1), wide) for v in range(self.vectors)]
+            vnni = self.name in ("vnni512", "avxvnni")
+            size = 1 if vnni else 2  # bytes per activation value (ACTIVATION)
             for r in range(count):
-                x4 = b.load(self.at(self.q, b.add(b.mul(self.i64(r), self.q_stride), b.mul(g, self.i64(GROUP))),
-                                    self.i32), align=1)  # this row's 4 bytes of the group
-                if self.name in ("vnni512", "avxvnni"):
+                x4 = b.load(self.at(self.q, b.add(b.mul(self.i64(r), self.q_stride), b.mul(g, self.i64(GROUP * size))),
+                                    self.i32 if vnni else self.i64), align=size)  # this row's 4 values of the group
+                if vnni:
                     unsigned = b.xor(x4, self.i32(0x80808080))  # s8 + 128 as u8, in every byte
                     spread = self.splat(unsigned, self.accumulator)
                     updated += [b.call(self.dot, [sums[r * self.vectors + v], spread, w[v]]) for v in range(self.vectors)]
                 else:
                     wide = w[0].type
-                    x = b.sext(b.bitcast(x4, ir.VectorType(self.i8, 4)), ir.VectorType(wide.element, 4))
+                    x = b.bitcast(x4, ir.VectorType(self.i16, 4))
+                    if wide.element != self.i16:
+                        x = b.sext(x, ir.VectorType(wide.element, 4))
                     spread = b.shuffle_vector(x, ir.Constant(x.type, ir.Undefined),
                                               ir.Constant(ir.VectorType(self.i32, 16), [0, 1, 2, 3] * 4))
                     for v in range(self.vectors):
@@ -368,24 +393,26 @@ else:
 
 @parallel_kernel
 def output_feed_forward_int8(hidden, context, output, norm1_weight, norm1_bias, up, down, norm2_weight, norm2_bias,
-                             eps, isa, n_threads):
+                             eps, isa, activation_type, n_threads):
     """kernels.output_feed_forward with the three products at int8 (int8.forward's feed-forward):
 
         h = layer_norm(hidden + linear_int8(context, attention_output))
         hidden = layer_norm(h + linear_int8(gelu(linear_int8(h, intermediate)), output))
 
     hidden [M, C] in place; context [M, C]; output, up, down: (panels, scale, correction, bias)
-    tuples of int8.Int8Product. Blocks of rows as kernels.output_feed_forward, each quantized as
+    tuples of int8.Int8Product; activation_type: an array of the path's ACTIVATION dtype (Numba
+    needs the dtype as a type). Blocks of rows as kernels.output_feed_forward, each quantized as
     it is made."""
+    _check_activation(activation_type, isa)
     taken = np.zeros(1, dtype=np.int64)
     for _ in prange(n_threads):
         _feed_forward_items(hidden, context, output, norm1_weight, norm1_bias, up, down, norm2_weight, norm2_bias, eps,
-                            isa, n_threads, taken)
+                            isa, activation_type, n_threads, taken)
 
 
 @kernel
 def _feed_forward_items(hidden, context, output, norm1_weight, norm1_bias, up, down, norm2_weight, norm2_bias, eps, isa,
-                        n_threads, taken):
+                        activation_type, n_threads, taken):
     """One thread's part of output_feed_forward_int8: the blocks of rows it takes from `taken`."""
     M, C = hidden.shape
     F = down[0].shape[1] * GROUP  # F rounded up to whole groups
@@ -394,9 +421,9 @@ def _feed_forward_items(hidden, context, output, norm1_weight, norm1_bias, up, d
     rows_per_block = (M + blocks - 1) // blocks
     projected = np.empty((rows_per_block, output[0].shape[0] * PANEL), dtype=np.float32)
     activation = np.empty((rows_per_block, up[0].shape[0] * PANEL + kernels.STRIDE_PAD), dtype=np.float32)
-    q = np.empty((rows_per_block, max(F, context.shape[1] + GROUP)), dtype=np.int8)  # any of the three inputs
-    scales = np.empty(rows_per_block, dtype=np.float32)
     C4 = output[0].shape[1] * GROUP
+    q = np.empty((rows_per_block, max(F, C4)), dtype=activation_type.dtype)  # any of the three inputs
+    scales = np.empty(rows_per_block, dtype=np.float32)
     block = kernels.take(taken)
     while block * rows_per_block < M:
         r = block * rows_per_block

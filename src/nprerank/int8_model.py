@@ -65,7 +65,7 @@ def encoder_layer(x, offsets, p: Layer, m: Int8Matrices, buffers, config: ModelC
     int8_kernels.output_feed_forward_int8(hidden, context, _parts(m.attention_output), p.attention_norm.weight,
                                           p.attention_norm.bias, _parts(m.intermediate), _parts(m.output),
                                           p.output_norm.weight, p.output_norm.bias, np.float32(config.layer_norm_eps),
-                                          isa, threads)
+                                          isa, buffers["q"][:0], threads)
     return hidden
 
 
@@ -75,7 +75,7 @@ def forward(ids, offsets, weights: Weights, matrices: list, config: ModelConfig,
     buffers = {  # reused by every layer
         "qkv": np.empty((N, 3 * matrices[0].width), dtype=np.float32),
         "context": np.empty((N, C), dtype=np.float32),
-        "q": np.empty((N, -(-C // GROUP) * GROUP), dtype=np.int8),
+        "q": np.empty((N, -(-C // GROUP) * GROUP), dtype=int8_kernels.ACTIVATION[isa]),  # quantized inputs
         "scales": np.empty(N, dtype=np.float32),
     }
     x = embeddings(ids, offsets, weights.embeddings, config)  # [N, C]
