@@ -98,18 +98,23 @@ def make_tokenizer(vocab_size: int = 800) -> Path:
     return folder
 
 
-def make_model(seed: int = 0, dtype: str = "float32", tokenizer_vocab: int = 800, **config) -> Path:
+def make_model(seed: int = 0, dtype: str = "float32", tokenizer_vocab: int = 800, outliers: int = 0, **config) -> Path:
     """A folder with config.json, model.safetensors and tokenizer.json of a random reranker.
 
     `config` overrides XLMRobertaConfig fields (tiny defaults; pass **BGE_RERANKER_BASE for the
     full size). Weights are drawn so that every parameter matters: biases and LayerNorm scales are
     random too, and the head is calibrated so that logits spread like a trained model's.
+
+    outliers: that many hidden dimensions get LayerNorm scales and shifts 20-50x larger in every
+    LayerNorm, so the residual stream carries a few huge features in every token, as LLM.int8()
+    (Dettmers et al. 2022) found in trained transformers: the hard case for int8 activations.
     """
     spec = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                 max_position_embeddings=130, vocab_size=tokenizer_vocab + 2, layer_norm_eps=1e-5,
                 initializer_range=0.1)
     spec.update(config)
-    folder = cache_dir() / f"model-{_key(seed=seed, dtype=dtype, tokenizer_vocab=tokenizer_vocab, **spec)}"
+    extra = {"outliers": outliers} if outliers else {}  # keeps the older models' names
+    folder = cache_dir() / f"model-{_key(seed=seed, dtype=dtype, tokenizer_vocab=tokenizer_vocab, **spec, **extra)}"
     if (folder / "model.safetensors").exists():
         return folder
     import torch
@@ -126,6 +131,12 @@ def make_model(seed: int = 0, dtype: str = "float32", tokenizer_vocab: int = 800
                 parameter.copy_(1.0 + 0.1 * torch.randn_like(parameter))
             elif name.endswith("bias"):
                 parameter.copy_(0.05 * torch.randn_like(parameter))
+        if outliers:
+            dims = torch.randperm(spec["hidden_size"])[:outliers]
+            scales = 20 + 30 * torch.rand(outliers)  # 20-50x
+            for name, parameter in model.named_parameters():
+                if "LayerNorm" in name:
+                    parameter[dims] *= scales
         _calibrate_head(model, tokenizer)
     model = model.to(getattr(torch, dtype))
 
