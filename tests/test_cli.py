@@ -105,6 +105,7 @@ def test_model_options_reach_the_reranker(tiny_model):
     for options, flags in [
         (dict(max_length=24, long_documents="chunk"), ["--max-length", "24", "--long-documents", "chunk"]),
         (dict(max_length=24, truncation="longest_first"), ["--max-length", "24", "--truncation", "longest_first"]),
+        (dict(precision="int8"), ["--precision", "int8"]),
     ]:
         want = Reranker.from_pretrained(tiny_model, **options).rerank(QUERY, [{"text": t} for t in contexts])
         result = run("rerank", QUERY, *contexts, "--model", tiny_model, "--json", "--threads", "1", *flags)
@@ -225,7 +226,7 @@ def test_version_and_help():
     result = run("rerank", "--help")
     assert result.returncode == 0
     for word in ("--top-k", "--json", "--file", "--model", "--threads", "--max-length", "--truncation",
-                 "--long-documents", "JSONL", "stdin"):
+                 "--long-documents", "--precision", "JSONL", "stdin"):
         assert word in result.stdout, word
     result = run("download", "--help")
     assert result.returncode == 0 and "--dir" in result.stdout

@@ -114,6 +114,9 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--truncation", choices=("only_second", "longest_first"), default="only_second",
                        help="only_second cuts the context, never the query (FlagEmbedding); longest_first cuts "
                        "the longer one (sentence-transformers, TEI). Default %(default)s")
+    group.add_argument("--precision", choices=("fp32", "int8"), default="fp32",
+                       help="fp32 (exact) or int8 (the encoder's products on 8-bit integers: faster, logits "
+                       "off by ~0.01-1 on random models, docs/performance.md). Default %(default)s")
     group.add_argument("--long-documents", choices=("truncate", "chunk"), default="truncate",
                        help="truncate: score the start of a long context; chunk: score overlapping windows and "
                        "keep the best. Default %(default)s")
@@ -164,7 +167,7 @@ def _rerank(args, rest) -> int:
 
     from .reranker import Reranker  # numpy, numba: only once the command line is known to be good
 
-    options = dict(truncation=args.truncation, long_documents=args.long_documents)
+    options = dict(truncation=args.truncation, long_documents=args.long_documents, precision=args.precision)
     if args.max_length is not None:
         options["max_length"] = args.max_length
     if args.threads is not None:
