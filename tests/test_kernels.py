@@ -24,7 +24,7 @@ from nprerank import kernels, reference
 from nprerank.config import ModelConfig
 from nprerank.layout import _pack
 from nprerank.blas import blas_function, set_blas_threads
-from nprerank.model import FastModel, pack, set_threads
+from nprerank.model import FastModel, pack, set_threads, usable_cpus
 from nprerank.synthetic import make_model
 from nprerank.weights import Classifier, Embeddings, Layer, LayerNorm, Linear, load_weights
 
@@ -135,9 +135,11 @@ def test_output_feed_forward_matches_reference():
     packed = {name: _pack([getattr(layer, name)]) for name in ("attention_output", "intermediate", "output")}
     for threads in (1, 2, 3):
         got = hidden.copy()
+        floats = kernels.feed_forward_floats(M, threads, packed["attention_output"][0], packed["intermediate"][0])
         kernels.output_feed_forward(got, context, *packed["attention_output"], layer.attention_norm.weight,
                                     layer.attention_norm.bias, *packed["intermediate"], *packed["output"],
-                                    layer.output_norm.weight, layer.output_norm.bias, np.float32(eps), threads)
+                                    layer.output_norm.weight, layer.output_norm.bias, np.float32(eps),
+                                    kernels.make_workspace(threads, floats))
         assert_close(f"output_feed_forward {threads} threads", got, want, atol=3e-5)
 
 
@@ -159,16 +161,28 @@ def test_attention_forward_matches_reference(C, H):
     offsets = offsets_of(lengths)
     qkv = np.concatenate([reference.linear(x, p) for p in (layer.query, layer.key, layer.value)], axis=1)
     context = np.empty((len(x), C), dtype=np.float32)
-    kernels.attention_forward(context, qkv, qkv, C, offsets, offsets, H, 2)
+    workspace = kernels.make_workspace(2, kernels.attention_floats(offsets, offsets, C // H))
+    kernels.attention_forward(context, qkv, qkv, C, offsets, offsets, H, workspace)
     got = reference.linear(context, layer.attention_output)
     assert_close(f"attention_forward C={C} H={H}", got, want, atol=2e-5)
 
     # only each sequence's first token asks (the last layer)
     first = np.ascontiguousarray(qkv[offsets[:-1], :C])
     context = np.empty((B, C), dtype=np.float32)
-    kernels.attention_forward(context, first, qkv, C, offsets, np.arange(B + 1), H, 3)
+    workspace = kernels.make_workspace(3, kernels.attention_floats(offsets, np.arange(B + 1), C // H))
+    kernels.attention_forward(context, first, qkv, C, offsets, np.arange(B + 1), H, workspace)
     got_first = reference.linear(context, layer.attention_output)
     assert_close(f"attention_forward first tokens C={C} H={H}", got_first, want[offsets[:-1]], atol=2e-5)
+
+
+def test_a_too_small_workspace_is_refused_before_the_region():
+    """The sizes are checked before the threads start, where an error can reach the caller."""
+    offsets = offsets_of([3, 40])
+    qkv = np.zeros((43, 3 * 32), dtype=np.float32)
+    context = np.empty((43, 32), dtype=np.float32)
+    small = kernels.make_workspace(2, kernels.attention_floats(offsets, offsets, 8) - kernels.SCRATCH_ALIGN)
+    with pytest.raises(ValueError, match="workspace is too small"):
+        kernels.attention_forward(context, qkv, qkv, 32, offsets, offsets, 4, small)
 
 
 def test_classification_head_forward_matches_reference():
@@ -246,7 +260,7 @@ def test_thread_control(monkeypatch):
         with pytest.raises(ValueError, match="threads must be a positive integer"):
             set_threads(0)
         monkeypatch.delenv("NPRERANK_NUM_THREADS")
-        assert set_threads(None) is None
+        assert set_threads(None) == min(usable_cpus(), numba.config.NUMBA_NUM_THREADS)
     finally:
         set_threads(numba.config.NUMBA_NUM_THREADS)
 

@@ -83,6 +83,49 @@ def test_damaged_layout_is_written_again(tiny_model, tmp_path, monkeypatch):
     assert_packed(gemm_weights(weights), weights)
 
 
+@pytest.mark.parametrize("where", [0.0, 0.37, 1.0])  # the first, a middle and the last byte of the data
+def test_one_changed_byte_in_the_layout_data_is_caught(tiny_model, tmp_path, monkeypatch, where):
+    """A byte of the cached panels changed after the file was written (a bad disk, a stray write):
+    the checksum catches it, the file is written again with a warning naming it, and the
+    scores are right (before, the damage gave NaN or wrong scores on every later load)."""
+    from nprerank import Reranker
+
+    monkeypatch.setenv("NPRERANK_CACHE", str(tmp_path))
+    pairs = [("what do pandas eat", "bamboo, mostly"), ("a query", "an unrelated passage")]
+    want = Reranker.from_pretrained(tiny_model).compute_score(pairs)
+    (path,) = tmp_path.glob("layout-*.safetensors")
+    data = bytearray(path.read_bytes())
+    start = 8 + int.from_bytes(data[:8], "little")
+    offset = start + int(where * (len(data) - 1 - start))
+    data[offset] ^= 0x40  # flips an exponent bit when it lands on a float's top byte
+    path.write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match=f"{path.name}.*damaged"):
+        got = Reranker.from_pretrained(tiny_model).compute_score(pairs)
+    assert got == want
+    assert_packed(gemm_weights(load(tiny_model)), load(tiny_model))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # the file written again passes its checksum
+        gemm_weights(load(tiny_model))
+
+
+def test_checksum_covers_every_byte():
+    """layout._checksum: any single changed byte, blocks swapped, a tail shorter than a block."""
+    from nprerank.layout import CHECKSUM_BLOCK, _checksum
+
+    rng = np.random.default_rng(0)
+    data = bytearray(rng.integers(0, 256, 3 * CHECKSUM_BLOCK + 100, dtype=np.uint8).tobytes())
+    reference = _checksum(bytes(data), 8)
+    for offset in (8, 9, CHECKSUM_BLOCK + 3, len(data) - 1):
+        for flip in (1, 0x80):
+            changed = bytearray(data)
+            changed[offset] ^= flip
+            assert _checksum(bytes(changed), 8) != reference, (offset, flip)
+    swapped = data[:8] + data[8 + CHECKSUM_BLOCK : 8 + 2 * CHECKSUM_BLOCK] + data[8 : 8 + CHECKSUM_BLOCK] + \
+        data[8 + 2 * CHECKSUM_BLOCK :]
+    assert _checksum(bytes(swapped), 8) != reference
+    assert _checksum(bytes(data[:8]) + bytes(len(data) - 8), 8) != reference  # zeroed
+
+
 def test_unwritable_cache_keeps_copies_in_memory(tiny_model, tmp_path, monkeypatch):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")

@@ -8,12 +8,46 @@ Read next: weights.py (which tensors the config asks for) and reference.py (how 
 """
 
 import json
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 
+FLOAT32_TINY, FLOAT32_MAX = 1.1754943508222875e-38, 3.4028234663852886e38  # float32's normal range
+
+
+MAX_CONFIG_BYTES = 10 << 20  # a config.json is a few KB; more is not one (and is refused as bad JSON)
+
+
 class ModelError(ValueError):
     """A model folder or file we cannot use; the message names the file and the problem."""
+
+
+def open_regular_file(path):
+    """`path` opened for reading in binary, after checking that it is a regular file: a FIFO
+    would block the open until something writes to it, a device could be endless or have side
+    effects, and a directory cannot be read. ModelError names the path and what it is instead;
+    FileNotFoundError and other OSErrors pass through. The check is made again on the opened
+    file (O_NONBLOCK: a FIFO swapped in between does not block the open either)."""
+    kinds = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+             stat.S_IFDIR: "a directory", stat.S_IFSOCK: "a socket"}
+
+    def refuse(mode):
+        raise ModelError(f"{path}: is {kinds.get(stat.S_IFMT(mode), 'not a regular file')}, not a regular file")
+
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        refuse(mode)
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(descriptor).st_mode
+        if not stat.S_ISREG(mode):
+            refuse(mode)
+        return os.fdopen(descriptor, "rb")
+    except BaseException:
+        os.close(descriptor)
+        raise
 
 
 @dataclass(frozen=True)
@@ -47,11 +81,14 @@ class ModelConfig:
     def from_json(cls, path) -> "ModelConfig":
         path = Path(path)
         try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
+            with open_regular_file(path) as f:
+                raw = json.loads(f.read(MAX_CONFIG_BYTES + 1).decode("utf-8"))
         except FileNotFoundError:
             raise ModelError(f"{path}: config.json not found") from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ModelError(f"{path}: not a readable JSON file ({e})") from None
+        except RecursionError:  # json's parser recurses once per level of nesting
+            raise ModelError(f"{path}: nested too deeply to be a model's config.json") from None
         if not isinstance(raw, dict):
             raise ModelError(f"{path}: expected a JSON object, got {type(raw).__name__}")
         return cls.from_dict(raw, source=str(path))
@@ -66,6 +103,10 @@ class ModelConfig:
             smallest = 0 if name == "pad_token_id" else 1e-12
             if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int) or value < smallest:
                 raise ModelError(f"{source}: {name} must be a positive {kind.__name__}, got {value!r}")
+            if kind is float and not FLOAT32_TINY <= value <= FLOAT32_MAX:  # NaN fails both comparisons
+                # the kernels compute in float32: 1e300 would be inf there, and inf or NaN gives NaN scores
+                raise ModelError(f"{source}: {name} must be a finite positive number that float32 can hold "
+                                 f"({FLOAT32_TINY:.3g} to {FLOAT32_MAX:.3g}), got {value!r}")
             values[name] = kind(value)
         config = cls(**values)
         if config.hidden_size % config.num_attention_heads:

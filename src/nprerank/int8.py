@@ -163,7 +163,7 @@ def matrices(arrays: dict) -> Int8Matrices:
 # --- the oracle: reference.forward with int8 products ------------------------------------------
 
 
-class _Int8Linears:
+class Int8Linears:
     """reference.linear's stand-in: each Linear of the encoder quantized once (by identity), the
     classification head's left at fp32 as the fast path leaves it."""
 
@@ -180,4 +180,4 @@ class _Int8Linears:
 
 def forward(input_ids, attention_mask, weights, config):
     """reference.forward with the encoder's products at int8 (this module's format): [B] logits."""
-    return reference.forward(input_ids, attention_mask, weights, config, linear=_Int8Linears(weights.layers))
+    return reference.forward(input_ids, attention_mask, weights, config, linear=Int8Linears(weights.layers))

@@ -389,55 +389,81 @@ else:
 
 
 # --- the steps of a layer after attention, at int8 --------------------------------------------
+# Scratch as kernels.py has it: made by the caller before the region (kernels.py, "scratch
+# memory"), a row per thread: fp32 in a kernels.make_workspace, the quantized rows in `codes`.
+
+
+@kernel
+def feed_forward_int8_sizes(M, n_threads, output_panels, up_panels):
+    """(floats of a thread's workspace row, values of its row of codes) for
+    output_feed_forward_int8 on M rows: projected, activation and scales; one block's quantized input."""
+    rows = kernels._rows_per_block(M, n_threads)
+    out_width, inner_width = output_panels.shape[0] * PANEL, up_panels.shape[0] * PANEL + kernels.STRIDE_PAD
+    floats = kernels._aligned(rows * out_width) + kernels._aligned(rows * inner_width) + kernels._aligned(rows)
+    return floats, rows * max(output_panels.shape[1], up_panels.shape[0] * PANEL // GROUP) * GROUP
+
+
+@kernel
+def _feed_forward_int8_scratch(scratch, codes, rows, output_panels, up_panels):
+    """Views into one thread's rows of the workspaces: projected [rows, C rounded up to whole
+    panels], activation [rows, F rounded up + STRIDE_PAD] (as kernels._feed_forward_scratch, with
+    int8.PANEL), scales [rows], and the codes, flat. Views only: nothing is allocated."""
+    out_width, inner_width = output_panels.shape[0] * PANEL, up_panels.shape[0] * PANEL + kernels.STRIDE_PAD
+    at = kernels._aligned(rows * out_width)
+    projected = scratch[: rows * out_width].reshape((rows, out_width))
+    activation = scratch[at : at + rows * inner_width].reshape((rows, inner_width))
+    at += kernels._aligned(rows * inner_width)
+    return projected, activation, scratch[at : at + rows], codes
 
 
 @parallel_kernel
 def output_feed_forward_int8(hidden, context, output, norm1_weight, norm1_bias, up, down, norm2_weight, norm2_bias,
-                             eps, isa, activation_type, n_threads):
+                             eps, isa, workspace, codes):
     """kernels.output_feed_forward with the three products at int8 (int8.forward's feed-forward):
 
         h = layer_norm(hidden + linear_int8(context, attention_output))
         hidden = layer_norm(h + linear_int8(gelu(linear_int8(h, intermediate)), output))
 
     hidden [M, C] in place; context [M, C]; output, up, down: (panels, scale, correction, bias)
-    tuples of int8.Int8Product; activation_type: an array of the path's ACTIVATION dtype (Numba
-    needs the dtype as a type). Blocks of rows as kernels.output_feed_forward, each quantized as
-    it is made."""
-    _check_activation(activation_type, isa)
+    tuples of int8.Int8Product; workspace [threads, S] float32 and codes [threads, S'] of the
+    path's ACTIVATION dtype, S and S' at least feed_forward_int8_sizes'. Blocks of rows as
+    kernels.output_feed_forward, each input quantized as it is made."""
+    n_threads = workspace.shape[0]
+    floats, values = feed_forward_int8_sizes(hidden.shape[0], n_threads, output[0], up[0])
+    kernels._check_workspace(workspace, floats)
+    kernels._check_workspace(codes, values)
+    _check_activation(codes, isa)
     taken = np.zeros(1, dtype=np.int64)
-    for _ in prange(n_threads):
+    for thread in prange(n_threads):
         _feed_forward_items(hidden, context, output, norm1_weight, norm1_bias, up, down, norm2_weight, norm2_bias, eps,
-                            isa, activation_type, n_threads, taken)
+                            isa, n_threads, workspace[thread], codes[thread], taken)
 
 
 @kernel
 def _feed_forward_items(hidden, context, output, norm1_weight, norm1_bias, up, down, norm2_weight, norm2_bias, eps, isa,
-                        activation_type, n_threads, taken):
+                        n_threads, scratch, codes, taken):
     """One thread's part of output_feed_forward_int8: the blocks of rows it takes from `taken`."""
     M, C = hidden.shape
-    F = down[0].shape[1] * GROUP  # F rounded up to whole groups
-    rows_most = kernels.BLOCK_TILES * TILE_ROWS[isa]
-    blocks = max((M + rows_most - 1) // rows_most, min(n_threads, M))
-    rows_per_block = (M + blocks - 1) // blocks
-    projected = np.empty((rows_per_block, output[0].shape[0] * PANEL), dtype=np.float32)
-    activation = np.empty((rows_per_block, up[0].shape[0] * PANEL + kernels.STRIDE_PAD), dtype=np.float32)
+    F4 = down[0].shape[1] * GROUP  # F rounded up to whole groups
     C4 = output[0].shape[1] * GROUP
-    q = np.empty((rows_per_block, max(F, C4)), dtype=activation_type.dtype)  # any of the three inputs
-    scales = np.empty(rows_per_block, dtype=np.float32)
+    rows_per_block = kernels._rows_per_block(M, n_threads)
+    projected, activation, scales, codes = _feed_forward_int8_scratch(scratch, codes, rows_per_block, output[0], up[0])
     block = kernels.take(taken)
     while block * rows_per_block < M:
         r = block * rows_per_block
         h = hidden[r : r + rows_per_block]
         n = h.shape[0]
-        quantize_rows(q[:n, :C4], scales[:n], context[r : r + n])
-        _panels_product(projected[:n], q[:n, :C4], scales[:n], *output, 0, output[0].shape[0], isa)
+        q = codes[: n * C4].reshape((n, C4))
+        quantize_rows(q, scales[:n], context[r : r + n])
+        _panels_product(projected[:n], q, scales[:n], *output, 0, output[0].shape[0], isa)
         kernels._add_layer_norm(h, projected[:n], norm1_weight, norm1_bias, eps)
-        quantize_rows(q[:n, :C4], scales[:n], h)
-        _panels_product(activation[:n], q[:n, :C4], scales[:n], *up, 0, up[0].shape[0], isa)
+        quantize_rows(q, scales[:n], h)
+        _panels_product(activation[:n], q, scales[:n], *up, 0, up[0].shape[0], isa)
         for i in range(n):
-            for f in range(F):
+            for f in range(F4):
                 activation[i, f] = kernels.gelu32(activation[i, f])  # padding columns: gelu(0) = 0
-        quantize_rows(q[:n, :F], scales[:n], activation[:n, :F])
-        _panels_product(projected[:n], q[:n, :F], scales[:n], *down, 0, down[0].shape[0], isa)
+        q = codes[: n * F4].reshape((n, F4))
+        quantize_rows(q, scales[:n], activation[:n, :F4])
+        _panels_product(projected[:n], q, scales[:n], *down, 0, down[0].shape[0], isa)
         kernels._add_layer_norm(h, projected[:n], norm2_weight, norm2_bias, eps)
         block = kernels.take(taken)

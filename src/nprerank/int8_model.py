@@ -46,7 +46,8 @@ def encoder_layer(x, offsets, p: Layer, m: Int8Matrices, buffers, config: ModelC
                   first_tokens_only: bool = False):
     """model.encoder_layer at int8: the same three steps and the same last-layer shortcut (queries,
     attention and feed-forward for the first tokens only). Returns the new hidden states [Q, C]."""
-    threads = numba.get_num_threads()
+    workspace, codes = buffers["workspace"], buffers["codes"]
+    threads = len(workspace)
     qkv = buffers["qkv"]  # [N, 3 * width]
     width = m.width
     if first_tokens_only:
@@ -61,22 +62,30 @@ def encoder_layer(x, offsets, p: Layer, m: Int8Matrices, buffers, config: ModelC
         query_offsets, hidden, queries = offsets, x, qkv
         linear(qkv, 0, x, m.qkv, buffers, isa, threads)
     context = buffers["context"][: len(hidden)]  # [Q, C]
-    kernels.attention_forward(context, queries, qkv, width, offsets, query_offsets, config.num_attention_heads, threads)
+    kernels.attention_forward(context, queries, qkv, width, offsets, query_offsets, config.num_attention_heads, workspace)
     int8_kernels.output_feed_forward_int8(hidden, context, _parts(m.attention_output), p.attention_norm.weight,
                                           p.attention_norm.bias, _parts(m.intermediate), _parts(m.output),
                                           p.output_norm.weight, p.output_norm.bias, np.float32(config.layer_norm_eps),
-                                          isa, buffers["q"][:0], threads)
+                                          isa, workspace, codes)
     return hidden
 
 
 def forward(ids, offsets, weights: Weights, matrices: list, config: ModelConfig, isa: int):
     """Packed ids [N] with offsets [B+1] -> [B] logits. matrices: [int8.Int8Matrices] * L."""
-    N, C = len(ids), config.hidden_size
+    N, B, C = len(ids), len(offsets) - 1, config.hidden_size
+    threads = 1 if numba.config.DISABLE_JIT else numba.get_num_threads()  # without JIT prange is a loop
+    m = matrices[0]
+    sizes = [int8_kernels.feed_forward_int8_sizes(rows, threads, m.attention_output.panels, m.intermediate.panels)
+             for rows in (N, B)]
+    floats = max(kernels.attention_floats(offsets, offsets, config.head_size), *(f for f, _ in sizes))
+    # made here, before any parallel region, as model.forward does (kernels.py, "scratch memory")
     buffers = {  # reused by every layer
-        "qkv": np.empty((N, 3 * matrices[0].width), dtype=np.float32),
+        "qkv": np.empty((N, 3 * m.width), dtype=np.float32),
         "context": np.empty((N, C), dtype=np.float32),
-        "q": np.empty((N, -(-C // GROUP) * GROUP), dtype=int8_kernels.ACTIVATION[isa]),  # quantized inputs
+        "q": np.empty((N, m.qkv.panels.shape[1] * GROUP), dtype=int8_kernels.ACTIVATION[isa]),  # quantized x
         "scales": np.empty(N, dtype=np.float32),
+        "workspace": kernels.make_workspace(threads, floats),  # [threads, S]: each thread's scratch
+        "codes": np.empty((threads, max(v for _, v in sizes)), dtype=int8_kernels.ACTIVATION[isa]),
     }
     x = embeddings(ids, offsets, weights.embeddings, config)  # [N, C]
     *layers, last = zip(weights.layers, matrices)

@@ -409,8 +409,106 @@ else:
         return function
 
 
+# --- scratch memory: made by the caller, before any parallel region ----------------------------
+# Attention and the feed-forward need scratch arrays per thread (a head's keys and values in
+# panels, its scores; a block's projections and activation). An allocation that fails inside a
+# prange body cannot be reported: the thread that failed leaves the region, and the others wait
+# for it at the next barrier for ever, or skip its work and return wrong numbers. So no kernel
+# allocates inside a region: the caller makes a `workspace` [threads, S] before it (a failure is
+# then a MemoryError there), each thread carves its buffers out of its own row, and the sizes
+# below say how large S must be. tests/test_engine_faults.py checks the compiled regions for
+# allocations, so none can come back unnoticed.
+
+SCRATCH_ALIGN = 16  # floats: every buffer in a workspace starts on a 64-byte cache line
+BLOCK_TILES = 8  # tiles of rows a thread carries through output_feed_forward at once (112 rows with AVX-512)
+STRIDE_PAD = 16  # floats added to each row of the [rows, F] activation (see output_feed_forward)
+
+
+def make_workspace(n_threads: int, floats: int) -> np.ndarray:
+    """An uninitialised float32 workspace [n_threads, S], S >= floats, each row 64-byte aligned.
+    Allocated here, outside any parallel region: MemoryError if it does not fit."""
+    S = -(-max(int(floats), 1) // SCRATCH_ALIGN) * SCRATCH_ALIGN
+    flat = np.empty(n_threads * S + SCRATCH_ALIGN, dtype=np.float32)
+    start = (-flat.ctypes.data // 4) % SCRATCH_ALIGN  # the first float on a cache-line boundary
+    return flat[start : start + n_threads * S].reshape(n_threads, S)
+
+
+@kernel
+def _aligned(floats):
+    return -(-floats // SCRATCH_ALIGN) * SCRATCH_ALIGN
+
+
+@kernel
+def _check_workspace(workspace, floats):
+    # raised before the region starts, where an exception reaches the caller
+    if workspace.shape[1] < floats:
+        raise ValueError("the workspace is too small for this batch")
+
+
+@kernel
+def _attention_sizes(T, count, D):
+    """Floats of (zeros, keys, values, scores, totals, out) for an item of T keys and count queries."""
+    span, head_width = -(-T // PANEL) * PANEL, -(-D // PANEL) * PANEL
+    return max(span, head_width), span * D, head_width * T, count * span, count, count * head_width
+
+
+@kernel
+def attention_floats(offsets, query_offsets, D):
+    """Floats of one thread's workspace row for attention_forward on these sequences."""
+    T = count = 0
+    for b in range(offsets.shape[0] - 1):
+        T = max(T, offsets[b + 1] - offsets[b])
+        count = max(count, query_offsets[b + 1] - query_offsets[b])
+    total = 0
+    for size in _attention_sizes(T, count, D):
+        total += _aligned(size)
+    return total
+
+
+@kernel
+def _attention_scratch(scratch, T, count, D):
+    """Views into one thread's workspace row: zeros [max(span, Dp)], keys [span / PANEL, D,
+    PANEL], values [Dp / PANEL, T, PANEL], scores [count, span], totals [count], out [count, Dp]
+    (span, Dp: T, D rounded up to whole panels). Views only: nothing is allocated."""
+    span, head_width = -(-T // PANEL) * PANEL, -(-D // PANEL) * PANEL
+    zeros_size, keys_size, values_size, scores_size, totals_size, out_size = _attention_sizes(T, count, D)
+    at = _aligned(zeros_size)  # where the next buffer starts
+    zeros = scratch[:zeros_size]
+    keys = scratch[at : at + keys_size].reshape((span // PANEL, D, PANEL))
+    at += _aligned(keys_size)
+    values = scratch[at : at + values_size].reshape((head_width // PANEL, T, PANEL))
+    at += _aligned(values_size)
+    scores = scratch[at : at + scores_size].reshape((count, span))
+    at += _aligned(scores_size)
+    totals = scratch[at : at + totals_size]
+    at += _aligned(totals_size)
+    out = scratch[at : at + out_size].reshape((count, head_width))
+    return zeros, keys, values, scores, totals, out
+
+
+@kernel
+def feed_forward_floats(M, n_threads, output_panels, up_panels):
+    """Floats of one thread's workspace row for output_feed_forward on M rows."""
+    rows = _rows_per_block(M, n_threads)
+    return _aligned(rows * output_panels.shape[0] * PANEL) + _aligned(rows * (up_panels.shape[0] * PANEL + STRIDE_PAD))
+
+
+@kernel
+def _feed_forward_scratch(scratch, rows, output_panels, up_panels):
+    """Views into one thread's workspace row: projected [rows, C rounded up to whole panels] and
+    activation [rows, F rounded up + STRIDE_PAD]. Rows of the activation are F + STRIDE_PAD
+    floats apart: at F = 3072 a row is 12 KB, a multiple of 4 KB, and the 14 rows a tile reads at
+    once would all fall into the same set of the L1 cache and evict each other (the product on
+    it ran 25% slower)."""
+    out_width, inner_width = output_panels.shape[0] * PANEL, up_panels.shape[0] * PANEL + STRIDE_PAD
+    start = _aligned(rows * out_width)
+    projected = scratch[: rows * out_width].reshape((rows, out_width))
+    activation = scratch[start : start + rows * inner_width].reshape((rows, inner_width))
+    return projected, activation
+
+
 @parallel_kernel
-def attention_forward(context, queries, qkv, width, offsets, query_offsets, H, n_threads):
+def attention_forward(context, queries, qkv, width, offsets, query_offsets, H, workspace):
     """softmax(q k^T / sqrt(D)) v of reference.attention, per packed sequence and head.
 
     context [Q, C]; the projections, biases included: queries[:, :C] [Q, C], and the keys and
@@ -418,20 +516,24 @@ def attention_forward(context, queries, qkv, width, offsets, query_offsets, H, n
     up to whole panels; queries may be qkv itself). Sequence b's keys are rows offsets[b]:
     offsets[b+1]; its queries are rows query_offsets[b]:query_offsets[b+1], the first tokens of
     the sequence in order (all of them, or only the first when the caller needs just the
-    classification token).
+    classification token). workspace [threads, S]: a row of scratch per thread, S >=
+    attention_floats(offsets, query_offsets, D) (make it with `make_workspace`).
 
     Both products go through `_tile`, like the linear layers: the head's keys and values are
     first copied into panels (zero-padded to whole panels), a few KB per head. The softmax's
     division is done after the product with v: on D values per query instead of T.
     """
+    n_threads = workspace.shape[0]
+    _check_workspace(workspace, attention_floats(offsets, query_offsets, context.shape[1] // H))
     taken = np.zeros(1, dtype=np.int64)  # work items: (sequence, head) pairs
-    for _ in prange(n_threads):
-        _attention_items(context, queries, qkv, width, offsets, query_offsets, H, taken)
+    for thread in prange(n_threads):
+        _attention_items(context, queries, qkv, width, offsets, query_offsets, H, workspace[thread], taken)
 
 
 @kernel
-def _attention_items(context, queries, qkv, width, offsets, query_offsets, H, taken):
-    """One thread's part of attention_forward: the (sequence, head) items it takes from `taken`."""
+def _attention_items(context, queries, qkv, width, offsets, query_offsets, H, scratch, taken):
+    """One thread's part of attention_forward: the (sequence, head) items it takes from `taken`,
+    in its own row of the workspace, `scratch`."""
     C = context.shape[1]
     D = C // H
     head_width = -(-D // PANEL) * PANEL  # D rounded up to whole panels
@@ -444,9 +546,10 @@ def _attention_items(context, queries, qkv, width, offsets, query_offsets, H, ta
         start, T = offsets[b], offsets[b + 1] - offsets[b]
         first, count = query_offsets[b], query_offsets[b + 1] - query_offsets[b]
         span = -(-T // PANEL) * PANEL  # T rounded up to whole panels
-        zeros = np.zeros(max(span, head_width), dtype=np.float32)  # no bias
-        keys = np.zeros((span // PANEL, D, PANEL), dtype=np.float32)  # k^T [D, T] in panels
-        values = np.zeros((head_width // PANEL, T, PANEL), dtype=np.float32)  # v [T, D] in panels
+        zeros, keys, values, scores, totals, out = _attention_scratch(scratch, T, count, D)
+        zeros[:] = 0  # no bias
+        keys[:] = 0  # k^T [D, T] in panels, zero-padded
+        values[:] = 0  # v [T, D] in panels, zero-padded
         for t in range(T):
             for d in range(D):
                 keys[t // PANEL, d, t % PANEL] = key[start + t, h * D + d]
@@ -454,12 +557,9 @@ def _attention_items(context, queries, qkv, width, offsets, query_offsets, H, ta
             for t in range(T):
                 for j in range(min(PANEL, D - q * PANEL)):
                     values[q, t, j] = value[start + t, h * D + q * PANEL + j]
-        scores = np.empty((count, span), dtype=np.float32)
         _panels_product(scores, query[first : first + count, h * D : h * D + D], keys, zeros, 0, span // PANEL)
-        totals = np.empty(count, dtype=np.float32)
         for i in range(count):
             totals[i] = _softmax_numerators(scores[i, :T], scale)
-        out = np.empty((count, head_width), dtype=np.float32)
         _panels_product(out, scores[:, :T], values, zeros, 0, head_width // PANEL)
         for i in range(count):
             norm = ONE / totals[i]
@@ -484,48 +584,39 @@ def _softmax_numerators(x, scale):
     return total
 
 
-BLOCK_TILES = 8  # tiles of rows a thread carries through output_feed_forward at once (112 rows with AVX-512)
-STRIDE_PAD = 16  # floats added to each row of the [rows, F] activation (see output_feed_forward)
-
-
 @parallel_kernel
 def output_feed_forward(hidden, context, output_panels, output_bias, norm1_weight, norm1_bias, up_panels, up_bias,
-                        down_panels, down_bias, norm2_weight, norm2_bias, eps, n_threads):
+                        down_panels, down_bias, norm2_weight, norm2_bias, eps, workspace):
     """The rest of reference.encoder_layer after attention, in place on hidden [M, C]:
 
         h = layer_norm(hidden + linear(context, attention_output))                 (post-LN)
         hidden = layer_norm(h + linear(gelu(linear(h, intermediate)), output))
 
-    context [M, C]; *_panels and *_bias: layout.py's packed weights. Every step works row by row,
-    so the work items are blocks of rows, and a thread carries its block through all the steps:
-    one parallel region, where splitting each product by columns would need a region (and a
-    wake-up of the threads, ~100 us) per step. Every block reads every weight, from the shared L3
-    cache after the first. A block has at most BLOCK_TILES tiles of rows, so the [rows, F]
-    activation stays small (1.4 MB) whatever the batch.
+    context [M, C]; *_panels and *_bias: layout.py's packed weights; workspace [threads, S]: a row
+    of scratch per thread, S >= feed_forward_floats(M, threads, output_panels, up_panels). Every
+    step works row by row, so the work items are blocks of rows, and a thread carries its block
+    through all the steps: one parallel region, where splitting each product by columns would
+    need a region (and a wake-up of the threads, ~100 us) per step. Every block reads every
+    weight, from the shared L3 cache after the first. A block has at most BLOCK_TILES tiles of
+    rows, so the [rows, F] activation stays small (1.4 MB) whatever the batch.
     """
+    n_threads = workspace.shape[0]
+    _check_workspace(workspace, feed_forward_floats(hidden.shape[0], n_threads, output_panels, up_panels))
     taken = np.zeros(1, dtype=np.int64)
-    for _ in prange(n_threads):
+    for thread in prange(n_threads):
         _feed_forward_items(hidden, context, output_panels, output_bias, norm1_weight, norm1_bias, up_panels, up_bias,
-                            down_panels, down_bias, norm2_weight, norm2_bias, eps, n_threads, taken)
+                            down_panels, down_bias, norm2_weight, norm2_bias, eps, n_threads, workspace[thread], taken)
 
 
 @kernel
 def _feed_forward_items(hidden, context, output_panels, output_bias, norm1_weight, norm1_bias, up_panels, up_bias,
-                        down_panels, down_bias, norm2_weight, norm2_bias, eps, n_threads, taken):
-    """One thread's part of output_feed_forward: the blocks of rows it takes from `taken`."""
-    M, C = hidden.shape
-    width = up_panels.shape[0] * PANEL  # F rounded up to whole panels
+                        down_panels, down_bias, norm2_weight, norm2_bias, eps, n_threads, scratch, taken):
+    """One thread's part of output_feed_forward: the blocks of rows it takes from `taken`, in its
+    own row of the workspace, `scratch`."""
+    M = hidden.shape[0]
     F = down_panels.shape[1]
-    # blocks of at most BLOCK_TILES tiles, and at least one per thread. Not smaller: every block
-    # reads all the layer's weights (21 MB), and at one 128-token pair four blocks instead of two
-    # measured slower, however well they share the work.
-    blocks = max((M + BLOCK_TILES * TILE_ROWS - 1) // (BLOCK_TILES * TILE_ROWS), min(n_threads, M))
-    rows_per_block = (M + blocks - 1) // blocks
-    projected = np.empty((rows_per_block, output_panels.shape[0] * PANEL), dtype=np.float32)
-    # Rows of the activation are F + STRIDE_PAD floats apart: at F = 3072 a row is 12 KB, a
-    # multiple of 4 KB, and the 14 rows a tile reads at once would all fall into the same set of
-    # the L1 cache and evict each other (the product on it ran 25% slower).
-    activation = np.empty((rows_per_block, width + STRIDE_PAD), dtype=np.float32)
+    rows_per_block = _rows_per_block(M, n_threads)
+    projected, activation = _feed_forward_scratch(scratch, rows_per_block, output_panels, up_panels)
     block = take(taken)
     while block * rows_per_block < M:
         r = block * rows_per_block
@@ -542,14 +633,25 @@ def _feed_forward_items(hidden, context, output_panels, output_bias, norm1_weigh
         block = take(taken)
 
 
+@kernel
+def _rows_per_block(M, n_threads):
+    """Rows in each of output_feed_forward's blocks: blocks of at most BLOCK_TILES tiles, and at
+    least one block per thread. Not smaller: every block reads all the layer's weights (21 MB),
+    and at one 128-token pair four blocks instead of two measured slower, however well they
+    share the work."""
+    blocks = max((M + BLOCK_TILES * TILE_ROWS - 1) // (BLOCK_TILES * TILE_ROWS), min(n_threads, M))
+    return (M + blocks - 1) // blocks
+
+
 @parallel_kernel
 def encoder_layers(x, qkv, context, offsets, width, H, eps, qkv_panels, qkv_bias, output_panels, output_bias,
                    norm1_weight, norm1_bias, up_panels, up_bias, down_panels, down_bias, norm2_weight, norm2_bias,
-                   n_threads):
+                   workspace):
     """Whole encoder layers on x [N, C] in place, in one parallel region: for each layer,
     linear_forward (query, key, value), attention_forward and output_feed_forward, the threads
     meeting at a barrier after each step instead of leaving the region. The weight arguments are
     tuples with one array per layer (layout.LayerMatrices' fields, the Layer's LayerNorms).
+    workspace [threads, S]: a row of scratch per thread, large enough for both steps that use it.
 
     A region per step costs a wake-up of the sleeping threads each time (~110 us here, and on a
     busy host more, as a halted virtual CPU must be scheduled again): 36 of them for one pair's
@@ -557,19 +659,21 @@ def encoder_layers(x, qkv, context, offsets, width, H, eps, qkv_panels, qkv_bias
     run it only where every prange iteration has a thread of its own (Numba's workqueue and OpenMP
     layers do so); otherwise the first barrier waits for ever.
     """
-    L = len(qkv_panels)
+    L, n_threads = len(qkv_panels), workspace.shape[0]
+    _check_workspace(workspace, max(attention_floats(offsets, offsets, context.shape[1] // H),
+                                    feed_forward_floats(x.shape[0], n_threads, output_panels[0], up_panels[0])))
     taken = np.zeros((L, 3), dtype=np.int64)  # a work counter per layer and step
     arrivals = np.zeros(1, dtype=np.int64)  # barrier arrivals, all layers and steps together
-    for _ in prange(n_threads):
+    for thread in prange(n_threads):
         for layer in range(L):
             _linear_items(qkv, 0, x, qkv_panels[layer], qkv_bias[layer], taken[layer, 0:1])
             wait_for_all(arrivals, n_threads * (3 * layer + 1))
-            _attention_items(context, qkv, qkv, width, offsets, offsets, H, taken[layer, 1:2])
+            _attention_items(context, qkv, qkv, width, offsets, offsets, H, workspace[thread], taken[layer, 1:2])
             wait_for_all(arrivals, n_threads * (3 * layer + 2))
             _feed_forward_items(x, context, output_panels[layer], output_bias[layer], norm1_weight[layer],
                                 norm1_bias[layer], up_panels[layer], up_bias[layer], down_panels[layer],
                                 down_bias[layer], norm2_weight[layer], norm2_bias[layer], eps, n_threads,
-                                taken[layer, 2:3])
+                                workspace[thread], taken[layer, 2:3])
             wait_for_all(arrivals, n_threads * (3 * layer + 3))
 
 

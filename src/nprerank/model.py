@@ -19,9 +19,15 @@ What differs, and why:
   the steps.
 - The last layer computes queries, attention output and feed-forward for each sequence's first
   token only: the classification head reads nothing else (keys and values still cover all).
+- Safe to call from several Python threads: one forward pass at a time in the process
+  (ENGINE_LOCK), as Numba's thread pool takes one launch at a time. Each call first checks that
+  model.safetensors is as it was loaded (weights.Weights.changed), and the thread count follows
+  the CPUs the process may use (set_threads).
 - Memory is bounded by the batch: the [N, C] hidden states, the [N, 3C] projections and the [N, C]
-  attention output, reused by every layer; the feed-forward's [rows, F] activation is made a
-  block of rows at a time inside the kernel.
+  attention output, reused by every layer, and a workspace row per thread for the kernels'
+  scratch (a head's keys, values and scores; a block of rows' [rows, F] activation). All are
+  made before the kernels run: none allocates inside a parallel region, where a failure could
+  not be reported (it would hang the other threads or leave wrong numbers).
 
 Legend:  N tokens in the packed batch, B sequences, C hidden size, H heads, F feed-forward width.
 
@@ -30,6 +36,9 @@ maths in plain NumPy).
 """
 
 import os
+import threading
+import warnings
+from pathlib import Path
 
 import numba
 import numpy as np
@@ -39,11 +48,18 @@ from . import kernels
 from .blas import set_blas_threads
 from .config import ModelConfig
 from .layout import LayerMatrices, gemm_weights
-from .weights import Classifier, Embeddings, Layer, Weights, embedding_rows
+from .weights import Classifier, Embeddings, Layer, Weights, embedding_rows, refuse_if_changed
 
 # kernels.encoder_layers' barriers need a thread of their own for every prange iteration: true of
 # Numba's workqueue layer (kernels.py's choice) and of OpenMP, not promised by TBB.
 ONE_REGION = numba.config.THREADING_LAYER in ("workqueue", "omp")
+
+# One forward pass at a time in the whole process, whatever the FastModel: Numba's workqueue layer
+# has one pool of threads and aborts the process (SIGABRT) when two Python threads launch parallel
+# regions at once (issue 10), and one pass already keeps every core busy, so two at once would
+# only share them. Checking and packing the input stay outside the lock (tokenizing is the
+# Reranker's, before it calls us).
+ENGINE_LOCK = threading.Lock()
 
 
 PRECISIONS = ("fp32", "int8")
@@ -65,15 +81,19 @@ class FastModel:
         _check_float32(weights, self.matrices if precision == "fp32" else [])
 
     def __call__(self, sequences: list) -> np.ndarray:
-        """[ids] * B, unpadded token-id sequences -> [B] float32 logits."""
-        if self.threads:
-            numba.set_num_threads(self.threads)  # Numba's count is per calling thread, so set it here
+        """[ids] * B, unpadded token-id sequences -> [B] float32 logits. Safe to call from several
+        Python threads: the passes run one after another (ENGINE_LOCK). ModelError once
+        model.safetensors has changed since it was loaded (Weights.changed)."""
         ids, offsets = pack(sequences, self.config)  # [N], [B+1]
-        if self.precision == "int8":
-            from . import int8_model
+        refuse_if_changed(self.weights)  # ModelError rather than stale or mixed weights
+        with ENGINE_LOCK:
+            numba.set_num_threads(self.threads)  # Numba's count is per calling thread, so set it here
+            if self.precision == "int8":
+                from . import int8_model
 
-            return int8_model.forward(ids, offsets, self.weights, self.matrices, self.config, isa_choice.code(self.isa))
-        return forward(ids, offsets, self.weights, self.matrices, self.config)
+                return int8_model.forward(ids, offsets, self.weights, self.matrices, self.config,
+                                          isa_choice.code(self.isa))
+            return forward(ids, offsets, self.weights, self.matrices, self.config)
 
 
 def pack(sequences: list, config: ModelConfig) -> tuple:
@@ -111,7 +131,7 @@ def encoder_layer(x, offsets, p: Layer, m: LayerMatrices, buffers, config: Model
     (kernels.output_feed_forward). Used for the last layer (and for every layer where
     encoder_layers cannot be). Returns the new hidden states [Q, C]: x itself, updated in
     place, or in the last layer a new [B, C] array of the first tokens' rows."""
-    threads = numba.get_num_threads()
+    threads, workspace = len(buffers["workspace"]), buffers["workspace"]
     qkv = buffers["qkv"]  # [N, 3 * width]: query, key and value side by side
     panels, width = len(m.qkv) // 3, m.width  # per projection
     if first_tokens_only:
@@ -125,10 +145,11 @@ def encoder_layer(x, offsets, p: Layer, m: LayerMatrices, buffers, config: Model
         query_offsets, hidden, queries = offsets, x, qkv
         kernels.linear_forward(qkv, 0, x, m.qkv, m.qkv_bias, threads)
     context = buffers["context"][: len(hidden)]  # [Q, C]
-    kernels.attention_forward(context, queries, qkv, width, offsets, query_offsets, config.num_attention_heads, threads)
+    kernels.attention_forward(context, queries, qkv, width, offsets, query_offsets, config.num_attention_heads,
+                              workspace)
     kernels.output_feed_forward(hidden, context, m.attention_output, m.attention_output_bias, p.attention_norm.weight,
                                 p.attention_norm.bias, m.intermediate, m.intermediate_bias, m.output, m.output_bias,
-                                p.output_norm.weight, p.output_norm.bias, np.float32(config.layer_norm_eps), threads)
+                                p.output_norm.weight, p.output_norm.bias, np.float32(config.layer_norm_eps), workspace)
     return hidden
 
 
@@ -136,8 +157,6 @@ def encoder_layers(x, offsets, layers: list, buffers, config: ModelConfig):
     """encoder_layer for each (Layer, LayerMatrices) of `layers` in turn, in one parallel region
     (kernels.encoder_layers): the threads meet at barriers between the steps instead of being
     woken for each. x [N, C] is updated in place."""
-    threads = 1 if numba.config.DISABLE_JIT else numba.get_num_threads()  # without JIT prange is a loop
-
     def each(name):  # one array per layer, for kernels.encoder_layers' tuples
         return tuple(getattr(m, name) for _, m in layers)
 
@@ -148,7 +167,7 @@ def encoder_layers(x, offsets, layers: list, buffers, config: ModelConfig):
         x, buffers["qkv"], buffers["context"], offsets, layers[0][1].width, config.num_attention_heads,
         np.float32(config.layer_norm_eps), each("qkv"), each("qkv_bias"), each("attention_output"),
         each("attention_output_bias"), *norms("attention_norm"), each("intermediate"), each("intermediate_bias"),
-        each("output"), each("output_bias"), *norms("output_norm"), threads)
+        each("output"), each("output_bias"), *norms("output_norm"), buffers["workspace"])
 
 
 def classification_head(first, p: Classifier):
@@ -159,10 +178,17 @@ def classification_head(first, p: Classifier):
 
 def forward(ids, offsets, weights: Weights, matrices: list, config: ModelConfig):
     """Packed ids [N] with offsets [B+1] -> [B] logits. matrices: layout.gemm_weights(weights)."""
-    N = len(ids)
+    N, B = len(ids), len(offsets) - 1
+    threads = 1 if numba.config.DISABLE_JIT else numba.get_num_threads()  # without JIT prange is a loop
+    m = matrices[0]
+    floats = max(kernels.attention_floats(offsets, offsets, config.head_size),  # the last layer's need less
+                 *(kernels.feed_forward_floats(rows, threads, m.attention_output, m.intermediate) for rows in (N, B)))
+    # Everything the kernels write is made here, before any parallel region: a failed allocation
+    # is a MemoryError now, never a thread lost inside a region (kernels.py, "scratch memory").
     buffers = {  # reused by every layer
-        "qkv": np.empty((N, 3 * matrices[0].width), dtype=np.float32),
+        "qkv": np.empty((N, 3 * m.width), dtype=np.float32),
         "context": np.empty((N, config.hidden_size), dtype=np.float32),
+        "workspace": kernels.make_workspace(threads, floats),  # [threads, S]: each thread's scratch
     }
     x = embeddings(ids, offsets, weights.embeddings, config)  # [N, C]
     *layers, last = zip(weights.layers, matrices)
@@ -179,25 +205,99 @@ def forward(ids, offsets, weights: Weights, matrices: list, config: ModelConfig)
 # --- threads -----------------------------------------------------------------------------------
 
 
-def set_threads(threads: int | None) -> int | None:
+def set_threads(threads: int | None) -> int:
     """Use `threads` (or $NPRERANK_NUM_THREADS) threads in Numba's kernels and in OpenBLAS (which
-    the fast path does not call, but the reference engine's NumPy products do).
+    the fast path does not call, but the reference engine's NumPy products do). Returns the count
+    in force.
 
-    Returns the count in force, or None when neither is given (both libraries keep their defaults).
+    By default, one per CPU this process may use (`usable_cpus`: its affinity mask and its
+    container's CPU quota), never more than Numba's pool. More threads than that only compete:
+    the kernels' threads spin at barriers waiting for each other, and on 2 CPUs one pair took 15x
+    longer with 4 threads and 41x with 8 (issue 10). So a larger explicit count is capped too,
+    with a warning saying what was used.
     """
     if threads is None:
         value = os.environ.get("NPRERANK_NUM_THREADS", "").strip()
-        if not value:
-            return None
-        if not value.isdigit() or int(value) < 1:
+        if value and (not value.isdigit() or int(value) < 1):
             raise ValueError(f"NPRERANK_NUM_THREADS must be a positive integer, got {value!r}")
-        threads = int(value)
-    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
+        threads = int(value) if value else None
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1):
         raise ValueError(f"threads must be a positive integer, got {threads!r}")
-    threads = min(int(threads), numba.config.NUMBA_NUM_THREADS)  # Numba's pool is sized at start-up
-    numba.set_num_threads(threads)
-    set_blas_threads(threads)
-    return threads
+    cpus, pool = usable_cpus(), numba.config.NUMBA_NUM_THREADS  # Numba's pool is sized at start-up
+    usable = min(cpus, pool)
+    if threads is None:
+        threads = usable
+    elif threads > usable:
+        why = (f"this process may use {cpus} CPU{'s' * (cpus > 1)}" if cpus <= pool
+               else f"Numba's pool has {pool} threads")
+        warnings.warn(f"nprerank: {threads} threads asked for, but {why}; using {usable} "
+                      "(more threads than CPUs spin against each other and run many times slower)", stacklevel=3)
+        threads = usable
+    numba.set_num_threads(int(threads))
+    set_blas_threads(int(threads))
+    return int(threads)
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity mask (taskset, a container's cpuset), and no
+    more than its cgroup's CPU quota (docker --cpus, a Kubernetes CPU limit), rounded down: with a
+    quota of 1.5 CPUs a second spinning thread would only be throttled."""
+    count = affinity_cpus()
+    quota = cgroup_cpu_quota()
+    if quota is not None:
+        count = min(count, max(1, int(quota)))
+    return count
+
+
+def affinity_cpus() -> int:
+    """CPUs in this process's affinity mask (os.cpu_count() where the OS has no such mask)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup"), membership: Path = Path("/proc/self/cgroup")) -> float | None:
+    """The CPU quota of this process's cgroup and its ancestors, in CPUs (quota / period), or None
+    when there is none or no cgroup file can be read. cgroup v2: `cpu.max` ("max 100000" or
+    "150000 100000"); v1: `cpu.cfs_quota_us` (-1: none) over `cpu.cfs_period_us`."""
+    try:
+        lines = membership.read_text().splitlines()
+    except OSError:
+        lines = []
+    folders = []  # (controller folder, this process's path in it)
+    for line in lines:
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if controllers == "":  # v2: one unified hierarchy
+            folders.append((root, path))
+        elif "cpu" in controllers.split(","):  # v1: the cpu controller's own hierarchy
+            folders += [(root / name, path) for name in (controllers, "cpu", "cpu,cpuacct")]
+    folders.append((root, "/"))  # a container sees its own cgroup as the root
+    quotas = []
+    for folder, path in folders:
+        here = folder / path.strip("/")
+        while True:  # the quota of every ancestor applies too
+            quotas.append(_quota_in(here))
+            if here == folder or folder not in here.parents:
+                break
+            here = here.parent
+    quotas = [q for q in quotas if q is not None]
+    return min(quotas) if quotas else None
+
+
+def _quota_in(folder: Path) -> float | None:
+    """The CPU quota set in one cgroup folder, in CPUs, or None."""
+    try:
+        quota, period = (folder / "cpu.max").read_text().split()[:2]  # v2
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota = int((folder / "cpu.cfs_quota_us").read_text())  # v1
+        period = int((folder / "cpu.cfs_period_us").read_text())
+        return None if quota <= 0 or period <= 0 else quota / period
+    except (OSError, ValueError):
+        return None
 
 
 def _check_float32(weights: Weights, matrices: list) -> None:

@@ -16,7 +16,8 @@ import math
 import numpy as np
 
 from .config import ModelConfig
-from .weights import Classifier, Embeddings, Layer, LayerNorm, Linear, Weights, embedding_rows
+from .weights import (Classifier, Embeddings, Layer, LayerNorm, Linear, Weights, check_all_finite, embedding_rows,
+                      refuse_if_changed)
 
 
 def linear(x, p: Linear):
@@ -118,3 +119,15 @@ def pad(sequences: list, pad_token_id: int) -> tuple:
         input_ids[i, : len(ids)] = ids
         attention_mask[i, : len(ids)] = 1
     return input_ids, attention_mask
+
+
+class ReferenceModel:
+    """The reference engine behind model.FastModel's call: [ids] * B -> [B] float32 logits."""
+
+    def __init__(self, weights: Weights, config: ModelConfig, linear=linear):
+        check_all_finite(weights)  # as the fast engine does when it writes its layout
+        self.weights, self.config, self.linear = weights, config, linear  # linear: as forward's
+
+    def __call__(self, sequences: list) -> np.ndarray:
+        refuse_if_changed(self.weights)  # ModelError rather than stale or mixed weights
+        return forward(*pad(sequences, self.config.pad_token_id), self.weights, self.config, self.linear)

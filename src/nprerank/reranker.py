@@ -54,8 +54,9 @@ class Reranker:
 
             if precision not in PRECISIONS:
                 raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-            forward = reference.forward if precision == "fp32" else int8.forward  # int8: the fast path's oracle
-            self.model = lambda sequences: forward(*reference.pad(sequences, config.pad_token_id), weights, config)
+            # int8: the fast path's oracle, reference.py with int8.py's products
+            linear = int8.Int8Linears(weights.layers) if precision == "int8" else reference.linear
+            self.model = reference.ReferenceModel(weights, config, linear=linear)
         self.precision = precision
 
     @classmethod
@@ -67,7 +68,8 @@ class Reranker:
         format; about 0.01-0.4 of logit error on random models, docs/performance.md); "fp32", the
         default, is exact."""
         folder = resolve(path)
-        missing = [name for name in MODEL_FILES if not (folder / name).is_file()]
+        # exists(), not is_file(): a FIFO or a folder in its place is refused by its reader, by name
+        missing = [name for name in MODEL_FILES if not (folder / name).exists()]
         if missing:
             raise ModelError(f"{folder}: missing {', '.join(missing)} (a model folder needs {', '.join(MODEL_FILES)})")
         config = ModelConfig.from_json(folder / "config.json")
@@ -76,6 +78,9 @@ class Reranker:
         elif isinstance(max_length, int) and max_length > config.max_tokens:
             raise ValueError(f"max_length {max_length} exceeds the model's {config.max_tokens} usable positions")
         tokenizer = PairTokenizer(folder / "tokenizer.json", max_length, truncation, query_max_length)
+        if tokenizer.vocab_size > config.vocab_size:  # its ids would index past the embedding table
+            raise ModelError(f"{folder / 'tokenizer.json'}: token ids go up to {tokenizer.vocab_size - 1}, but "
+                             f"config.json's vocab_size is {config.vocab_size}; the two do not belong together")
         weights = load_weights(folder / "model.safetensors", config)
         return cls(config, weights, tokenizer, **options)
 

@@ -18,7 +18,7 @@ Read next: reranker.py, which batches these ids for the model.
 
 from pathlib import Path
 
-from .config import ModelError
+from .config import ModelError, open_regular_file
 
 SPECIAL_TOKENS_IN_PAIR = 4  # <s> ... </s></s> ... </s>
 TRUNCATIONS = ("only_second", "longest_first")
@@ -43,6 +43,7 @@ class PairTokenizer:
                 f"= {max_length - SPECIAL_TOKENS_IN_PAIR}, got {query_max_length!r}"
             )
         try:
+            open_regular_file(path).close()  # a FIFO would block the Rust reader for ever
             self.tokenizer = Tokenizer.from_file(str(path))
         except FileNotFoundError:
             raise ModelError(f"{path}: tokenizer.json not found") from None
@@ -54,6 +55,13 @@ class PairTokenizer:
         self.max_length = max_length
         self.truncation = truncation
         self.query_max_length = query_max_length
+
+    @property
+    def vocab_size(self) -> int:
+        """The highest token id this tokenizer can give, plus one (added tokens included): the
+        rows of the word-embedding table it needs."""
+        added = self.tokenizer.get_added_tokens_decoder()  # {id: AddedToken}
+        return max(self.tokenizer.get_vocab_size(with_added_tokens=False), max(added, default=-1) + 1)
 
     def _special_id(self, path, token: str) -> int:
         token_id = self.tokenizer.token_to_id(token)

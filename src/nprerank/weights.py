@@ -20,6 +20,7 @@ Read next: reference.py, which uses these arrays step by step.
 """
 
 import json
+import math
 import mmap
 import os
 import re
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import ModelConfig, ModelError
+from .config import ModelConfig, ModelError, open_regular_file
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ class RowsOnDisk:
     def __init__(self, path: Path, offset: int, shape: tuple, dtype):
         self.path, self.offset, self.shape, self.dtype = path, offset, shape, np.dtype(dtype)
         self.row_bytes = shape[1] * self.dtype.itemsize
-        self.file = open(path, "rb")  # closed when the table is collected
+        self.file = open_regular_file(path)  # closed when the table is collected
 
     def __getitem__(self, ids) -> np.ndarray:
         ids = np.asarray(ids)  # [N]
@@ -61,6 +62,13 @@ class RowsOnDisk:
             if os.preadv(self.file.fileno(), [row], self.offset + int(index) * self.row_bytes) != self.row_bytes:
                 raise ModelError(f"{self.path}: row {index} of the word embeddings could not be read; the file changed")
         return rows[inverse.reshape(-1)]  # [N, C]
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows start:stop [stop - start, C], read in one call, as `array[start:stop]` would give."""
+        rows = np.empty((stop - start, self.shape[1]), dtype=self.dtype)
+        if os.preadv(self.file.fileno(), [rows], self.offset + start * self.row_bytes) != rows.nbytes:
+            raise ModelError(f"{self.path}: rows {start}:{stop} of the word embeddings could not be read; the file changed")
+        return rows
 
 
 @dataclass(frozen=True)
@@ -95,13 +103,76 @@ class Weights:
     layers: list  # [Layer] * num_hidden_layers
     classifier: Classifier
     source: Path | None = None  # the model.safetensors they were read from (layout.py keys its cache on it)
+    stamp: tuple | None = None  # the file's FileStamp when it was mapped
+
+    def changed(self) -> str | None:
+        """None while model.safetensors is as it was when it was loaded (size, inode, modification
+        and change times: one os.stat, a few microseconds), else one line naming the file and
+        what changed. The arrays are views of the file's memory map: a file rewritten in place
+        would mix old and new weights, a truncated one kill the process (SIGBUS) when a page past
+        its end is touched, and a replaced one leave us scoring with the old weights."""
+        if self.source is None or self.stamp is None:
+            return None
+        try:
+            now = FileStamp.of(os.stat(self.source))
+        except OSError as e:
+            return f"{self.source}: the model file is gone since it was loaded ({e.strerror})"
+        if now == self.stamp:
+            return None
+        if now.inode != self.stamp.inode:
+            what = "was replaced by another file"
+        elif now.size != self.stamp.size:
+            what = f"changed size from {self.stamp.size} to {now.size} bytes"
+        else:
+            what = "was written to"
+        return f"{self.source}: the model file {what} since it was loaded; load the model again to use it"
+
+
+@dataclass(frozen=True)
+class FileStamp:
+    """What tells a file from a changed one without reading it. The change time (ctime) cannot be
+    set back by cp -p, rsync -a or tar, unlike the modification time."""
+
+    size: int
+    inode: int
+    mtime_ns: int
+    ctime_ns: int
+
+    @classmethod
+    def of(cls, stat: os.stat_result) -> "FileStamp":
+        return cls(stat.st_size, stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns)
+
+
+def refuse_if_changed(weights: Weights) -> None:
+    """ModelError (Weights.changed's message) once the weights' file has changed: both engines
+    call it before each forward pass, rather than score with stale or mixed weights."""
+    message = weights.changed()
+    if message:
+        raise ModelError(message)
+
+
+# An encoder layer's modules: checkpoint name -> (our Layer field, out size, in size), sizes named by
+# their legend letter (None: a LayerNorm, which has no in size).
+LAYER_MODULES = {
+    "attention.self.query": ("query", "C", "C"),
+    "attention.self.key": ("key", "C", "C"),
+    "attention.self.value": ("value", "C", "C"),
+    "attention.output.dense": ("attention_output", "C", "C"),
+    "attention.output.LayerNorm": ("attention_norm", "C", None),
+    "intermediate.dense": ("intermediate", "F", "C"),
+    "output.dense": ("output", "C", "F"),
+    "output.LayerNorm": ("output_norm", "C", None),
+}
+WORD_EMBEDDINGS = "roberta.embeddings.word_embeddings.weight"
+LARGE = re.compile(r"^roberta\.encoder\.layer\.\d+\.(attention\.self\.\w+|attention\.output\.dense|intermediate\.dense|"
+                   r"output\.dense)\.weight$")  # the layers' products: 97% of the weights beside the word table
 
 
 def _table(config: ModelConfig) -> dict:
     """Checkpoint name -> (our field path, expected shape). `N` in a path is the layer index."""
     C, F = config.hidden_size, config.intermediate_size
     table = {
-        "roberta.embeddings.word_embeddings.weight": ("embeddings.word", (config.vocab_size, C)),
+        WORD_EMBEDDINGS: ("embeddings.word", (config.vocab_size, C)),
         "roberta.embeddings.position_embeddings.weight": ("embeddings.position", (config.max_position_embeddings, C)),
         "roberta.embeddings.token_type_embeddings.weight": ("embeddings.token_type", (config.type_vocab_size, C)),
         "classifier.out_proj.weight": ("classifier.out_proj.weight", (1, C)),
@@ -111,19 +182,10 @@ def _table(config: ModelConfig) -> dict:
         "roberta.embeddings.LayerNorm": ("embeddings.norm", C, None),
         "classifier.dense": ("classifier.dense", C, C),
     }
-    layer_modules = {
-        "attention.self.query": ("query", C, C),
-        "attention.self.key": ("key", C, C),
-        "attention.self.value": ("value", C, C),
-        "attention.output.dense": ("attention_output", C, C),
-        "attention.output.LayerNorm": ("attention_norm", C, None),
-        "intermediate.dense": ("intermediate", F, C),
-        "output.dense": ("output", C, F),
-        "output.LayerNorm": ("output_norm", C, None),
-    }
+    sizes = {"C": C, "F": F, None: None}
     for n in range(config.num_hidden_layers):
-        for name, (field, out, inp) in layer_modules.items():
-            modules[f"roberta.encoder.layer.{n}.{name}"] = (f"layers.{n}.{field}", out, inp)
+        for name, (field, out, inp) in LAYER_MODULES.items():
+            modules[f"roberta.encoder.layer.{n}.{name}"] = (f"layers.{n}.{field}", sizes[out], sizes[inp])
     for name, (field, out, inp) in modules.items():
         table[f"{name}.weight"] = (f"{field}.weight", (out, inp) if inp else (out,))
         table[f"{name}.bias"] = (f"{field}.bias", (out,))
@@ -144,9 +206,11 @@ _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I8": np.int
 def load_weights(path, config: ModelConfig) -> Weights:
     """Map model.safetensors at `path` and return its tensors as `Weights`, checked against `config`."""
     path = Path(path)
-    tensors, _ = read_safetensors(path)
+    mapped = map_safetensors(path)
+    tensors = mapped.tensors
     for old, new in _OLD_NAMES.items():
         tensors = {(k[: -len(old)] + new if k.endswith(old) else k): v for k, v in tensors.items()}
+    _check_sizes(path, tensors, config)  # before _table, whose size follows num_hidden_layers
     table = _table(config)
     missing = [name for name in table if name not in tensors]
     if missing:
@@ -166,6 +230,8 @@ def load_weights(path, config: ModelConfig) -> Weights:
             fields[field] = RowsOnDisk(path, offset, shape, array.dtype)
         else:
             fields[field] = _as_float32(array, dtype)
+            if not LARGE.match(name):  # small: checked at every load; the large ones by check_all_finite
+                check_finite(fields[field], name, path)
 
     def linear(prefix):
         return Linear(fields[f"{prefix}.weight"], fields[f"{prefix}.bias"])
@@ -196,15 +262,73 @@ def load_weights(path, config: ModelConfig) -> Weights:
         layers=layers,
         classifier=Classifier(dense=linear("classifier.dense"), out_proj=linear("classifier.out_proj")),
         source=path,
+        stamp=mapped.stamp,
     )
+
+
+def _check_sizes(path: Path, tensors: dict, config: ModelConfig) -> None:
+    """Compare config.json's sizes with what the checkpoint holds, before anything is built from
+    them: an absurd value (num_hidden_layers 10**7, hidden_size 10**9) is refused at once, naming
+    the field and both values, instead of costing minutes and gigabytes before a shape mismatch."""
+    layers = {int(m.group(1)) for name in tensors if (m := re.match(r"roberta\.encoder\.layer\.(\d+)\.", name))}
+    found = {"num_hidden_layers": max(layers, default=-1) + 1}
+    for name, fields in {WORD_EMBEDDINGS: ("vocab_size", "hidden_size"),
+                         "roberta.embeddings.position_embeddings.weight": ("max_position_embeddings", None),
+                         "roberta.embeddings.token_type_embeddings.weight": ("type_vocab_size", None),
+                         "roberta.encoder.layer.0.intermediate.dense.weight": ("intermediate_size", None)}.items():
+        if name in tensors:  # a missing one is reported by load_weights, by name
+            for field, size in zip(fields, tensors[name][0].shape):
+                if field:
+                    found[field] = size
+    for field, size in found.items():
+        if getattr(config, field) != size:
+            raise ModelError(f"{path}: config.json says {field} is {getattr(config, field)}, but the checkpoint "
+                             f"holds {size}; the two files do not belong together")
 
 
 def embedding_rows(table: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """Gather rows of the word-embedding table as fp32: [N] ids -> [N, C]. Only these rows are read."""
-    rows = table[ids]
+    rows = _rows_as_float32(table[ids])
+    if not np.isfinite(rows).all():  # cheap, and the rows a batch reads are all it can be hurt by
+        bad = int(ids[np.argmin(np.isfinite(rows).all(axis=1))])
+        raise ModelError(f"{getattr(table, 'path', 'the word embeddings')}: {WORD_EMBEDDINGS} row {bad} holds NaN "
+                         "or infinity; the checkpoint is damaged")
+    return rows
+
+
+def _rows_as_float32(rows: np.ndarray) -> np.ndarray:
     if rows.dtype == np.uint16:  # bf16 bits: the top half of an fp32
         return (rows.astype(np.uint32) << 16).view(np.float32)
     return rows.astype(np.float32, copy=False)
+
+
+def check_finite(array: np.ndarray, name: str, path) -> None:
+    """ModelError naming the tensor unless every value of `array` is finite: a NaN or infinity in
+    a weight gives NaN scores for every pair it touches, with nothing to say why."""
+    finite = np.isfinite(array)
+    if not finite.all():
+        where = np.unravel_index(np.argmin(finite), array.shape)
+        raise ModelError(f"{path}: {name} holds {array[where]} at {list(map(int, where))}; every weight must be "
+                         "finite (the checkpoint is damaged, or was saved from a diverged model)")
+
+
+def check_all_finite(weights: "Weights") -> None:
+    """check_finite on the large tensors load_weights leaves unchecked: every layer's products
+    (340 MB at bge-reranker-base's size, ~0.2 s) and the word-embedding table (768 MB, read in
+    chunks, ~0.5 s). layout.py runs it once, when it writes its cache file; the reference engine
+    at construction."""
+    fields = {field: name for name, (field, _, inp) in LAYER_MODULES.items() if inp}
+    for n, layer in enumerate(weights.layers):
+        for field, name in fields.items():
+            check_finite(getattr(layer, field).weight, f"roberta.encoder.layer.{n}.{name}.weight", weights.source)
+    word = weights.embeddings.word
+    for start in range(0, word.shape[0], 4096):  # a chunk of rows at a time: no 768 MB copy
+        stop = min(start + 4096, word.shape[0])
+        rows = _rows_as_float32(word.rows(start, stop) if isinstance(word, RowsOnDisk) else word[start:stop])
+        if not np.isfinite(rows).all():
+            where = np.unravel_index(np.argmin(np.isfinite(rows)), rows.shape)
+            raise ModelError(f"{weights.source}: {WORD_EMBEDDINGS} holds {rows[where]} at "
+                             f"[{start + int(where[0])}, {int(where[1])}]; every weight must be finite")
 
 
 def _as_float32(array: np.ndarray, dtype: str) -> np.ndarray:
@@ -221,8 +345,26 @@ def read_safetensors(path: Path) -> tuple:
 
     Validates the header against the file's size before anything is read.
     """
+    mapped = map_safetensors(path)
+    return mapped.tensors, mapped.metadata
+
+
+@dataclass(frozen=True)
+class Mapped:
+    """A safetensors file mapped into memory: read_safetensors' answer, and the map itself."""
+
+    tensors: dict  # name -> (array, dtype, offset)
+    metadata: dict
+    buffer: mmap.mmap  # the whole file, read-only
+    data_start: int  # where the tensors' data begins (8 + the header's length)
+    stamp: FileStamp  # the file's, as it was mapped
+
+
+def map_safetensors(path: Path) -> Mapped:
+    """read_safetensors, keeping the map and where the data starts (layout.py checksums it)."""
     try:
-        with open(path, "rb") as f:
+        with open_regular_file(path) as f:  # a FIFO or a device is refused, not opened to block
+            stamp = FileStamp.of(os.fstat(f.fileno()))  # of the very file mapped, not of its name later
             size = f.seek(0, 2)
             if size < 8:
                 raise ModelError(f"{path}: file is {size} bytes, too short to be safetensors")
@@ -233,12 +375,13 @@ def read_safetensors(path: Path) -> tuple:
         raise ModelError(f"{path}: cannot read ({e})") from None
 
     header_size = int.from_bytes(buffer[:8], "little")
-    if header_size > size - 8:
-        raise ModelError(f"{path}: header claims {header_size} bytes but the file has {size}; truncated or not safetensors")
+    if header_size > min(size - 8, MAX_HEADER):
+        raise ModelError(f"{path}: header claims {header_size} bytes but the file has {size} (and safetensors allows "
+                         f"at most {MAX_HEADER}); truncated or not safetensors")
     try:
         header = json.loads(bytes(buffer[8 : 8 + header_size]))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelError(f"{path}: header is not valid JSON ({e}); the file is corrupt") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ModelError(f"{path}: header is not valid JSON ({type(e).__name__}: {str(e)[:100]}); the file is corrupt") from None
     if not isinstance(header, dict):
         raise ModelError(f"{path}: header is not a JSON object; the file is corrupt")
     metadata = header.pop("__metadata__", None) or {}
@@ -246,24 +389,50 @@ def read_safetensors(path: Path) -> tuple:
         raise ModelError(f"{path}: header's __metadata__ is not a JSON object; the file is corrupt")
 
     data_start = 8 + header_size
-    tensors = {}
+    tensors, ranges = {}, []
     for name, info in header.items():
-        try:
-            dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise ModelError(f"{path}: header entry for {name} is malformed") from None
-        if dtype not in _DTYPES:
-            raise ModelError(f"{path}: {name} is stored as {dtype}; only {', '.join(_DTYPES)} are supported")
-        itemsize = np.dtype(_DTYPES[dtype]).itemsize
-        if end - begin != itemsize * int(np.prod(shape)) or begin < 0:
-            raise ModelError(f"{path}: {name} byte range [{begin}, {end}) does not fit its shape {list(shape)}")
-        if data_start + end > size:
-            raise ModelError(f"{path}: {name} ends at byte {data_start + end} beyond the file's {size}; the file is truncated")
-        array = np.frombuffer(buffer, _DTYPES[dtype], int(np.prod(shape)), data_start + begin).reshape(shape)
+        dtype, shape, begin, end = _header_entry(path, name, info, size - data_start)
+        count = math.prod(shape)
+        array = np.frombuffer(buffer, _DTYPES[dtype], count, data_start + begin).reshape(shape)
         if not array.flags.aligned:
             array = array.copy()  # BLAS and Numba want aligned data; current writers align, old ones may not
         tensors[name] = (array, dtype, data_start + begin)
-    return tensors, metadata
+        ranges.append((begin, end, name))
+    ranges.sort()
+    for (_, end, first), (begin, _, second) in zip(ranges, ranges[1:]):
+        if begin < end:  # two tensors sharing bytes: writing one would change the other
+            raise ModelError(f"{path}: the byte ranges of {first} and {second} overlap; the file is corrupt")
+    return Mapped(tensors, metadata, buffer, data_start, stamp)
+
+
+MAX_HEADER = 100_000_000  # bytes: the safetensors format's own limit on the header
+
+
+def _header_entry(path: Path, name: str, info, data_size: int) -> tuple:
+    """(dtype, shape, begin, end) of one header entry, each checked: ModelError naming the file
+    and the tensor for anything a safetensors writer cannot have written."""
+    shown = name if len(name) <= 80 else name[:77] + "..."
+    if not isinstance(info, dict):
+        raise ModelError(f"{path}: header entry for {shown} is not an object; the file is corrupt")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str):
+        raise ModelError(f"{path}: {shown} has dtype {dtype!r:.40}, not a string; the file is corrupt")
+    if dtype not in _DTYPES:
+        raise ModelError(f"{path}: {shown} is stored as {dtype[:20]}; only {', '.join(_DTYPES)} are supported")
+    if not isinstance(shape, list) or not all(_is_size(d) for d in shape):
+        raise ModelError(f"{path}: {shown} has shape {shape!r:.60}, not a list of integers >= 0; the file is corrupt")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_size(o) for o in offsets):
+        raise ModelError(f"{path}: {shown} has data_offsets {offsets!r:.60}, not two integers >= 0; the file is corrupt")
+    begin, end = offsets
+    if end - begin != np.dtype(_DTYPES[dtype]).itemsize * math.prod(shape):  # Python ints: no overflow
+        raise ModelError(f"{path}: {shown} byte range [{begin}, {end}) does not fit its shape {shape}")
+    if end > data_size:
+        raise ModelError(f"{path}: {shown} ends at byte {end} of the data, beyond its {data_size}; the file is truncated")
+    return dtype, tuple(shape), begin, end
+
+
+def _is_size(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _shortlist(names: list) -> str:
