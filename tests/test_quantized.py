@@ -25,6 +25,7 @@ from nprerank.model import FastModel
 from nprerank.reranker import Reranker
 from nprerank.synthetic import make_model
 from nprerank.weights import Linear, load_weights
+from test_kernels import assert_close as compare  # prints the worst values side by side on failure
 
 JIT = not numba.config.DISABLE_JIT
 RUNNABLE = [name for name in isa.ISAS if JIT and isa.supported(name)] or ["generic"]
@@ -32,17 +33,6 @@ NOT_RUNNABLE = [name for name in isa.ISAS if JIT and not isa.supported(name)]
 INSTRUCTION = {"vnni512": "vpdpbusd", "avxvnni": "vpdpbusd", "avx2": "vpmaddwd"}
 # (M, K, J): rows; K not a multiple of 4; J not of the panel; one row; more rows than a work item
 SHAPES = [(1, 30, 50), (13, 768, 96), (29, 50, 33), (200, 64, 64), (7, 3072, 40)]
-
-
-def compare(name, got, want, atol=0.0, rtol=0.0):
-    got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
-    diff, limit = np.abs(got - want), atol + rtol * np.abs(want)
-    if not (diff <= limit).all():
-        worst = np.unravel_index(np.argmax(diff - limit), diff.shape)
-        side = "\n".join(f"  {g: .8f}  {w: .8f}" for g, w in zip(got.ravel()[:6], want.ravel()[:6]))
-        pytest.fail(f"{name}: max |diff| {diff.max():.3e} at {worst} ({got[worst]} vs {want[worst]}), "
-                    f"atol={atol} rtol={rtol}\n  fast         twin\n{side}")
-    print(f"{name}: max |diff| {diff.max():.3e}")
 
 
 def problem(M, K, J, seed=0, outliers=False):
@@ -82,7 +72,7 @@ def test_int8_product_every_path_matches_twin(path, M, K, J):
     unit = int8.Int8Product(packed.panels, np.ones(width, np.float32), packed.correction, np.zeros(width, np.float32))
     out = np.full((M, width), np.nan, np.float32)
     int8_kernels.linear_int8_forward(out, 0, q, np.ones(M, np.float32), *vars(unit).values(), isa.code(path), 2)
-    compare(f"{path} sums", out, int8.product_from_parts(q, np.ones(M, np.float32), unit))
+    compare(f"{path} sums", out, int8.product_from_parts(q, np.ones(M, np.float32), unit), atol=0.0)  # exact
 
     # the stored values: scales and bias applied
     out = np.full((M, width + 5), np.nan, np.float32)  # a wider output: the product writes from `column`

@@ -813,23 +813,34 @@ def machine_info() -> dict:
 
 
 def acceptance(report: dict) -> list:
-    """Issue 3's bars as [{check, value, bar, status}]; status PASS, FAIL or N/A (with why)."""
+    """Issue 3's bars (and issue 12's, int8_acceptance) as [{check, value, bar, status}]; status
+    PASS, FAIL or N/A (with why)."""
+    return (speed_checks(report, FAST, SPEED_BARS) + start_checks(report, FAST, (
+        ("peak RSS", "peak_rss_mb", PEAK_RSS_BAR_MB, " MB"),
+        ("peak private (anonymous) memory", "peak_anonymous_mb", PRIVATE_BAR_MB, " MB"),
+        ("cached start to first score", "first_score_s", FIRST_SCORE_BAR_S, " s"))) + int8_acceptance(report))
+
+
+def speed_checks(report: dict, engine: str, bars: tuple) -> list:
+    """One check per (workload, peer, bar): engine's median pairs/s over the peer's, >= bar."""
     checks = []
-    for workload, peer, bar in SPEED_BARS:
-        check = {"check": f"{FAST} / {peer} on {workload}", "bar": f">= {bar:.2f}x"}
+    for workload, peer, bar in bars:
+        check = {"check": f"{engine} / {peer} on {workload}", "bar": f">= {bar:.2f}x"}
         results = report["workloads"].get(workload, {}).get("results", {})
-        if FAST in results and peer in results:
-            ratio = results[FAST]["pairs_per_s"]["median"] / results[peer]["pairs_per_s"]["median"]
+        if engine in results and peer in results:
+            ratio = results[engine]["pairs_per_s"]["median"] / results[peer]["pairs_per_s"]["median"]
             check.update(value=f"{ratio:.2f}x", status="PASS" if ratio >= bar else "FAIL")
         else:
-            check.update(value=None, status="N/A", why=f"{workload} not run on {FAST} and {peer}")
+            check.update(value=None, status="N/A", why=f"{workload} not run on {engine} and {peer}")
         checks.append(check)
-    checks += int8_acceptance(report)
-    start = report["startup"].get(FAST, {})
-    for name, key, bar, unit in (("peak RSS", "peak_rss_mb", PEAK_RSS_BAR_MB, " MB"),
-                                 ("peak private (anonymous) memory", "peak_anonymous_mb", PRIVATE_BAR_MB, " MB"),
-                                 ("cached start to first score", "first_score_s", FIRST_SCORE_BAR_S, " s")):
-        check = {"check": f"{FAST} {name}", "bar": f"<= {bar}{unit}"}
+    return checks
+
+
+def start_checks(report: dict, engine: str, bars: tuple) -> list:
+    """One check per (name, key, bar, unit) of the engine's fresh-process measurements, <= bar."""
+    start, checks = report["startup"].get(engine, {}), []
+    for name, key, bar, unit in bars:
+        check = {"check": f"{engine} {name}", "bar": f"<= {bar}{unit}"}
         if key in start:
             check.update(value=f"{start[key]:.{2 if unit == ' s' else 0}f}{unit}",
                          status="PASS" if start[key] <= bar else "FAIL")
@@ -846,16 +857,7 @@ def int8_acceptance(report: dict) -> list:
     results = {name: entry.get("results", {}) for name, entry in report["workloads"].items()}
     if not any(INT8 in r for r in results.values()):
         return []
-    checks = []
-    for workload, peer, bar in INT8_SPEED_BARS:
-        check = {"check": f"{INT8} / {peer} on {workload}", "bar": f">= {bar:.2f}x"}
-        here = results.get(workload, {})
-        if INT8 in here and peer in here:
-            ratio = here[INT8]["pairs_per_s"]["median"] / here[peer]["pairs_per_s"]["median"]
-            check.update(value=f"{ratio:.2f}x", status="PASS" if ratio >= bar else "FAIL")
-        else:
-            check.update(value=None, status="N/A", why=f"{workload} not run on {INT8} and {peer}")
-        checks.append(check)
+    checks = speed_checks(report, INT8, INT8_SPEED_BARS)
     rerank = results.get("rerank-100", {})
     peers = [peer for peer in INT8_PEERS if peer in rerank]
     for what, key, better in (("max |dlogit| vs fp32", "max_abs_logit_diff_vs_reference", min),
@@ -870,17 +872,8 @@ def int8_acceptance(report: dict) -> list:
         else:
             check.update(value=None, status="N/A", why="rerank-100 not run on nprerank-int8 and an int8 peer")
         checks.append(check)
-    start = report["startup"].get(INT8, {})
-    for name, key, bar, unit in (("peak RSS", "peak_rss_mb", INT8_PEAK_RSS_BAR_MB, " MB"),
-                                 ("cached start to first score", "first_score_s", FIRST_SCORE_BAR_S, " s")):
-        check = {"check": f"{INT8} {name}", "bar": f"<= {bar}{unit}"}
-        if key in start:
-            check.update(value=f"{start[key]:.{2 if unit == ' s' else 0}f}{unit}",
-                         status="PASS" if start[key] <= bar else "FAIL")
-        else:
-            check.update(value=None, status="N/A", why=start.get("error", "start-up not measured"))
-        checks.append(check)
-    return checks
+    return checks + start_checks(report, INT8, (("peak RSS", "peak_rss_mb", INT8_PEAK_RSS_BAR_MB, " MB"),
+                                                ("cached start to first score", "first_score_s", FIRST_SCORE_BAR_S, " s")))
 
 
 # --- the report ------------------------------------------------------------------------------

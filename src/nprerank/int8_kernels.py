@@ -122,7 +122,7 @@ def _panels_product(out, q, scales, panels, column_scales, corrections, bias, fi
             j = p * PANEL + c
             i = 0
             while i < M:
-                n = _tile_rows(M - i, rows_most)
+                n = kernels._tile_rows(M - i, rows_most)
                 _int8_tile(out[i : i + n, j:], q[i : i + n], scales[i : i + n], panels[p, :, c * GROUP :],
                            column_scales[j:], corrections[j:], bias[j:], isa)
                 i += n
@@ -136,19 +136,8 @@ def _check_activation(q, isa):
         raise ValueError("q's dtype is not the ACTIVATION dtype of this isa")
 
 
-@kernel
-def _tile_rows(remaining, most):
-    """Rows of the next tile: `most`, or the largest power of two that fits (as kernels._tile_rows)."""
-    if remaining >= most:
-        return most
-    n = 1
-    while 2 * n <= remaining:
-        n *= 2
-    return n
-
-
 def tile_counts(isa: int) -> list:
-    """The row counts _tile_rows can give for path `isa`: the tile has one loop for each."""
+    """The row counts kernels._tile_rows can give for path `isa`: the tile has one loop for each."""
     most = TILE_ROWS[isa]
     return sorted({most, *(1 << b for b in range(most.bit_length()) if 1 << b < most)})
 
