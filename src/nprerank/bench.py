@@ -11,6 +11,10 @@ Engines:
   `torch.inference_mode`, padded length-sorted batches (FlagEmbedding's way of batching).
 - onnxruntime: the same weights exported once with `torch.onnx.export` (dynamic batch and
   sequence axes, cached), run with every graph optimisation on, padded length-sorted batches.
+- Reduced precision (issue 12): nprerank-int8 (`precision="int8"`), onnxruntime-int8 (the export
+  fused by onnxruntime's BERT optimizer, then `quantize_dynamic` QInt8), openvino-int8 (NNCF
+  static quantization, calibrated on other text), torch-bf16 (autocast). Their error against the
+  reference is reported (max |dlogit|, Kendall tau), not held to the 1e-4 agreement.
 Every engine gets the same token ids (nprerank's tokenizer, "only_second" truncation), and each
 engine's logits are compared with nprerank-reference's so that nobody times a broken engine.
 Engines that cannot run here are reported as skipped with the reason.
