@@ -17,15 +17,16 @@ import math
 import numba
 import numpy as np
 import pytest
+from test_kernels import (
+    assert_close as compare,  # prints the worst values side by side on failure
+)
 
 from nprerank import int8, int8_kernels, isa, reference
 from nprerank.config import ModelConfig
 from nprerank.layout import gemm_weights
 from nprerank.model import FastModel
 from nprerank.reranker import Reranker
-from nprerank.synthetic import make_model
 from nprerank.weights import Linear, load_weights
-from test_kernels import assert_close as compare  # prints the worst values side by side on failure
 
 JIT = not numba.config.DISABLE_JIT
 RUNNABLE = [name for name in isa.ISAS if JIT and isa.supported(name)] or ["generic"]

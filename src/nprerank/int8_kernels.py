@@ -432,7 +432,7 @@ def output_feed_forward_int8(hidden, context, output, norm1_weight, norm1_bias, 
 def _feed_forward_items(hidden, context, output, norm1_weight, norm1_bias, up, down, norm2_weight, norm2_bias, eps, isa,
                         n_threads, scratch, codes, taken):
     """One thread's part of output_feed_forward_int8: the blocks of rows it takes from `taken`."""
-    M, C = hidden.shape
+    M = hidden.shape[0]
     F4 = down[0].shape[1] * GROUP  # F rounded up to whole groups
     C4 = output[0].shape[1] * GROUP
     rows_per_block = kernels._rows_per_block(M, n_threads)

@@ -30,7 +30,7 @@ from .weights import Layer, Weights
 def linear(out, column, x, product: Int8Product, buffers, isa: int, threads: int):
     """out[:, column:] = int8.linear_int8(x, product) (all padded columns): x [M, K] quantized per
     row into buffers' scratch, then the product with the panels shared among the threads."""
-    M, K = x.shape
+    M = x.shape[0]
     q = buffers["q"][:M, : product.panels.shape[1] * GROUP]  # [M, K4 * 4]
     scales = buffers["scales"][:M]  # [M]
     int8_kernels.quantize_rows_forward(q, scales, x)
