@@ -26,7 +26,7 @@ def tokenizer_kind(path) -> str:
     except FileNotFoundError:
         raise ModelError(f"{path}: tokenizer.json not found") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelError(f"{path}: not a readable tokenizer.json ({e})") from None
+        raise ModelError(f"{path}: not a usable tokenizer.json ({e})") from None
     model = document.get("model") if isinstance(document, dict) else None
     return model.get("type", "") if isinstance(model, dict) else ""
 
