@@ -1,6 +1,6 @@
 """Warming the engine up before the first real request, and saying so when that means compiling.
 
-The fast engine's Numba kernels are compiled on the very first run (about 30 s on 2 cores) and
+The fast engine's Numba kernels are compiled on the very first run (about a minute on 2 cores) and
 loaded from Numba's on-disk cache afterwards (well under a second). Without a warm-up that wait
 lands on the first user's request, and a health check says "ready" while it is not. `warm_up`
 scores one tiny pair, which calls every kernel the forward pass uses, so each one is compiled or
@@ -26,7 +26,7 @@ import time
 
 from numba.core import event
 
-COMPILING = "compiling the kernels (first run only, about 30 s on 2 cores) ..."
+COMPILING = "compiling the kernels (first run only, about a minute on 2 cores) ..."
 WARM_UP_PAIR = ("warm up", "the engine")
 
 

@@ -31,7 +31,7 @@ import unicodedata
 from pathlib import Path
 
 from .config import ModelError
-from .unigram import Unigram
+from .unigram import Unigram, is_cached
 from .wordpiece import WordPiece, tokenizer_kind
 
 SPECIAL_TOKENS_IN_PAIR = 4  # <s> ... </s></s> ... </s>: the most any pair layout adds
@@ -59,7 +59,8 @@ class PairTokenizer:
                 f"query_max_length must be an int from 1 to max_length - {SPECIAL_TOKENS_IN_PAIR} "
                 f"= {max_length - SPECIAL_TOKENS_IN_PAIR}, got {query_max_length!r}"
             )
-        kind = tokenizer_kind(path)  # ModelError naming the file if missing or unreadable
+        # a Unigram file read before is known by its cached arrays; any other is parsed to find its kind
+        kind = "Unigram" if is_cached(path) else tokenizer_kind(path)  # ModelError naming the file if unreadable
         if kind not in PAIR_LAYOUTS:
             raise ModelError(f"{path}: a {kind or 'unknown'} tokenizer; nprerank reads Unigram (XLM-R) and "
                              "WordPiece (BERT) tokenizer.json files")

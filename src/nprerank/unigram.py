@@ -157,9 +157,19 @@ def _expand(plan: list, pieces: list) -> list:
 
 # --- the vocabulary arrays, cached ------------------------------------------------------------
 
-def _load(path: Path) -> tuple:
-    """(frame, arrays) for the tokenizer.json at `path`: memory-mapped from the nprerank cache,
-    built and written there first if missing or stale; kept in memory if the cache is unwritable."""
+def is_cached(path) -> bool:
+    """Whether the cache holds current arrays for the tokenizer.json at `path`: then it is a Unigram
+    tokenizer nprerank has read before, and its 17 MB of JSON need not be parsed again to say so."""
+    with contextlib.suppress(ModelError, OSError, ValueError, KeyError, RuntimeError):
+        folder, stamp = _cache_entry(Path(path))
+        return json.loads((folder / "stamp.json").read_text()) == stamp
+    return False
+
+
+def _cache_entry(path: Path) -> tuple:
+    """(cache folder, stamp) of the tokenizer.json at `path`: the stamp tells this file from a changed
+    one (as layout.py's stamp of the checkpoint). ModelError naming the file if it is missing or
+    unreadable; RuntimeError if there is no home directory to find the cache in."""
     from .layout import cache_dir
 
     try:
@@ -169,11 +179,16 @@ def _load(path: Path) -> tuple:
         raise ModelError(f"{path}: tokenizer.json not found") from None
     except OSError as e:
         raise ModelError(f"{path}: not a usable tokenizer.json ({e})") from None
-    # what tells this file from a changed one (as layout.py's stamp of the checkpoint)
     stamp = {"version": CACHE_VERSION, "path": str(path.resolve()), "size": stat.st_size, "inode": stat.st_ino,
              "mtime_ns": stat.st_mtime_ns, "ctime_ns": stat.st_ctime_ns}
+    return cache_dir() / f"unigram-{hashlib.sha256(stamp['path'].encode()).hexdigest()[:16]}", stamp
+
+
+def _load(path: Path) -> tuple:
+    """(frame, arrays) for the tokenizer.json at `path`: memory-mapped from the nprerank cache,
+    built and written there first if missing or stale; kept in memory if the cache is unwritable."""
     try:
-        folder = cache_dir() / f"unigram-{hashlib.sha256(stamp['path'].encode()).hexdigest()[:16]}"
+        folder, stamp = _cache_entry(path)
         with contextlib.suppress(OSError, ValueError, KeyError):
             return _read(folder, stamp)
     except RuntimeError:  # no home directory to find the cache in
