@@ -67,6 +67,7 @@ def test_rates_ratios_and_flops_follow_from_the_times(report, tiny_model):
             assert result["fast_ratio"] == pytest.approx(fast / rates["median"]), (name, engine)
             assert result["gflops"] == pytest.approx(workload["useful_gflop_per_run"] / statistics.median(result["seconds"]))
             assert result["ceiling_fraction"] == pytest.approx(result["gflops"] / report["machine"]["sgemm_gflops"]["median"])
+            assert result["peak_anonymous_mb"] > 1  # the worker's private memory while it ran: never missing
         assert workload["results"]["nprerank-fast"]["fast_ratio"] == pytest.approx(1.0)
     assert report["machine"]["sgemm_gflops"]["median"] > 0
     assert report["machine"]["blas"]["name"]
@@ -118,7 +119,8 @@ def test_fresh_process_start_and_memory_and_acceptance_lines(tiny_model):
         assert row["end_anonymous_mb"] <= row["peak_anonymous_mb"] + 1
 
     statuses = {check["check"]: check["status"] for check in report["acceptance"]}
-    assert len(statuses) == len(bench.SPEED_BARS) + 3
+    assert len(statuses) == len(bench.SPEED_BARS) + 4
+    assert statuses["nprerank-fast peak private (anonymous) memory on long-8192"] == "N/A"  # not run
     # speed bars against engines that were not run are N/A, never PASS; the fresh-process ones are judged
     assert statuses["nprerank-fast / onnxruntime on rerank-100"] == "N/A"
     assert {statuses[f"nprerank-fast {name}"] for name in ("peak RSS", "cached start to first score")} <= {"PASS", "FAIL"}
@@ -129,6 +131,18 @@ def test_fresh_process_start_and_memory_and_acceptance_lines(tiny_model):
     for label in ("nprerank-fast (cold: compiling)", "nprerank-fast (cached)", "nprerank-reference",
                   "N/A   nprerank-fast / onnxruntime on rerank-100", "sgemm ceiling", "kernel"):
         assert label in table
+
+
+def test_the_long_pair_is_judged_on_the_private_memory_of_its_run(tiny_model):
+    done = run_bench("--model", tiny_model, "--quick", "--repeats", "1", "--workloads", "long-8192",
+                     "--engines", "nprerank-fast", "--no-startup", "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    peak = report["workloads"]["long-8192"]["results"]["nprerank-fast"]["peak_anonymous_mb"]
+    check = next(c for c in report["acceptance"] if c["check"].endswith("memory on long-8192"))
+    assert check["value"] == f"{peak:.0f} MB"
+    assert check["status"] == ("PASS" if peak <= bench.LONG_PRIVATE_BAR_MB else "FAIL")
+    assert "peak anon MB" in bench.format_report(report)
 
 
 def test_startup_only_measures_fresh_processes_and_nothing_else(tiny_model):

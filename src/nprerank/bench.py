@@ -68,6 +68,7 @@ SPEED_BARS = (("rerank-100", "onnxruntime", 1.15), ("rerank-100", "torch-sdpa", 
 PEAK_RSS_BAR_MB = 600
 PRIVATE_BAR_MB = 200
 FIRST_SCORE_BAR_S = 1.5
+LONG_PRIVATE_BAR_MB = 1000  # issue 13: one 8192-token pair of the v2-m3 shape in at most 1 GB of private memory
 
 
 # --- workloads -------------------------------------------------------------------------------
@@ -334,8 +335,9 @@ class EngineProcess:
     def logits(self, workload: str) -> np.ndarray:
         return np.array(self._ask({"run": workload, "answer": "logits"})["logits"], dtype=np.float32)
 
-    def seconds(self, workload: str) -> float:
-        return self._ask({"run": workload, "answer": "seconds"})["seconds"]
+    def seconds(self, workload: str) -> dict:
+        """{"seconds": wall time of one run, "peak_anonymous_mb": the worker's peak private memory in it}"""
+        return self._ask({"run": workload, "answer": "seconds"})
 
     def close(self) -> None:
         if self.process.poll() is None:
@@ -374,6 +376,7 @@ def worker_main(args) -> int:
         answer({"error": f"failed to load: {type(e).__name__}: {e}"})
         return 1
     answer({"ready": True})
+    memory = AnonymousMemoryPeak()  # the peak of each timed run: the loaded engine plus what the run adds
     for line in sys.stdin:
         request = json.loads(line)
         workload = work[request["run"]]
@@ -381,7 +384,9 @@ def worker_main(args) -> int:
         if request["answer"] == "logits":
             answer({"logits": run_once().tolist()})
         else:
-            answer({"seconds": _seconds(lambda: [run_once() for _ in range(workload["calls"])])})
+            memory.reset()
+            seconds = _seconds(lambda: [run_once() for _ in range(workload["calls"])])
+            answer({"seconds": seconds, "peak_anonymous_mb": memory.peak() * 1024 / 1e6})
     return 0
 
 
@@ -461,10 +466,18 @@ class AnonymousMemoryPeak:
             self.peak_kb = max(self.peak_kb, _proc_kb("/proc/self/status", ("RssAnon",))["RssAnon"])
             time.sleep(self.interval)
 
+    def peak(self) -> int:
+        """The peak so far, kB."""
+        return max(self.peak_kb, _proc_kb("/proc/self/status", ("RssAnon",))["RssAnon"])
+
+    def reset(self) -> None:
+        """Start a new peak from now."""
+        self.peak_kb = 0
+
     def stop(self) -> int:
         self.running = False
         self.thread.join()
-        return max(self.peak_kb, _proc_kb("/proc/self/status", ("RssAnon",))["RssAnon"])
+        return self.peak()
 
 
 # --- fresh-process measurements --------------------------------------------------------------
@@ -641,6 +654,7 @@ def run(args) -> dict:
                     logits[workload.name, name] = engines[name].logits(workload.name)
 
             seconds = {(w.name, name): [] for w in workloads for name in timed}
+            peak_anonymous = {(w.name, name): 0.0 for w in workloads for name in timed}  # MB, over all rounds
             sgemm = []
             for round_ in range(args.repeats):
                 sgemm.append(sgemm_gflops())
@@ -648,7 +662,10 @@ def run(args) -> dict:
                     shift = round_ % len(timed)
                     for name in timed[shift:] + timed[:shift]:  # rotate who goes first
                         time.sleep(SETTLE)  # let the previous engine's spinning threads go idle
-                        seconds[workload.name, name].append(engines[name].seconds(workload.name))
+                        run = engines[name].seconds(workload.name)
+                        seconds[workload.name, name].append(run["seconds"])
+                        peak_anonymous[workload.name, name] = max(peak_anonymous[workload.name, name],
+                                                                  run["peak_anonymous_mb"])
                     _progress(f"round {round_ + 1}/{args.repeats} {workload.name}: " + ", ".join(
                         f"{name} {workload.pairs_per_run / seconds[workload.name, name][-1]:.2f}" for name in timed) + " pairs/s")
         finally:
@@ -672,6 +689,7 @@ def run(args) -> dict:
                 "gflops": flops / 1e9 / statistics.median(seconds[workload.name, name]),
                 "max_abs_logit_diff_vs_reference": difference,
                 "agrees": difference <= AGREEMENT,
+                "peak_anonymous_mb": peak_anonymous[workload.name, name],
             }
             entry["results"][name]["ceiling_fraction"] = entry["results"][name]["gflops"] / ceiling
         if FAST in entry["results"]:
@@ -719,6 +737,14 @@ def acceptance(report: dict) -> list:
         else:
             check.update(value=None, status="N/A", why=f"{workload} not run on {FAST} and {peer}")
         checks.append(check)
+    long_pair = report["workloads"].get("long-8192", {}).get("results", {}).get(FAST)
+    check = {"check": f"{FAST} peak private (anonymous) memory on long-8192", "bar": f"<= {LONG_PRIVATE_BAR_MB} MB"}
+    if long_pair:
+        peak = long_pair["peak_anonymous_mb"]
+        check.update(value=f"{peak:.0f} MB", status="PASS" if peak <= LONG_PRIVATE_BAR_MB else "FAIL")
+    else:
+        check.update(value=None, status="N/A", why=f"long-8192 not run on {FAST}")
+    checks.append(check)
     start = report["startup"].get(FAST, {})
     for name, key, bar, unit in (("peak RSS", "peak_rss_mb", PEAK_RSS_BAR_MB, " MB"),
                                  ("peak private (anonymous) memory", "peak_anonymous_mb", PRIVATE_BAR_MB, " MB"),
@@ -756,12 +782,14 @@ def format_report(report: dict) -> str:
         lines += ["", f"{name}: {entry['pairs']} pair(s) x {entry['calls']} call(s), {entry['min_tokens']}-"
                       f"{entry['max_tokens']} tokens ({entry['tokens']} in all), batches of {entry['batch_size']}, "
                       f"{entry['useful_gflop_per_run']:.4g} useful GFLOP per run"]
-        header = f"  {'engine':<20}{'pairs/s med':>12}{'min':>8}{'fast / it':>11}{'GFLOP/s':>9}{'% ceil':>8}{'max|dlogit|':>13}"
+        header = (f"  {'engine':<20}{'pairs/s med':>12}{'min':>8}{'fast / it':>11}{'GFLOP/s':>9}{'% ceil':>8}"
+                  f"{'max|dlogit|':>13}{'peak anon MB':>14}")
         lines.append(header)
         for engine, r in entry["results"].items():
             lines.append(f"  {engine:<20}{r['pairs_per_s']['median']:>12.2f}{r['pairs_per_s']['min']:>8.2f}"
                          f"{_ratio(r.get('fast_ratio')):>11}{r['gflops']:>9.1f}{100 * r['ceiling_fraction']:>7.0f}%"
-                         f"{r['max_abs_logit_diff_vs_reference']:>13.1e}" + ("" if r["agrees"] else "  DISAGREES"))
+                         f"{r['max_abs_logit_diff_vs_reference']:>13.1e}{r['peak_anonymous_mb']:>14.0f}"
+                         + ("" if r["agrees"] else "  DISAGREES"))
     if report["startup"]:
         lines += ["", "fresh process per engine: start -> first score (1 pair), then rerank-100; memory in MB",
                   f"  {'engine':<28}{'first score s':>14}{'peak RSS':>10}{'peak anon':>11}{'end private':>13}"]
