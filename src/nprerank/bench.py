@@ -847,6 +847,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
     parser.add_argument("--scale", action="store_true", help="issue 14's benchmarks instead (bench_scale.py): "
                         "nprerank batch vs the library in a loop, serve --workers 2 vs 1, memory per worker")
+    from .bench_scale import add_arguments as scale_arguments
+
+    scale_arguments(parser)
     parser.add_argument("--_child", dest="child", choices=ENGINES, help=argparse.SUPPRESS)
     parser.add_argument("--_worker", dest="worker", choices=ENGINES, help=argparse.SUPPRESS)
     parser.add_argument("--_child-input", dest="child_input", help=argparse.SUPPRESS)

@@ -48,11 +48,36 @@ REQUEST_TIMEOUT = 600  # seconds per request: one 2-core machine, shared
 
 # --- the input -------------------------------------------------------------------------------
 
-def sizes(quick: bool) -> dict:
-    """The workloads: full (issue 14's realistic sizes) or --quick (checks the bench, measures nothing)."""
+def sizes(quick: bool, batch: tuple | None = None, load: tuple | None = None) -> dict:
+    """The workloads: full (issue 14's realistic sizes) or --quick (checks the bench, measures nothing);
+    `batch` (queries, passages) and `load` (clients, requests, texts) replace their parts."""
     if quick:
-        return dict(queries=3, passages=4, words=(5, 30), clients=2, requests=2, texts=3)
-    return dict(queries=20, passages=50, words=(20, 120), clients=4, requests=5, texts=15)
+        size = dict(queries=3, passages=4, words=(5, 30), clients=2, requests=2, texts=3)
+    else:
+        size = dict(queries=20, passages=50, words=(20, 120), clients=4, requests=5, texts=15)
+    size.update(zip(("queries", "passages"), batch or ()))
+    size.update(zip(("clients", "requests", "texts"), load or ()))
+    return size
+
+
+def counts(how_many: int):
+    """An argparse type: `AxB` (how_many numbers, each >= 1) -> a tuple of ints."""
+    def parse(text: str) -> tuple:
+        parts = text.lower().split("x")
+        if len(parts) != how_many or not all(part.isdigit() and int(part) >= 1 for part in parts):
+            shape = "x".join("N" * how_many)
+            raise argparse.ArgumentTypeError(f"{text!r} is not {shape} ({how_many} whole numbers >= 1)")
+        return tuple(int(part) for part in parts)
+
+    return parse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The sizes of `nprerank bench --scale` (bench.py adds them to its own arguments)."""
+    parser.add_argument("--scale-batch", type=counts(2), metavar="QxP",
+                        help="--scale: Q queries x P passages for batch vs the loop (default 20x50)")
+    parser.add_argument("--scale-load", type=counts(3), metavar="CxRxN",
+                        help="--scale: C clients x R requests each x N texts per request (default 4x5x15)")
 
 
 class Texts:
@@ -355,7 +380,7 @@ def run(args) -> dict:
     from .bench import _progress, machine_info, resolve_model
 
     folder, description = resolve_model(args)
-    size = sizes(args.quick)
+    size = sizes(args.quick, getattr(args, "scale_batch", None), getattr(args, "scale_load", None))
     report = {
         "command": " ".join(getattr(args, "command", None) or [Path(sys.argv[0]).name, *sys.argv[1:]]),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "load_average_at_start": list(os.getloadavg()),
