@@ -197,7 +197,7 @@ def measure_batch(folder: Path, threads: int, repeats: int, size: dict, tmp: Pat
                            "--threads", str(threads), str(source), str(out)]
             wall, scored = timed_process(command, f"the {name} process")
             seconds[name].append(wall)
-            scoring[name].append(scored)
+            scoring[name].append(max(scored, SUMMARY_RESOLUTION / 2))  # a tiny --quick run's "0.0 s"
             outputs[name] = read_scores(out)
         _progress(f"round {round_ + 1}/{repeats}: " + ", ".join(
             f"{name} {pairs / seconds[name][-1]:.2f} pairs/s" for name in ("batch", "loop")))
@@ -216,8 +216,7 @@ def measure_batch(folder: Path, threads: int, repeats: int, size: dict, tmp: Pat
 
 
 def _rates(pairs: int, seconds: list) -> dict:
-    # the job's summary line gives its seconds to 0.1 s: a tiny --quick run can read 0.0
-    rates = [pairs / max(s, SUMMARY_RESOLUTION / 2) for s in seconds]
+    rates = [pairs / s for s in seconds]
     return {"seconds": seconds, "pairs_per_s": {"median": statistics.median(rates), "min": min(rates), "runs": rates}}
 
 
@@ -425,7 +424,7 @@ def acceptance(report: dict) -> list:
     batch, serve = report["batch"], report["serve"]
     checks = [
         _check("nprerank batch / the library in a loop (pairs/s)", batch["ratio"] >= RATIO_BAR,
-               f"{batch['ratio']:.2f}x", f">= {RATIO_BAR:.2f}x"),
+               f"{batch['ratio']:.3f}x", f">= {RATIO_BAR:.2f}x"),  # 3 places: 0.998x must not read "1.00x"
         {"check": "the same, scoring only (model loaded and warm)", "value": f"{batch['scoring_ratio']:.2f}x",
          "bar": "none", "status": "N/A", "why": "the start-to-exit ratio above is the bar; this one shows "
          "how much of a gap is start-up"},
