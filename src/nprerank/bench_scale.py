@@ -106,7 +106,8 @@ def write_input(path: Path, queries: int, passages: int, words: tuple, seed: int
     texts = Texts(seed)
     with open(path, "w", encoding="utf-8") as f:
         for q in range(queries):
-            record = {"id": f"q{q}", "query": texts.query(q), "documents": [texts.passage(*words) for _ in range(passages)]}
+            documents = [texts.passage(*words) for _ in range(passages)]
+            record = {"id": f"q{q}", "query": texts.query(q), "documents": documents}
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
     return queries * passages
 
@@ -127,7 +128,8 @@ def loop_main(argv=None) -> int:
     and prints SCORING_MARK and the seconds from the first query to the last (the job's summary
     line gives the same span of its own run).
     """
-    parser = argparse.ArgumentParser(prog="python -m nprerank.bench_scale", description=loop_main.__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m nprerank.bench_scale",
+                                     description=loop_main.__doc__.split("\n")[0])
     parser.add_argument("--model", required=True)
     parser.add_argument("--threads", type=int, required=True)
     parser.add_argument("input", type=Path)
@@ -204,7 +206,8 @@ def measure_batch(folder: Path, threads: int, repeats: int, size: dict, tmp: Pat
     if outputs["batch"].keys() != outputs["loop"].keys():
         raise ValueError(f"the job and the loop scored different queries: {sorted(outputs['batch'])[:5]} vs "
                          f"{sorted(outputs['loop'])[:5]}")
-    difference = max(float(np.max(np.abs(np.subtract(outputs["batch"][q], outputs["loop"][q])))) for q in outputs["loop"])
+    difference = max(float(np.max(np.abs(np.subtract(outputs["batch"][q], outputs["loop"][q]))))
+                     for q in outputs["loop"])
     runs = {name: _rates(pairs, seconds[name]) for name in seconds}
     scoring_runs = {name: _rates(pairs, scoring[name]) for name in scoring}
     ratio = runs["batch"]["pairs_per_s"]["median"] / runs["loop"]["pairs_per_s"]["median"]
@@ -433,12 +436,13 @@ def acceptance(report: dict) -> list:
     ]
     for name, result in serve["settings"].items():
         bad = sum(c["lost"] + c["wrong"] for c in result["checks"])
+        answered, sent = (sum(c[key] for c in result["checks"]) for key in ("answered", "sent"))
         checks.append(_check(f"serve {name}: every answer right", bad == 0,
-                             f"{sum(c['answered'] for c in result['checks'])}/{sum(c['sent'] for c in result['checks'])}"
-                             f" answered, {bad} lost or wrong", "0 lost or wrong"))
+                             f"{answered}/{sent} answered, {bad} lost or wrong", "0 lost or wrong"))
     checks.append(_check("an extra worker's memory (total Pss, 2 workers - 1)",
                          serve["extra_worker_mb"] < serve["weights_mb"],
-                         f"{serve['extra_worker_mb']:.0f} MB", f"< one copy of the weights, {serve['weights_mb']:.0f} MB"))
+                         f"{serve['extra_worker_mb']:.0f} MB",
+                         f"< one copy of the weights, {serve['weights_mb']:.0f} MB"))
     checks.append({"check": "serve --workers 2 / --workers 1 (pairs/s)", "value": f"{serve['ratio']:.2f}x",
                    "bar": "none", "status": "N/A", "why": "issue 14 asks for the measurement, not a bar"})
     return checks
