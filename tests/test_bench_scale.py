@@ -141,3 +141,12 @@ def test_the_load_check_catches_wrong_and_lost_answers():
         server.shutdown()
     assert (check["sent"], check["answered"], check["lost"], check["wrong"]) == (4, 3, 1, 2)
     assert check["max_score_difference"] == pytest.approx(1e-3)
+
+
+def test_bad_sizes_are_one_line_errors(tiny_model):
+    for flag, value in (("--scale-batch", "5x"), ("--scale-batch", "0x3"), ("--scale-load", "4x3"),
+                        ("--scale-load", "axbxc")):
+        done = subprocess.run([sys.executable, "-m", "nprerank", "bench", "--scale", "--model", str(tiny_model),
+                               flag, value], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2, done.stderr
+        assert f"argument {flag}: '{value}' is not" in done.stderr and "Traceback" not in done.stderr

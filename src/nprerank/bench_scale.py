@@ -245,10 +245,11 @@ class ServerProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "nprerank", "serve", "--model", str(folder), "--workers", str(workers),
-             "--threads", str(threads), "--port", str(self.port), "--log-level", "warning"],
-            stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+        with open(log, "wb") as output:  # the child holds its own copy of the file descriptor
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "nprerank", "serve", "--model", str(folder), "--workers", str(workers),
+                 "--threads", str(threads), "--port", str(self.port), "--log-level", "warning"],
+                stdout=output, stderr=subprocess.STDOUT)
 
     def wait_ready(self) -> None:
         deadline = time.monotonic() + SERVE_TIMEOUT
