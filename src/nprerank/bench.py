@@ -845,6 +845,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     startup.add_argument("--startup-only", action="store_true",
                          help="only the fresh-process memory and start-up measurements of --engines (no speed rounds)")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
+    parser.add_argument("--scale", action="store_true", help="issue 14's benchmarks instead (bench_scale.py): "
+                        "nprerank batch vs the library in a loop, serve --workers 2 vs 1, memory per worker")
+    from .bench_scale import add_arguments as scale_arguments
+
+    scale_arguments(parser)
     parser.add_argument("--_child", dest="child", choices=ENGINES, help=argparse.SUPPRESS)
     parser.add_argument("--_worker", dest="worker", choices=ENGINES, help=argparse.SUPPRESS)
     parser.add_argument("--_child-input", dest="child_input", help=argparse.SUPPRESS)
@@ -855,12 +860,15 @@ def run_from_args(args) -> int:
         return child_main(args)
     if getattr(args, "worker", None):
         return worker_main(args)
+    from . import bench_scale
+
+    measure, report_of = (bench_scale.run, bench_scale.format_report) if args.scale else (run, format_report)
     try:
-        report = run(args)
+        report = measure(args)
     except (ModelError, ValueError, OSError) as e:
         print(f"nprerank bench: error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(report, indent=1) if args.json else format_report(report))
+    print(json.dumps(report, indent=1) if args.json else report_of(report))
     return 0
 
 
