@@ -13,8 +13,10 @@ at run time: a forced path never needs a recompile, and Numba's cache holds one 
 |----------|-----------------------|-----------------------------------------------------------------|
 | vnni512  | 14 x 32               | vpdpbusd: 4 u8 x s8 products summed into each of 16 int32 lanes |
 | avxvnni  | 6 x 16                | the same on 8 lanes                                            |
-| avx2     | 6 x 8                 | bytes widened to int16; vpmaddwd sums pairs into int32: 16383 * 2 fits, so nothing saturates (vpmaddubsw would: 255 * 127 * 2 > 32767) |
-| generic  | 4 x 8                 | bytes widened to int32, multiplied and added by LLVM's portable vector code |
+| avx2     | 6 x 8                 | bytes widened to int16; vpmaddwd sums pairs into int32 (1)     |
+| generic  | 4 x 8                 | bytes widened to int32, multiplied and added by LLVM's vectors  |
+
+(1) 16129 * 2 fits an int32 lane, so nothing saturates (vpmaddubsw would: 255 * 127 * 2 > 32767).
 
 The sums start at 0 (or, for vpdpbusd's unsigned activations, at -correction[j]) and live in
 vector registers (loop-carried values) for the whole K loop; the store converts them to fp32,
@@ -295,7 +297,8 @@ else:
                 if vnni:
                     unsigned = b.xor(x4, self.i32(0x80808080))  # s8 + 128 as u8, in every byte
                     spread = self.splat(unsigned, self.accumulator)
-                    updated += [b.call(self.dot, [sums[r * self.vectors + v], spread, w[v]]) for v in range(self.vectors)]
+                    updated += [b.call(self.dot, [sums[r * self.vectors + v], spread, w[v]])
+                                for v in range(self.vectors)]
                 else:
                     wide = w[0].type
                     x = b.bitcast(x4, ir.VectorType(self.i16, 4))
@@ -350,8 +353,8 @@ else:
                 for i in range(1, per_lane):
                     total = b.add(total, lanes(i))
                 quads.append(total)  # [4] columns
-            return [b.shuffle_vector(quads[2 * i], quads[2 * i + 1], ir.Constant(ir.VectorType(self.i32, 8), list(range(8))))
-                    for i in range(len(quads) // 2)]
+            eight = ir.Constant(ir.VectorType(self.i32, 8), list(range(8)))  # two [4] vectors side by side
+            return [b.shuffle_vector(quads[2 * i], quads[2 * i + 1], eight) for i in range(len(quads) // 2)]
 
         def splat(self, value, vector_type):
             b = self.builder

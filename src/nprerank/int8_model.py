@@ -62,7 +62,8 @@ def encoder_layer(x, offsets, p: Layer, m: Int8Matrices, buffers, config: ModelC
         query_offsets, hidden, queries = offsets, x, qkv
         linear(qkv, 0, x, m.qkv, buffers, isa, threads)
     context = buffers["context"][: len(hidden)]  # [Q, C]
-    kernels.attention_forward(context, queries, qkv, width, offsets, query_offsets, config.num_attention_heads, workspace)
+    kernels.attention_forward(context, queries, qkv, width, offsets, query_offsets, config.num_attention_heads,
+                              workspace)
     int8_kernels.output_feed_forward_int8(hidden, context, _parts(m.attention_output), p.attention_norm.weight,
                                           p.attention_norm.bias, _parts(m.intermediate), _parts(m.output),
                                           p.output_norm.weight, p.output_norm.bias, np.float32(config.layer_norm_eps),
