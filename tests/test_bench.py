@@ -186,6 +186,8 @@ def test_a_missing_engine_is_reported_as_skipped(tiny_model):
     (["--random", "--model", "x"], "not allowed with argument"),
     (["--model", "x", "--engines", "nprerank-fast,bogus"], "bogus not among"),
     (["--model", "x", "--threads", "0"], "expected an integer >= 1"),
+    (["--model", "x", "--outliers"], "--outliers shapes the --random model only"),
+    (["--model", "x", "--engines", "nprerank-int4"], "nprerank-int4 not among"),
     ([], "one of the arguments --model --random --random-shape is required"),
 ])
 def test_bad_input_gets_a_one_line_error(args, message):

@@ -31,6 +31,7 @@ Read next: docs/performance.md (method and measured tables); reranker.py (what i
 """
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -341,10 +342,12 @@ def quantize_openvino(folder: Path) -> Path:
     tokenizer, pad_token_id = _peer_tokenizer(folder)
     _progress(f"quantizing the ONNX export with NNCF for OpenVINO (once, cached in {path.parent}) ...")
     model = ov.convert_model(str(export_onnx(folder)))
-    samples = [{"input_ids": ids, "attention_mask": mask}
+    config = ModelConfig.from_json(folder / "config.json")
+    samples = [onnx_inputs(config, ids, mask)
                for _, ids, mask in padded_batches(calibration_pairs(tokenizer), 1, pad_token_id)]
-    quantized = nncf.quantize(model, nncf.Dataset(samples), model_type=nncf.ModelType.TRANSFORMER,
-                              subset_size=len(samples))
+    with contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bars would break --json's one document
+        quantized = nncf.quantize(model, nncf.Dataset(samples), model_type=nncf.ModelType.TRANSFORMER,
+                                  subset_size=len(samples))
     tmp = path.with_name(f"openvino-int8.tmp{os.getpid()}.xml")
     ov.save_model(quantized, str(tmp))
     os.replace(tmp.with_suffix(".bin"), path.with_suffix(".bin"))
@@ -365,11 +368,12 @@ class OpenVinoEngine:
         self.model = core.compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": threads,
                                                             "PERFORMANCE_HINT": "LATENCY"})
         self.tokenizer, self.pad_token_id = _peer_tokenizer(folder)
+        self.config = ModelConfig.from_json(folder / "config.json")
 
     def logits(self, sequences: list, batch_size: int) -> np.ndarray:
         out = np.empty(len(sequences), dtype=np.float32)
         for batch, ids, mask in padded_batches(sequences, batch_size, self.pad_token_id):
-            result = self.model({"input_ids": ids, "attention_mask": mask})
+            result = self.model(onnx_inputs(self.config, ids, mask))
             out[batch] = result[self.model.output(0)][:, 0]
         return out
 
@@ -392,10 +396,15 @@ class OnnxRuntimeEngine:
     def logits(self, sequences: list, batch_size: int) -> np.ndarray:
         out = np.empty(len(sequences), dtype=np.float32)
         for batch, ids, mask in padded_batches(sequences, batch_size, self.pad_token_id):
-            types = self.config.architecture.token_type_ids(ids, mask)  # BERT's segments; XLM-R's zeros
-            (result,) = self.session.run(["logits"], {"input_ids": ids, "attention_mask": mask, "token_type_ids": types})
+            (result,) = self.session.run(["logits"], onnx_inputs(self.config, ids, mask))
             out[batch] = result[:, 0]
         return out
+
+
+def onnx_inputs(config: ModelConfig, ids, mask) -> dict:
+    """The ONNX export's three inputs for a padded batch: ids, mask and the architecture's token
+    types (BERT's segments; XLM-R's zeros)."""
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": config.architecture.token_type_ids(ids, mask)}
 
 
 def missing(engine: str) -> str | None:
@@ -681,6 +690,8 @@ def _progress(message: str) -> None:
 
 def resolve_model(args) -> tuple:
     """(folder, description) from --model or --random; ModelError with the reason otherwise."""
+    if getattr(args, "outliers", False) and not args.random:
+        raise ModelError("--outliers shapes the --random model only; give --random with it")
     if getattr(args, "random_shape", None):
         return random_shape(args.random_shape)
     if args.random:
