@@ -354,6 +354,21 @@ def test_ray_missing_is_one_line_naming_the_extra(tmp_path, tiny_model, monkeypa
     assert "needs ray: pip install 'nprerank[ray]'" in capsys.readouterr().err
 
 
+def test_precision_reaches_the_model_and_the_resume_settings(tmp_path, tiny_model, capsys):
+    records = jsonl_records(3, docs=(2, 4))
+    write_jsonl(tmp_path / "in.jsonl", records)
+    assert batch_cli(tmp_path / "in.jsonl", "-o", tmp_path / "q.jsonl", "--model", tiny_model, "--precision", "int8") == 0
+    quantized, exact = (Reranker.from_pretrained(tiny_model, precision=p) for p in ("int8", "fp32"))
+    for record, result in zip(records, read_jsonl(tmp_path / "q.jsonl")):
+        pairs = [(record["query"], d["text"] if isinstance(d, dict) else d) for d in record["documents"]]
+        assert result["scores"] == sigmoid(quantized.logits(pairs)).tolist()  # int8's own floats
+        assert result["scores"] != sigmoid(exact.logits(pairs)).tolist()
+    progress = tmp_path / "q.jsonl.progress"
+    progress.write_text(progress.read_text().replace('"done": true', '"done": false'))
+    assert batch_cli(tmp_path / "in.jsonl", "-o", tmp_path / "q.jsonl", "--model", tiny_model) == 1  # fp32 now
+    assert "precision 'int8' now None" in capsys.readouterr().err
+
+
 def test_engine_reaches_the_model_and_the_resume_settings(tmp_path, tiny_model, capsys):
     records = jsonl_records(4, docs=(2, 5))
     write_jsonl(tmp_path / "in.jsonl", records)

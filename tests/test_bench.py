@@ -48,8 +48,32 @@ def test_engines_agree_with_the_reference(report):
     for workload_name, workload in report["workloads"].items():
         for engine, result in workload["results"].items():
             difference = result["max_abs_logit_diff_vs_reference"]
+            tau = result["kendall_tau_vs_reference"]
+            assert tau is None or -1 <= tau <= 1
+            assert (tau is None) == (workload["pairs"] == 1)
+            if engine in bench.REDUCED:  # reported, not judged: int8 and bf16 differ by design
+                assert result["agrees"] is None and np.isfinite(difference), engine
+                continue
             assert result["agrees"] and difference <= 1e-4, f"{engine} on {workload_name}: max |dlogit| {difference:.2e}"
+            assert tau is None or tau == 1.0
         assert workload["results"]["nprerank-reference"]["max_abs_logit_diff_vs_reference"] == 0.0
+
+
+def test_kendall_tau():
+    assert bench.kendall_tau([1, 2, 3], [10, 20, 30]) == 1.0
+    assert bench.kendall_tau([1, 2, 3], [30, 20, 10]) == -1.0
+    assert bench.kendall_tau([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(4 / 6)  # one of six pairs swapped
+
+
+def test_int8_bars_are_judged_from_the_results(report):
+    """Issue 12's checks appear once nprerank-int8 ran; each is PASS, FAIL or N/A with a reason."""
+    checks = [c for c in report["acceptance"] if c["check"].startswith("nprerank-int8")]
+    if report["engines"]["nprerank-int8"]["status"] != "ok":
+        assert not checks
+        return
+    assert len(checks) == len(bench.INT8_SPEED_BARS) + 4
+    for check in checks:
+        assert check["status"] in ("PASS", "FAIL", "N/A") and (check["status"] != "N/A" or check["why"])
 
 
 def test_rates_ratios_and_flops_follow_from_the_times(report, tiny_model):
@@ -176,6 +200,8 @@ def test_a_missing_engine_is_reported_as_skipped(tiny_model):
     (["--random", "--model", "x"], "not allowed with argument"),
     (["--model", "x", "--engines", "nprerank-fast,bogus"], "bogus not among"),
     (["--model", "x", "--threads", "0"], "expected an integer >= 1"),
+    (["--model", "x", "--outliers"], "--outliers shapes the --random model only"),
+    (["--model", "x", "--engines", "nprerank-int4"], "nprerank-int4 not among"),
     ([], "one of the arguments --model --random --random-shape is required"),
 ])
 def test_bad_input_gets_a_one_line_error(args, message):

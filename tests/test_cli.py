@@ -114,6 +114,7 @@ def test_model_options_reach_the_reranker(tiny_model):
     for options, flags in [
         (dict(max_length=24, long_documents="chunk"), ["--max-length", "24", "--long-documents", "chunk"]),
         (dict(max_length=24, truncation="longest_first"), ["--max-length", "24", "--truncation", "longest_first"]),
+        (dict(precision="int8"), ["--precision", "int8"]),
     ]:
         want = Reranker.from_pretrained(tiny_model, **options).rerank(QUERY, [{"text": t} for t in contexts])
         result = run("rerank", QUERY, *contexts, "--model", tiny_model, "--json", "--threads", "1", *flags)
@@ -179,6 +180,7 @@ def test_script_and_module_agree(tiny_model):
     (["rerank", QUERY, "a", "--top-k", "two"], 2, ["--top-k", "'two'"]),
     (["rerank", QUERY, "a", "--top-k", "1.5"], 2, ["--top-k"]),
     (["rerank", QUERY, "a", "--truncation", "middle"], 2, ["--truncation"]),
+    (["rerank", QUERY, "a", "--precision", "int4"], 2, ["--precision", "'int4'"]),
     (["rerank", QUERY, "a", "--bogus"], 2, ["unrecognized arguments: --bogus"]),
     (["frobnicate"], 2, ["frobnicate"]),
     ([], 2, ["COMMAND"]),
@@ -235,7 +237,7 @@ def test_version_and_help():
     result = run("rerank", "--help")
     assert result.returncode == 0
     for word in ("--top-k", "--json", "--file", "--model", "--threads", "--max-length", "--truncation",
-                 "--long-documents", "JSONL", "stdin"):
+                 "--long-documents", "--precision", "JSONL", "stdin"):
         assert word in result.stdout, word
     result = run("download", "--help")
     assert result.returncode == 0 and "--dir" in result.stdout

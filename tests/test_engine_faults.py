@@ -84,17 +84,18 @@ def test_the_allocation_check_sees_an_allocation():
 COMPILE_AND_DUMP = """
 import json, sys
 import numpy as np
-from nprerank import kernels
+from nprerank import int8_kernels, kernels
 from nprerank.config import ModelConfig
 from nprerank.model import FastModel
 from nprerank.weights import load_weights
 folder = sys.argv[1]
 config = ModelConfig.from_json(folder + "/config.json")
-model = FastModel(load_weights(folder + "/model.safetensors", config), config, threads=2)
-model([[0, 5, 6, 7, 2], [0, 9, 2]])  # compiles every kernel, for the signatures the engine uses
+for precision in ("fp32", "int8"):  # compiles every kernel, for the signatures the engines use
+    model = FastModel(load_weights(folder + "/model.safetensors", config), config, threads=2, precision=precision)
+    model([[0, 5, 6, 7, 2], [0, 9, 2]])
 dumped = {}
-for name in dir(kernels):
-    dispatcher = getattr(kernels, name)
+for name, module in [(name, module) for module in (kernels, int8_kernels) for name in dir(module)]:
+    dispatcher = getattr(module, name)
     if getattr(dispatcher, "targetoptions", {}).get("parallel") and dispatcher.signatures:
         dumped[name] = list(dispatcher.inspect_llvm().values())
 json.dump(dumped, sys.stdout)
@@ -112,7 +113,8 @@ def test_no_allocation_inside_a_parallel_region(tiny_model, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     dumped = json.loads(done.stdout)
     assert {"linear_forward", "attention_forward", "output_feed_forward", "encoder_layers",
-            "embeddings_forward"} <= set(dumped), sorted(dumped)
+            "embeddings_forward", "quantize_rows_forward", "linear_int8_forward",
+            "output_feed_forward_int8"} <= set(dumped), sorted(dumped)
     for name, modules in dumped.items():
         for ir in modules:
             found, regions = allocations_in_regions(ir)
@@ -131,9 +133,9 @@ def address_space():  # bytes of virtual memory now
     with open("/proc/self/status") as status:
         return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize"))
 
-folder = sys.argv[1]
+folder, precision = sys.argv[1], sys.argv[2]
 config = ModelConfig.from_json(folder + "/config.json")
-model = FastModel(load_weights(folder + "/model.safetensors", config), config, threads=2)
+model = FastModel(load_weights(folder + "/model.safetensors", config), config, threads=2, precision=precision)
 rng = np.random.default_rng(0)
 small = [[0] + [int(i) for i in rng.integers(3, config.vocab_size, n)] + [2] for n in (5, 40, 120)]
 big = [[0] + [int(i) for i in rng.integers(3, config.vocab_size, 120)] + [2] for _ in range(1500)]
@@ -157,11 +159,12 @@ print(json.dumps(outcomes))
 
 
 @pytest.mark.skipif(not JIT, reason="needs the compiled kernels")
-def test_running_out_of_memory_is_a_memory_error(tiny_model):
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_running_out_of_memory_is_a_memory_error(tiny_model, precision):
     """A big batch under a range of address-space limits (RLIMIT_AS, as `ulimit -v`), from too
     little for its arrays to enough: each time a MemoryError or the exact logits, never a hang
     (the timeout) or wrong numbers, and a small batch after it still scores correctly."""
-    done = subprocess.run([sys.executable, "-c", MEMORY_LIMITS, str(tiny_model)], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-c", MEMORY_LIMITS, str(tiny_model), precision], capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, f"the child died ({done.returncode}): {done.stderr[-3000:]}"
     outcomes = json.loads(done.stdout.strip().splitlines()[-1])
@@ -175,13 +178,14 @@ def test_running_out_of_memory_is_a_memory_error(tiny_model):
 CONCURRENT = """
 import json, sys, threading
 from nprerank import Reranker
-folder, shared = sys.argv[1], sys.argv[2] == "shared"
+folder, shared, precisions = sys.argv[1], sys.argv[2] == "shared", sys.argv[3].split(",")
 texts = ["a panda eats bamboo", "the river bank at night", "café music", "search engine ranking", "x"]
-rerankers = [Reranker.from_pretrained(folder, threads=2) for _ in range(1 if shared else 2)]
-want = rerankers[0].rerank("what do pandas eat", texts)
+rerankers = [Reranker.from_pretrained(folder, threads=2, precision=precisions[n % len(precisions)])
+             for n in range(1 if shared else 2)]
+wants = [reranker.rerank("what do pandas eat", texts) for reranker in rerankers]
 failures = []
 
-def work(reranker, n):
+def work(reranker, want, n):
     for i in range(30):
         contexts = texts[i % 3 :]  # batches of different sizes meet in the engine
         got = reranker.rerank("what do pandas eat", contexts)
@@ -191,7 +195,8 @@ def work(reranker, n):
         if got != expected:
             failures.append((n, i, got, expected))
 
-threads = [threading.Thread(target=work, args=(rerankers[n % len(rerankers)], n)) for n in range(4)]
+threads = [threading.Thread(target=work, args=(rerankers[n % len(rerankers)], wants[n % len(rerankers)], n))
+           for n in range(4)]
 for thread in threads:
     thread.start()
 for thread in threads:
@@ -200,12 +205,14 @@ print(json.dumps({"failures": failures[:3], "count": len(failures)}))
 """
 
 
-@pytest.mark.parametrize("rerankers", ["shared", "two"])
-def test_concurrent_threads_get_the_single_threaded_answers(tiny_model, rerankers):
-    """Four Python threads x 30 calls, on one shared Reranker or on two: the process lives (it
-    aborted before: Numba's workqueue pool takes one launch at a time) and every answer equals
-    the one a single thread gets."""
-    done = subprocess.run([sys.executable, "-c", CONCURRENT, str(tiny_model), rerankers], capture_output=True,
+@pytest.mark.parametrize("rerankers,precisions", [("shared", "fp32"), ("two", "fp32"), ("shared", "int8"),
+                                                  ("two", "fp32,int8")])
+def test_concurrent_threads_get_the_single_threaded_answers(tiny_model, rerankers, precisions):
+    """Four Python threads x 30 calls, on one shared Reranker or on two (an fp32 and an int8 one
+    in the last case: both engines share the process's one lock): the process lives (it aborted
+    before: Numba's workqueue pool takes one launch at a time) and every answer equals the one a
+    single thread gets."""
+    done = subprocess.run([sys.executable, "-c", CONCURRENT, str(tiny_model), rerankers, precisions], capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, f"the child died ({done.returncode}): {done.stderr[-3000:]}"
     result = json.loads(done.stdout.strip().splitlines()[-1])

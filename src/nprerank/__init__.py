@@ -6,6 +6,7 @@
 
 Modules, in the order they depend on each other (read them in this order too):
 config.py -> weights.py -> tokenizer.py (+ unigram.py) -> reference.py -> kernels.py (+ blas.py) -> model.py
+(+ precisions.py: int8.py, isa.py, int8_kernels.py, int8_model.py for precision="int8")
 -> reranker.py (+ hub.py, finding the model) -> startup.py (the warm-up) -> cli.py / server/ / bench.py.
 synthetic.py makes random-weight test models; nothing at run time imports it.
 docs/architecture.md walks the forward pass with shapes.

@@ -403,9 +403,10 @@ class Output:
                                  f"{self.progress_path.name}): remove it or choose another --output")
             committed = 0
         else:
-            changed = [k for k in settings if progress["settings"].get(k) != settings[k]]
+            before = progress["settings"]  # a key only one side has (precision="int8") is a change too
+            changed = [k for k in dict.fromkeys([*settings, *before]) if before.get(k) != settings.get(k)]
             if changed:
-                was = ", ".join(f"{k} {progress['settings'].get(k)!r} now {settings[k]!r}" for k in changed)
+                was = ", ".join(f"{k} {before.get(k)!r} now {settings.get(k)!r}" for k in changed)
                 raise ValueError(f"{self.path} was started with other settings ({was}): rerun with the same "
                                  f"ones, or remove it and {self.progress_path.name}")
             committed, self.done, self.pairs = progress["bytes"], progress["records"], progress["pairs"]
@@ -589,6 +590,8 @@ def run_from_args(args, say=None) -> int:
                     sizes=[p.stat().st_size for p in source.paths()], depth=source.depth, format=args.format,
                     tag=args.tag, max_length=args.max_length, truncation=args.truncation,
                     long_documents=args.long_documents, engine=args.engine)
+    if args.precision != "fp32":  # absent from fp32 jobs' settings, so that those started before it resume
+        settings["precision"] = args.precision
     output = Output(args.output, settings)
     if output.finished:
         output.close()
@@ -625,7 +628,7 @@ def run_from_args(args, say=None) -> int:
 def reranker_options(args) -> dict:
     """The command line's Reranker.from_pretrained options (None: the Reranker's default)."""
     options = dict(truncation=args.truncation, long_documents=args.long_documents, batch_size=args.batch_size,
-                   engine=args.engine)
+                   engine=args.engine, precision=args.precision)
     for name in ("max_length", "threads"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)

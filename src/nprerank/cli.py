@@ -31,6 +31,7 @@ from . import __version__
 from .arguments import positive_int
 from .config import ModelError
 from .hub import DEFAULT_MODEL
+from .precisions import NAMES as PRECISION_NAMES
 
 EXAMPLES = f"""\
 examples:
@@ -141,6 +142,9 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--engine", choices=("fast", "reference"), default="fast",
                        help="fast: the Numba kernels; reference: the readable NumPy forward pass (slower, the same "
                        "scores within 1e-4). Default %(default)s")
+    group.add_argument("--precision", choices=PRECISION_NAMES, default="fp32",
+                       help="fp32 (exact) or int8 (the encoder's products on 8-bit integers: faster, logits "
+                       "off by ~0.01-1 on random models, docs/performance.md). Default %(default)s")
     group.add_argument("--long-documents", choices=("truncate", "chunk"), default="truncate",
                        help="truncate: score the start of a long context; chunk: score overlapping windows and "
                        "keep the best. Default %(default)s")
@@ -189,7 +193,8 @@ def _rerank(args, rest) -> int:
     from .reranker import Reranker, best_first, sigmoid  # numpy, numba: once the command line is known good
     from .startup import warm_up
 
-    options = dict(truncation=args.truncation, long_documents=args.long_documents, engine=args.engine)
+    options = dict(truncation=args.truncation, long_documents=args.long_documents, engine=args.engine,
+                   precision=args.precision)
     if args.max_length is not None:
         options["max_length"] = args.max_length
     if args.threads is not None:

@@ -46,7 +46,8 @@ from pathlib import Path
 import numba
 import numpy as np
 
-from . import kernels
+from . import isa as isa_choice
+from . import kernels, precisions
 from .blas import set_blas_threads
 from .config import ModelConfig
 from .layout import LayerMatrices, gemm_weights
@@ -65,11 +66,21 @@ ENGINE_LOCK = threading.Lock()
 
 
 class FastModel:
-    def __init__(self, weights: Weights, config: ModelConfig, threads: int | None = None):
-        self.weights, self.config = weights, config
+    """precision: a row of precisions.py: "fp32" (exact to reference.forward, this module's
+    forward) or "int8" (the encoder's products at int8, int8_model.forward; equal to int8.forward
+    up to fp32 rounding). isa: for precisions with ISA-specific kernels, isa.choose's argument
+    (None: $NPRERANK_ISA or the best this CPU has). ValueError for an unknown precision or ISA."""
+
+    def __init__(self, weights: Weights, config: ModelConfig, threads: int | None = None, precision: str = "fp32",
+                 isa: str | None = None):
+        row = precisions.check(precision)
+        self.weights, self.config, self.precision = weights, config, precision
+        self.isa = isa_choice.choose(isa) if row.isa else None
+        self.options = {"isa": isa_choice.code(self.isa)} if row.isa else {}  # the forward's extra keywords
         self.threads = set_threads(threads)
-        self.matrices = gemm_weights(weights)  # [LayerMatrices] * L, packed
-        _check_float32(weights, self.matrices)
+        self.forward = precisions.load(row.forward)
+        self.matrices = gemm_weights(weights, precision)  # [LayerMatrices] * L (or the precision's), packed
+        _check_float32(weights, self.matrices if precision == "fp32" else [])
 
     def __call__(self, sequences: list) -> np.ndarray:
         """[ids] * B, unpadded token-id sequences -> [B] float32 logits. Safe to call from several
@@ -79,7 +90,7 @@ class FastModel:
         refuse_if_changed(self.weights)  # ModelError rather than stale or mixed weights
         with ENGINE_LOCK:
             numba.set_num_threads(self.threads)  # Numba's count is per calling thread, so set it here
-            return forward(ids, offsets, self.weights, self.matrices, self.config)
+            return self.forward(ids, offsets, self.weights, self.matrices, self.config, **self.options)
 
 
 def pack(sequences: list, config: ModelConfig) -> tuple:

@@ -64,7 +64,7 @@ def embeddings(input_ids, attention_mask, p: Embeddings, config: ModelConfig):
 QUERY_BLOCK = 512  # queries whose scores attention() holds at once
 
 
-def attention(x, padding, p: Layer, config: ModelConfig):
+def attention(x, padding, p: Layer, config: ModelConfig, linear=linear):
     B, T, C = x.shape
     H, D = config.num_attention_heads, config.head_size
 
@@ -87,14 +87,14 @@ def attention(x, padding, p: Layer, config: ModelConfig):
     return linear(context, p.attention_output)  # [B, T, C]
 
 
-def feed_forward(x, p: Layer):
+def feed_forward(x, p: Layer, linear=linear):
     return linear(gelu(linear(x, p.intermediate)), p.output)  # [B, T, C] -> [B, T, F] -> [B, T, C]
 
 
-def encoder_layer(x, padding, p: Layer, config: ModelConfig):
+def encoder_layer(x, padding, p: Layer, config: ModelConfig, linear=linear):
     # post-LN (original BERT): normalise after each residual sum, not before each block
-    x = layer_norm(x + attention(x, padding, p, config), p.attention_norm, config.layer_norm_eps)  # [B, T, C]
-    return layer_norm(x + feed_forward(x, p), p.output_norm, config.layer_norm_eps)  # [B, T, C]
+    x = layer_norm(x + attention(x, padding, p, config, linear), p.attention_norm, config.layer_norm_eps)  # [B, T, C]
+    return layer_norm(x + feed_forward(x, p, linear), p.output_norm, config.layer_norm_eps)  # [B, T, C]
 
 
 def classification_head(x, p: Classifier):
@@ -103,14 +103,17 @@ def classification_head(x, p: Classifier):
     return linear(np.tanh(linear(first, p.dense)), p.out_proj)[:, 0]  # [B, C] -> [B, C] -> [B]
 
 
-def forward(input_ids, attention_mask, weights: Weights, config: ModelConfig):
-    """[B, T] token ids and [B, T] mask (1 = real token, 0 = padding) -> [B] logits."""
+def forward(input_ids, attention_mask, weights: Weights, config: ModelConfig, linear=linear):
+    """[B, T] token ids and [B, T] mask (1 = real token, 0 = padding) -> [B] logits.
+
+    `linear` makes the encoder's products (int8.forward passes its quantized one); the
+    classification head's are always this module's."""
     # The mask, not the pad id, says what is padding: a literal "<pad>" typed in a text is token 1
     # too, and transformers attends to it (though position_ids skips it, as it does here).
     padding = attention_mask == 0  # [B, T]
     x = embeddings(input_ids, attention_mask, weights.embeddings, config)  # [B, T, C]
     for layer in weights.layers:
-        x = encoder_layer(x, padding, layer, config)  # [B, T, C]
+        x = encoder_layer(x, padding, layer, config, linear)  # [B, T, C]
     return classification_head(x, weights.classifier)  # [B]
 
 
@@ -127,13 +130,13 @@ def pad(sequences: list, pad_token_id: int) -> tuple:
 class ReferenceModel:
     """The reference engine behind model.FastModel's call: [ids] * B -> [B] float32 logits."""
 
-    def __init__(self, weights: Weights, config: ModelConfig, threads: int | None = None):
+    def __init__(self, weights: Weights, config: ModelConfig, threads: int | None = None, linear=linear):
         from .model import set_threads  # NumPy's products run on OpenBLAS, whose threads it bounds
 
         check_all_finite(weights)  # as the fast engine does when it writes its layout
-        self.weights, self.config = weights, config
+        self.weights, self.config, self.linear = weights, config, linear  # linear: as forward's
         self.threads = set_threads(threads)
 
     def __call__(self, sequences: list) -> np.ndarray:
         refuse_if_changed(self.weights)  # ModelError rather than stale or mixed weights
-        return forward(*pad(sequences, self.config.pad_token_id), self.weights, self.config)
+        return forward(*pad(sequences, self.config.pad_token_id), self.weights, self.config, self.linear)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import reference
+from . import precisions, reference
 from .config import ModelConfig, ModelError, default_max_length
 from .hub import resolve
 from .tokenizer import SPECIAL_TOKENS_IN_PAIR, TRUNCATIONS, PairTokenizer, check_pairs, check_text
@@ -40,7 +40,8 @@ MODEL_FILES = ("config.json", "tokenizer.json", "model.safetensors")
 class Reranker:
     def __init__(self, config: ModelConfig, weights, tokenizer: PairTokenizer, engine: str = "fast",
                  batch_size: int = 32, max_batch_tokens: int = 2048, long_documents: str = "truncate",
-                 chunk_overlap: int = 32, max_windows: int = 16, threads: int | None = None):
+                 chunk_overlap: int = 32, max_windows: int = 16, threads: int | None = None,
+                 precision: str = "fp32"):
         _check_int("batch_size", batch_size)
         # any budget works: a sequence longer than it is a batch of its own (run), never a refusal
         _check_int("max_batch_tokens", max_batch_tokens)
@@ -50,6 +51,7 @@ class Reranker:
             raise ValueError(f"long_documents must be one of {LONG_DOCUMENTS}, got {long_documents!r}")
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+        row = precisions.check(precision)  # before any weights are packed
         self.config = config
         self.weights = weights
         self.tokenizer = tokenizer
@@ -62,9 +64,12 @@ class Reranker:
         if engine == "fast":
             from .model import FastModel
 
-            self.model = FastModel(weights, config, threads=threads)
+            self.model = FastModel(weights, config, threads=threads, precision=precision)
         else:
-            self.model = reference.ReferenceModel(weights, config, threads=threads)
+            # int8: the fast path's oracle, reference.py with int8.py's products
+            linear = precisions.load(row.oracle)(weights.layers) if row.oracle else reference.linear
+            self.model = reference.ReferenceModel(weights, config, threads=threads, linear=linear)
+        self.precision = precision
 
     @classmethod
     def from_pretrained(cls, path="BAAI/bge-reranker-base", max_length: int | None = None, truncation: str | None = None,
@@ -77,7 +82,10 @@ class Reranker:
         max_length None: config.default_max_length's rule (512 for all of them, lowered by the
         tokenizer's model_max_length or the position table). truncation None: the architecture's
         library's default ("only_second" as FlagEmbedding for XLM-R, "longest_first" as
-        sentence-transformers for BERT). ModelError for a folder or checkpoint we cannot run."""
+        sentence-transformers for BERT). `precision="int8"` (an option passed to Reranker) runs the
+        encoder's products at int8 (int8.py's format; its logit error on random models is in
+        docs/performance.md); "fp32", the default, is exact. ModelError for a folder or checkpoint
+        we cannot run; ValueError for a bad option."""
         folder = resolve(check_text("path", path) if isinstance(path, str) else path)
         # exists(), not is_file(): a FIFO or a folder in its place is refused by its reader, by name
         missing = [name for name in MODEL_FILES if not (folder / name).exists()]

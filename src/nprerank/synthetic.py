@@ -228,7 +228,8 @@ def _frequent_words(count: int, known: set) -> list:
 
 
 def make_model(seed: int = 0, dtype: str = "float32", tokenizer_vocab: int = 800, real_size_tokenizer: bool = False,
-               architecture: str = "xlm-roberta", model_max_length: int | None = None, **config) -> Path:
+               architecture: str = "xlm-roberta", model_max_length: int | None = None, outliers: int = 0,
+               **config) -> Path:
     """A folder with config.json, model.safetensors and tokenizer.json of a random reranker.
 
     `config` overrides XLMRobertaConfig fields (tiny defaults; pass **BGE_RERANKER_BASE for the
@@ -239,9 +240,14 @@ def make_model(seed: int = 0, dtype: str = "float32", tokenizer_vocab: int = 800
     `architecture="bert"` makes a BertForSequenceClassification with a WordPiece tokenizer
     (make_wordpiece_tokenizer) instead, as the ms-marco MiniLM cross-encoders. `model_max_length`
     is written into tokenizer_config.json (bge-reranker-v2-m3's is 8192).
+
+    outliers: that many hidden dimensions get LayerNorm scales and shifts 20-50x larger in every
+    LayerNorm, so the residual stream carries a few huge features in every token, as LLM.int8()
+    (Dettmers et al. 2022) found in trained transformers: the hard case for int8 activations.
     """
+    extra = {"outliers": outliers} if outliers else {}  # keeps the older models' names
     if architecture == "bert":
-        return _make_bert_model(seed, dtype, tokenizer_vocab, model_max_length, **config)
+        return _make_bert_model(seed, dtype, tokenizer_vocab, model_max_length, outliers, **config)
     if model_max_length is not None:
         config["model_max_length"] = model_max_length
     spec = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
@@ -252,7 +258,7 @@ def make_model(seed: int = 0, dtype: str = "float32", tokenizer_vocab: int = 800
     tokenizer_spec = {"real_size_tokenizer": True} if real_size_tokenizer else {}  # old cache keys stay valid
     if model_max_length is not None:
         tokenizer_spec["model_max_length"] = model_max_length
-    folder = cache_dir() / f"model-{_key(seed=seed, dtype=dtype, tokenizer_vocab=tokenizer_vocab, **tokenizer_spec, **spec)}"
+    folder = cache_dir() / f"model-{_key(seed=seed, dtype=dtype, tokenizer_vocab=tokenizer_vocab, **tokenizer_spec, **spec, **extra)}"
     if (folder / "model.safetensors").exists():
         return folder
     import torch
@@ -265,12 +271,14 @@ def make_model(seed: int = 0, dtype: str = "float32", tokenizer_vocab: int = 800
     model = XLMRobertaForSequenceClassification(
         XLMRobertaConfig(num_labels=1, type_vocab_size=1, pad_token_id=1, bos_token_id=0, eos_token_id=2, **spec)
     ).eval()
-    return _save_random(model, tokenizer, folder, dtype, model_max_length)
+    return _save_random(model, tokenizer, folder, dtype, model_max_length, outliers)
 
 
-def _save_random(model, tokenizer: Path, folder: Path, dtype: str, model_max_length: int | None) -> Path:
-    """Randomise the biases and LayerNorm scales too (so every parameter matters), calibrate the
-    head, and save the model with its tokenizer's files into `folder`, atomically."""
+def _save_random(model, tokenizer: Path, folder: Path, dtype: str, model_max_length: int | None,
+                 outliers: int = 0) -> Path:
+    """Randomise the biases and LayerNorm scales too (so every parameter matters), give `outliers`
+    hidden dimensions 20-50x larger LayerNorm parameters (make_model), calibrate the head, and save
+    the model with its tokenizer's files into `folder`, atomically."""
     import torch
 
     with torch.no_grad():
@@ -279,6 +287,12 @@ def _save_random(model, tokenizer: Path, folder: Path, dtype: str, model_max_len
                 parameter.copy_(1.0 + 0.1 * torch.randn_like(parameter))
             elif name.endswith("bias"):
                 parameter.copy_(0.05 * torch.randn_like(parameter))
+        if outliers:
+            dims = torch.randperm(model.config.hidden_size)[:outliers]
+            scales = 20 + 30 * torch.rand(outliers)  # 20-50x
+            for name, parameter in model.named_parameters():
+                if "LayerNorm" in name:
+                    parameter[dims] *= scales
         _calibrate_head(model, tokenizer)
     model = model.to(getattr(torch, dtype))
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
@@ -300,7 +314,8 @@ def _copy_tokenizer(tokenizer: Path, folder: Path, model_max_length: int | None)
         path.write_text(json.dumps(dict(settings, model_max_length=model_max_length), indent=2), encoding="utf-8")
 
 
-def _make_bert_model(seed: int, dtype: str, tokenizer_vocab: int, model_max_length: int | None, **config) -> Path:
+def _make_bert_model(seed: int, dtype: str, tokenizer_vocab: int, model_max_length: int | None, outliers: int = 0,
+                     **config) -> Path:
     """make_model's BERT cross-encoder: BertForSequenceClassification (two token types, positions
     from 0, layer_norm_eps 1e-12, pooler + classifier) with a WordPiece tokenizer."""
     tokenizer = make_wordpiece_tokenizer(tokenizer_vocab)
@@ -312,7 +327,8 @@ def _make_bert_model(seed: int, dtype: str, tokenizer_vocab: int, model_max_leng
     spec.setdefault("vocab_size", len(words))  # a reduced vocabulary: the tokenizer's (bench: MiniLM's 30,522)
     if spec["vocab_size"] < len(words):
         raise ValueError(f"vocab_size {spec['vocab_size']} is smaller than the tokenizer's {len(words)} entries")
-    folder = cache_dir() / f"bert-{_key(seed=seed, dtype=dtype, tokenizer_vocab=tokenizer_vocab, max=model_max_length, **spec)}"
+    extra = {"outliers": outliers} if outliers else {}  # keeps the older models' names
+    folder = cache_dir() / f"bert-{_key(seed=seed, dtype=dtype, tokenizer_vocab=tokenizer_vocab, max=model_max_length, **spec, **extra)}"
     if (folder / "model.safetensors").exists():
         return folder
     import torch
@@ -320,7 +336,7 @@ def _make_bert_model(seed: int, dtype: str, tokenizer_vocab: int, model_max_leng
 
     torch.manual_seed(seed)
     model = BertForSequenceClassification(BertConfig(num_labels=1, **spec)).eval()
-    return _save_random(model, tokenizer, folder, dtype, model_max_length)
+    return _save_random(model, tokenizer, folder, dtype, model_max_length, outliers)
 
 
 def _calibrate_head(model, tokenizer_folder: Path) -> None:

@@ -201,7 +201,9 @@ def _table(config: ModelConfig) -> dict:
 # Older checkpoints name LayerNorm parameters gamma/beta (TensorFlow's names).
 _OLD_NAMES = {".gamma": ".weight", ".beta": ".bias"}
 
-_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
+_FLOATS = ("F32", "F16", "BF16")  # what a checkpoint may hold
+# the integers only in layout.py's int8 cache files, which read_safetensors reads too
+_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I8": np.int8, "I32": np.int32}
 
 
 def load_weights(path, config: ModelConfig) -> Weights:
@@ -225,6 +227,8 @@ def load_weights(path, config: ModelConfig) -> Weights:
     fields = {}
     for name, (field, shape) in table.items():
         array, dtype, offset = tensors[name]
+        if dtype not in _FLOATS:
+            raise ModelError(f"{path}: {name} is stored as {dtype}; a checkpoint's tensors must be {', '.join(_FLOATS)}")
         if array.shape != shape:
             raise ModelError(f"{path}: {name} has shape {list(array.shape)}, config.json implies {list(shape)}")
         if field == "embeddings.word":  # read row by row, never mapped (see the module's docstring)
@@ -422,7 +426,7 @@ def _header_entry(path: Path, name: str, info, data_size: int) -> tuple:
     if not isinstance(dtype, str):
         raise ModelError(f"{path}: {shown} has dtype {dtype!r:.40}, not a string; the file is corrupt")
     if dtype not in _DTYPES:
-        raise ModelError(f"{path}: {shown} is stored as {dtype[:20]}; only F32, F16 and BF16 are supported")
+        raise ModelError(f"{path}: {shown} is stored as {dtype[:20]}; only {', '.join(_DTYPES)} are supported")
     if not isinstance(shape, list) or not all(_is_size(d) for d in shape):
         raise ModelError(f"{path}: {shown} has shape {shape!r:.60}, not a list of integers >= 0; the file is corrupt")
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_size(o) for o in offsets):

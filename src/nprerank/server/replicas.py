@@ -114,12 +114,10 @@ def _prepare(serve_options: dict) -> None:
     import sys
 
     from ..reranker import Reranker
+    from .run import model_options
 
-    options = {"long_documents": serve_options.get("long_documents", "truncate")}
-    if serve_options.get("threads"):
-        options["threads"] = serve_options["threads"]
     try:
-        Reranker.from_pretrained(serve_options["model"], **options).logits([("warm", "up")])
+        Reranker.from_pretrained(serve_options["model"], **model_options(serve_options)).logits([("warm", "up")])
     except (ValueError, OSError) as e:  # ModelError is a ValueError
         print(f"nprerank serve: {e}", file=sys.stderr, flush=True)
         sys.exit(1)

@@ -25,6 +25,7 @@ import threading
 
 from ..arguments import positive_int
 from ..config import ModelError
+from ..precisions import NAMES as PRECISION_NAMES
 from pathlib import Path
 
 from .access import Access
@@ -81,6 +82,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "from its affinity and CPU quota)")
     parser.add_argument("--long-documents", choices=("truncate", "chunk"), default="truncate",
                         help="a passage longer than the model takes: cut it (default), or score its best window")
+    parser.add_argument("--precision", choices=PRECISION_NAMES, default="fp32",
+                        help="fp32 (exact, default) or int8 (the encoder's products on 8-bit integers: faster, "
+                             "logits off by a little; docs/performance.md)")
     parser.add_argument("--workers", metavar="N", type=positive_int, default=1,
                         help="server processes sharing the port and one memory-mapped copy of the weights "
                              "(default 1; see docs/scale.md)")
@@ -102,13 +106,19 @@ def seconds(text: str) -> float:
 def serve_from_args(args: argparse.Namespace) -> None:
     limits = {name: getattr(args, name) for name in Limits.__dataclass_fields__}
     options = dict(model=args.model, host=args.host, port=args.port, api_key=args.api_key, threads=args.threads,
-                   long_documents=args.long_documents, log_level=args.log_level, allowed_hosts=args.allowed_host,
+                   long_documents=args.long_documents, precision=args.precision, log_level=args.log_level, allowed_hosts=args.allowed_host,
                    allowed_origins=args.allowed_origin, **limits)
     if args.workers > 1:
         from .replicas import serve_replicas
 
         return serve_replicas(args.workers, options)
     serve(**options)
+
+
+def model_options(serve_options: dict) -> dict:
+    """serve()'s options that are Reranker.from_pretrained's (None or absent: the Reranker's default)."""
+    names = ("long_documents", "threads", "precision")
+    return {name: serve_options[name] for name in names if serve_options.get(name) is not None}
 
 
 def public_name(model: str) -> str:
@@ -196,9 +206,10 @@ def guarded_protocol(limits: Limits):
 
 
 def serve(model: str = DEFAULT_MODEL, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None,
-          threads: int | None = None, long_documents: str = "truncate", log_level: str = "info",
+          threads: int | None = None, long_documents: str = "truncate", precision: str = "fp32", log_level: str = "info",
           allowed_hosts=(), allowed_origins=(), sockets=None, preload: bool = False, **limits) -> None:
-    """Serve `model` until Ctrl-C or SIGTERM, then return. Raises ModelError if the model fails to load.
+    """Serve `model` until Ctrl-C or SIGTERM, then return. Raises ModelError if the model fails to load,
+    ValueError for a bad option (precision: "fp32" or "int8", as Reranker's).
     sockets: listening sockets to accept on instead of binding host:port (replicas.py's workers).
     preload: load the model before accepting any connection (a worker sharing a port with others
     must not take a request it would answer 503)."""
@@ -209,9 +220,7 @@ def serve(model: str = DEFAULT_MODEL, host: str = "127.0.0.1", port: int = 8080,
     limits = Limits(**limits)
 
     def load():
-        options = {"long_documents": long_documents}
-        if threads is not None:
-            options["threads"] = threads
+        options = model_options(dict(long_documents=long_documents, threads=threads, precision=precision))
         if limits.truncation:  # the server's --truncation, for routes whose Query leaves it to the server
             options["truncation"] = limits.truncation
         return Reranker.from_pretrained(model, **options)

@@ -1,0 +1,48 @@
+"""The precisions the encoder runs at, in one table: `precision=` everywhere is looked up here.
+
+Each precision is one row of PRECISIONS naming, as "module:attribute" (imported only when that
+precision is used, so an fp32 run never loads the int8 kernels), the three things that differ:
+
+- `format`: how layout.py packs a layer's weights for it and reads them back from the cache
+  file (a layout.Format);
+- `forward`: the fast forward pass, (ids [N], offsets [B+1], weights, matrices, config, **options)
+  -> [B] logits, as model.forward;
+- `oracle`: for engine="reference", a stand-in for reference.linear made from the Weights'
+  layers (None: reference.linear itself, the exact fp32 product).
+
+`isa` says whether the fast pass takes an instruction-set choice (isa.py). Adding a precision
+is one line here, plus its modules. The CLI, the server, batch and bench take their choices
+from NAMES.
+"""
+
+import importlib
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Precision:
+    format: str  # "module:attribute" of its layout.Format
+    forward: str  # "module:attribute" of its fast forward pass
+    oracle: str | None  # "module:attribute" of its reference.linear stand-in's factory, or None: exact
+    isa: bool  # whether its forward takes isa= (isa.code of isa.choose's name)
+
+
+PRECISIONS = {
+    "fp32": Precision("nprerank.layout:FP32", "nprerank.model:forward", None, isa=False),
+    "int8": Precision("nprerank.int8:FORMAT", "nprerank.int8_model:forward", "nprerank.int8:Int8Linears", isa=True),
+}
+NAMES = tuple(PRECISIONS)
+DEFAULT = "fp32"
+
+
+def check(precision) -> Precision:
+    """The row for `precision`; ValueError naming the choices for anything else."""
+    if not isinstance(precision, str) or precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(NAMES)}, got {precision!r:.40}")
+    return PRECISIONS[precision]
+
+
+def load(reference: str):
+    """The object a "module:attribute" string names."""
+    module, attribute = reference.split(":")
+    return getattr(importlib.import_module(module), attribute)
