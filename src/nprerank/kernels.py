@@ -285,12 +285,13 @@ def _panels_product(out, x, panels, bias, first, last):
 
 
 @kernel
-def _tile_rows(remaining):
-    """Rows of the next tile: TILE_ROWS, or for the last few rows the largest power of two that
-    fits (13 rows go as 8 + 4 + 1). `_tile` has a loop for each of these counts only: one per
-    count up to TILE_ROWS would do less work on ragged tiles but take seconds more to compile."""
-    if remaining >= TILE_ROWS:
-        return TILE_ROWS
+def _tile_rows(remaining, most=TILE_ROWS):
+    """Rows of the next tile: `most` (TILE_ROWS; int8_kernels passes its own), or for the last few
+    rows the largest power of two that fits (13 rows go as 8 + 4 + 1). `_tile` has a loop for each
+    of these counts only: one per count up to TILE_ROWS would do less work on ragged tiles but take
+    seconds more to compile."""
+    if remaining >= most:
+        return most
     n = 1
     while 2 * n <= remaining:
         n *= 2

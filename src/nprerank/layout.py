@@ -53,6 +53,8 @@ from .weights import FileStamp, Layer, Weights, check_all_finite, map_safetensor
 LAYOUT_VERSION = 3  # bump when the file's contents change meaning (3: the data checksum)
 CHECKSUM_BLOCK = 4096  # bytes summed into one uint64 by _checksum
 NO_CHECKSUM = "0" * 8  # the checksum's place in the header while the data is written
+SAFETENSORS_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.int8): "I8", np.dtype(np.int32): "I32",
+                      np.dtype(np.uint16): "BF16"}  # bf16 bits as uint16, as weights.py reads them
 PRODUCTS = {"qkv": ("query", "key", "value"), "attention_output": ("attention_output",),
             "intermediate": ("intermediate",), "output": ("output",)}  # packed name -> Layer's Linear fields
 
@@ -83,18 +85,40 @@ def cache_dir() -> Path:
     return Path(os.environ.get("NPRERANK_CACHE") or Path.home() / ".cache" / "nprerank").expanduser()
 
 
-def gemm_weights(weights: Weights) -> list:
-    """[LayerMatrices] * L for `weights`: memory-mapped from the cache file, written first if
-    needed. ModelError naming the tensor when a weight is NaN or infinite."""
+@dataclass(frozen=True)
+class Format:
+    """How one precision packs a layer: `packed(layer)` yields (name, array), `shapes(layer)`
+    (name, shape, dtype) of the same without making them, `matrices(arrays)` the per-layer object."""
+
+    packed: object
+    shapes: object
+    matrices: object
+
+
+def formats() -> dict:
+    """precision -> Format. bf16.py defines its own format (imported here, not at the top: it
+    imports this module)."""
+    from . import bf16
+
+    return {"fp32": Format(_packed, _shapes, lambda arrays: LayerMatrices(**arrays)),
+            "bf16": Format(bf16.packed, bf16.shapes, bf16.matrices)}
+
+
+def gemm_weights(weights: Weights, precision: str = "fp32") -> list:
+    """[LayerMatrices] * L for `weights` (for precision "bf16", with bf16.py's uint16 panels):
+    memory-mapped from the cache file, written first if needed; one file per checkpoint and
+    precision. ModelError naming the tensor when a weight is NaN or infinite."""
+    form = formats()[precision]
     if weights.source is None:
         check_all_finite(weights)
-        return [_in_memory(layer) for layer in weights.layers]
+        return [_in_memory(layer, form) for layer in weights.layers]
     name = hashlib.sha256(str(Path(weights.source).resolve()).encode()).hexdigest()[:16]
-    stamp = _stamp(weights.source, weights.stamp)
+    stamp = _stamp(weights.source, weights.stamp, precision)
+    prefix = "layout-" if precision == "fp32" else f"layout-{precision}-"
     matrices = problem = None
     try:
-        path = cache_dir() / f"layout-{name}.safetensors"
-        matrices = _read(path, weights.layers, stamp)
+        path = cache_dir() / f"{prefix}{name}.safetensors"
+        matrices = _read(path, weights.layers, stamp, form)
     except DamagedLayout as e:  # the file is ours but its data changed since we wrote it
         warnings.warn(f"nprerank: {e}; writing it again", stacklevel=2)
     except ModelError:  # missing, or written for another checkpoint or version
@@ -109,13 +133,13 @@ def gemm_weights(weights: Weights) -> list:
     try:
         if problem is not None:
             raise problem
-        _write(path, weights.layers, stamp)
+        _write(path, weights.layers, stamp, form)
         _prune(path.parent, keep=path)
-        return _read(path, weights.layers, stamp)
+        return _read(path, weights.layers, stamp, form)
     except (OSError, RuntimeError, ModelError) as e:
         warnings.warn(f"nprerank: cannot use the weight layout cache ({e}); keeping the packed copies in "
-                      f"memory instead (about {_bytes(weights.layers) >> 20} MB)", stacklevel=2)
-        return [_in_memory(layer) for layer in weights.layers]
+                      f"memory instead (about {_bytes(weights.layers, form) >> 20} MB)", stacklevel=2)
+        return [_in_memory(layer, form) for layer in weights.layers]
 
 
 class DamagedLayout(ModelError):
@@ -134,12 +158,15 @@ def _checksum(buffer, start: int) -> str:
     return f"{zlib.crc32(buffer[start + whole :], zlib.crc32(sums)):08x}"
 
 
-def _stamp(source: Path, file: FileStamp | None = None) -> dict:
+def _stamp(source: Path, file: FileStamp | None = None, precision: str = "fp32") -> dict:
     """What tells this checkpoint file from a changed one (weights.FileStamp: the stamp taken when
-    it was mapped, else its stat now), as safetensors metadata, which is all strings."""
+    it was mapped, else its stat now), and the precision of the layout, as safetensors metadata,
+    which is all strings."""
     file = file or FileStamp.of(os.stat(source))
     fields = {"path": Path(source).resolve(), **asdict(file)}
-    return {"layout_version": str(LAYOUT_VERSION), "panel": str(PANEL), **{f"source_{key}": str(value) for key, value in fields.items()}}
+    precision_field = {} if precision == "fp32" else {"precision": precision}  # fp32 files predate the field
+    return {"layout_version": str(LAYOUT_VERSION), "panel": str(PANEL), **precision_field,
+            **{f"source_{key}": str(value) for key, value in fields.items()}}
 
 
 def _prune(folder: Path, keep: Path) -> None:
@@ -154,7 +181,8 @@ def _prune(folder: Path, keep: Path) -> None:
             _, metadata = read_safetensors(path)
             metadata.pop("data_checksum", None)
             source = metadata.get("source_path")
-            stale = not source or not os.path.exists(source) or _stamp(source) != metadata
+            precision = metadata.get("precision", "fp32")
+            stale = not source or not os.path.exists(source) or _stamp(source, precision=precision) != metadata
         except (OSError, ModelError):  # unreadable: not a layout file we can use
             stale = True
         if stale:
@@ -190,29 +218,30 @@ def _packed(layer: Layer):
 
 
 def _shapes(layer: Layer):
-    """(name, shape) of what _packed(layer) makes, without making it."""
+    """(name, shape, dtype) of what _packed(layer) makes, without making it."""
     for name, fields in PRODUCTS.items():
         count = sum(-(-getattr(layer, field).weight.shape[0] // PANEL) for field in fields)
-        yield name, [count, getattr(layer, fields[0]).weight.shape[1], PANEL]
-        yield f"{name}_bias", [count * PANEL]
+        yield name, [count, getattr(layer, fields[0]).weight.shape[1], PANEL], np.float32
+        yield f"{name}_bias", [count * PANEL], np.float32
 
 
-def _in_memory(layer: Layer) -> LayerMatrices:
-    return LayerMatrices(**dict(_packed(layer)))
+def _in_memory(layer: Layer, form: Format):
+    return form.matrices(dict(form.packed(layer)))
 
 
-def _bytes(layers: list) -> int:
-    return sum(4 * int(np.prod(shape)) for layer in layers for _, shape in _shapes(layer))
+def _bytes(layers: list, form: Format) -> int:
+    return sum(np.dtype(dtype).itemsize * int(np.prod(shape)) for layer in layers for _, shape, dtype in form.shapes(layer))
 
 
-def _write(path: Path, layers: list, stamp: dict) -> None:
+def _write(path: Path, layers: list, stamp: dict, form: Format) -> None:
     """Write every layer's packed arrays to `path` as safetensors: to a temporary file first, then
     renamed into place, so a reader never sees half a file."""
     header, offset = {"__metadata__": {**stamp, "data_checksum": NO_CHECKSUM}}, 0
     for n, layer in enumerate(layers):
-        for name, shape in _shapes(layer):
-            size = 4 * int(np.prod(shape))
-            header[f"layers.{n}.{name}"] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + size]}
+        for name, shape, dtype in form.shapes(layer):
+            size = np.dtype(dtype).itemsize * int(np.prod(shape))
+            header[f"layers.{n}.{name}"] = {"dtype": SAFETENSORS_DTYPES[np.dtype(dtype)], "shape": shape,
+                                            "data_offsets": [offset, offset + size]}
             offset += size
     text = json.dumps(header).encode()
     text += b" " * (-(8 + len(text)) % 64)  # the data starts 64-byte aligned
@@ -222,7 +251,7 @@ def _write(path: Path, layers: list, stamp: dict) -> None:
         with os.fdopen(handle, "wb") as f:
             f.write(len(text).to_bytes(8, "little") + text)
             for layer in layers:
-                for _, array in _packed(layer):  # one product at a time: at most ~30 MB of extra memory
+                for _, array in form.packed(layer):  # one product at a time: at most ~30 MB of extra memory
                     f.write(array.data)
             f.flush()
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as written:  # the checksum, in its place
@@ -237,7 +266,7 @@ def _write(path: Path, layers: list, stamp: dict) -> None:
         Path(temporary).unlink(missing_ok=True)
 
 
-def _read(path: Path, layers: list, stamp: dict) -> list:
+def _read(path: Path, layers: list, stamp: dict, form: Format) -> list:
     """The packed arrays in the file at `path`; ModelError unless it exists, is whole and was
     written for the checkpoint `stamp` describes; DamagedLayout when its data fails the checksum."""
     mapped = map_safetensors(path)
@@ -250,10 +279,10 @@ def _read(path: Path, layers: list, stamp: dict) -> list:
     matrices = []
     for n, layer in enumerate(layers):
         arrays = {}
-        for name, shape in _shapes(layer):
+        for name, shape, want in form.shapes(layer):
             array, dtype, _ = tensors.get(f"layers.{n}.{name}", (None, None, None))
-            if array is None or dtype != "F32" or list(array.shape) != shape:
-                raise ModelError(f"{path}: layers.{n}.{name} is missing or not F32 {shape}")
+            if array is None or dtype != SAFETENSORS_DTYPES[np.dtype(want)] or list(array.shape) != shape:
+                raise ModelError(f"{path}: layers.{n}.{name} is missing or not {SAFETENSORS_DTYPES[np.dtype(want)]} {shape}")
             arrays[name] = array
-        matrices.append(LayerMatrices(**arrays))
+        matrices.append(form.matrices(arrays))
     return matrices
