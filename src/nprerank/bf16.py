@@ -23,18 +23,22 @@ The format, named once here:
 
 `linear_bf16(x, panels, bias)` is the product's oracle in NumPy; bf16_kernels.linear_bf16_naive is
 its plain-loop twin in Numba, and the ISA paths are checked against that (tests/test_bf16.py).
+`rounded(weights)` is the whole model's oracle: reference.forward on it is what the widening
+paths compute (weights rounded, activations fp32), up to fp32 summation order.
 
 Legend:  M rows (tokens), K the summed dimension, J output columns, P panels.
 
 Read next: bf16_kernels.py (the product per instruction set), bf16_model.py (the forward pass).
 """
 
+from dataclasses import replace
+
 import numpy as np
 
 from .config import ModelError
 from .kernels import PANEL
 from .layout import PRODUCTS, LayerMatrices
-from .weights import Layer
+from .weights import Layer, Linear, Weights
 
 PAIR = 2  # k values whose products vdpbf16ps sums into one 32-bit lane
 
@@ -103,3 +107,15 @@ def matrices(arrays: dict) -> LayerMatrices:
     """layout.LayerMatrices holding bf16 panels [P, K/2, 2 PANEL] uint16 (its `width` holds: P
     counts the same PANEL-column panels as fp32's)."""
     return LayerMatrices(**arrays)
+
+
+def rounded(weights: Weights) -> Weights:
+    """`weights` with the encoder's product weights rounded to bf16 (held as float32): reference.forward
+    on them equals the widening paths' forward up to fp32 rounding. In memory (no layout file)."""
+    def round_linear(linear: Linear) -> Linear:
+        return Linear(widen(to_bf16(linear.weight)), linear.bias)
+
+    fields = [field for names in PRODUCTS.values() for field in names]
+    layers = [replace(layer, **{field: round_linear(getattr(layer, field)) for field in fields})
+              for layer in weights.layers]
+    return replace(weights, layers=layers, source=None, stamp=None)

@@ -9,9 +9,15 @@ needs no recompile, and a CPU that cannot run a path still compiles it.
 
 | path       | tile (rows x columns) | per k-pair and row                                            |
 |------------|-----------------------|---------------------------------------------------------------|
-| avx512bf16 | 14 x 32               | vdpbf16ps: the pair's two bf16 x bf16 products summed into each of 16 fp32 lanes; activations rounded to bf16 first (round_rows) |
-| avx2       | 6 x 16                | weights widened in the register: vpslld 16 (even k), vpand 0xffff0000 (odd k); two fp32 FMAs on 8 lanes; activations fp32 |
+| avx512bf16 | 14 x 32               | vdpbf16ps: the pair's two bf16 products summed into 16 lanes   |
+| avx2       | 6 x 16                | weights widened in the register, two fp32 FMAs on 8 lanes      |
 | generic    | 6 x 8                 | the same in LLVM's portable 4-lane vectors (SSE, NEON)         |
+
+avx512bf16 takes its activations rounded to bf16 (round_rows, once per product's input: vdpbf16ps
+multiplies bf16 by bf16); the others take them in fp32 and widen the weights: with a column's
+pair in one 32-bit lane, a shift left by 16 (vpslld) gives the even k's fp32 weight and a mask
+of the upper half (vpand 0xffff0000) the odd k's. No vpmovzxwd is needed: the pair layout that
+vdpbf16ps wants already puts each bf16 value in a 32-bit lane.
 
 The sums start at the bias (or 0 for a further slice of K, added to out at the store, as
 kernels._tile does) and live in vector registers (loop-carried values) for the whole K loop.
@@ -405,7 +411,8 @@ def feed_forward_codes(M, n_threads, output_panels, up_panels, isa):
     rounded input on the avx512bf16 path (the widest of C and F), one otherwise (unused)."""
     if isa != AVX512BF16:
         return 1
-    return kernels._rows_per_block(M, n_threads) * max(output_panels.shape[1], up_panels.shape[0] * PANEL // PAIR) * PAIR
+    widest = max(output_panels.shape[1] * PAIR, up_panels.shape[0] * PANEL)  # C, or F rounded up to whole panels
+    return kernels._rows_per_block(M, n_threads) * widest
 
 
 @parallel_kernel
