@@ -11,6 +11,10 @@ Engines:
   `torch.inference_mode`, padded length-sorted batches (FlagEmbedding's way of batching).
 - onnxruntime: the same weights exported once with `torch.onnx.export` (dynamic batch and
   sequence axes, cached), run with every graph optimisation on, padded length-sorted batches.
+- bf16 (issue 12): nprerank-bf16 (bf16_model.BF16Model under the Reranker), torch-bf16 (sdpa
+  under autocast), openvino-bf16 (the same ONNX export compiled with INFERENCE_PRECISION_HINT
+  bf16; on a CPU without bf16 instructions OpenVINO runs it in fp32, and the engine's load line
+  says so). Their logits differ from the reference's by bf16's rounding: reported, not a fault.
 Every engine gets the same token ids (nprerank's tokenizer, "only_second" truncation), and each
 engine's logits are compared with nprerank-reference's so that nobody times a broken engine.
 Engines that cannot run here are reported as skipped with the reason.
@@ -47,7 +51,8 @@ from .blas import blas_function, set_blas_threads
 from .config import ModelConfig, ModelError
 from .reference import pad
 
-ENGINES = ("nprerank-fast", "nprerank-reference", "torch-eager", "torch-sdpa", "onnxruntime")
+ENGINES = ("nprerank-fast", "nprerank-reference", "torch-eager", "torch-sdpa", "onnxruntime", "nprerank-bf16",
+           "torch-bf16", "openvino-bf16")
 WORKLOADS = ("rerank-100", "long", "single", "long-8192")
 DEFAULT_WORKLOADS = WORKLOADS[:3]  # long-8192 (one pair at v2-m3's length, issue 13) runs when named
 REFERENCE = "nprerank-reference"  # the oracle every engine's logits are compared with
@@ -183,7 +188,8 @@ def _peer_tokenizer(folder: Path):
 
 
 class TorchEngine:
-    def __init__(self, folder: Path, threads: int, attention: str):
+    def __init__(self, folder: Path, threads: int, attention: str, bf16: bool = False):
+        self.bf16 = bf16  # under torch.autocast to bfloat16, as torch users run bf16 on a CPU
         import torch
         from transformers import AutoModelForSequenceClassification
         from transformers.utils import logging
@@ -199,12 +205,13 @@ class TorchEngine:
 
     def logits(self, sequences: list, batch_size: int) -> np.ndarray:
         out = np.empty(len(sequences), dtype=np.float32)
-        with self.torch.inference_mode():
+        autocast = self.torch.autocast("cpu", dtype=self.torch.bfloat16, enabled=self.bf16)
+        with self.torch.inference_mode(), autocast:
             for batch, ids, mask in padded_batches(sequences, batch_size, self.pad_token_id):
                 types = self.config.architecture.token_type_ids(ids, mask)  # BERT's segments; XLM-R's zeros
                 result = self.model(input_ids=self.torch.from_numpy(ids), attention_mask=self.torch.from_numpy(mask),
                                     token_type_ids=self.torch.from_numpy(types))
-                out[batch] = result.logits[:, 0].numpy()
+                out[batch] = result.logits[:, 0].float().numpy()
         return out
 
 
@@ -280,10 +287,50 @@ class OnnxRuntimeEngine:
         return out
 
 
+class NprerankBF16Engine(NprerankEngine):
+    """The Reranker with its FastModel replaced by a BF16Model of the same weights (until
+    from_pretrained takes a precision)."""
+
+    def __init__(self, folder: Path, threads: int):
+        from .bf16_model import BF16Model
+
+        super().__init__(folder, threads, "fast")
+        fp32 = self.reranker.model
+        self.reranker.model = BF16Model(fp32.weights, fp32.config, threads=threads)
+        print(f"nprerank-bf16: the {self.reranker.model.isa} path", file=sys.stderr, flush=True)
+
+
+class OpenVinoEngine(OnnxRuntimeEngine):
+    """OpenVINO's CPU plugin on the ONNX export, asked for bf16 inference (INFERENCE_PRECISION_HINT)."""
+
+    def __init__(self, folder: Path, threads: int):
+        import openvino as ov
+
+        path = onnx_path(folder)
+        if not path.exists():
+            raise ModelError(f"no ONNX export at {path}: the parent bench process makes it")
+        compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "bf16",
+                                                               "INFERENCE_NUM_THREADS": threads})
+        # what it runs: the hint it kept, and the element types of its executed graph's layers
+        kept = compiled.get_property("INFERENCE_PRECISION_HINT")
+        runs = sorted({str(op.get_rt_info()["runtimePrecision"]) for op in compiled.get_runtime_model().get_ops()})
+        print(f"openvino-bf16: INFERENCE_PRECISION_HINT {kept}; layers run in {', '.join(runs)}", file=sys.stderr,
+              flush=True)
+        self.request = compiled.create_infer_request()
+        self.tokenizer, self.pad_token_id = _peer_tokenizer(folder)
+        self.config = ModelConfig.from_json(folder / "config.json")
+        self.session = self  # OnnxRuntimeEngine.logits calls session.run
+
+    def run(self, names: list, inputs: dict) -> list:
+        results = self.request.infer(inputs)
+        return [results[name] for name in names]
+
+
 def missing(engine: str) -> str | None:
     """Why an engine cannot run here, or None. Checks installs only; loading may still fail."""
     needs = {"torch-eager": ("torch", "transformers"), "torch-sdpa": ("torch", "transformers"),
-             "onnxruntime": ("onnxruntime",)}.get(engine, ())
+             "onnxruntime": ("onnxruntime",), "torch-bf16": ("torch", "transformers"),
+             "openvino-bf16": ("openvino",)}.get(engine, ())
     absent = [name for name in needs if importlib.util.find_spec(name) is None]
     if absent:
         return f"{' and '.join(absent)} not installed ({BENCH_EXTRA})"
@@ -305,6 +352,12 @@ def load_engine(engine: str, folder: Path, threads: int):
         return TorchEngine(folder, threads, "sdpa")
     if engine == "onnxruntime":
         return OnnxRuntimeEngine(folder, threads)
+    if engine == "nprerank-bf16":
+        return NprerankBF16Engine(folder, threads)
+    if engine == "torch-bf16":
+        return TorchEngine(folder, threads, "sdpa", bf16=True)
+    if engine == "openvino-bf16":
+        return OpenVinoEngine(folder, threads)
     raise ValueError(f"unknown engine {engine!r}")
 
 
@@ -608,7 +661,7 @@ def run(args) -> dict:
         try:
             for name in dict.fromkeys([REFERENCE, *args.engines]):  # the reference always: it checks the others
                 reason = missing(name)
-                if reason is None and name == "onnxruntime" and not onnx_path(folder).exists():
+                if reason is None and name in ("onnxruntime", "openvino-bf16") and not onnx_path(folder).exists():
                     if missing("torch-eager"):
                         reason = f"the ONNX export needs torch: {missing('torch-eager')}"
                     else:
