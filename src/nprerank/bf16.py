@@ -37,6 +37,7 @@ import numpy as np
 
 from .config import ModelError
 from .kernels import PANEL
+from . import layout
 from .layout import PRODUCTS, LayerMatrices
 from .weights import Layer, Linear, Weights
 
@@ -88,19 +89,13 @@ def linear_bf16(x: np.ndarray, panels: np.ndarray, bias: np.ndarray, round_activ
 
 def packed(layer: Layer):
     """(name, array) for every array of the layer's bf16 LayerMatrices, made one product at a time
-    (layout.py writes them to the cache file under these names)."""
-    for name, fields in PRODUCTS.items():
-        panels, bias = pack([getattr(layer, field) for field in fields])
-        yield name, panels
-        yield f"{name}_bias", bias
+    (layout.py writes them to the cache file under these names): layout's, with bf16's pack."""
+    return layout._packed(layer, pack)
 
 
 def shapes(layer: Layer):
     """(name, shape, dtype) of what packed(layer) makes, without making it."""
-    for name, fields in PRODUCTS.items():
-        count = sum(-(-getattr(layer, field).weight.shape[0] // PANEL) for field in fields)
-        yield name, [count, getattr(layer, fields[0]).weight.shape[1] // PAIR, PAIR * PANEL], np.uint16
-        yield f"{name}_bias", [count * PANEL], np.float32
+    return layout._shapes(layer, lambda K: [K // PAIR, PAIR * PANEL], np.uint16)
 
 
 def matrices(arrays: dict) -> LayerMatrices:
