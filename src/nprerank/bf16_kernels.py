@@ -185,13 +185,14 @@ def _check_codes(codes, M, K, isa):
 def _linear_items(out, column, x, codes, panels, bias, isa, taken):
     """One thread's part of linear_bf16_forward: the (rows, panel) items it takes from `taken`."""
     P, M = panels.shape[0], x.shape[0]
+    rounded = codes[:M, : x.shape[1]]  # codes may have more rows than x
     items = P * ((M + kernels.PANEL_ROWS - 1) // kernels.PANEL_ROWS)
     item = kernels.take(taken)
     while item < items:
         first, p = item // P * kernels.PANEL_ROWS, item % P
         rows = slice(first, first + kernels.PANEL_ROWS)
         if isa == AVX512BF16:
-            _panels_product(out[rows, column:], codes[rows, : x.shape[1]], panels, bias, p, p + 1, isa)
+            _panels_product(out[rows, column:], rounded[rows], panels, bias, p, p + 1, isa)
         else:
             _panels_product(out[rows, column:], x[rows], panels, bias, p, p + 1, isa)
         item = kernels.take(taken)
