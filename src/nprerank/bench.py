@@ -313,7 +313,7 @@ class OpenVinoEngine(OnnxRuntimeEngine):
                                                                "INFERENCE_NUM_THREADS": threads})
         # what it runs: the hint it kept, and the element types of its executed graph's layers
         kept = compiled.get_property("INFERENCE_PRECISION_HINT")
-        runs = sorted({str(op.get_rt_info()["runtimePrecision"]) for op in compiled.get_runtime_model().get_ops()})
+        runs = sorted({op.get_rt_info()["runtimePrecision"].astype(str) for op in compiled.get_runtime_model().get_ops()})
         print(f"openvino-bf16: INFERENCE_PRECISION_HINT {kept}; layers run in {', '.join(runs)}", file=sys.stderr,
               flush=True)
         self.request = compiled.create_infer_request()
