@@ -48,6 +48,9 @@ def test_engines_agree_with_the_reference(report):
     for workload_name, workload in report["workloads"].items():
         for engine, result in workload["results"].items():
             difference = result["max_abs_logit_diff_vs_reference"]
+            if engine in bench.REDUCED:  # bf16: its error is reported, not judged
+                assert result["agrees"] is None and 0 <= difference < 1, f"{engine} on {workload_name}: {difference}"
+                continue
             assert result["agrees"] and difference <= 1e-4, f"{engine} on {workload_name}: max |dlogit| {difference:.2e}"
         assert workload["results"]["nprerank-reference"]["max_abs_logit_diff_vs_reference"] == 0.0
 
