@@ -200,11 +200,17 @@ def test_int8_layout_is_cached_beside_fp32(tiny_model, tmp_path, monkeypatch):
     assert (fp32[0].qkv.dtype, quantized[0].intermediate.scale.dtype) == (np.float32, np.float32)
 
 
-def test_reranker_precision_option(tiny_model):
-    fast = Reranker.from_pretrained(tiny_model, precision="int8")
-    oracle = Reranker.from_pretrained(tiny_model, precision="int8", engine="reference")
+@pytest.mark.parametrize("precision, atol", [("int8", 1e-4 * 30), ("bf16", 1e-4)])
+def test_reranker_precision_option(tiny_model, precision, atol):
+    """Each reduced precision through the Reranker, fast engine against its oracle (engine="reference"),
+    and not the fp32 scores (the option reached the model)."""
+    fast = Reranker.from_pretrained(tiny_model, precision=precision)
+    oracle = Reranker.from_pretrained(tiny_model, precision=precision, engine="reference")
     pairs = [("what is a panda?", "a bear of China"), ("what is a panda?", "hi")]
-    compare("reranker int8", fast.compute_score(pairs), oracle.compute_score(pairs), atol=1e-4 * 30)
+    scores = fast.compute_score(pairs)
+    compare(f"reranker {precision}", scores, oracle.compute_score(pairs), atol=atol)
+    assert fast.model.precision == precision and not np.array_equal(
+        scores, Reranker.from_pretrained(tiny_model).compute_score(pairs))
     for engine in ("fast", "reference"):
         with pytest.raises(ValueError, match="precision must be one of"):
             Reranker.from_pretrained(tiny_model, precision="int4", engine=engine)
@@ -278,9 +284,9 @@ def test_int8_long_sequences_use_blocked_attention():
 def test_precision_names_one_table():
     from nprerank import precisions
 
-    assert precisions.NAMES == ("fp32", "int8")
+    assert precisions.NAMES == ("fp32", "int8", "bf16")
     for bad in ("int4", "FP32", None, 8):
-        with pytest.raises(ValueError, match="precision must be one of fp32, int8"):
+        with pytest.raises(ValueError, match="precision must be one of fp32, int8, bf16"):
             precisions.check(bad)
     for name in precisions.NAMES:
         row = precisions.check(name)

@@ -11,10 +11,13 @@ Engines:
   `torch.inference_mode`, padded length-sorted batches (FlagEmbedding's way of batching).
 - onnxruntime: the same weights exported once with `torch.onnx.export` (dynamic batch and
   sequence axes, cached), run with every graph optimisation on, padded length-sorted batches.
-- Reduced precision (issue 12): nprerank-int8 (`precision="int8"`), onnxruntime-int8 (the export
-  fused by onnxruntime's BERT optimizer, then `quantize_dynamic` QInt8), openvino-int8 (NNCF
-  static quantization, calibrated on other text), torch-bf16 (autocast). Their error against the
-  reference is reported (max |dlogit|, Kendall tau), not held to the 1e-4 agreement.
+- Reduced precision (issue 12): nprerank-int8 and nprerank-bf16 (`precision="int8"` / `"bf16"`),
+  onnxruntime-int8 (the export fused by onnxruntime's BERT optimizer, then `quantize_dynamic`
+  QInt8), openvino-int8 (NNCF static quantization, calibrated on other text), openvino-bf16 (the
+  same ONNX export compiled with INFERENCE_PRECISION_HINT bf16; on a CPU without bf16
+  instructions OpenVINO runs it in fp32, and the engine's load line says so), torch-bf16
+  (autocast). Their error against the reference is reported (max |dlogit|, Kendall tau), not held
+  to the 1e-4 agreement.
 Every engine gets the same token ids (nprerank's tokenizer, "only_second" truncation), and each
 engine's logits are compared with nprerank-reference's so that nobody times a broken engine.
 Engines that cannot run here are reported as skipped with the reason.
@@ -53,11 +56,11 @@ from .config import ModelConfig, ModelError
 from .reference import pad
 
 ENGINES = ("nprerank-fast", "nprerank-reference", "torch-eager", "torch-sdpa", "onnxruntime",
-           "nprerank-int8", "onnxruntime-int8", "openvino-int8", "torch-bf16")
+           "nprerank-int8", "onnxruntime-int8", "openvino-int8", "nprerank-bf16", "torch-bf16", "openvino-bf16")
 # Reduced precision (issue 12): their logits differ from fp32's by design, so instead of the 1e-4
 # agreement they report their error against the reference: max |dlogit| and Kendall's tau of
 # the ranking they give each workload's pairs.
-REDUCED = ("nprerank-int8", "onnxruntime-int8", "openvino-int8", "torch-bf16")
+REDUCED = ("nprerank-int8", "onnxruntime-int8", "openvino-int8", "nprerank-bf16", "torch-bf16", "openvino-bf16")
 INT8 = "nprerank-int8"
 WORKLOADS = ("rerank-100", "long", "single", "long-8192")
 DEFAULT_WORKLOADS = WORKLOADS[:3]  # long-8192 (one pair at v2-m3's length, issue 13) runs when named
@@ -357,17 +360,30 @@ def quantize_openvino(folder: Path) -> Path:
 
 
 class OpenVinoEngine:
-    def __init__(self, folder: Path, threads: int):
+    """OpenVINO's CPU plugin. precision "int8": the NNCF-quantized model (quantize_openvino), with
+    OpenVINO's compiled-model cache; "bf16": the plain ONNX export asked for bf16 inference
+    (INFERENCE_PRECISION_HINT), and its load line says what it kept: on a CPU without bf16
+    instructions it stays fp32."""
+
+    def __init__(self, folder: Path, threads: int, precision: str):
         import openvino as ov
 
-        path = openvino_int8_path(folder)
+        path = openvino_int8_path(folder) if precision == "int8" else onnx_path(folder)
         if not path.exists():
-            raise ModelError(f"no OpenVINO int8 model at {path}: the parent bench process makes it")
+            raise ModelError(f"no OpenVINO {precision} model at {path}: the parent bench process makes it")
         core = ov.Core()
-        cache = path.with_name("openvino-cache")  # compiled-model cache: later starts skip compiling
-        core.set_property({"CACHE_DIR": str(cache)})
-        self.model = core.compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": threads,
-                                                            "PERFORMANCE_HINT": "LATENCY"})
+        options = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
+        if precision == "int8":
+            core.set_property({"CACHE_DIR": str(path.with_name("openvino-cache"))})  # later starts skip compiling
+        else:
+            options["INFERENCE_PRECISION_HINT"] = "bf16"
+        self.model = core.compile_model(str(path), "CPU", options)
+        if precision == "bf16":  # what it runs: the hint it kept, and its executed graph's element types
+            kept = self.model.get_property("INFERENCE_PRECISION_HINT")
+            runs = sorted({op.get_rt_info()["runtimePrecision"].astype(str)
+                           for op in self.model.get_runtime_model().get_ops()})
+            print(f"openvino-bf16: INFERENCE_PRECISION_HINT {kept}; layers run in {', '.join(runs)}",
+                  file=sys.stderr, flush=True)
         self.tokenizer, self.pad_token_id = _peer_tokenizer(folder)
         self.config = ModelConfig.from_json(folder / "config.json")
 
@@ -412,7 +428,8 @@ def missing(engine: str) -> str | None:
     """Why an engine cannot run here, or None. Checks installs only; loading may still fail."""
     needs = {"torch-eager": ("torch", "transformers"), "torch-sdpa": ("torch", "transformers"),
              "onnxruntime": ("onnxruntime",), "torch-bf16": ("torch", "transformers"),
-             "onnxruntime-int8": ("onnxruntime", "onnx"), "openvino-int8": ("openvino", "nncf")}.get(engine, ())
+             "onnxruntime-int8": ("onnxruntime", "onnx"), "openvino-int8": ("openvino", "nncf"),
+             "openvino-bf16": ("openvino",)}.get(engine, ())
     absent = [name for name in needs if importlib.util.find_spec(name) is None]
     if absent:
         return f"{' and '.join(absent)} not installed ({BENCH_EXTRA})"
@@ -434,13 +451,14 @@ def load_engine(engine: str, folder: Path, threads: int):
         return TorchEngine(folder, threads, "sdpa")
     if engine == "onnxruntime":
         return OnnxRuntimeEngine(folder, threads)
-    if engine == INT8:
-        return NprerankEngine(folder, threads, "fast", precision="int8")
+    if engine in (INT8, "nprerank-bf16"):
+        return NprerankEngine(folder, threads, "fast", precision=engine.removeprefix("nprerank-"))
     if engine == "torch-bf16":
         return TorchEngine(folder, threads, "sdpa", bf16=True)
     if engine == "onnxruntime-int8":
         return OnnxRuntimeEngine(folder, threads, int8=True)
-    if engine == "openvino-int8":
+    if engine in ("openvino-int8", "openvino-bf16"):
+        return OpenVinoEngine(folder, threads, engine.removeprefix("openvino-"))
         return OpenVinoEngine(folder, threads)
     raise ValueError(f"unknown engine {engine!r}")
 
@@ -448,8 +466,8 @@ def load_engine(engine: str, folder: Path, threads: int):
 def prepare(engine: str, folder: Path) -> str | None:
     """Make the files an engine loads (the ONNX export, the int8 models), once, in the parent;
     the reason it cannot run, or None."""
-    makers = {"onnxruntime": (onnx_path, export_onnx), "onnxruntime-int8": (onnx_int8_path, quantize_onnx),
-              "openvino-int8": (openvino_int8_path, quantize_openvino)}
+    makers = {"onnxruntime": (onnx_path, export_onnx), "openvino-bf16": (onnx_path, export_onnx),
+              "onnxruntime-int8": (onnx_int8_path, quantize_onnx), "openvino-int8": (openvino_int8_path, quantize_openvino)}
     if engine not in makers or makers[engine][0](folder).exists():
         return None
     if not onnx_path(folder).exists() and missing("torch-eager"):

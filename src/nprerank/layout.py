@@ -58,7 +58,8 @@ from .weights import FileStamp, Layer, Weights, check_all_finite, map_safetensor
 LAYOUT_VERSION = 3  # bump when the file's contents change meaning (3: the data checksum)
 CHECKSUM_BLOCK = 4096  # bytes summed into one uint64 by _checksum
 NO_CHECKSUM = "0" * 8  # the checksum's place in the header while the data is written
-SAFETENSORS_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.int8): "I8", np.dtype(np.int32): "I32"}
+SAFETENSORS_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.int8): "I8", np.dtype(np.int32): "I32",
+                      np.dtype(np.uint16): "BF16"}  # bf16 bits as uint16, as weights.py reads them
 PRODUCTS = {"qkv": ("query", "key", "value"), "attention_output": ("attention_output",),
             "intermediate": ("intermediate",), "output": ("output",)}  # packed name -> Layer's Linear fields
 
@@ -204,19 +205,21 @@ def _pack(linears: list) -> tuple:
     return np.ascontiguousarray(np.concatenate(panels)), np.concatenate(biases)
 
 
-def _packed(layer: Layer):
-    """(name, array) for every array of the layer's LayerMatrices, made one product at a time."""
+def _packed(layer: Layer, pack=_pack):
+    """(name, array) for every array of the layer's LayerMatrices, made one product at a time.
+    pack: Linears -> (panels, bias), fp32's _pack or another format's (bf16.pack)."""
     for name, fields in PRODUCTS.items():
-        panels, bias = _pack([getattr(layer, field) for field in fields])
+        panels, bias = pack([getattr(layer, field) for field in fields])
         yield name, panels
         yield f"{name}_bias", bias
 
 
-def _shapes(layer: Layer):
-    """(name, shape, dtype) of what _packed(layer) makes, without making it."""
+def _shapes(layer: Layer, panel=lambda K: [K, PANEL], dtype=np.float32):
+    """(name, shape, dtype) of what _packed(layer) makes, without making it. panel: a panel's shape
+    for K inputs, and dtype its values', for a format other than fp32's (bf16.shapes)."""
     for name, fields in PRODUCTS.items():
         count = sum(-(-getattr(layer, field).weight.shape[0] // PANEL) for field in fields)
-        yield name, [count, getattr(layer, fields[0]).weight.shape[1], PANEL], np.float32
+        yield name, [count, *panel(getattr(layer, fields[0]).weight.shape[1])], dtype
         yield f"{name}_bias", [count * PANEL], np.float32
 
 

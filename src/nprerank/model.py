@@ -38,6 +38,7 @@ Read next: kernels.py (what each kernel fuses), layout.py (the packed weights), 
 maths in plain NumPy).
 """
 
+import importlib
 import os
 import threading
 import warnings
@@ -46,7 +47,6 @@ from pathlib import Path
 import numba
 import numpy as np
 
-from . import isa as isa_choice
 from . import kernels, precisions
 from .blas import set_blas_threads
 from .config import ModelConfig
@@ -67,16 +67,20 @@ ENGINE_LOCK = threading.Lock()
 
 class FastModel:
     """precision: a row of precisions.py: "fp32" (exact to reference.forward, this module's
-    forward) or "int8" (the encoder's products at int8, int8_model.forward; equal to int8.forward
-    up to fp32 rounding). isa: for precisions with ISA-specific kernels, isa.choose's argument
-    (None: $NPRERANK_ISA or the best this CPU has). ValueError for an unknown precision or ISA."""
+    forward), "int8" (the encoder's products at int8, int8_model.forward; equal to int8.forward
+    up to fp32 rounding) or "bf16" (the products on bf16 weights, bf16_model.forward; equal to
+    reference.forward on bf16.rounded weights up to fp32 rounding). isa: for precisions with
+    ISA-specific kernels, the chooser's argument (isa.choose for int8, bf16_kernels.choose for bf16;
+    None: $NPRERANK_ISA / $NPRERANK_BF16_ISA or the best this CPU has). ValueError for an unknown
+    precision or ISA; ModelError for weights the precision cannot pack."""
 
     def __init__(self, weights: Weights, config: ModelConfig, threads: int | None = None, precision: str = "fp32",
                  isa: str | None = None):
         row = precisions.check(precision)
         self.weights, self.config, self.precision = weights, config, precision
-        self.isa = isa_choice.choose(isa) if row.isa else None
-        self.options = {"isa": isa_choice.code(self.isa)} if row.isa else {}  # the forward's extra keywords
+        chooser = importlib.import_module(row.isa) if row.isa else None  # isa.py, bf16_kernels.py
+        self.isa = chooser.choose(isa) if chooser else None
+        self.options = {"isa": chooser.code(self.isa)} if chooser else {}  # the forward's extra keywords
         self.threads = set_threads(threads)
         self.forward = precisions.load(row.forward)
         self.matrices = gemm_weights(weights, precision)  # [LayerMatrices] * L (or the precision's), packed
@@ -136,12 +140,14 @@ def embedding_ids(ids, offsets, config: ModelConfig) -> tuple:
     return positions, types
 
 
-def encoder_layer(x, offsets, p: Layer, m: LayerMatrices, buffers, config: ModelConfig, first_tokens_only: bool = False):
+def encoder_layer(x, offsets, p: Layer, m: LayerMatrices, buffers, config: ModelConfig, first_tokens_only: bool = False,
+                  steps=kernels):
     """reference.encoder_layer over the packed batch x [N, C], in three parallel regions: the
     query, key and value projections (one product on the [C, 3C] weight), attention, and the rest
     (kernels.output_feed_forward). Used for the last layer (and for every layer where
     encoder_layers cannot be). Returns the new hidden states [Q, C]: x itself, updated in
-    place, or in the last layer a new [B, C] array of the first tokens' rows."""
+    place, or in the last layer a new [B, C] array of the first tokens' rows. steps: what makes
+    the products, linear_forward and output_feed_forward (kernels', or bf16_model.BF16Steps)."""
     threads, workspace = len(buffers["workspace"]), buffers["workspace"]
     qkv = buffers["qkv"]  # [N, 3 * width]: query, key and value side by side
     panels, width = len(m.qkv) // 3, m.width  # per projection
@@ -149,18 +155,18 @@ def encoder_layer(x, offsets, p: Layer, m: LayerMatrices, buffers, config: Model
         # the classification head reads only the <s> rows: they alone ask (keys and values cover all)
         query_offsets = np.arange(len(offsets), dtype=np.int64)  # one query per sequence
         hidden = np.ascontiguousarray(x[offsets[:-1]])  # [B, C]
-        kernels.linear_forward(qkv, width, x, m.qkv[panels:], m.qkv_bias[width:], threads)  # keys, values
+        steps.linear_forward(qkv, width, x, m.qkv[panels:], m.qkv_bias[width:], threads)  # keys, values
         queries = qkv[: len(hidden)]  # the <s> queries go in the first B rows
-        kernels.linear_forward(queries, 0, hidden, m.qkv[:panels], m.qkv_bias[:width], threads)
+        steps.linear_forward(queries, 0, hidden, m.qkv[:panels], m.qkv_bias[:width], threads)
     else:
         query_offsets, hidden, queries = offsets, x, qkv
-        kernels.linear_forward(qkv, 0, x, m.qkv, m.qkv_bias, threads)
+        steps.linear_forward(qkv, 0, x, m.qkv, m.qkv_bias, threads)
     context = buffers["context"][: len(hidden)]  # [Q, C]
     kernels.attention_forward(context, queries, qkv, width, offsets, query_offsets, config.num_attention_heads,
                               workspace)
-    kernels.output_feed_forward(hidden, context, m.attention_output, m.attention_output_bias, p.attention_norm.weight,
-                                p.attention_norm.bias, m.intermediate, m.intermediate_bias, m.output, m.output_bias,
-                                p.output_norm.weight, p.output_norm.bias, np.float32(config.layer_norm_eps), workspace)
+    steps.output_feed_forward(hidden, context, m.attention_output, m.attention_output_bias, p.attention_norm.weight,
+                              p.attention_norm.bias, m.intermediate, m.intermediate_bias, m.output, m.output_bias,
+                              p.output_norm.weight, p.output_norm.bias, np.float32(config.layer_norm_eps), workspace)
     return hidden
 
 
@@ -205,20 +211,25 @@ def layer_groups(layers: list) -> list:
     return groups
 
 
-def forward(ids, offsets, weights: Weights, matrices: list, config: ModelConfig):
-    """Packed ids [N] with offsets [B+1] -> [B] logits. matrices: layout.gemm_weights(weights)."""
-    N, B = len(ids), len(offsets) - 1
+def make_buffers(offsets, m: LayerMatrices, config: ModelConfig) -> dict:
+    """The arrays every layer's kernels write, for a batch of offsets [B+1] (N tokens): qkv [N, 3
+    width], context [N, C], workspace [threads, S]. Made before any parallel region: a failed
+    allocation is a MemoryError here, never a thread lost inside a region (kernels.py, "scratch
+    memory")."""
+    N, B = int(offsets[-1]), len(offsets) - 1
     threads = 1 if numba.config.DISABLE_JIT else numba.get_num_threads()  # without JIT prange is a loop
-    m = matrices[0]
     floats = max(kernels.attention_floats(offsets, offsets, config.head_size),  # the last layer's need less
                  *(kernels.feed_forward_floats(rows, threads, m.attention_output, m.intermediate) for rows in (N, B)))
-    # Everything the kernels write is made here, before any parallel region: a failed allocation
-    # is a MemoryError now, never a thread lost inside a region (kernels.py, "scratch memory").
-    buffers = {  # reused by every layer
+    return {  # reused by every layer
         "qkv": np.empty((N, 3 * m.width), dtype=np.float32),
         "context": np.empty((N, config.hidden_size), dtype=np.float32),
         "workspace": kernels.make_workspace(threads, floats),  # [threads, S]: each thread's scratch
     }
+
+
+def forward(ids, offsets, weights: Weights, matrices: list, config: ModelConfig):
+    """Packed ids [N] with offsets [B+1] -> [B] logits. matrices: layout.gemm_weights(weights)."""
+    buffers = make_buffers(offsets, matrices[0], config)
     x = embeddings(ids, offsets, weights.embeddings, config)  # [N, C]
     *layers, last = zip(weights.layers, matrices)
     if layers and ONE_REGION:

@@ -10,7 +10,8 @@ precision is used, so an fp32 run never loads the int8 kernels), the three thing
 - `oracle`: for engine="reference", a stand-in for reference.linear made from the Weights'
   layers (None: reference.linear itself, the exact fp32 product).
 
-`isa` says whether the fast pass takes an instruction-set choice (isa.py). Adding a precision
+`isa` names the module that chooses the fast pass's instruction set, if it has several: isa.py for
+int8's products, bf16_kernels.py for bf16's (each with `choose(name)`, forceable, and `code(name)`). Adding a precision
 is one line here, plus its modules. The CLI, the server, batch and bench take their choices
 from NAMES.
 """
@@ -24,12 +25,15 @@ class Precision:
     format: str  # "module:attribute" of its layout.Format
     forward: str  # "module:attribute" of its fast forward pass
     oracle: str | None  # "module:attribute" of its reference.linear stand-in's factory, or None: exact
-    isa: bool  # whether its forward takes isa= (isa.code of isa.choose's name)
+    isa: str | None  # the module choosing its instruction set (choose, code), whose code its forward takes as isa=
 
 
 PRECISIONS = {
-    "fp32": Precision("nprerank.layout:FP32", "nprerank.model:forward", None, isa=False),
-    "int8": Precision("nprerank.int8:FORMAT", "nprerank.int8_model:forward", "nprerank.int8:Int8Linears", isa=True),
+    "fp32": Precision("nprerank.layout:FP32", "nprerank.model:forward", None, isa=None),
+    "int8": Precision("nprerank.int8:FORMAT", "nprerank.int8_model:forward", "nprerank.int8:Int8Linears",
+                      isa="nprerank.isa"),
+    "bf16": Precision("nprerank.bf16:FORMAT", "nprerank.bf16_model:forward", "nprerank.bf16:BF16Linears",
+                      isa="nprerank.bf16_kernels"),
 }
 NAMES = tuple(PRECISIONS)
 DEFAULT = "fp32"

@@ -209,7 +209,7 @@ def serve(model: str = DEFAULT_MODEL, host: str = "127.0.0.1", port: int = 8080,
           threads: int | None = None, long_documents: str = "truncate", precision: str = "fp32", log_level: str = "info",
           allowed_hosts=(), allowed_origins=(), sockets=None, preload: bool = False, **limits) -> None:
     """Serve `model` until Ctrl-C or SIGTERM, then return. Raises ModelError if the model fails to load,
-    ValueError for a bad option (precision: "fp32" or "int8", as Reranker's).
+    ValueError for a bad option (precision: "fp32", "int8" or "bf16", as Reranker's).
     sockets: listening sockets to accept on instead of binding host:port (replicas.py's workers).
     preload: load the model before accepting any connection (a worker sharing a port with others
     must not take a request it would answer 503)."""

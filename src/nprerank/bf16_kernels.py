@@ -1,0 +1,464 @@
+"""Numba kernels for the bf16 fast path: the product on bf16 weight panels, and the layer steps.
+
+Each kernel equals a function of bf16.py or kernels.py (named in its docstring; tests/test_bf16.py
+checks them): the format (bf16 weights packed in k-pairs, fp32 sums) is defined there. The
+product's inner loop, `_bf16_tile`, is LLVM IR like kernels._tile, in one version per instruction
+set. All versions are compiled into the same machine code, each LLVM function carrying the target
+features it needs, and `isa` (an integer argument, code(name)) picks one at run time: a forced path
+needs no recompile, and a CPU that cannot run a path still compiles it.
+
+| path       | tile (rows x columns) | per k-pair and row                                            |
+|------------|-----------------------|---------------------------------------------------------------|
+| avx512bf16 | 14 x 32               | vdpbf16ps: the pair's two bf16 products summed into 16 lanes   |
+| avx2       | 6 x 16                | weights widened in the register, two fp32 FMAs on 8 lanes      |
+| generic    | 6 x 8                 | the same in LLVM's portable 4-lane vectors (SSE, NEON)         |
+
+avx512bf16 takes its activations rounded to bf16 (round_rows, once per product's input: vdpbf16ps
+multiplies bf16 by bf16); the others take them in fp32 and widen the weights: with a column's
+pair in one 32-bit lane, a shift left by 16 (vpslld) gives the even k's fp32 weight and a mask
+of the upper half (vpand 0xffff0000) the odd k's. No vpmovzxwd is needed: the pair layout that
+vdpbf16ps wants already puts each bf16 value in a 32-bit lane.
+
+The sums start at the bias (or 0 for a further slice of K, added to out at the store, as
+kernels._tile does) and live in vector registers (loop-carried values) for the whole K loop.
+The widening costs two integer operations per 8 or 16 weights, which vpslld and vpand take
+straight from memory, so the sums keep their registers: 6 x 2 + 2 widened weights + 1 broadcast
+= 15 of AVX2's 16.
+
+The instruction set is chosen here (`choose`), with isa.py's view of the CPU: the best this CPU
+has, unless `NPRERANK_BF16_ISA` (or FastModel's `isa=` at precision "bf16") names another.
+
+Legend:  M rows, K summed dimension (K2 = K / 2 pairs), C hidden, F feed-forward width, P panels.
+
+Read next: bf16_model.py, which calls these; bf16.py, the format and the oracle.
+"""
+
+import os
+
+import numba
+import numpy as np
+from numba import prange
+
+from . import isa as isa_table
+from . import kernels
+from .bf16 import PAIR
+from .kernels import PANEL, f32, kernel, parallel_kernel
+
+# --- the instruction sets, best first; the index is the kernels' isa code ---------------------
+ISAS = ("avx512bf16", "avx2", "generic")
+NEEDS = {"avx512bf16": ("avx512f", "avx512bw", "avx512bf16"), "avx2": ("avx2", "fma"), "generic": ()}
+TARGET_FEATURES = {"avx512bf16": "+avx512f,+avx512bw,+avx512bf16,+avx2,+fma", "avx2": "+avx2,+fma", "generic": ""}
+AVX512BF16 = 0  # code("avx512bf16"): the path that takes its activations as bf16
+TILE_ROWS = (14, 6, 6)  # avx512bf16: 14 x 2 zmm sums + 2 weights + 1 broadcast = 31 of 32
+LANES = (16, 8, 4)  # fp32 lanes per vector; a tile is two vectors wide
+ACTIVATION = (np.uint16, np.float32, np.float32)  # what each path's x is: bf16 bits, or fp32
+ACTIVATION_BYTES = tuple(np.dtype(dtype).itemsize for dtype in ACTIVATION)  # what Numba code can index
+DEPTH = kernels.DEPTH  # K summed in slices, as the fp32 product does (an even number: whole pairs)
+
+
+def supported(name: str, features: dict | None = None) -> bool:
+    """Whether this CPU (or `features`, LLVM's feature names) can execute path `name`."""
+    features = isa_table.host_features() if features is None else features
+    return all(features.get(flag) for flag in NEEDS[name])
+
+
+def choose(requested: str | None = None) -> str:
+    """The path to use: `requested`, else $NPRERANK_BF16_ISA, else the best this CPU supports.
+    ValueError when the name is not one of ISAS, or this CPU lacks what it needs."""
+    source = "isa"
+    if requested is None:
+        requested, source = os.environ.get("NPRERANK_BF16_ISA", "").strip() or None, "NPRERANK_BF16_ISA"
+    if requested is None:
+        return "generic" if numba.config.DISABLE_JIT else next(name for name in ISAS if supported(name))
+    if requested not in ISAS:
+        raise ValueError(f"{source} must be one of {', '.join(ISAS)}, got {requested!r}")
+    if not numba.config.DISABLE_JIT and not supported(requested):
+        lacking = [flag for flag in NEEDS[requested] if not isa_table.host_features().get(flag)]
+        raise ValueError(f"{source}={requested} needs {', '.join(lacking)}, which this CPU lacks")
+    return requested
+
+
+def code(name: str) -> int:
+    """The integer the kernels take for path `name`."""
+    return ISAS.index(name)
+
+
+@kernel
+def tile_columns(isa):
+    """Output columns of path `isa`'s tile: two vectors, never wider than a panel (PANEL is 16 on
+    an AVX2 host, where the 32-column path cannot run anyway)."""
+    return min(2 * LANES[isa], PANEL)
+
+
+def tile_counts(isa: int) -> list:
+    """The row counts kernels._tile_rows can give for path `isa`: the tile has one loop for each."""
+    most = TILE_ROWS[isa]
+    return sorted({most, *(1 << b for b in range(most.bit_length()) if 1 << b < most)})
+
+
+# --- activations rounded to bf16 (the avx512bf16 path only) ------------------------------------
+
+if numba.config.DISABLE_JIT:
+
+    def bits_of_float(x):
+        """The IEEE bits of the float32 x as a uint32 (plain Python when JIT is disabled)."""
+        return np.array(x, dtype=np.float32).view(np.uint32)[()]
+
+else:
+    from llvmlite import ir
+    from numba.core import types
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def bits_of_float(typingctx, x):
+        """The IEEE bits of the float32 x as a uint32: one register move (kernels.float_from_bits' inverse)."""
+        signature = types.uint32(types.float32)
+
+        def codegen(context, builder, sig, args):
+            return builder.bitcast(args[0], ir.IntType(32))
+
+        return signature, codegen
+
+
+@kernel
+def round_rows(codes, x):
+    """codes [M, >= K] = bf16.to_bf16(x [M, K]): round to nearest, ties to even, row by row."""
+    for m in range(x.shape[0]):
+        for k in range(x.shape[1]):
+            bits = bits_of_float(x[m, k])
+            codes[m, k] = np.uint16((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1)))
+                                    >> np.uint32(16))
+
+
+
+# --- the product ---------------------------------------------------------------------------------
+
+
+@kernel
+def linear_bf16_naive(out, x, panels, bias, round_activations):
+    """The product's plain-loop twin (bf16.linear_bf16 in loops): out [M, P PANEL] = x [M, K] @
+    widen(W) + bias, each column's sum in fp32 in k order; x rounded to bf16 first when
+    round_activations (as the avx512bf16 path does)."""
+    M, K = x.shape
+    for m in range(M):
+        for p in range(panels.shape[0]):
+            for j in range(PANEL):
+                total = f32(0.0)
+                for k in range(K):
+                    value = x[m, k]
+                    if round_activations:
+                        bits = bits_of_float(value)
+                        bits = ((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1)))
+                                >> np.uint32(16)) << np.uint32(16)
+                        value = kernels.float_from_bits(np.int32(bits))
+                    weight = kernels.float_from_bits(np.int32(np.uint32(panels[p, k // PAIR, PAIR * j + k % PAIR])
+                                                              << np.uint32(16)))
+                    total += value * weight
+                out[m, p * PANEL + j] = total + bias[p * PANEL + j]
+
+
+@parallel_kernel
+def linear_bf16_forward(out, column, x, panels, bias, n_threads, isa, codes):
+    """out[:, column:] = bf16.linear_bf16(x, panels, bias), kernels.linear_forward's work items
+    (one panel's columns for up to PANEL_ROWS rows) on bf16 panels [P, K/2, 2 PANEL].
+
+    x [M, K] float32; codes [>= M, >= K] uint16: where the avx512bf16 path rounds x to bf16
+    first (unused by the others); isa: code(name)."""
+    _check_codes(codes, x.shape[0], x.shape[1], isa)
+    if isa == AVX512BF16:  # once for all panels
+        for m in prange(x.shape[0]):
+            round_rows(codes[m : m + 1], x[m : m + 1])
+    taken = np.zeros(1, dtype=np.int64)
+    for _ in prange(n_threads):
+        _linear_items(out, column, x, codes, panels, bias, isa, taken)
+
+
+@kernel
+def _check_codes(codes, M, K, isa):
+    """ValueError before a parallel region (where an exception is lost) when the avx512bf16 path's
+    rounded activations would not fit in `codes`."""
+    if isa == AVX512BF16 and (codes.shape[0] < M or codes.shape[1] < K):
+        raise ValueError("codes is too small for the avx512bf16 path's rounded activations")
+
+
+@kernel
+def _linear_items(out, column, x, codes, panels, bias, isa, taken):
+    """One thread's part of linear_bf16_forward: the (rows, panel) items it takes from `taken`."""
+    P, M = panels.shape[0], x.shape[0]
+    rounded = codes[:M, : x.shape[1]]  # codes may have more rows than x
+    items = P * ((M + kernels.PANEL_ROWS - 1) // kernels.PANEL_ROWS)
+    item = kernels.take(taken)
+    while item < items:
+        first, p = item // P * kernels.PANEL_ROWS, item % P
+        rows = slice(first, first + kernels.PANEL_ROWS)
+        if isa == AVX512BF16:
+            _panels_product(out[rows, column:], rounded[rows], panels, bias, p, p + 1, isa)
+        else:
+            _panels_product(out[rows, column:], x[rows], panels, bias, p, p + 1, isa)
+        item = kernels.take(taken)
+
+
+@kernel
+def _product(out, x, codes, panels, bias, isa):
+    """out = x @ all panels + bias for one block of rows: x rounded into codes first on the
+    avx512bf16 path, fp32 as it is on the others."""
+    if isa == AVX512BF16:
+        rounded = codes[: x.shape[0] * x.shape[1]].reshape((x.shape[0], x.shape[1]))
+        round_rows(rounded, x)
+        _panels_product(out, rounded, panels, bias, 0, panels.shape[0], isa)
+    else:
+        _panels_product(out, x, panels, bias, 0, panels.shape[0], isa)
+
+
+@kernel
+def _panels_product(out, x, panels, bias, first, last, isa):
+    """out[:, first * PANEL : last * PANEL] = x @ panels[first:last] + bias, one tile at a time,
+    as kernels._panels_product: a panel's columns are read from memory once, then from cache."""
+    M, K = x.shape
+    rows_most, columns = TILE_ROWS[isa], tile_columns(isa)
+    for p in range(first, last):
+        for c in range(0, PANEL, columns):
+            j = p * PANEL + c
+            i = 0
+            while i < M:
+                n = kernels._tile_rows(M - i, rows_most)
+                for k in range(0, K, DEPTH):
+                    _bf16_tile(out[i : i + n, j:], x[i : i + n, k : k + DEPTH],
+                               panels[p, k // PAIR : (k + DEPTH) // PAIR, PAIR * c :], bias[j:], k > 0, isa)
+                i += n
+
+
+if numba.config.DISABLE_JIT:
+
+    def _bf16_tile(out, x, panel, bias, accumulate, isa):
+        """One tile (plain NumPy when JIT is disabled): out[:, :columns] = x @ widen(panel) + bias,
+        or += x @ widen(panel) when accumulate."""
+        from .bf16 import widen
+
+        columns = tile_columns(isa)
+        x = widen(x) if x.dtype == np.uint16 else x
+        weight = widen(panel[:, : PAIR * columns]).reshape(len(panel), columns, PAIR).transpose(0, 2, 1)
+        product = x.astype(np.float32) @ weight.reshape(-1, columns)
+        out[:, :columns] = out[:, :columns] + product if accumulate else product + bias[:columns]
+
+else:
+    from numba.core import cgutils
+
+    @intrinsic
+    def _bf16_tile(typingctx, out, x, panel, bias, accumulate, isa):
+        """One tile: out [rows, >= columns] float32; x [rows, 2 K2], float32, or uint16 for
+        avx512bf16; panel [K2, >= 2 columns] uint16, the tile's columns first; bias from the
+        tile's first column; rows in tile_counts(isa), columns tile_columns(isa). out = x @ panel
+        + bias, or out += x @ panel when accumulate. A call to path `isa`'s LLVM function
+        (tile_function), chosen by a switch."""
+        signature = types.void(out, x, panel, bias, types.boolean, isa)
+
+        def codegen(context, builder, sig, args):
+            arrays = [context.make_array(t)(context, builder, a) for t, a in zip(sig.args[:4], args[:4])]
+            rows = cgutils.unpack_tuple(builder, arrays[0].shape)[0]
+            pairs = cgutils.unpack_tuple(builder, arrays[2].shape)[0]
+            strides = [cgutils.unpack_tuple(builder, arrays[i].strides)[0] for i in (0, 1, 2)]
+            i8p = ir.IntType(8).as_pointer()
+            operands = [arrays[0].data, strides[0], builder.bitcast(arrays[1].data, i8p), strides[1],
+                        builder.bitcast(arrays[2].data, i8p), strides[2], arrays[3].data, rows, pairs, args[4]]
+            after = builder.append_basic_block("bf16_tile_done")
+            choice = builder.switch(args[5], after)
+            size = sig.args[1].dtype.bitwidth // 8
+            for number, name in enumerate(ISAS):
+                if ACTIVATION_BYTES[number] != size:  # this x's dtype is not the path's
+                    continue
+                block = builder.append_basic_block(f"bf16_tile_{name}")
+                choice.add_case(ir.IntType(64)(number), block)
+                with builder.goto_block(block):
+                    builder.call(tile_function(builder.module, name), operands)
+                    builder.branch(after)
+            builder.position_at_end(after)
+            return context.get_dummy_value()
+
+        return signature, codegen
+
+    def tile_function(module, name: str):
+        """Path `name`'s LLVM function in `module` (made once per module): arguments out, out's row
+        stride in bytes, x, x's, panel, panel's, bias, rows, pairs (K2), accumulate. It carries its
+        path's target features, so a CPU without them compiles it too (never calling it: choose
+        refuses the path)."""
+        symbol = f"nprerank_bf16_tile_{name}_{PANEL}"
+        if symbol in module.globals:
+            return module.globals[symbol]
+        i8p, f32p, i64 = ir.IntType(8).as_pointer(), ir.FloatType().as_pointer(), ir.IntType(64)
+        function = ir.Function(module, ir.FunctionType(ir.VoidType(), [f32p, i64, i8p, i64, i8p, i64, f32p, i64, i64,
+                                                                        ir.IntType(1)]), symbol)
+        function.linkage = "internal"
+        function.attributes.add("noinline")
+        if TARGET_FEATURES[name]:  # llvmlite knows no string attributes by name; the set prints them as given
+            set.add(function.attributes, f'"target-features"="{TARGET_FEATURES[name]}"')
+        _TileBuilder(function, name).emit()
+        return function
+
+    class _TileBuilder:
+        """Emits one path's tile function: a loop over the k-pairs per row count, then the stores."""
+
+        def __init__(self, function, name: str):
+            self.name, self.number = name, ISAS.index(name)
+            self.builder = ir.IRBuilder(function.append_basic_block("entry"))
+            self.i32, self.i64 = ir.IntType(32), ir.IntType(64)
+            (self.out, self.out_stride, self.x, self.x_stride, self.panel, self.panel_stride, self.bias, self.rows,
+             self.pairs, self.accumulate) = function.args
+            lanes = LANES[self.number]
+            self.floats, self.words = ir.VectorType(ir.FloatType(), lanes), ir.VectorType(self.i32, lanes)
+            if name == "avx512bf16":  # declared with i32 lanes; LLVM upgrades the call to its bfloat form
+                self.dot = cgutils.get_or_insert_function(
+                    function.module, ir.FunctionType(self.floats, [self.floats, self.words, self.words]),
+                    f"llvm.x86.avx512bf16.dpbf16ps.{32 * lanes}")
+            else:
+                self.fma = cgutils.get_or_insert_function(
+                    function.module, ir.FunctionType(self.floats, [self.floats] * 3), f"llvm.fmuladd.v{lanes}f32")
+
+        def at(self, base, offset, pointee):  # pointer to `pointee` at byte offset `offset` from base
+            b = self.builder
+            return b.bitcast(b.gep(b.bitcast(base, ir.IntType(8).as_pointer()), [offset]), pointee.as_pointer())
+
+        def splat(self, value, vector):  # value in every lane of a `vector`
+            b = self.builder
+            single = b.insert_element(ir.Constant(vector, ir.Undefined), value, self.i32(0))
+            return b.shuffle_vector(single, ir.Constant(vector, ir.Undefined),
+                                    ir.Constant(ir.VectorType(self.i32, vector.count), [0] * vector.count))
+
+        def emit(self):
+            b = self.builder
+            # the sums start at the bias, or at zero for a further slice of K, added to out at the store
+            zero = ir.Constant(self.floats, [0.0] * self.floats.count)
+            self.start = [b.select(self.accumulate, zero, b.load(self.at(self.bias, self.i64(4 * self.floats.count * v),
+                                                                          self.floats), align=4)) for v in range(2)]
+            after = b.append_basic_block("after")
+            choice = b.switch(self.rows, after)
+            for count in tile_counts(self.number):
+                block = b.append_basic_block(f"rows{count}")
+                choice.add_case(self.i64(count), block)
+                b.position_at_end(block)
+                self.tile(count)
+                b.branch(after)
+            b.position_at_end(after)
+            b.ret_void()
+
+        def step(self, g, count, sums):
+            """The sums after k-pair g: the pair's weights loaded once, used by every row."""
+            b = self.builder
+            row = b.mul(g, self.panel_stride)
+            w = [b.load(self.at(self.panel, b.add(row, self.i64(4 * self.words.count * v)), self.words), align=4)
+                 for v in range(2)]  # one column's (even k, odd k) bf16 pair per 32-bit lane
+            if self.name == "avx512bf16":
+                updated = []
+                for r in range(count):  # this row's pair of bf16 activations, one 32-bit load
+                    x2 = b.load(self.at(self.x, b.add(b.mul(self.i64(r), self.x_stride), b.mul(g, self.i64(4))),
+                                        self.i32), align=2)
+                    spread = self.splat(x2, self.words)
+                    updated += [b.call(self.dot, [sums[2 * r + v], spread, w[v]]) for v in range(2)]
+                return updated
+            sixteen = ir.Constant(self.words, [16] * self.words.count)
+            high = ir.Constant(self.words, [-65536] * self.words.count)  # 0xffff0000
+            even = [b.bitcast(b.shl(v, sixteen), self.floats) for v in w]  # k = 2g: the low half, moved up
+            odd = [b.bitcast(b.and_(v, high), self.floats) for v in w]  # k = 2g + 1: already in place
+            updated = list(sums)
+            for half, weights in enumerate((even, odd)):
+                for r in range(count):
+                    at = b.add(b.mul(self.i64(r), self.x_stride), b.mul(b.add(b.mul(g, self.i64(2)), self.i64(half)),
+                                                                        self.i64(4)))
+                    spread = self.splat(b.load(self.at(self.x, at, ir.FloatType()), align=4), self.floats)
+                    for v in range(2):
+                        updated[2 * r + v] = b.call(self.fma, [spread, weights[v], updated[2 * r + v]])
+            return updated
+
+        def tile(self, count):
+            """The loop over the k-pairs for a tile of `count` rows, sums carried in phi nodes, then
+            the stores."""
+            b = self.builder
+            start = self.start * count
+            first_block, loop, done = b.block, b.append_basic_block("k"), b.append_basic_block("store")
+            b.cbranch(b.icmp_signed(">", self.pairs, self.i64(0)), loop, done)
+            b.position_at_end(loop)
+            g = b.phi(self.i64)
+            sums = [b.phi(self.floats) for _ in start]
+            updated = self.step(g, count, sums)
+            following = b.add(g, self.i64(1))
+            g.add_incoming(self.i64(0), first_block)
+            g.add_incoming(following, loop)
+            for phi, initial, then in zip(sums, start, updated):
+                phi.add_incoming(initial, first_block)
+                phi.add_incoming(then, loop)
+            b.cbranch(b.icmp_signed("<", following, self.pairs), loop, done)
+            b.position_at_end(done)
+            final = [b.phi(self.floats) for _ in start]
+            for phi, initial, then in zip(final, start, updated):
+                phi.add_incoming(initial, first_block)
+                phi.add_incoming(then, loop)
+            for r in range(count):
+                for v in range(2):
+                    target = self.at(self.out, b.add(b.mul(self.i64(r), self.out_stride),
+                                                     self.i64(4 * self.floats.count * v)), self.floats)
+                    total = b.select(self.accumulate, b.fadd(final[2 * r + v], b.load(target, align=4)),
+                                     final[2 * r + v])
+                    b.store(total, target, align=4)
+
+
+# --- the steps of a layer after attention, at bf16 ----------------------------------------------
+# Scratch as kernels.py has it: made by the caller before the region (kernels.py, "scratch
+# memory"), a row per thread: fp32 in a kernels.make_workspace, the rounded rows in `codes`.
+
+
+@kernel
+def feed_forward_codes(M, n_threads, output_panels, up_panels, isa):
+    """uint16 values of a thread's row of codes for output_feed_forward_bf16 on M rows: one block's
+    rounded input on the avx512bf16 path (the widest of C and F), one otherwise (unused)."""
+    if isa != AVX512BF16:
+        return 1
+    widest = max(output_panels.shape[1] * PAIR, up_panels.shape[0] * PANEL)  # C, or F rounded up to whole panels
+    return kernels._rows_per_block(M, n_threads) * widest
+
+
+@parallel_kernel
+def output_feed_forward_bf16(hidden, context, output_panels, output_bias, norm1_weight, norm1_bias, up_panels, up_bias,
+                             down_panels, down_bias, norm2_weight, norm2_bias, eps, workspace, isa, codes):
+    """kernels.output_feed_forward with its three products on bf16 panels:
+
+        h = layer_norm(hidden + linear_bf16(context, attention_output))
+        hidden = layer_norm(h + linear_bf16(gelu(linear_bf16(h, intermediate)), output))
+
+    hidden [M, C] in place; context [M, C]; *_panels bf16 [P, K/2, 2 PANEL] and *_bias; workspace
+    [threads, S] float32, S >= kernels.feed_forward_floats(M, threads, output_panels, up_panels);
+    codes [threads, S'] uint16, S' >= feed_forward_codes(...). The same blocks of rows as
+    kernels.output_feed_forward, each thread carrying its block through all the steps."""
+    n_threads = workspace.shape[0]
+    kernels._check_workspace(workspace, kernels.feed_forward_floats(hidden.shape[0], n_threads, output_panels,
+                                                                    up_panels))
+    kernels._check_workspace(codes, feed_forward_codes(hidden.shape[0], n_threads, output_panels, up_panels, isa))
+    taken = np.zeros(1, dtype=np.int64)
+    for thread in prange(n_threads):
+        _feed_forward_items(hidden, context, output_panels, output_bias, norm1_weight, norm1_bias, up_panels, up_bias,
+                            down_panels, down_bias, norm2_weight, norm2_bias, eps, n_threads, workspace[thread], isa,
+                            codes[thread], taken)
+
+
+@kernel
+def _feed_forward_items(hidden, context, output_panels, output_bias, norm1_weight, norm1_bias, up_panels, up_bias,
+                        down_panels, down_bias, norm2_weight, norm2_bias, eps, n_threads, scratch, isa, codes, taken):
+    """One thread's part of output_feed_forward_bf16: kernels._feed_forward_items' steps, the
+    products made by _product."""
+    M = hidden.shape[0]
+    F = down_panels.shape[1] * PAIR
+    rows_per_block = kernels._rows_per_block(M, n_threads)
+    projected, activation = kernels._feed_forward_scratch(scratch, rows_per_block, output_panels, up_panels)
+    block = kernels.take(taken)
+    while block * rows_per_block < M:
+        r = block * rows_per_block
+        h = hidden[r : r + rows_per_block]
+        n = h.shape[0]
+        _product(projected[:n], context[r : r + n], codes, output_panels, output_bias, isa)
+        kernels._add_layer_norm(h, projected[:n], norm1_weight, norm1_bias, eps)
+        _product(activation[:n], h, codes, up_panels, up_bias, isa)
+        for i in range(n):
+            for f in range(F):
+                activation[i, f] = kernels.gelu32(activation[i, f])
+        _product(projected[:n], activation[:n, :F], codes, down_panels, down_bias, isa)
+        kernels._add_layer_norm(h, projected[:n], norm2_weight, norm2_bias, eps)
+        block = kernels.take(taken)
