@@ -9,7 +9,10 @@ PAIRS = [
     ("熊猫是什么？", "熊猫是一种生活在中国的熊，主要吃竹子。"),
     ("ما هو الباندا؟", "الباندا حيوان يعيش في الصين ويأكل الخيزران"),
     ("🐼 panda 🐼", "🚀🐱 emoji only 🐼🐼🐼"),
-    ("ｆｕｌｌｗｉｄｔｈ ﬁ ①", "NFKC: Ａ ﬁnal ② café cafe\u0301"),  # fullwidth, ligature, circled digit, combining accent
+    (
+        "ｆｕｌｌｗｉｄｔｈ ﬁ ①",
+        "NFKC: Ａ ﬁnal ② café cafe\u0301",
+    ),  # fullwidth, ligature, circled digit, combining accent
     ("  leading and trailing  ", "\ttabs\nnewlines\r\n  and   runs   of spaces  "),
     ("zero\u200bwidth and\u00a0nbsp", "soft\u00adhyphen \u3000ideographic space"),
     ("Привет мир", "γεια σου κόσμε नमस्ते दुनिया 東京 日本語の猫です 한국어 고양이"),

@@ -26,8 +26,10 @@ import numpy as np
 from nprerank import Reranker
 from nprerank.reranker import sigmoid
 
-WORDS = ("panda bear bamboo china mountain river city night music rain search engine ranking document "
-         "attention token vector café naïve 熊猫 生活 中国 Привет мир الباندا 🐼 über straße").split()
+WORDS = (
+    "panda bear bamboo china mountain river city night music rain search engine ranking document "
+    "attention token vector café naïve 熊猫 生活 中国 Привет мир الباندا 🐼 über straße"
+).split()
 TOLERANCE = 2e-5  # scores; a request batched with others is padded differently (see test_server.py)
 
 
@@ -57,8 +59,10 @@ def send(http: httpx.Client, dialect: str, query: str, texts: list) -> dict:
 def run_load(url: str, model, clients: int = 32, requests: int = 50, seed: int = 0, timeout: float = 120) -> dict:
     """C clients x R requests against `url`; every answer checked against the library's scores."""
     reranker = Reranker.from_pretrained(model)
-    plans = [[make_request(random.Random(seed * 100003 + c * 1009 + i), c * requests + i) for i in range(requests)]
-             for c in range(clients)]
+    plans = [
+        [make_request(random.Random(seed * 100003 + c * 1009 + i), c * requests + i) for i in range(requests)]
+        for c in range(clients)
+    ]
 
     def client(plan):
         results = []
@@ -94,10 +98,19 @@ def run_load(url: str, model, clients: int = 32, requests: int = 50, seed: int =
             wrong += 1
             problems.append(f"wrong {dialect}: off by {difference:.2e}")
     pairs = sum(len(texts) for (_, _, texts), _ in results)
-    return {"clients": clients, "requests_per_client": requests, "sent": len(results),
-            "answered": len(results) - lost, "lost": lost, "wrong": wrong, "pairs": pairs,
-            "seconds": round(seconds, 2), "requests_per_second": round(len(results) / seconds, 1),
-            "max_score_difference": worst, "problems": problems[:10]}
+    return {
+        "clients": clients,
+        "requests_per_client": requests,
+        "sent": len(results),
+        "answered": len(results) - lost,
+        "lost": lost,
+        "wrong": wrong,
+        "pairs": pairs,
+        "seconds": round(seconds, 2),
+        "requests_per_second": round(len(results) / seconds, 1),
+        "max_score_difference": worst,
+        "problems": problems[:10],
+    }
 
 
 def main(argv=None) -> int:

@@ -120,9 +120,18 @@ def test_rank_takes_sentence_transformers_keywords(reranker, capsys):
     import torch
 
     logits = np.array(reranker.compute_score([(QUERY, d) for d in DOCUMENTS]), dtype=np.float32)
-    ranked = reranker.rank(QUERY, DOCUMENTS, top_k=3, return_documents=True, batch_size=2, show_progress_bar=True,
-                           activation_fn=torch.nn.Identity(), apply_softmax=False, convert_to_numpy=True,
-                           convert_to_tensor=False)
+    ranked = reranker.rank(
+        QUERY,
+        DOCUMENTS,
+        top_k=3,
+        return_documents=True,
+        batch_size=2,
+        show_progress_bar=True,
+        activation_fn=torch.nn.Identity(),
+        apply_softmax=False,
+        convert_to_numpy=True,
+        convert_to_tensor=False,
+    )
     assert "Batches" in capsys.readouterr().err
     assert [hit["corpus_id"] for hit in ranked] == np.argsort(-logits, kind="stable")[:3].tolist()
     for hit in ranked:
@@ -211,7 +220,10 @@ def test_chunk_mode_scores_a_long_document_as_its_best_window(tiny_model, max_le
     # short documents are one window: both modes agree on them
     np.testing.assert_allclose(chunk_logits[:2], truncated.compute_score(others), atol=TOLERANCE)
     # and the other entry points agree with compute_score
-    hits = {hit["id"]: hit["score"] for hit in chunked.rerank(QUERY, [{"text": d} for _, d in others] + [{"text": document}])}
+    hits = {
+        hit["id"]: hit["score"]
+        for hit in chunked.rerank(QUERY, [{"text": d} for _, d in others] + [{"text": document}])
+    }
     assert hits[2] == pytest.approx(float(sigmoid(window_logits.max())), abs=TOLERANCE)
     assert chunked.predict((QUERY, document)) == pytest.approx(float(sigmoid(window_logits.max())), abs=TOLERANCE)
 

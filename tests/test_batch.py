@@ -23,8 +23,10 @@ from nprerank import Reranker, batch
 from nprerank.cli import main
 from nprerank.reranker import sigmoid
 
-WORDS = ("the a panda bear species endemic to china giant bamboo eats lives mountains forest query passage "
-         "what is how why cyberpunk lizard cat car search engine ranking relevant document river bank").split()
+WORDS = (
+    "the a panda bear species endemic to china giant bamboo eats lives mountains forest query passage "
+    "what is how why cyberpunk lizard cat car search engine ranking relevant document river bank"
+).split()
 
 
 def sentence(rng: random.Random, low: int = 2, high: int = 30) -> str:
@@ -51,8 +53,9 @@ def jsonl_records(n: int, seed: int = 0, docs: tuple = (0, 6)) -> list:
     return records
 
 
-def trec_trio(folder, n_queries: int = 5, n_docs: int = 40, per_query: int = 12, seed: int = 1,
-              queries_format: str = "tsv") -> dict:
+def trec_trio(
+    folder, n_queries: int = 5, n_docs: int = 40, per_query: int = 12, seed: int = 1, queries_format: str = "tsv"
+) -> dict:
     """A BEIR corpus (some titles, duplicate texts for ties), queries and a TREC run in shuffled score order."""
     rng = random.Random(seed)
     corpus = []
@@ -78,9 +81,13 @@ def trec_trio(folder, n_queries: int = 5, n_docs: int = 40, per_query: int = 12,
         rng.shuffle(entries)  # the run's own order must not matter: its scores pick the top
         lines += entries
     (folder / "run.trec").write_text("".join(lines), encoding="utf-8")
-    return dict(corpus={d["_id"]: d for d in corpus}, queries=queries, run=folder / "run.trec",
-                queries_path=folder / f"queries.{'tsv' if queries_format == 'tsv' else 'jsonl'}",
-                corpus_path=folder / "corpus.jsonl")
+    return dict(
+        corpus={d["_id"]: d for d in corpus},
+        queries=queries,
+        run=folder / "run.trec",
+        queries_path=folder / f"queries.{'tsv' if queries_format == 'tsv' else 'jsonl'}",
+        corpus_path=folder / "corpus.jsonl",
+    )
 
 
 def batch_cli(*args) -> int:
@@ -123,17 +130,33 @@ def test_jsonl_scores_equal_the_library_in_input_order(tmp_path, tiny_model, rer
         named = any(isinstance(d, dict) and "id" in d for d in record["documents"])
         assert ("doc_ids" in result) == named
         if named:
-            assert result["doc_ids"] == [d["id"] if isinstance(d, dict) and "id" in d else str(i)
-                                         for i, d in enumerate(record["documents"])]
+            assert result["doc_ids"] == [
+                d["id"] if isinstance(d, dict) and "id" in d else str(i) for i, d in enumerate(record["documents"])
+            ]
 
 
 @pytest.mark.parametrize("queries_format", ["tsv", "jsonl"])
 def test_trec_trio_reranks_the_top_depth_best_first(tmp_path, tiny_model, reranker, queries_format):
     trio = trec_trio(tmp_path, queries_format=queries_format)
     depth = 10
-    code = batch_cli("--run", trio["run"], "--queries", trio["queries_path"], "--corpus", trio["corpus_path"],
-                     "--depth", depth, "--format", "trec", "--tag", "bge", "-o", tmp_path / "out.trec",
-                     "--model", tiny_model)
+    code = batch_cli(
+        "--run",
+        trio["run"],
+        "--queries",
+        trio["queries_path"],
+        "--corpus",
+        trio["corpus_path"],
+        "--depth",
+        depth,
+        "--format",
+        "trec",
+        "--tag",
+        "bge",
+        "-o",
+        tmp_path / "out.trec",
+        "--model",
+        tiny_model,
+    )
     assert code == 0
     rows = [line.split() for line in (tmp_path / "out.trec").read_text().splitlines()]
     run = [line.split() for line in trio["run"].read_text().splitlines()]
@@ -160,8 +183,23 @@ def test_trec_trio_reranks_the_top_depth_best_first(tmp_path, tiny_model, rerank
 
 def test_jsonl_output_of_a_trec_input_names_its_documents(tmp_path, tiny_model):
     trio = trec_trio(tmp_path, n_queries=2)
-    assert batch_cli("--run", trio["run"], "--queries", trio["queries_path"], "--corpus", trio["corpus_path"],
-                     "--depth", 3, "-o", tmp_path / "out.jsonl", "--model", tiny_model) == 0
+    assert (
+        batch_cli(
+            "--run",
+            trio["run"],
+            "--queries",
+            trio["queries_path"],
+            "--corpus",
+            trio["corpus_path"],
+            "--depth",
+            3,
+            "-o",
+            tmp_path / "out.jsonl",
+            "--model",
+            tiny_model,
+        )
+        == 0
+    )
     out = read_jsonl(tmp_path / "out.jsonl")
     assert [len(r["scores"]) for r in out] == [3, 3] and all(len(r["doc_ids"]) == 3 for r in out)
 
@@ -192,8 +230,17 @@ def test_resume_after_an_injected_failure_and_a_torn_line(tmp_path, tiny_model, 
 
 def test_resume_after_the_process_is_killed(tmp_path, tiny_model):
     write_jsonl(tmp_path / "in.jsonl", jsonl_records(600, seed=4, docs=(8, 16)))
-    args = [sys.executable, "-m", "nprerank", "batch", str(tmp_path / "in.jsonl"), "--model", str(tiny_model),
-            "--batch-size", "8"]
+    args = [
+        sys.executable,
+        "-m",
+        "nprerank",
+        "batch",
+        str(tmp_path / "in.jsonl"),
+        "--model",
+        str(tiny_model),
+        "--batch-size",
+        "8",
+    ]
     whole = subprocess.run(args + ["-o", str(tmp_path / "whole.jsonl")], capture_output=True, text=True, timeout=600)
     assert whole.returncode == 0, whole.stderr
     child = subprocess.Popen(args + ["-o", str(tmp_path / "cut.jsonl")], stderr=subprocess.PIPE)
@@ -264,8 +311,18 @@ def test_bad_trec_inputs_are_named_and_skippable(tmp_path, tiny_model, capsys):
     }
     for name, (lines, message) in cases.items():
         trio["run"].write_text("\n".join(lines) + "\n")
-        common = ["--run", trio["run"], "--queries", trio["queries_path"], "--corpus", trio["corpus_path"],
-                  "--model", tiny_model, "--format", "trec"]
+        common = [
+            "--run",
+            trio["run"],
+            "--queries",
+            trio["queries_path"],
+            "--corpus",
+            trio["corpus_path"],
+            "--model",
+            tiny_model,
+            "--format",
+            "trec",
+        ]
         assert batch_cli(*common, "-o", tmp_path / f"{name}.trec") == 1, name
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, (name, err)
@@ -279,8 +336,16 @@ def test_bad_trec_inputs_are_named_and_skippable(tmp_path, tiny_model, capsys):
     corpus = trio["corpus_path"].read_text().splitlines()
     trio["corpus_path"].write_text("\n".join(['{"text": "no id"}'] + corpus) + "\n")
     trio["run"].write_text("\n".join(run) + "\n")
-    common = ["--run", trio["run"], "--queries", trio["queries_path"], "--corpus", trio["corpus_path"],
-              "--model", tiny_model]
+    common = [
+        "--run",
+        trio["run"],
+        "--queries",
+        trio["queries_path"],
+        "--corpus",
+        trio["corpus_path"],
+        "--model",
+        tiny_model,
+    ]
     assert batch_cli(*common, "-o", tmp_path / "out.jsonl") == 1
     assert "corpus.jsonl: line 1: field '_id' is missing" in capsys.readouterr().err
 
@@ -292,8 +357,9 @@ def test_an_output_from_elsewhere_or_other_settings_is_refused(tmp_path, tiny_mo
     assert "is not an unfinished `nprerank batch` output" in capsys.readouterr().err
     assert (tmp_path / "taken.jsonl").read_text() == "somebody's results\n"  # untouched
     assert batch_cli(tmp_path / "in.jsonl", "-o", tmp_path / "out.jsonl", "--model", tiny_model) == 0
-    assert batch_cli(tmp_path / "in.jsonl", "-o", tmp_path / "out.jsonl", "--model", tiny_model,
-                     "--format", "trec") == 1
+    assert (
+        batch_cli(tmp_path / "in.jsonl", "-o", tmp_path / "out.jsonl", "--model", tiny_model, "--format", "trec") == 1
+    )
     assert "was started with other settings (format 'jsonl' now 'trec')" in capsys.readouterr().err
     (tmp_path / "out.jsonl").write_text("")  # someone emptied it: resuming would pad it with zeros
     assert batch_cli(tmp_path / "in.jsonl", "-o", tmp_path / "out.jsonl", "--model", tiny_model) == 1
@@ -314,8 +380,21 @@ def test_usage_errors(tmp_path, tiny_model, capsys):
     for not_a_file in (tmp_path / "pipe.jsonl", tmp_path):
         assert batch_cli(not_a_file, "-o", tmp_path / "o", "--model", tiny_model) == 1
         assert f"{not_a_file}: not a regular file" in capsys.readouterr().err
-        assert batch_cli("--run", tmp_path / "in.jsonl", "--queries", not_a_file, "--corpus", tmp_path / "in.jsonl",
-                         "-o", tmp_path / "o", "--model", tiny_model) == 1
+        assert (
+            batch_cli(
+                "--run",
+                tmp_path / "in.jsonl",
+                "--queries",
+                not_a_file,
+                "--corpus",
+                tmp_path / "in.jsonl",
+                "-o",
+                tmp_path / "o",
+                "--model",
+                tiny_model,
+            )
+            == 1
+        )
         assert f"{not_a_file}: not a regular file" in capsys.readouterr().err
     assert batch_cli(tmp_path / "in.jsonl", "-o", tmp_path / "in.jsonl", "--model", tiny_model) == 1
     assert "is also an input" in capsys.readouterr().err
@@ -330,8 +409,9 @@ def test_plain_progress_lines_say_pairs_rate_and_eta(tmp_path, tiny_model, monke
     assert batch_cli(tmp_path / "in.jsonl", "-o", tmp_path / "out.jsonl", "--model", tiny_model) == 0
     lines = capsys.readouterr().err.splitlines()
     total = sum(len(r["documents"]) for r in jsonl_records(6, docs=(2, 4)))
-    assert any(line.startswith(f"nprerank batch: {total}/{total} pairs (100.0%)") and "pairs/s, ETA" in line
-               for line in lines), lines
+    assert any(
+        line.startswith(f"nprerank batch: {total}/{total} pairs (100.0%)") and "pairs/s, ETA" in line for line in lines
+    ), lines
     assert lines[-1].startswith(f"nprerank batch: {total} pairs of 6 queries in")
 
 
@@ -357,7 +437,9 @@ def test_ray_missing_is_one_line_naming_the_extra(tmp_path, tiny_model, monkeypa
 def test_precision_reaches_the_model_and_the_resume_settings(tmp_path, tiny_model, capsys):
     records = jsonl_records(3, docs=(2, 4))
     write_jsonl(tmp_path / "in.jsonl", records)
-    assert batch_cli(tmp_path / "in.jsonl", "-o", tmp_path / "q.jsonl", "--model", tiny_model, "--precision", "int8") == 0
+    assert (
+        batch_cli(tmp_path / "in.jsonl", "-o", tmp_path / "q.jsonl", "--model", tiny_model, "--precision", "int8") == 0
+    )
     quantized, exact = (Reranker.from_pretrained(tiny_model, precision=p) for p in ("int8", "fp32"))
     for record, result in zip(records, read_jsonl(tmp_path / "q.jsonl")):
         pairs = [(record["query"], d["text"] if isinstance(d, dict) else d) for d in record["documents"]]
@@ -372,36 +454,49 @@ def test_precision_reaches_the_model_and_the_resume_settings(tmp_path, tiny_mode
 def test_engine_reaches_the_model_and_the_resume_settings(tmp_path, tiny_model, capsys):
     records = jsonl_records(4, docs=(2, 5))
     write_jsonl(tmp_path / "in.jsonl", records)
-    assert batch_cli(tmp_path / "in.jsonl", "-o", tmp_path / "ref.jsonl", "--model", tiny_model,
-                     "--engine", "reference") == 0
+    assert (
+        batch_cli(tmp_path / "in.jsonl", "-o", tmp_path / "ref.jsonl", "--model", tiny_model, "--engine", "reference")
+        == 0
+    )
     reference = Reranker.from_pretrained(tiny_model, engine="reference")
     for record, result in zip(records, read_jsonl(tmp_path / "ref.jsonl")):
         texts = [d["text"] if isinstance(d, dict) else d for d in record["documents"]]
         expected = sigmoid(reference.logits([(record["query"], t) for t in texts])).tolist() if texts else []
         assert result["scores"] == expected  # the reference engine's own floats, not the fast one's
     (tmp_path / "ref.jsonl.progress").write_text(
-        (tmp_path / "ref.jsonl.progress").read_text().replace('"done": true', '"done": false'))
+        (tmp_path / "ref.jsonl.progress").read_text().replace('"done": true', '"done": false')
+    )
     assert batch_cli(tmp_path / "in.jsonl", "-o", tmp_path / "ref.jsonl", "--model", tiny_model) == 1
     assert "engine 'reference' now 'fast'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("field,value", [("id", "q 1"), ("id", "q\t1"), ("doc", "d\n2"), ("doc", "d 2"),
-                                         ("doc", "d\u20282"), ("id", "q\r")])
+@pytest.mark.parametrize(
+    "field,value", [("id", "q 1"), ("id", "q\t1"), ("doc", "d\n2"), ("doc", "d 2"), ("doc", "d\u20282"), ("id", "q\r")]
+)
 def test_trec_output_refuses_ids_that_would_split_its_columns(tmp_path, tiny_model, capsys, field, value):
     good = {"id": "ok", "query": "panda", "documents": [{"id": "d1", "text": "a bear"}]}
-    bad = {"id": value if field == "id" else "q2", "query": "panda",
-           "documents": [{"id": value if field == "doc" else "d1", "text": "a bear"}]}
+    bad = {
+        "id": value if field == "id" else "q2",
+        "query": "panda",
+        "documents": [{"id": value if field == "doc" else "d1", "text": "a bear"}],
+    }
     write_jsonl(tmp_path / "in.jsonl", [good, bad, good])
     assert batch_cli(tmp_path / "in.jsonl", "-o", tmp_path / "out.trec", "--model", tiny_model, "--format", "trec") == 1
     err = capsys.readouterr().err
     assert "in.jsonl: line 2: field" in err and "cannot hold whitespace" in err and err.count("\n") == 1, err
     for leftover in (tmp_path / "out.trec", tmp_path / "out.trec.progress"):
         leftover.unlink(missing_ok=True)
-    assert batch_cli(tmp_path / "in.jsonl", "-o", tmp_path / "out.trec", "--model", tiny_model, "--format", "trec",
-                     "--skip-bad") == 0
+    assert (
+        batch_cli(
+            tmp_path / "in.jsonl", "-o", tmp_path / "out.trec", "--model", tiny_model, "--format", "trec", "--skip-bad"
+        )
+        == 0
+    )
     lines = (tmp_path / "out.trec").read_text().splitlines()
     assert len(lines) == 2 and all(len(line.split()) == 6 for line in lines), lines
-    assert batch_cli(tmp_path / "in.jsonl", "-o", tmp_path / "out.jsonl", "--model", tiny_model) == 0  # JSONL holds any id
+    assert (
+        batch_cli(tmp_path / "in.jsonl", "-o", tmp_path / "out.jsonl", "--model", tiny_model) == 0
+    )  # JSONL holds any id
 
 
 @pytest.mark.parametrize("tag", ["my run", "", "tab\there", "new\nline"])
@@ -425,8 +520,23 @@ def test_a_byte_order_mark_is_not_part_of_the_first_line(tmp_path, tiny_model):
             for path in (trio["run"], trio["queries_path"], trio["corpus_path"], folder / "in.jsonl"):
                 path.write_bytes(bom + path.read_bytes())
         assert batch_cli(folder / "in.jsonl", "-o", folder / "out.jsonl", "--model", tiny_model) == 0
-        assert batch_cli("--run", trio["run"], "--queries", trio["queries_path"], "--corpus", trio["corpus_path"],
-                         "-o", folder / "out.trec", "--format", "trec", "--model", tiny_model) == 0
+        assert (
+            batch_cli(
+                "--run",
+                trio["run"],
+                "--queries",
+                trio["queries_path"],
+                "--corpus",
+                trio["corpus_path"],
+                "-o",
+                folder / "out.trec",
+                "--format",
+                "trec",
+                "--model",
+                tiny_model,
+            )
+            == 0
+        )
     for out in ("out.jsonl", "out.trec"):
         assert (tmp_path / "bom" / out).read_bytes() == (tmp_path / "plain" / out).read_bytes()
 
@@ -438,8 +548,18 @@ def test_a_non_finite_run_score_is_a_bad_line(tmp_path, tiny_model, capsys, scor
     fields = run[1].split()
     run[1] = " ".join(fields[:4] + [score] + fields[5:])
     trio["run"].write_text("\n".join(run) + "\n")
-    common = ["--run", trio["run"], "--queries", trio["queries_path"], "--corpus", trio["corpus_path"],
-              "--model", tiny_model, "--format", "trec"]
+    common = [
+        "--run",
+        trio["run"],
+        "--queries",
+        trio["queries_path"],
+        "--corpus",
+        trio["corpus_path"],
+        "--model",
+        tiny_model,
+        "--format",
+        "trec",
+    ]
     assert batch_cli(*common, "-o", tmp_path / "out.trec") == 1
     err = capsys.readouterr().err
     assert "run.trec: line 2: field 'score' must be a finite number" in err and err.count("\n") == 1, err
@@ -448,10 +568,16 @@ def test_a_non_finite_run_score_is_a_bad_line(tmp_path, tiny_model, capsys, scor
     assert (fields[0], fields[2]) not in pairs and len(pairs) == len(run) - 1  # that line alone is left out
 
 
-@pytest.mark.parametrize("progress", ["[1]", '"text"', '{"version": 1}', '{"version": 1, "settings": [], "bytes": 0, '
-                                      '"records": 0, "written": 0, "pairs": 0}',
-                                      '{"version": 1, "settings": {}, "bytes": -5, "records": 0, "written": 0, '
-                                      '"pairs": 0}'])
+@pytest.mark.parametrize(
+    "progress",
+    [
+        "[1]",
+        '"text"',
+        '{"version": 1}',
+        '{"version": 1, "settings": [], "bytes": 0, "records": 0, "written": 0, "pairs": 0}',
+        '{"version": 1, "settings": {}, "bytes": -5, "records": 0, "written": 0, "pairs": 0}',
+    ],
+)
 def test_a_damaged_progress_file_is_one_line_not_a_traceback(tmp_path, tiny_model, capsys, progress):
     write_jsonl(tmp_path / "in.jsonl", jsonl_records(2))
     (tmp_path / "out.jsonl").write_text("")
@@ -482,9 +608,17 @@ def test_a_second_run_on_an_output_being_written_is_refused(tmp_path, tiny_model
     progress.write_text(progress.read_text().replace('"done": true', '"done": false'))
     for other in ("in a thread of this process", "in another process"):
         if other == "in another process":  # a run elsewhere holds it: flock from a child that waits
-            holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'ab'); "
-                                       "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
-                                       str(tmp_path / "out.jsonl")], stdout=subprocess.PIPE, text=True)
+            holder = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-c",
+                    "import fcntl, sys, time; f = open(sys.argv[1], 'ab'); "
+                    "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
+                    str(tmp_path / "out.jsonl"),
+                ],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
             assert holder.stdout.readline() == "held\n"
         else:
             held = open(tmp_path / "out.jsonl", "ab")  # flock is per open file: this one is "another run"

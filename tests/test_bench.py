@@ -20,7 +20,10 @@ from nprerank.config import ModelConfig
 def run_bench(*args, hide=()):
     """`python -m nprerank.bench ARGS` in a fresh process (it sets thread counts process-wide)."""
     # a module set to None in sys.modules is "not installed" to importlib.util.find_spec
-    code = f"import sys; sys.modules.update(dict.fromkeys({list(hide)!r})); from nprerank.bench import main; sys.exit(main())"
+    code = (
+        f"import sys; sys.modules.update(dict.fromkeys({list(hide)!r})); "
+        "from nprerank.bench import main; sys.exit(main())"
+    )
     return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, timeout=600)
 
 
@@ -54,7 +57,9 @@ def test_engines_agree_with_the_reference(report):
             if engine in bench.REDUCED:  # reported, not judged: int8 and bf16 differ by design
                 assert result["agrees"] is None and np.isfinite(difference), engine
                 continue
-            assert result["agrees"] and difference <= 1e-4, f"{engine} on {workload_name}: max |dlogit| {difference:.2e}"
+            assert result["agrees"] and difference <= 1e-4, (
+                f"{engine} on {workload_name}: max |dlogit| {difference:.2e}"
+            )
             assert tau is None or tau == 1.0
         assert workload["results"]["nprerank-reference"]["max_abs_logit_diff_vs_reference"] == 0.0
 
@@ -85,12 +90,18 @@ def test_rates_ratios_and_flops_follow_from_the_times(report, tiny_model):
         for engine, result in workload["results"].items():
             rates = result["pairs_per_s"]
             assert len(result["seconds"]) == report["repeats"] == len(rates["runs"])
-            assert rates["runs"] == pytest.approx([workload["pairs"] * workload["calls"] / s for s in result["seconds"]])
+            assert rates["runs"] == pytest.approx(
+                [workload["pairs"] * workload["calls"] / s for s in result["seconds"]]
+            )
             assert rates["median"] == pytest.approx(statistics.median(rates["runs"]))
             assert rates["min"] == pytest.approx(min(rates["runs"]))
             assert result["fast_ratio"] == pytest.approx(fast / rates["median"]), (name, engine)
-            assert result["gflops"] == pytest.approx(workload["useful_gflop_per_run"] / statistics.median(result["seconds"]))
-            assert result["ceiling_fraction"] == pytest.approx(result["gflops"] / report["machine"]["sgemm_gflops"]["median"])
+            assert result["gflops"] == pytest.approx(
+                workload["useful_gflop_per_run"] / statistics.median(result["seconds"])
+            )
+            assert result["ceiling_fraction"] == pytest.approx(
+                result["gflops"] / report["machine"]["sgemm_gflops"]["median"]
+            )
             assert result["peak_anonymous_mb"] > 1  # the worker's private memory while it ran: never missing
         assert workload["results"]["nprerank-fast"]["fast_ratio"] == pytest.approx(1.0)
     assert report["machine"]["sgemm_gflops"]["median"] > 0
@@ -131,8 +142,18 @@ def test_padded_batches_sort_longest_first_and_mask_only_padding():
 
 
 def test_fresh_process_start_and_memory_and_acceptance_lines(tiny_model):
-    done = run_bench("--model", tiny_model, "--quick", "--repeats", "1", "--workloads", "single",
-                     "--engines", "nprerank-fast,nprerank-reference", "--json")
+    done = run_bench(
+        "--model",
+        tiny_model,
+        "--quick",
+        "--repeats",
+        "1",
+        "--workloads",
+        "single",
+        "--engines",
+        "nprerank-fast,nprerank-reference",
+        "--json",
+    )
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert set(report["startup"]) == {"nprerank-fast", "nprerank-reference"}
@@ -147,19 +168,39 @@ def test_fresh_process_start_and_memory_and_acceptance_lines(tiny_model):
     assert statuses["nprerank-fast peak private (anonymous) memory on long-8192"] == "N/A"  # not run
     # speed bars against engines that were not run are N/A, never PASS; the fresh-process ones are judged
     assert statuses["nprerank-fast / onnxruntime on rerank-100"] == "N/A"
-    assert {statuses[f"nprerank-fast {name}"] for name in ("peak RSS", "cached start to first score")} <= {"PASS", "FAIL"}
+    assert {statuses[f"nprerank-fast {name}"] for name in ("peak RSS", "cached start to first score")} <= {
+        "PASS",
+        "FAIL",
+    }
     peak_rss = next(c for c in report["acceptance"] if c["check"] == "nprerank-fast peak RSS")
     assert peak_rss["status"] == ("PASS" if fast["peak_rss_mb"] <= bench.PEAK_RSS_BAR_MB else "FAIL")
 
     table = bench.format_report(report)
-    for label in ("nprerank-fast (cold: compiling)", "nprerank-fast (cached)", "nprerank-reference",
-                  "N/A   nprerank-fast / onnxruntime on rerank-100", "sgemm ceiling", "kernel"):
+    for label in (
+        "nprerank-fast (cold: compiling)",
+        "nprerank-fast (cached)",
+        "nprerank-reference",
+        "N/A   nprerank-fast / onnxruntime on rerank-100",
+        "sgemm ceiling",
+        "kernel",
+    ):
         assert label in table
 
 
 def test_the_long_pair_is_judged_on_the_private_memory_of_its_run(tiny_model):
-    done = run_bench("--model", tiny_model, "--quick", "--repeats", "1", "--workloads", "long-8192",
-                     "--engines", "nprerank-fast", "--no-startup", "--json")
+    done = run_bench(
+        "--model",
+        tiny_model,
+        "--quick",
+        "--repeats",
+        "1",
+        "--workloads",
+        "long-8192",
+        "--engines",
+        "nprerank-fast",
+        "--no-startup",
+        "--json",
+    )
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     peak = report["workloads"]["long-8192"]["results"]["nprerank-fast"]["peak_anonymous_mb"]
@@ -185,8 +226,20 @@ def test_startup_only_measures_fresh_processes_and_nothing_else(tiny_model):
 
 
 def test_a_missing_engine_is_reported_as_skipped(tiny_model):
-    done = run_bench("--model", tiny_model, "--quick", "--repeats", "1", "--workloads", "single", "--no-startup",
-                     "--engines", "nprerank-fast,onnxruntime", "--json", hide=["onnxruntime"])
+    done = run_bench(
+        "--model",
+        tiny_model,
+        "--quick",
+        "--repeats",
+        "1",
+        "--workloads",
+        "single",
+        "--no-startup",
+        "--engines",
+        "nprerank-fast,onnxruntime",
+        "--json",
+        hide=["onnxruntime"],
+    )
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert report["engines"]["onnxruntime"]["status"] == "skipped"
@@ -195,15 +248,18 @@ def test_a_missing_engine_is_reported_as_skipped(tiny_model):
     assert report["engines"]["nprerank-reference"]["note"]  # still loaded, to check the logits
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--model", "/nonexistent/model"], "no config.json"),
-    (["--random", "--model", "x"], "not allowed with argument"),
-    (["--model", "x", "--engines", "nprerank-fast,bogus"], "bogus not among"),
-    (["--model", "x", "--threads", "0"], "expected an integer >= 1"),
-    (["--model", "x", "--outliers"], "--outliers shapes the --random model only"),
-    (["--model", "x", "--engines", "nprerank-int4"], "nprerank-int4 not among"),
-    ([], "one of the arguments --model --random --random-shape is required"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "/nonexistent/model"], "no config.json"),
+        (["--random", "--model", "x"], "not allowed with argument"),
+        (["--model", "x", "--engines", "nprerank-fast,bogus"], "bogus not among"),
+        (["--model", "x", "--threads", "0"], "expected an integer >= 1"),
+        (["--model", "x", "--outliers"], "--outliers shapes the --random model only"),
+        (["--model", "x", "--engines", "nprerank-int4"], "nprerank-int4 not among"),
+        ([], "one of the arguments --model --random --random-shape is required"),
+    ],
+)
 def test_bad_input_gets_a_one_line_error(args, message):
     done = run_bench(*args)
     assert done.returncode == 2

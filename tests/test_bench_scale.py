@@ -22,8 +22,24 @@ REPEATS = 2
 
 @pytest.fixture(scope="module")
 def report(tiny_model):
-    done = subprocess.run([sys.executable, "-m", "nprerank", "bench", "--scale", "--model", str(tiny_model), "--quick",
-                           "--repeats", str(REPEATS), "--json"], capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nprerank",
+            "bench",
+            "--scale",
+            "--model",
+            str(tiny_model),
+            "--quick",
+            "--repeats",
+            str(REPEATS),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
 
@@ -133,8 +149,10 @@ def test_the_load_check_catches_wrong_and_lost_answers():
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}"
-        plans = [[{"query": "right", "texts": ["a", "b"]}, {"query": "off", "texts": ["a", "b"]}],
-                 [{"query": "fail", "texts": ["a"]}, {"query": "too few", "texts": ["a", "b", "c"]}]]
+        plans = [
+            [{"query": "right", "texts": ["a", "b"]}, {"query": "off", "texts": ["a", "b"]}],
+            [{"query": "fail", "texts": ["a"]}, {"query": "too few", "texts": ["a", "b", "c"]}],
+        ]
         expected = [[np.array([0.5, 0.5]), np.array([0.5, 0.5 + 1e-3])], [np.array([0.5]), np.array([0.5, 0.5])]]
         check = bench_scale.run_load(url, plans, expected)
     finally:
@@ -144,9 +162,17 @@ def test_the_load_check_catches_wrong_and_lost_answers():
 
 
 def test_bad_sizes_are_one_line_errors(tiny_model):
-    for flag, value in (("--scale-batch", "5x"), ("--scale-batch", "0x3"), ("--scale-load", "4x3"),
-                        ("--scale-load", "axbxc")):
-        done = subprocess.run([sys.executable, "-m", "nprerank", "bench", "--scale", "--model", str(tiny_model),
-                               flag, value], capture_output=True, text=True, timeout=120)
+    for flag, value in (
+        ("--scale-batch", "5x"),
+        ("--scale-batch", "0x3"),
+        ("--scale-load", "4x3"),
+        ("--scale-load", "axbxc"),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", "nprerank", "bench", "--scale", "--model", str(tiny_model), flag, value],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert done.returncode == 2, done.stderr
         assert f"argument {flag}: '{value}' is not" in done.stderr and "Traceback" not in done.stderr

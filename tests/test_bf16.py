@@ -12,8 +12,6 @@ With NUMBA_DISABLE_JIT=1 every path "runs" (the tile is NumPy), so the avx512bf1
 (its activations rounded into `codes`, row slices of them per work item) is exercised on any host.
 """
 
-import dataclasses
-
 import numba
 import numpy as np
 import pytest
@@ -43,8 +41,12 @@ def load(folder):
 
 def test_to_bf16_rounds_as_torch_does():
     rng = np.random.default_rng(0)
-    x = np.concatenate([rng.standard_normal(10000).astype(np.float32) * 10.0 ** rng.integers(-30, 30, 10000),
-                        np.float32([0.0, -0.0, 1.0 + 2**-8, 1.0 + 3 * 2**-8, -(1.0 + 2**-8), 3.3895314e38])])
+    x = np.concatenate(
+        [
+            rng.standard_normal(10000).astype(np.float32) * 10.0 ** rng.integers(-30, 30, 10000),
+            np.float32([0.0, -0.0, 1.0 + 2**-8, 1.0 + 3 * 2**-8, -(1.0 + 2**-8), 3.3895314e38]),
+        ]
+    )
     want = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
     np.testing.assert_array_equal(bf16.to_bf16(x), want)
     # ties go to even: 1 + 2^-8 lies halfway between 1 and 1 + 2^-7
@@ -54,8 +56,10 @@ def test_to_bf16_rounds_as_torch_does():
 
 def test_pack_puts_each_columns_k_pair_in_one_lane():
     rng = np.random.default_rng(1)
-    first, second = (Linear(rng.standard_normal((J, 6)).astype(np.float32), rng.standard_normal(J).astype(np.float32))
-                     for J in (PANEL + 3, 5))
+    first, second = (
+        Linear(rng.standard_normal((J, 6)).astype(np.float32), rng.standard_normal(J).astype(np.float32))
+        for J in (PANEL + 3, 5)
+    )
     panels, bias = bf16.pack([first, second])
     assert panels.dtype == np.uint16 and panels.shape == (3, 3, 2 * PANEL) and bias.shape == (3 * PANEL,)
     p, j, g = 1, 2, 1  # column PANEL + 2 of the first Linear, k = 2 and 3
@@ -78,8 +82,10 @@ def test_an_odd_summed_dimension_is_refused():
 def product_case(seed, M, K, P):
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((M, K)).astype(np.float32)
-    linear = Linear((rng.standard_normal((P * PANEL - 3, K)) / np.sqrt(K)).astype(np.float32),
-                    rng.standard_normal(P * PANEL - 3).astype(np.float32))
+    linear = Linear(
+        (rng.standard_normal((P * PANEL - 3, K)) / np.sqrt(K)).astype(np.float32),
+        rng.standard_normal(P * PANEL - 3).astype(np.float32),
+    )
     panels, bias = bf16.pack([linear])
     return x, panels, bias
 
@@ -152,9 +158,17 @@ def test_the_shipped_kernel_holds_every_path():
     out = np.zeros((4, PANEL), np.float32)
     for isa in RUNNABLE:  # compile both signatures (uint16 x only where the path can run it)
         bf16_kernels._panels_product(out, x, panels, bias, 0, 1, bf16_kernels.code(isa))
-    bf16_kernels._panels_product.compile((numba.typeof(out), numba.typeof(np.zeros((4, 8), np.uint16)),
-                                          numba.typeof(panels), numba.typeof(bias), numba.int64, numba.int64,
-                                          numba.int64))
+    bf16_kernels._panels_product.compile(
+        (
+            numba.typeof(out),
+            numba.typeof(np.zeros((4, 8), np.uint16)),
+            numba.typeof(panels),
+            numba.typeof(bias),
+            numba.int64,
+            numba.int64,
+            numba.int64,
+        )
+    )
     assembly = "\n".join(bf16_kernels._panels_product.inspect_asm().values())
     assert "vdpbf16ps" in assembly and "vpslld" in assembly
 
@@ -253,13 +267,17 @@ def test_bf16_layout_is_cached_beside_fp32s_at_half_its_size(tiny_model, tmp_pat
     (fp32_file,) = set(tmp_path.glob("layout-*.safetensors")) - {bf16_file}
     panels = matrices[0].qkv
     assert panels.dtype == np.uint16 and not panels.flags.writeable, "expected a read-only view of the mapped file"
-    np.testing.assert_array_equal(bf16.widen(bf16.unpack(panels)), bf16.widen(bf16.to_bf16(
-        np.concatenate([fp32[0].qkv[p].T for p in range(len(fp32[0].qkv))]))))
+    np.testing.assert_array_equal(
+        bf16.widen(bf16.unpack(panels)),
+        bf16.widen(bf16.to_bf16(np.concatenate([fp32[0].qkv[p].T for p in range(len(fp32[0].qkv))]))),
+    )
     panel_bytes = sum(a.nbytes for m in fp32 for a in (m.qkv, m.attention_output, m.intermediate, m.output))
-    bias_bytes = sum(a.nbytes for m in fp32 for a in (m.qkv_bias, m.attention_output_bias, m.intermediate_bias,
-                                                      m.output_bias))
-    assert abs(bf16_file.stat().st_size - fp32_file.stat().st_size
-               - (panel_bytes // 2 - panel_bytes)) < 4096, "the panels take half the bytes, the biases the same"
+    bias_bytes = sum(
+        a.nbytes for m in fp32 for a in (m.qkv_bias, m.attention_output_bias, m.intermediate_bias, m.output_bias)
+    )
+    assert abs(bf16_file.stat().st_size - fp32_file.stat().st_size - (panel_bytes // 2 - panel_bytes)) < 4096, (
+        "the panels take half the bytes, the biases the same"
+    )
     assert bias_bytes > 0
     written = bf16_file.stat().st_mtime_ns
     FastModel(*load(tiny_model), precision="bf16")

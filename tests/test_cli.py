@@ -38,9 +38,15 @@ def run(*args, input=None, env=None, script=False, timeout=300, cwd=None):
     full_env = {key: value for key, value in os.environ.items() if key != "NPRERANK_MODEL"}
     full_env.update({"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", **(env or {})})
     arguments = [a if isinstance(a, bytes) else str(a) for a in args]
-    result = subprocess.run(command + arguments, input=input.encode() if isinstance(input, str) else input,
-                            capture_output=True, env=full_env, timeout=timeout, cwd=cwd,
-                            stdin=None if input is not None else subprocess.DEVNULL)
+    result = subprocess.run(
+        command + arguments,
+        input=input.encode() if isinstance(input, str) else input,
+        capture_output=True,
+        env=full_env,
+        timeout=timeout,
+        cwd=cwd,
+        stdin=None if input is not None else subprocess.DEVNULL,
+    )
     result.stdout, result.stderr = result.stdout.decode(), result.stderr.decode()
     return result
 
@@ -121,8 +127,20 @@ def test_model_options_reach_the_reranker(tiny_model):
         assert result.returncode == 0, result.stderr
         assert_same_ranking(json.loads(result.stdout)["response"], want)
     default = Reranker.from_pretrained(tiny_model, max_length=24).rerank(QUERY, [{"text": t} for t in contexts])
-    chunked = json.loads(run("rerank", QUERY, *contexts, "--model", tiny_model, "--json", "--max-length", "24",
-                             "--long-documents", "chunk").stdout)["response"]
+    chunked = json.loads(
+        run(
+            "rerank",
+            QUERY,
+            *contexts,
+            "--model",
+            tiny_model,
+            "--json",
+            "--max-length",
+            "24",
+            "--long-documents",
+            "chunk",
+        ).stdout
+    )["response"]
     assert {h["id"]: h["score"] for h in default}[0] != {h["id"]: h["score"] for h in chunked}[0]
 
 
@@ -170,21 +188,24 @@ def test_script_and_module_agree(tiny_model):
     assert via_script.stdout == via_module.stdout
 
 
-@pytest.mark.parametrize("args,code,phrases", [
-    (["rerank", "", "a"], 2, ["query is empty"]),
-    (["rerank", "   ", "a"], 2, ["query is empty"]),
-    (["rerank", QUERY], 2, ["no contexts"]),
-    (["rerank"], 2, ["QUERY is required"]),
-    (["rerank", QUERY, "a", "--top-k", "0"], 2, ["--top-k", "'0'"]),
-    (["rerank", QUERY, "a", "--top-k", "-3"], 2, ["--top-k"]),
-    (["rerank", QUERY, "a", "--top-k", "two"], 2, ["--top-k", "'two'"]),
-    (["rerank", QUERY, "a", "--top-k", "1.5"], 2, ["--top-k"]),
-    (["rerank", QUERY, "a", "--truncation", "middle"], 2, ["--truncation"]),
-    (["rerank", QUERY, "a", "--precision", "int4"], 2, ["--precision", "'int4'"]),
-    (["rerank", QUERY, "a", "--bogus"], 2, ["unrecognized arguments: --bogus"]),
-    (["frobnicate"], 2, ["frobnicate"]),
-    ([], 2, ["COMMAND"]),
-])
+@pytest.mark.parametrize(
+    "args,code,phrases",
+    [
+        (["rerank", "", "a"], 2, ["query is empty"]),
+        (["rerank", "   ", "a"], 2, ["query is empty"]),
+        (["rerank", QUERY], 2, ["no contexts"]),
+        (["rerank"], 2, ["QUERY is required"]),
+        (["rerank", QUERY, "a", "--top-k", "0"], 2, ["--top-k", "'0'"]),
+        (["rerank", QUERY, "a", "--top-k", "-3"], 2, ["--top-k"]),
+        (["rerank", QUERY, "a", "--top-k", "two"], 2, ["--top-k", "'two'"]),
+        (["rerank", QUERY, "a", "--top-k", "1.5"], 2, ["--top-k"]),
+        (["rerank", QUERY, "a", "--truncation", "middle"], 2, ["--truncation"]),
+        (["rerank", QUERY, "a", "--precision", "int4"], 2, ["--precision", "'int4'"]),
+        (["rerank", QUERY, "a", "--bogus"], 2, ["unrecognized arguments: --bogus"]),
+        (["frobnicate"], 2, ["frobnicate"]),
+        ([], 2, ["COMMAND"]),
+    ],
+)
 def test_usage_errors(tiny_model, args, code, phrases):
     assert_error(run(*args, "--model", tiny_model) if args[:1] == ["rerank"] else run(*args), code, *phrases)
 
@@ -206,20 +227,33 @@ def test_runtime_errors(tiny_model, tmp_path):
     jsonl = tmp_path / "bad.jsonl"
     jsonl.write_text('"a"\n"b"\n{"text": \n', encoding="utf-8")
     assert_error(run("rerank", QUERY, "--file", jsonl, "--model", tiny_model), 1, "line 3", "not valid JSON")
-    assert_error(run("rerank", QUERY, "--file", tmp_path / "nope.json", "--model", tiny_model), 1, "nope.json", "no such file")
+    assert_error(
+        run("rerank", QUERY, "--file", tmp_path / "nope.json", "--model", tiny_model), 1, "nope.json", "no such file"
+    )
 
 
 def test_repo_id_with_nothing_cached_offline_fails_fast(tmp_path):
     start = time.perf_counter()
     result = run("rerank", QUERY, "a", env={"HF_HOME": str(tmp_path / "hf")})  # default model, HF_HUB_OFFLINE=1
     assert time.perf_counter() - start < 20  # includes starting Python
-    assert_error(result, 1, "BAAI/bge-reranker-base", "HF_HUB_OFFLINE", "`nprerank download BAAI/bge-reranker-base`",
-                 "`--model weights/`")
+    assert_error(
+        result,
+        1,
+        "BAAI/bge-reranker-base",
+        "HF_HUB_OFFLINE",
+        "`nprerank download BAAI/bge-reranker-base`",
+        "`--model weights/`",
+    )
 
 
 def test_interrupt_exits_130_without_traceback(tiny_model):
-    process = subprocess.Popen([sys.executable, "-m", "nprerank", "rerank", QUERY, "--model", str(tiny_model)],
-                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "nprerank", "rerank", QUERY, "--model", str(tiny_model)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     time.sleep(1.5)  # it is now waiting for contexts on stdin
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=30)
@@ -232,12 +266,23 @@ def test_version_and_help():
     assert result.returncode == 0 and result.stdout.strip() == f"nprerank {nprerank.__version__}"
     result = run("--help")
     assert result.returncode == 0
-    for word in ("rerank", "serve", "download", "bench", "examples:", "nprerank rerank \"Which one is cooler?\""):
+    for word in ("rerank", "serve", "download", "bench", "examples:", 'nprerank rerank "Which one is cooler?"'):
         assert word in result.stdout, word
     result = run("rerank", "--help")
     assert result.returncode == 0
-    for word in ("--top-k", "--json", "--file", "--model", "--threads", "--max-length", "--truncation",
-                 "--long-documents", "--precision", "JSONL", "stdin"):
+    for word in (
+        "--top-k",
+        "--json",
+        "--file",
+        "--model",
+        "--threads",
+        "--max-length",
+        "--truncation",
+        "--long-documents",
+        "--precision",
+        "JSONL",
+        "stdin",
+    ):
         assert word in result.stdout, word
     result = run("download", "--help")
     assert result.returncode == 0 and "--dir" in result.stdout
@@ -264,7 +309,9 @@ def test_download_command_against_a_local_hub(tiny_model, tmp_path):
         result = run("download", REPO, "--dir", tmp_path / "weights", env=env)
         assert result.returncode == 0, result.stderr
         assert result.stdout.strip() == str((tmp_path / "weights").resolve())
-        assert (tmp_path / "weights" / "model.safetensors").read_bytes() == (tiny_model / "model.safetensors").read_bytes()
+        assert (tmp_path / "weights" / "model.safetensors").read_bytes() == (
+            tiny_model / "model.safetensors"
+        ).read_bytes()
         # into the Hugging Face cache (HF_HOME), then used by repo id with the Hub gone
         result = run("download", REPO, env=env)
         assert result.returncode == 0, result.stderr
@@ -285,8 +332,24 @@ def test_reader_closing_the_pipe_early_is_not_an_error(tiny_model, tmp_path):
     contexts = tmp_path / "many.txt"
     contexts.write_text("\n".join(f"passage number {i} about pandas and bamboo" for i in range(3000)), encoding="utf-8")
     process = subprocess.Popen(
-        [sys.executable, "-m", "nprerank", "rerank", QUERY, "--file", str(contexts), "--model", str(tiny_model),
-         "--max-length", "32"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "nprerank",
+            "rerank",
+            QUERY,
+            "--file",
+            str(contexts),
+            "--model",
+            str(tiny_model),
+            "--max-length",
+            "32",
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert process.stdout.readline().split() == ["rank", "id", "score", "text"]
     process.stdout.close()
     stderr = process.stderr.read()
@@ -310,25 +373,31 @@ def test_raw_prints_the_library_logits_in_the_same_order(tiny_model, expected):
     assert table.splitlines()[0].split() == ["rank", "id", "logit", "text"]
 
 
-@pytest.mark.parametrize("flags,tolerance", [
-    (["--engine", "reference"], 1e-4),  # the plain NumPy forward pass: the same scores within 1e-4
-    (["--batch-size", "1"], 1e-5),  # one pair per forward pass instead of all five in one
-    (["--engine", "fast", "--batch-size", "2"], 1e-5),
-])
+@pytest.mark.parametrize(
+    "flags,tolerance",
+    [
+        (["--engine", "reference"], 1e-4),  # the plain NumPy forward pass: the same scores within 1e-4
+        (["--batch-size", "1"], 1e-5),  # one pair per forward pass instead of all five in one
+        (["--engine", "fast", "--batch-size", "2"], 1e-5),
+    ],
+)
 def test_engine_and_batch_size_give_the_same_scores(tiny_model, expected, flags, tolerance):
     result = run("rerank", QUERY, *CONTEXTS, "--model", tiny_model, "--json", *flags)
     assert result.returncode == 0, result.stderr
     assert_same_ranking(json.loads(result.stdout)["response"], expected, tolerance=tolerance)
 
 
-@pytest.mark.parametrize("flags,code,phrases", [
-    (["--batch-size", "0"], 2, ["--batch-size", "'0'"]),
-    (["--batch-size", "many"], 2, ["--batch-size", "'many'"]),
-    (["--engine", "gpu"], 2, ["--engine", "'gpu'"]),
-    (["--max-length", "0"], 2, ["--max-length", "'0'"]),
-    (["--max-length", "3"], 1, ["max_length", "3"]),  # the library's rule: room for the special tokens
-    (["--max-length", "4000"], 1, ["max_length 4000"]),
-])
+@pytest.mark.parametrize(
+    "flags,code,phrases",
+    [
+        (["--batch-size", "0"], 2, ["--batch-size", "'0'"]),
+        (["--batch-size", "many"], 2, ["--batch-size", "'many'"]),
+        (["--engine", "gpu"], 2, ["--engine", "'gpu'"]),
+        (["--max-length", "0"], 2, ["--max-length", "'0'"]),
+        (["--max-length", "3"], 1, ["max_length", "3"]),  # the library's rule: room for the special tokens
+        (["--max-length", "4000"], 1, ["max_length 4000"]),
+    ],
+)
 def test_bad_option_values(tiny_model, flags, code, phrases):
     assert_error(run("rerank", QUERY, "a", "--model", tiny_model, *flags), code, *phrases)
 
@@ -349,7 +418,8 @@ def texts_read(result) -> list:
 def test_a_line_holding_a_form_feed_or_unicode_separator_is_one_context(tiny_model, tmp_path):
     # the example: printf 'page one\fpage two\n' | nprerank rerank q
     assert texts_read(run("rerank", "q", "--model", tiny_model, "--json", input="page one\fpage two\n")) == [
-        "page one\fpage two"]
+        "page one\fpage two"
+    ]
     # every such character, on stdin with \n line ends and in a file with \r\n ones (the \r goes)
     assert texts_read(run("rerank", "q", "--model", tiny_model, "--json", input="\n".join(PAGES) + "\n\n")) == PAGES
     path = tmp_path / "pages.txt"
@@ -371,7 +441,8 @@ def test_jsonl_is_split_at_newlines_only(tiny_model, tmp_path):
     path = tmp_path / "pages.jsonl"
     path.write_bytes(raw.encode())
     assert texts_read(run("rerank", "q", "--file", path, "--model", tiny_model, "--json")) == [
-        page.replace("\t", " ") for page in PAGES]
+        page.replace("\t", " ") for page in PAGES
+    ]
     one_string_per_line = "\n".join('"%s"' % page for page in PAGES[5:8])  # \x85, U+2028, U+2029 raw
     assert texts_read(run("rerank", "q", "--model", tiny_model, "--json", input=one_string_per_line)) == PAGES[5:8]
 
@@ -379,20 +450,25 @@ def test_jsonl_is_split_at_newlines_only(tiny_model, tmp_path):
 def test_byte_order_mark_is_dropped(tiny_model, tmp_path):
     bom = "\ufeff"
     assert texts_read(run("rerank", "q", "--model", tiny_model, "--json", input=bom + "first\nsecond\n")) == [
-        "first", "second"]
+        "first",
+        "second",
+    ]
     path = tmp_path / "c.json"  # written by a Windows editor: BOM, then JSON
     path.write_bytes((bom + json.dumps(["a", "b"])).encode())
     assert texts_read(run("rerank", "q", "--file", path, "--model", tiny_model, "--json")) == ["a", "b"]
     assert texts_read(run("rerank", "q", "--model", tiny_model, "--json", input=bom + '"x"\n"y"\n')) == ["x", "y"]
 
 
-@pytest.mark.parametrize("body,query,count", [
-    ({"query": QUERY, "documents": CONTEXTS, "top_n": 1}, [], 1),  # Cohere v2
-    ({"query": QUERY, "documents": [{"text": t} for t in CONTEXTS], "top_n": 2}, [], 2),  # Cohere v1, Jina
-    ({"query": QUERY, "texts": CONTEXTS, "raw_scores": False}, [], 5),  # TEI: no limit
-    ({"query": QUERY, "contexts": [{"text": t} for t in CONTEXTS], "top_k": 3}, [], 3),  # Cloudflare
-    ({"documents": CONTEXTS, "top_n": 2, "top_k": None}, [QUERY], 2),  # a null limit is no limit
-])
+@pytest.mark.parametrize(
+    "body,query,count",
+    [
+        ({"query": QUERY, "documents": CONTEXTS, "top_n": 1}, [], 1),  # Cohere v2
+        ({"query": QUERY, "documents": [{"text": t} for t in CONTEXTS], "top_n": 2}, [], 2),  # Cohere v1, Jina
+        ({"query": QUERY, "texts": CONTEXTS, "raw_scores": False}, [], 5),  # TEI: no limit
+        ({"query": QUERY, "contexts": [{"text": t} for t in CONTEXTS], "top_k": 3}, [], 3),  # Cloudflare
+        ({"documents": CONTEXTS, "top_n": 2, "top_k": None}, [QUERY], 2),  # a null limit is no limit
+    ],
+)
 def test_request_bodies_honour_their_limit(tiny_model, expected, tmp_path, body, query, count):
     path = tmp_path / "body.json"
     path.write_text(json.dumps(body), encoding="utf-8")
@@ -403,19 +479,22 @@ def test_request_bodies_honour_their_limit(tiny_model, expected, tmp_path, body,
     assert len(json.loads(result.stdout)["response"]) == 4
 
 
-@pytest.mark.parametrize("body,phrases", [
-    ({"query": QUERY, "documents": ["a", "b"], "top_k": 1, "top_n": 2}, ["both 'top_k' and 'top_n'"]),
-    ({"query": QUERY, "documents": ["a"], "top_n": 0}, ["'top_n' must be an integer >= 1", "0"]),
-    ({"query": QUERY, "texts": ["a"], "top_n": "2"}, ["'top_n' must be an integer >= 1"]),
-    ({"query": QUERY, "contexts": [{"text": "a"}], "documents": ["b"]}, ["contexts and documents"]),
-    ({"query": QUERY, "documents": "a"}, ["'documents' (Cohere, Jina)"]),
-    ({"query": QUERY, "texts": ["a", " "]}, ["item 1 is empty"]),
-    ({"query": 3, "texts": ["a"]}, ["'query' must be a string"]),
-    ({"query": " ", "texts": ["a"]}, ["'query' is empty"]),
-    # Cohere v1 ranks on the keys rank_fields names: scoring the text instead would be silently wrong
-    ({"query": QUERY, "documents": [{"title": "x", "text": "a"}], "rank_fields": ["title"]}, ["'rank_fields'"]),
-    ({"query": QUERY, "documents": ["a"], "rank_fields": ["text", "title"]}, ["'rank_fields'", "not supported"]),
-])
+@pytest.mark.parametrize(
+    "body,phrases",
+    [
+        ({"query": QUERY, "documents": ["a", "b"], "top_k": 1, "top_n": 2}, ["both 'top_k' and 'top_n'"]),
+        ({"query": QUERY, "documents": ["a"], "top_n": 0}, ["'top_n' must be an integer >= 1", "0"]),
+        ({"query": QUERY, "texts": ["a"], "top_n": "2"}, ["'top_n' must be an integer >= 1"]),
+        ({"query": QUERY, "contexts": [{"text": "a"}], "documents": ["b"]}, ["contexts and documents"]),
+        ({"query": QUERY, "documents": "a"}, ["'documents' (Cohere, Jina)"]),
+        ({"query": QUERY, "texts": ["a", " "]}, ["item 1 is empty"]),
+        ({"query": 3, "texts": ["a"]}, ["'query' must be a string"]),
+        ({"query": " ", "texts": ["a"]}, ["'query' is empty"]),
+        # Cohere v1 ranks on the keys rank_fields names: scoring the text instead would be silently wrong
+        ({"query": QUERY, "documents": [{"title": "x", "text": "a"}], "rank_fields": ["title"]}, ["'rank_fields'"]),
+        ({"query": QUERY, "documents": ["a"], "rank_fields": ["text", "title"]}, ["'rank_fields'", "not supported"]),
+    ],
+)
 def test_bad_request_bodies(tiny_model, tmp_path, body, phrases):
     path = tmp_path / "body.json"
     path.write_text(json.dumps(body), encoding="utf-8")
@@ -425,11 +504,19 @@ def test_bad_request_bodies(tiny_model, tmp_path, body, phrases):
 def test_text_that_is_not_unicode_is_refused_naming_where(tiny_model, tmp_path):
     # arguments: Python keeps undecodable bytes as lone surrogates; usage errors, exit 2
     assert_error(run("rerank", b"\xff", "a", "--model", tiny_model), 2, "the query is not valid UTF-8", "byte 0xff")
-    assert_error(run("rerank", QUERY, "ok", b"caf\xe9", "--model", tiny_model), 2,
-                 "context 1 is not valid UTF-8", "byte 0xe9 at character 3")
+    assert_error(
+        run("rerank", QUERY, "ok", b"caf\xe9", "--model", tiny_model),
+        2,
+        "context 1 is not valid UTF-8",
+        "byte 0xe9 at character 3",
+    )
     # stdin and files: not UTF-8 at all
-    assert_error(run("rerank", QUERY, "--model", tiny_model, input=b"ok\n\xff\xfe bad\n"), 1,
-                 "<stdin>: not UTF-8 text", "byte 0xff at offset 3")
+    assert_error(
+        run("rerank", QUERY, "--model", tiny_model, input=b"ok\n\xff\xfe bad\n"),
+        1,
+        "<stdin>: not UTF-8 text",
+        "byte 0xff at offset 3",
+    )
     latin1 = tmp_path / "latin1.txt"
     latin1.write_bytes("caf\xe9\n".encode("latin-1"))
     assert_error(run("rerank", QUERY, "--file", latin1, "--model", tiny_model), 1, "latin1.txt: not UTF-8 text")
@@ -483,7 +570,10 @@ def test_unreachable_hub_advice_leads_to_a_working_command(tiny_model, tmp_path)
     advice = re.findall(r"`([^`]*)`", failed.stderr)
     to_cache, to_folder, model_flag = advice[:3]
     assert (to_cache, to_folder, model_flag) == (
-        f"nprerank download {DEFAULT_MODEL}", f"nprerank download {DEFAULT_MODEL} --dir weights/", "--model weights/")
+        f"nprerank download {DEFAULT_MODEL}",
+        f"nprerank download {DEFAULT_MODEL} --dir weights/",
+        "--model weights/",
+    )
     want = run("rerank", QUERY, *CONTEXTS, "--json", "--model", tiny_model).stdout
 
     hub_server = FakeHub(model_files(tiny_model), repo=DEFAULT_MODEL)  # the network, for a moment

@@ -18,8 +18,21 @@ pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 
 from test_server import (  # noqa: E402  (the fixtures are used by name)
-    API_KEY, CF_LONG, CF_SHORT, TEXTS, check_cloudflare, check_ranking, check_tei, client, cloudflare_error,
-    cohere_error, expected_scores, limited_server, reranker, server, tei_error,
+    API_KEY,
+    CF_LONG,
+    CF_SHORT,
+    TEXTS,
+    check_cloudflare,
+    check_ranking,
+    check_tei,
+    client,
+    cloudflare_error,
+    cohere_error,
+    expected_scores,
+    limited_server,
+    reranker,
+    server,
+    tei_error,
 )
 
 from nprerank import Reranker, __version__  # noqa: E402
@@ -45,8 +58,12 @@ def check_cohere_v2(response, reranker, query, texts, top=None):
     assert body["meta"]["api_version"]["version"] == "2"
     results = body["results"]
     assert all(set(result) == {"index", "relevance_score"} for result in results), results
-    check_ranking([r["index"] for r in results], [r["relevance_score"] for r in results],
-                  expected_scores(reranker, query, texts), top)
+    check_ranking(
+        [r["index"] for r in results],
+        [r["relevance_score"] for r in results],
+        expected_scores(reranker, query, texts),
+        top,
+    )
 
 
 def test_cohere_v2(client, reranker):
@@ -58,14 +75,17 @@ def test_cohere_v2(client, reranker):
     check_cohere_v2(client.post("/v2/rerank", json={**body, "max_tokens_per_doc": 4096}), reranker, query, TEXTS)
 
 
-NEEDS_ENCODE = pytest.mark.skipif(not hasattr(Reranker, "encode"),
-                                  reason="needs Reranker.encode (library-api's side of INTERFACES.md)")
+NEEDS_ENCODE = pytest.mark.skipif(
+    not hasattr(Reranker, "encode"), reason="needs Reranker.encode (library-api's side of INTERFACES.md)"
+)
 
 
 @NEEDS_ENCODE
 def test_cohere_v2_max_tokens_per_doc_cuts_each_document(client, reranker):
     query, cut = "which one is cooler?", 3
-    response = client.post("/v2/rerank", json={"model": "m", "query": query, "documents": TEXTS, "max_tokens_per_doc": cut})
+    response = client.post(
+        "/v2/rerank", json={"model": "m", "query": query, "documents": TEXTS, "max_tokens_per_doc": cut}
+    )
     assert response.status_code == 200, response.text
     results = response.json()["results"]
     expected = sigmoid(reranker.logits([(query, t) for t in TEXTS], passage_max_length=cut))
@@ -73,14 +93,17 @@ def test_cohere_v2_max_tokens_per_doc_cuts_each_document(client, reranker):
     assert np.abs(expected - expected_scores(reranker, query, TEXTS)).max() > 1e-3, "the cut changed nothing"
 
 
-@pytest.mark.parametrize("body, words", [
-    ({"query": "q", "documents": ["a"]}, ["model", "required"]),
-    ({"model": 3, "query": "q", "documents": ["a"]}, ["model", "string"]),
-    ({"model": "m", "query": "q", "documents": [{"text": "a"}]}, ["documents[0]", "string"]),
-    ({"model": "m", "query": "q", "documents": ["a"], "max_tokens_per_doc": 0}, ["max_tokens_per_doc", ">= 1"]),
-    ({"model": "m", "query": "q", "documents": ["a"], "top_n": "2"}, ["top_n", ">= 1"]),
-    ({"model": "m", "query": "", "documents": ["a"]}, ["query", "empty"]),
-])
+@pytest.mark.parametrize(
+    "body, words",
+    [
+        ({"query": "q", "documents": ["a"]}, ["model", "required"]),
+        ({"model": 3, "query": "q", "documents": ["a"]}, ["model", "string"]),
+        ({"model": "m", "query": "q", "documents": [{"text": "a"}]}, ["documents[0]", "string"]),
+        ({"model": "m", "query": "q", "documents": ["a"], "max_tokens_per_doc": 0}, ["max_tokens_per_doc", ">= 1"]),
+        ({"model": "m", "query": "q", "documents": ["a"], "top_n": "2"}, ["top_n", ">= 1"]),
+        ({"model": "m", "query": "", "documents": ["a"]}, ["query", "empty"]),
+    ],
+)
 def test_cohere_v2_refuses(client, reranker, body, words):
     cohere_error(client.post("/v2/rerank", json=body), 400, *words)
 
@@ -96,8 +119,12 @@ def test_cohere_sdk_v2(server, reranker):
     query = "which one is cooler?"
     answer = co.rerank(model="rerank-v3.5", query=query, documents=TEXTS, top_n=4)
     assert answer.meta.api_version.version == "2"
-    check_ranking([r.index for r in answer.results], [r.relevance_score for r in answer.results],
-                  expected_scores(reranker, query, TEXTS), top=4)
+    check_ranking(
+        [r.index for r in answer.results],
+        [r.relevance_score for r in answer.results],
+        expected_scores(reranker, query, TEXTS),
+        top=4,
+    )
     with pytest.raises(cohere.BadRequestError) as refused:
         co.rerank(model="rerank-v3.5", query=query, documents=["fine", " "])
     assert refused.value.status_code == 400 and "documents[1] is blank" in refused.value.body["message"]
@@ -107,8 +134,12 @@ def test_cohere_sdk_v1(server, reranker):
     co = cohere.Client(api_key="any", base_url=server.url, max_retries=0)
     query = "which one is cooler?"
     answer = co.rerank(model="rerank-english-v3.0", query=query, documents=TEXTS, top_n=3, return_documents=True)
-    check_ranking([r.index for r in answer.results], [r.relevance_score for r in answer.results],
-                  expected_scores(reranker, query, TEXTS), top=3)
+    check_ranking(
+        [r.index for r in answer.results],
+        [r.relevance_score for r in answer.results],
+        expected_scores(reranker, query, TEXTS),
+        top=3,
+    )
     assert [r.document.text for r in answer.results] == [TEXTS[r.index] for r in answer.results]
     with pytest.raises(cohere.BadRequestError) as refused:
         co.rerank(model="rerank-english-v3.0", query="", documents=TEXTS)
@@ -117,11 +148,15 @@ def test_cohere_sdk_v1(server, reranker):
 
 def test_cohere_sdk_async_v2_and_its_errors(server, limited_server, reranker):
     """AsyncClientV2, and the exception type each refusal becomes: 422 (too many documents), 401."""
+
     async def calls():
         good = cohere.AsyncClientV2(api_key="any", base_url=server.url, max_retries=0)
         answer = await good.rerank(model="m", query="q", documents=TEXTS[:5])
-        check_ranking([r.index for r in answer.results], [r.relevance_score for r in answer.results],
-                      expected_scores(reranker, "q", TEXTS[:5]))
+        check_ranking(
+            [r.index for r in answer.results],
+            [r.relevance_score for r in answer.results],
+            expected_scores(reranker, "q", TEXTS[:5]),
+        )
         too_many = Limits().max_contexts + 1
         with pytest.raises(cohere.UnprocessableEntityError) as refused:
             await good.rerank(model="m", query="q", documents=["a"] * too_many)
@@ -142,8 +177,11 @@ def test_cloudflare_sdk(server, reranker):
     """The cloudflare SDK percent-encodes the model into the path (@cf%2Fbaai%2Fbge-reranker-base)."""
     cf = cloudflare.Cloudflare(api_token="any", base_url=server.url + "/client/v4", max_retries=0)
     query = "Which one is better?"
-    result = cf.ai.run(CLOUDFLARE_MODEL, account_id="account", extra_body={
-        "query": query, "contexts": [{"text": t} for t in TEXTS], "top_k": 5})
+    result = cf.ai.run(
+        CLOUDFLARE_MODEL,
+        account_id="account",
+        extra_body={"query": query, "contexts": [{"text": t} for t in TEXTS], "top_k": 5},
+    )
     hits = result["response"]
     check_ranking([h["id"] for h in hits], [h["score"] for h in hits], expected_scores(reranker, query, TEXTS), top=5)
     with pytest.raises(cloudflare.BadRequestError) as refused:
@@ -165,8 +203,9 @@ def test_cloudflare_sdk_wrong_token(limited_server):
 
 def test_cloudflare_percent_encoded_model_path(client, reranker):
     path = "/client/v4/accounts/acc/ai/run/@cf%2Fbaai%2Fbge-reranker-base"
-    check_cloudflare(client.post(path, json={"query": "q", "contexts": [{"text": "a"}, {"text": "b"}]}),
-                     reranker, "q", ["a", "b"])
+    check_cloudflare(
+        client.post(path, json={"query": "q", "contexts": [{"text": "a"}, {"text": "b"}]}), reranker, "q", ["a", "b"]
+    )
 
 
 # --- Jina: the clients read `detail` --------------------------------------------------------
@@ -174,8 +213,11 @@ def test_cloudflare_percent_encoded_model_path(client, reranker):
 
 def test_jina_style_errors_carry_detail(client):
     """LlamaIndex JinaRerank, Haystack JinaRanker and LangChain JinaRerank raise from response.json()["detail"]."""
-    for body, status in (({"query": "q", "documents": []}, 400), ({"query": "q", "documents": ["a"] * 5000}, 422),
-                         ({"query": 1, "documents": ["a"]}, 400)):
+    for body, status in (
+        ({"query": "q", "documents": []}, 400),
+        ({"query": "q", "documents": ["a"] * 5000}, 422),
+        ({"query": 1, "documents": ["a"]}, 400),
+    ):
         response = client.post("/v1/rerank", json={"model": "jina-reranker-v2-base-multilingual", **body})
         assert response.status_code == status and response.json()["detail"], response.text
 
@@ -187,8 +229,12 @@ def test_tei_empty_query_or_text_is_scored(client, reranker):
     """TEI refuses a pair only when both sides are empty (core/src/tokenization.rs)."""
     check_tei(client.post("/rerank", json={"query": "q", "texts": ["", "a"]}), reranker, "q", ["", "a"])
     check_tei(client.post("/rerank", json={"query": "", "texts": ["a", "b c"]}), reranker, "", ["a", "b c"])
-    check_tei(client.post("/rerank", json={"query": "", "texts": ["a"], "raw_scores": True}), reranker, "", ["a"], raw=True)
-    tei_error(client.post("/rerank", json={"query": "", "texts": ["a", ""]}), 413, "`inputs` cannot be empty", "texts[1]")
+    check_tei(
+        client.post("/rerank", json={"query": "", "texts": ["a"], "raw_scores": True}), reranker, "", ["a"], raw=True
+    )
+    tei_error(
+        client.post("/rerank", json={"query": "", "texts": ["a", ""]}), 413, "`inputs` cannot be empty", "texts[1]"
+    )
     # the other dialects keep their services' minLength 1
     cloudflare_error(client.post(CF_SHORT, json={"query": "q", "contexts": [{"text": ""}]}), 400, "empty")
     cohere_error(client.post("/v1/rerank", json={"query": "q", "documents": [""]}), 400, "empty")
@@ -209,8 +255,9 @@ def test_tei_cuts_longest_first_as_tei_does(client, reranker, tiny_model):
 
     query, texts = "panda " * 150, ["hi"]
     max_length = reranker.tokenizer.max_length
-    ids = AutoTokenizer.from_pretrained(str(tiny_model))(query, texts[0], truncation="longest_first",
-                                                         max_length=max_length)["input_ids"]
+    ids = AutoTokenizer.from_pretrained(str(tiny_model))(
+        query, texts[0], truncation="longest_first", max_length=max_length
+    )["input_ids"]
     assert max_length == 128 and ids.index(2) - 1 == 121  # <s> then the 121 query tokens kept, then </s>
     expected = transformers_logits(tiny_model, [ids])[0]
     cut_only_second = reranker.logits([(query, texts[0])])[0]  # the server's default for the other routes
@@ -226,8 +273,13 @@ def test_tei_cuts_longest_first_as_tei_does(client, reranker, tiny_model):
 def test_tei_deployment_routes_rerank(client, reranker, path):
     """POST / and POST /invocations rerank on a reranker, as TEI answers on Inference Endpoints and SageMaker."""
     query = "what is panda?"
-    check_tei(client.post(path, json={"query": query, "texts": TEXTS, "return_text": True}), reranker, query, TEXTS,
-              return_text=True)
+    check_tei(
+        client.post(path, json={"query": query, "texts": TEXTS, "return_text": True}),
+        reranker,
+        query,
+        TEXTS,
+        return_text=True,
+    )
     tei_error(client.post(path, json={"query": "q", "texts": []}), 400, "empty", error_type="empty")
 
 
@@ -245,8 +297,12 @@ def test_tei_probes(client, reranker):
 def test_tei_info_needs_the_key_and_probes_do_not(limited_server):
     url = limited_server.url
     tei_error(httpx.get(url + "/info", timeout=30), 401, "missing API key", error_type="unauthorized")
-    assert httpx.get(url + "/info", headers={"Authorization": f"Bearer {API_KEY}".encode()}, timeout=30).json()[
-        "auto_truncate"] is False  # the limited server runs with --no-auto-truncate
+    assert (
+        httpx.get(url + "/info", headers={"Authorization": f"Bearer {API_KEY}".encode()}, timeout=30).json()[
+            "auto_truncate"
+        ]
+        is False
+    )  # the limited server runs with --no-auto-truncate
     for path in ("/ping", "/"):
         assert httpx.get(url + path, timeout=30).status_code == 200
 
@@ -257,8 +313,9 @@ def test_tei_info_needs_the_key_and_probes_do_not(limited_server):
 @pytest.mark.parametrize("path", ["/v1/rerank", "/v2/rerank"])
 @pytest.mark.parametrize("blank", [" ", "\n\t ", "\u3000", "\u00a0"])
 def test_cohere_refuses_blank_text(client, path, blank):
-    cohere_error(client.post(path, json={"model": "m", "query": "q", "documents": ["a", blank]}), 400, "documents[1]",
-                 "blank")
+    cohere_error(
+        client.post(path, json={"model": "m", "query": "q", "documents": ["a", blank]}), 400, "documents[1]", "blank"
+    )
     cohere_error(client.post(path, json={"model": "m", "query": blank, "documents": ["a"]}), 400, "query", "blank")
 
 
@@ -315,8 +372,12 @@ def test_openapi_has_both_cohere_versions(client):
 def test_cohere_v1_refuses_rank_fields_it_cannot_follow(client, fields):
     """Cohere ranks on the keys rank_fields names: scoring `text` instead would be silently wrong."""
     documents = [{"title": "a cat", "text": "a dog"}, {"title": "a bird", "text": "a fish"}]
-    cohere_error(client.post("/v1/rerank", json={"query": "cat", "documents": documents, "rank_fields": fields}),
-                 400, "rank_fields", "text")
+    cohere_error(
+        client.post("/v1/rerank", json={"query": "cat", "documents": documents, "rank_fields": fields}),
+        400,
+        "rank_fields",
+        "text",
+    )
 
 
 def test_cohere_v1_rank_fields_text_is_the_default(client, reranker):
@@ -325,8 +386,11 @@ def test_cohere_v1_rank_fields_text_is_the_default(client, reranker):
         response = client.post("/v1/rerank", json={"query": "cat", "documents": documents, "rank_fields": fields})
         assert response.status_code == 200, response.text
         results = response.json()["results"]
-        check_ranking([r["index"] for r in results], [r["relevance_score"] for r in results],
-                      expected_scores(reranker, "cat", ["a dog", "a fish"]))
+        check_ranking(
+            [r["index"] for r in results],
+            [r["relevance_score"] for r in results],
+            expected_scores(reranker, "cat", ["a dog", "a fish"]),
+        )
 
 
 def test_cohere_sdk_v1_rank_fields_refused(server):

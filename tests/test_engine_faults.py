@@ -13,10 +13,8 @@ import re
 import subprocess
 import sys
 import textwrap
-import threading
 
 import numba
-import numpy as np
 import pytest
 
 from nprerank import Reranker
@@ -26,8 +24,10 @@ JIT = not numba.config.DISABLE_JIT
 # --- memory: every allocation before the parallel regions -------------------------------------
 
 # The calls into NRT (Numba's runtime) and libc that make memory; views and reference counts do not.
-ALLOCATION = re.compile(r'@"?(NRT_MemInfo_alloc\w*|NRT_Allocate\w*|NRT_MemInfo_new\w*|NRT_MemInfo_varsize\w*'
-                        r'|malloc|calloc|realloc)\b')
+ALLOCATION = re.compile(
+    r'@"?(NRT_MemInfo_alloc\w*|NRT_Allocate\w*|NRT_MemInfo_new\w*|NRT_MemInfo_varsize\w*'
+    r"|malloc|calloc|realloc)\b"
+)
 
 
 def llvm_functions(ir: str) -> dict:
@@ -59,8 +59,11 @@ def allocations_in_regions(ir: str) -> tuple:
         calls = ALLOCATION.findall(functions[name])
         if calls:
             found[name] = sorted(set(calls))
-        todo += [c.strip('"') for c in re.findall(r'call [^@]*@("[^"]+"|[\w.$]+)\(', functions[name])
-                 if c.strip('"') in functions]
+        todo += [
+            c.strip('"')
+            for c in re.findall(r'call [^@]*@("[^"]+"|[\w.$]+)\(', functions[name])
+            if c.strip('"') in functions
+        ]
     return found, len(regions)
 
 
@@ -108,13 +111,21 @@ def test_no_allocation_inside_a_parallel_region(tiny_model, tmp_path):
     reachable from a prange body allocates memory. Scratch comes from the caller's workspace, so
     a failing allocation is a MemoryError before the region, never a thread lost inside one."""
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba"))
-    done = subprocess.run([sys.executable, "-c", COMPILE_AND_DUMP, str(tiny_model)], env=env, capture_output=True,
-                          text=True, timeout=900)
+    done = subprocess.run(
+        [sys.executable, "-c", COMPILE_AND_DUMP, str(tiny_model)], env=env, capture_output=True, text=True, timeout=900
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     dumped = json.loads(done.stdout)
-    assert {"linear_forward", "attention_forward", "output_feed_forward", "encoder_layers",
-            "embeddings_forward", "quantize_rows_forward", "linear_int8_forward",
-            "output_feed_forward_int8"} <= set(dumped), sorted(dumped)
+    assert {
+        "linear_forward",
+        "attention_forward",
+        "output_feed_forward",
+        "encoder_layers",
+        "embeddings_forward",
+        "quantize_rows_forward",
+        "linear_int8_forward",
+        "output_feed_forward_int8",
+    } <= set(dumped), sorted(dumped)
     for name, modules in dumped.items():
         for ir in modules:
             found, regions = allocations_in_regions(ir)
@@ -164,13 +175,16 @@ def test_running_out_of_memory_is_a_memory_error(tiny_model, precision):
     """A big batch under a range of address-space limits (RLIMIT_AS, as `ulimit -v`), from too
     little for its arrays to enough: each time a MemoryError or the exact logits, never a hang
     (the timeout) or wrong numbers, and a small batch after it still scores correctly."""
-    done = subprocess.run([sys.executable, "-c", MEMORY_LIMITS, str(tiny_model), precision], capture_output=True, text=True,
-                          timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-c", MEMORY_LIMITS, str(tiny_model), precision], capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, f"the child died ({done.returncode}): {done.stderr[-3000:]}"
     outcomes = json.loads(done.stdout.strip().splitlines()[-1])
     print(outcomes)
     assert set(outcomes) <= {"ok", "MemoryError"}, outcomes
-    assert outcomes[0] == "MemoryError" and outcomes[-1] == "ok", f"the limits did not span the batch's need: {outcomes}"
+    assert outcomes[0] == "MemoryError" and outcomes[-1] == "ok", (
+        f"the limits did not span the batch's need: {outcomes}"
+    )
 
 
 # --- threads: concurrent calls -----------------------------------------------------------------
@@ -205,15 +219,20 @@ print(json.dumps({"failures": failures[:3], "count": len(failures)}))
 """
 
 
-@pytest.mark.parametrize("rerankers,precisions", [("shared", "fp32"), ("two", "fp32"), ("shared", "int8"),
-                                                  ("two", "fp32,int8")])
+@pytest.mark.parametrize(
+    "rerankers,precisions", [("shared", "fp32"), ("two", "fp32"), ("shared", "int8"), ("two", "fp32,int8")]
+)
 def test_concurrent_threads_get_the_single_threaded_answers(tiny_model, rerankers, precisions):
     """Four Python threads x 30 calls, on one shared Reranker or on two (an fp32 and an int8 one
     in the last case: both engines share the process's one lock): the process lives (it aborted
     before: Numba's workqueue pool takes one launch at a time) and every answer equals the one a
     single thread gets."""
-    done = subprocess.run([sys.executable, "-c", CONCURRENT, str(tiny_model), rerankers, precisions], capture_output=True,
-                          text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-c", CONCURRENT, str(tiny_model), rerankers, precisions],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, f"the child died ({done.returncode}): {done.stderr[-3000:]}"
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["count"] == 0, result["failures"]
@@ -227,16 +246,28 @@ def write(path, text):
     path.write_text(text)
 
 
-@pytest.mark.parametrize("files, membership, quota", [
-    ({"cpu.max": "max 100000\n"}, "0::/\n", None),  # v2, no limit
-    ({"cpu.max": "150000 100000\n"}, "0::/\n", 1.5),  # v2 in a container (docker --cpus 1.5)
-    ({"kubepods/pod1/cpu.max": "max 100000\n", "kubepods/cpu.max": "300000 100000\n"}, "0::/kubepods/pod1\n", 3.0),
-    ({"cpu,cpuacct/cpu.cfs_quota_us": "-1\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n"},
-     "4:cpu,cpuacct:/\n", None),  # v1, no limit
-    ({"cpu,cpuacct/docker/abc/cpu.cfs_quota_us": "50000\n", "cpu,cpuacct/docker/abc/cpu.cfs_period_us": "100000\n"},
-     "4:cpu,cpuacct:/docker/abc\n2:memory:/docker/abc\n", 0.5),  # v1 in a container
-    ({}, "", None),  # no cgroup files at all
-])
+@pytest.mark.parametrize(
+    "files, membership, quota",
+    [
+        ({"cpu.max": "max 100000\n"}, "0::/\n", None),  # v2, no limit
+        ({"cpu.max": "150000 100000\n"}, "0::/\n", 1.5),  # v2 in a container (docker --cpus 1.5)
+        ({"kubepods/pod1/cpu.max": "max 100000\n", "kubepods/cpu.max": "300000 100000\n"}, "0::/kubepods/pod1\n", 3.0),
+        (
+            {"cpu,cpuacct/cpu.cfs_quota_us": "-1\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n"},
+            "4:cpu,cpuacct:/\n",
+            None,
+        ),  # v1, no limit
+        (
+            {
+                "cpu,cpuacct/docker/abc/cpu.cfs_quota_us": "50000\n",
+                "cpu,cpuacct/docker/abc/cpu.cfs_period_us": "100000\n",
+            },
+            "4:cpu,cpuacct:/docker/abc\n2:memory:/docker/abc\n",
+            0.5,
+        ),  # v1 in a container
+        ({}, "", None),  # no cgroup files at all
+    ],
+)
 def test_cgroup_cpu_quota_is_read(tmp_path, files, membership, quota):
     """cgroup v2 cpu.max and v1 cfs_quota/period, in the process's own cgroup or an ancestor's."""
     from nprerank.model import cgroup_cpu_quota
@@ -247,15 +278,18 @@ def test_cgroup_cpu_quota_is_read(tmp_path, files, membership, quota):
     assert cgroup_cpu_quota(tmp_path / "sys", tmp_path / "proc-self-cgroup") == quota
 
 
-@pytest.mark.parametrize("affinity, quota, asked, used, warned", [
-    (2, None, None, 2, False),
-    (2, 1.5, None, 1, False),  # a fractional quota rounds down: a second spinning thread is throttled
-    (2, 0.2, None, 1, False),
-    (1, None, None, 1, False),
-    (1, None, 2, 1, True),  # an explicit larger count is capped, with a warning
-    (2, 1.0, 2, 1, True),
-    (2, None, 1, 1, False),
-])
+@pytest.mark.parametrize(
+    "affinity, quota, asked, used, warned",
+    [
+        (2, None, None, 2, False),
+        (2, 1.5, None, 1, False),  # a fractional quota rounds down: a second spinning thread is throttled
+        (2, 0.2, None, 1, False),
+        (1, None, None, 1, False),
+        (1, None, 2, 1, True),  # an explicit larger count is capped, with a warning
+        (2, 1.0, 2, 1, True),
+        (2, None, 1, 1, False),
+    ],
+)
 def test_default_threads_follow_the_usable_cpus(monkeypatch, affinity, quota, asked, used, warned):
     import warnings
 
@@ -293,12 +327,15 @@ print(numba.config.NUMBA_NUM_THREADS, reranker.model.threads, capped.model.threa
 """
 
 
-@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
-                    reason="needs 2 CPUs and sched_setaffinity")
+@pytest.mark.skipif(
+    not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+    reason="needs 2 CPUs and sched_setaffinity",
+)
 def test_threads_follow_the_affinity_mask(tiny_model):
     """A process pinned to one CPU uses one thread, and caps (with a warning) a request for two."""
-    done = subprocess.run([sys.executable, "-c", AFFINITY, str(tiny_model)], capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", AFFINITY, str(tiny_model)], capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     pool, default, capped, warnings = map(int, done.stdout.split()[-4:])
     assert pool >= 2 and default == 1 and capped == 1 and warnings == 1, done.stdout

@@ -195,7 +195,9 @@ def test_unreachable_hub_fails_fast_saying_what_to_do(fake_hub):
         hub.resolve(REPO)
     assert time.perf_counter() - start < 10
     message = str(error.value)
-    assert "cannot reach" in message and fake_hub.url in message and "neither a local folder nor in the cache" in message
+    assert (
+        "cannot reach" in message and fake_hub.url in message and "neither a local folder nor in the cache" in message
+    )
     assert "HF_ENDPOINT" in message
     assert_both_ways(message, REPO)
 
@@ -324,7 +326,9 @@ def test_failed_download_into_a_new_folder_leaves_no_folder(fake_hub, tmp_path):
         hub.download(REPO, target)
     assert not (tmp_path / "models").exists()
     # the advice fits a download asked for: run it again, not "run nprerank download"
-    assert "run this again where the Hub is reachable" in str(error.value) and "nprerank download" not in str(error.value)
+    assert "run this again where the Hub is reachable" in str(error.value) and "nprerank download" not in str(
+        error.value
+    )
 
 
 def test_failed_download_into_an_existing_folder_keeps_only_what_was_there(fake_hub, tiny_model, tmp_path):

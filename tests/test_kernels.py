@@ -39,8 +39,10 @@ def assert_close(name, got, want, atol, rtol=0.0):
     if not (diff <= limit).all():
         worst = np.unravel_index(np.argmax(diff - limit), diff.shape)
         side = "\n".join(f"  {g: .8f}  {w: .8f}" for g, w in zip(got.ravel()[:6], want.ravel()[:6]))
-        pytest.fail(f"{name}: max |diff| {diff.max():.3e} (worst at {worst}: {got[worst]} vs {want[worst]}), "
-                    f"tolerance atol={atol} rtol={rtol}\n  fast         reference\n{side}")
+        pytest.fail(
+            f"{name}: max |diff| {diff.max():.3e} (worst at {worst}: {got[worst]} vs {want[worst]}), "
+            f"tolerance atol={atol} rtol={rtol}\n  fast         reference\n{side}"
+        )
     print(f"{name}: max |diff| {diff.max():.3e}")
 
 
@@ -90,8 +92,15 @@ def test_embeddings_forward_matches_reference(table_dtype, architecture):
     with token type 1 after the first [SEP] (id 2 here, which also ends every sequence)."""
     rng = np.random.default_rng(3)
     C, vocab, pad = 24, 50, 1
-    config = ModelConfig(vocab_size=vocab, hidden_size=C, num_attention_heads=4, max_position_embeddings=45,
-                         pad_token_id=pad, type_vocab_size=2, architecture_name=architecture)
+    config = ModelConfig(
+        vocab_size=vocab,
+        hidden_size=C,
+        num_attention_heads=4,
+        max_position_embeddings=45,
+        pad_token_id=pad,
+        type_vocab_size=2,
+        architecture_name=architecture,
+    )
     word = random(rng, vocab, C)
     if table_dtype == "float16":
         word = word.astype(np.float16)
@@ -106,8 +115,9 @@ def test_embeddings_forward_matches_reference(table_dtype, architecture):
 
     got = embeddings(ids, offsets, p, config)
     lengths = [len(s) for s in sequences]
-    assert_close(f"embeddings_forward ({table_dtype} table, {architecture})", got, packed_from_padded(want, lengths),
-                 atol=2e-5)
+    assert_close(
+        f"embeddings_forward ({table_dtype} table, {architecture})", got, packed_from_padded(want, lengths), atol=2e-5
+    )
 
 
 # M: fewer rows than threads, a ragged last tile, more than PANEL_ROWS; K: more than DEPTH (sums of
@@ -132,8 +142,13 @@ def test_output_feed_forward_matches_reference():
     """Everything after attention in reference.encoder_layer, with rows split over 1-3 threads."""
     rng = np.random.default_rng(7)
     C, F, M = 40, 3 * kernels.PANEL + 5, kernels.BLOCK_TILES * kernels.TILE_ROWS + 9  # two blocks of rows
-    layer = Layer(*(linear_params(rng, C, C) for _ in range(4)), norm_params(rng, C),
-                  linear_params(rng, F, C), linear_params(rng, C, F), norm_params(rng, C))
+    layer = Layer(
+        *(linear_params(rng, C, C) for _ in range(4)),
+        norm_params(rng, C),
+        linear_params(rng, F, C),
+        linear_params(rng, C, F),
+        norm_params(rng, C),
+    )
     hidden, context = random(rng, M, C), random(rng, M, C)
     eps = 1e-5
     h = reference.layer_norm(hidden + reference.linear(context, layer.attention_output), layer.attention_norm, eps)
@@ -142,10 +157,19 @@ def test_output_feed_forward_matches_reference():
     for threads in (1, 2, 3):
         got = hidden.copy()
         floats = kernels.feed_forward_floats(M, threads, packed["attention_output"][0], packed["intermediate"][0])
-        kernels.output_feed_forward(got, context, *packed["attention_output"], layer.attention_norm.weight,
-                                    layer.attention_norm.bias, *packed["intermediate"], *packed["output"],
-                                    layer.output_norm.weight, layer.output_norm.bias, np.float32(eps),
-                                    kernels.make_workspace(threads, floats))
+        kernels.output_feed_forward(
+            got,
+            context,
+            *packed["attention_output"],
+            layer.attention_norm.weight,
+            layer.attention_norm.bias,
+            *packed["intermediate"],
+            *packed["output"],
+            layer.output_norm.weight,
+            layer.output_norm.bias,
+            np.float32(eps),
+            kernels.make_workspace(threads, floats),
+        )
         assert_close(f"output_feed_forward {threads} threads", got, want, atol=3e-5)
 
 
@@ -155,8 +179,13 @@ def test_attention_forward_matches_reference(C, H):
     sequence is longer than DEPTH, so its probabilities times v is summed in slices."""
     lengths = LENGTHS + [kernels.DEPTH + 44]
     rng = np.random.default_rng(4)
-    layer = Layer(*(linear_params(rng, C, C) for _ in range(4)), norm_params(rng, C),
-                  linear_params(rng, 2 * C, C), linear_params(rng, C, 2 * C), norm_params(rng, C))
+    layer = Layer(
+        *(linear_params(rng, C, C) for _ in range(4)),
+        norm_params(rng, C),
+        linear_params(rng, 2 * C, C),
+        linear_params(rng, C, 2 * C),
+        norm_params(rng, C),
+    )
     config = ModelConfig(hidden_size=C, num_attention_heads=H)
     B, T = len(lengths), max(lengths)
     padded = random(rng, B, T, C)
@@ -215,8 +244,16 @@ def test_attention_over_several_key_blocks(T):
     qkv[: T // 3, :C] += qkv[T - 1, C : 2 * C]  # queries that point at it
     offsets = offsets_of(lengths)
     context = np.empty((N, C), dtype=np.float32)
-    kernels.attention_forward(context, qkv, qkv, C, offsets, offsets, H,
-                              kernels.make_workspace(2, kernels.attention_floats(offsets, offsets, D)))
+    kernels.attention_forward(
+        context,
+        qkv,
+        qkv,
+        C,
+        offsets,
+        offsets,
+        H,
+        kernels.make_workspace(2, kernels.attention_floats(offsets, offsets, D)),
+    )
     for b, h in [(0, 0), (0, 1), (1, 1)]:
         rows, columns = slice(offsets[b], offsets[b + 1]), slice(h * D, (h + 1) * D)
         q, k, v = (qkv[rows, part * C :][:, columns].astype(np.float64) for part in range(3))
@@ -256,8 +293,9 @@ def test_classification_head_forward_matches_reference():
     p = Classifier(dense=linear_params(rng, C, C), out_proj=linear_params(rng, 1, C))
     hidden = random(rng, B, 4, C)
     logits = np.empty(B, dtype=np.float32)
-    kernels.classification_head_forward(logits, np.ascontiguousarray(hidden[:, 0]), p.dense.weight, p.dense.bias,
-                                        p.out_proj.weight, p.out_proj.bias)
+    kernels.classification_head_forward(
+        logits, np.ascontiguousarray(hidden[:, 0]), p.dense.weight, p.dense.bias, p.out_proj.weight, p.out_proj.bias
+    )
     assert_close("classification_head_forward", logits, reference.classification_head(hidden, p), atol=2e-5)
 
 
@@ -281,7 +319,8 @@ def check_model(name, folder, lengths, seed=0):
     assert got.dtype == np.float32 and got.shape == (len(sequences),)
     assert_close(f"FastModel {name}", got, want, atol=1e-4)
     assert np.argsort(-got, kind="stable").tolist() == np.argsort(-want, kind="stable").tolist(), (
-        f"{name}: ranking differs\n  fast {got}\n  ref  {want}")
+        f"{name}: ranking differs\n  fast {got}\n  ref  {want}"
+    )
 
 
 def test_fast_model_matches_reference_on_tiny_models(tiny_models):

@@ -120,8 +120,12 @@ def test_checksum_covers_every_byte():
             changed = bytearray(data)
             changed[offset] ^= flip
             assert _checksum(bytes(changed), 8) != reference, (offset, flip)
-    swapped = data[:8] + data[8 + CHECKSUM_BLOCK : 8 + 2 * CHECKSUM_BLOCK] + data[8 : 8 + CHECKSUM_BLOCK] + \
-        data[8 + 2 * CHECKSUM_BLOCK :]
+    swapped = (
+        data[:8]
+        + data[8 + CHECKSUM_BLOCK : 8 + 2 * CHECKSUM_BLOCK]
+        + data[8 : 8 + CHECKSUM_BLOCK]
+        + data[8 + 2 * CHECKSUM_BLOCK :]
+    )
     assert _checksum(bytes(swapped), 8) != reference
     assert _checksum(bytes(data[:8]) + bytes(len(data) - 8), 8) != reference  # zeroed
 

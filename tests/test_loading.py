@@ -107,15 +107,28 @@ def test_unknown_tensors_are_refused(folder):
 
 
 def test_wrong_shapes_are_named(folder):
-    rewrite_tensors(folder, lambda t: t.update({"roberta.encoder.layer.1.attention.self.key.weight":
-                                                t["roberta.encoder.layer.1.attention.self.key.weight"][:, :16].copy()}))
-    with pytest.raises(ModelError, match=r"roberta\.encoder\.layer\.1\.attention\.self\.key\.weight has shape "
-                                         r"\[32, 16\], config.json implies \[32, 32\]"):
+    rewrite_tensors(
+        folder,
+        lambda t: t.update(
+            {
+                "roberta.encoder.layer.1.attention.self.key.weight": t[
+                    "roberta.encoder.layer.1.attention.self.key.weight"
+                ][:, :16].copy()
+            }
+        ),
+    )
+    with pytest.raises(
+        ModelError,
+        match=r"roberta\.encoder\.layer\.1\.attention\.self\.key\.weight has shape "
+        r"\[32, 16\], config.json implies \[32, 32\]",
+    ):
         Reranker.from_pretrained(folder)
 
 
 def test_unsupported_dtype_is_named(folder):
-    rewrite_tensors(folder, lambda t: t.update({"classifier.out_proj.bias": t["classifier.out_proj.bias"].astype(np.float64)}))
+    rewrite_tensors(
+        folder, lambda t: t.update({"classifier.out_proj.bias": t["classifier.out_proj.bias"].astype(np.float64)})
+    )
     with pytest.raises(ModelError, match="classifier.out_proj.bias is stored as F64"):
         Reranker.from_pretrained(folder)
 
@@ -132,7 +145,9 @@ def test_known_extras_and_old_names_are_accepted(folder, tiny_model):
 
     rewrite_tensors(folder, old_style)
     pairs = [("what is panda?", "a bear"), ("q", "p")]
-    assert Reranker.from_pretrained(folder).compute_score(pairs) == Reranker.from_pretrained(tiny_model).compute_score(pairs)
+    assert Reranker.from_pretrained(folder).compute_score(pairs) == Reranker.from_pretrained(tiny_model).compute_score(
+        pairs
+    )
 
 
 def test_fp32_weights_are_memory_mapped_not_copied(tiny_model):
@@ -226,8 +241,10 @@ MALFORMED = {
     "offsets three numbers": {"t": {**GOOD, "data_offsets": [0, 8, 16]}},
     "offsets missing": {"t": {"dtype": "F32", "shape": [2, 2]}},
     "offsets beyond the data": {"t": {**GOOD, "shape": [8], "data_offsets": [0, 32]}},
-    "ranges overlapping": {"t": {**GOOD, "shape": [3], "data_offsets": [0, 12]},
-                           "u": {**GOOD, "shape": [2], "data_offsets": [8, 16]}},
+    "ranges overlapping": {
+        "t": {**GOOD, "shape": [3], "data_offsets": [0, 12]},
+        "u": {**GOOD, "shape": [2], "data_offsets": [8, 16]},
+    },
     "shape negative": {"t": {**GOOD, "shape": [-2, -2]}},  # its product, 4, would fit the range
     "shape strings": {"t": {**GOOD, "shape": ["2", "2"]}},
     "shape huge": {"t": {**GOOD, "shape": [2**40, 2**40]}},
@@ -277,15 +294,18 @@ def test_deeply_nested_config_is_a_model_error(folder):
         Reranker.from_pretrained(folder)
 
 
-@pytest.mark.parametrize("field, value, held", [
-    ("num_hidden_layers", 10**7, 2),
-    ("num_hidden_layers", 1, 2),
-    ("hidden_size", 10**9, 32),
-    ("vocab_size", 2**40, 802),
-    ("intermediate_size", 10**8, 64),
-    ("max_position_embeddings", 10**9, 130),
-    ("type_vocab_size", 10**6, 1),
-])
+@pytest.mark.parametrize(
+    "field, value, held",
+    [
+        ("num_hidden_layers", 10**7, 2),
+        ("num_hidden_layers", 1, 2),
+        ("hidden_size", 10**9, 32),
+        ("vocab_size", 2**40, 802),
+        ("intermediate_size", 10**8, 64),
+        ("max_position_embeddings", 10**9, 130),
+        ("type_vocab_size", 10**6, 1),
+    ],
+)
 def test_absurd_config_sizes_are_refused_against_the_checkpoint(folder, field, value, held):
     """A config.json size that the checkpoint contradicts is refused before anything is built
     from it, naming the field and both values (num_hidden_layers 10**7 ran 29 s and took 6 GB)."""
@@ -300,8 +320,17 @@ def test_absurd_config_sizes_are_refused_against_the_checkpoint(folder, field, v
 
 def add_token(folder, token_id):
     tokenizer = json.loads((folder / "tokenizer.json").read_text())
-    tokenizer["added_tokens"].append({"id": token_id, "content": "<extra>", "single_word": False, "lstrip": False,
-                                      "rstrip": False, "normalized": False, "special": True})
+    tokenizer["added_tokens"].append(
+        {
+            "id": token_id,
+            "content": "<extra>",
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": True,
+        }
+    )
     (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
 
 
@@ -316,8 +345,9 @@ def test_tokenizer_ids_beyond_the_vocabulary_are_refused(folder):
     add_token(folder, vocab_size + 5)  # `tokenizers` numbers it after the last id it has
     highest = PairTokenizer(folder / "tokenizer.json", 64).vocab_size - 1
     assert highest >= vocab_size
-    with pytest.raises(ModelError, match=f"tokenizer.json: token ids go up to {highest}, but config.json's "
-                                         f"vocab_size is {vocab_size}"):
+    with pytest.raises(
+        ModelError, match=f"tokenizer.json: token ids go up to {highest}, but config.json's vocab_size is {vocab_size}"
+    ):
         Reranker.from_pretrained(folder)
 
 

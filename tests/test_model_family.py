@@ -39,8 +39,10 @@ def pairs_of(lengths, seed=0):
     stresses tokenizers: accents, CJK, punctuation, a typed special token in the passage."""
     lines = corpus(1500, seed=seed)
     words = " ".join(lines).split()
-    pairs = [("what is a panda?", "The giant panda (Ailuropoda) is a bear; it eats bamboo. Café naïve résumé!"),
-             ("熊猫 是 什么", "熊猫 是 一种 生活 在 中国 的 熊 </s> [SEP] " + " ".join(words[:40]))]
+    pairs = [
+        ("what is a panda?", "The giant panda (Ailuropoda) is a bear; it eats bamboo. Café naïve résumé!"),
+        ("熊猫 是 什么", "熊猫 是 一种 生活 在 中国 的 熊 </s> [SEP] " + " ".join(words[:40])),
+    ]
     for i, n in enumerate(lengths):
         pairs.append((" ".join(words[i * 7 : i * 7 + 5]), " ".join(words[100 + i * n : 100 + (i + 1) * n])))
     return pairs
@@ -50,21 +52,33 @@ def transformers_logits(folder, pairs, max_length, truncation, attention="eager"
     """ids [list per pair] and fp32 logits [P] from transformers' own tokenizer and model."""
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
     model = transformers.AutoModelForSequenceClassification.from_pretrained(
-        str(folder), attn_implementation=attention).eval()
+        str(folder), attn_implementation=attention
+    ).eval()
     # the queries here are shorter than 3/4 of max_length, so FlagEmbedding's only_second (which
     # first cuts the query alone to that) is transformers' own (tests/test_tokenizer.py: longer ones)
-    batch = tokenizer([q for q, _ in pairs], [p for _, p in pairs], truncation=truncation, max_length=max_length,
-                      padding=True, return_tensors="pt")
+    batch = tokenizer(
+        [q for q, _ in pairs],
+        [p for _, p in pairs],
+        truncation=truncation,
+        max_length=max_length,
+        padding=True,
+        return_tensors="pt",
+    )
     with torch.no_grad():
         logits = model(**batch).logits[:, 0].numpy()
-    ids = [row[mask.astype(bool)].tolist() for row, mask in zip(batch["input_ids"].numpy(), batch["attention_mask"].numpy())]
+    ids = [
+        row[mask.astype(bool)].tolist()
+        for row, mask in zip(batch["input_ids"].numpy(), batch["attention_mask"].numpy())
+    ]
     return ids, logits
 
 
 def report(name, got, want):
     diff = np.abs(np.asarray(got, np.float64) - want)
     side = "\n".join(f"  {g: .7f}  {w: .7f}" for g, w in zip(got[:6], want[:6]))
-    assert diff.max() <= TOLERANCE, f"{name}: max |diff| {diff.max():.3e} > {TOLERANCE}\n  nprerank    transformers\n{side}"
+    assert diff.max() <= TOLERANCE, (
+        f"{name}: max |diff| {diff.max():.3e} > {TOLERANCE}\n  nprerank    transformers\n{side}"
+    )
     print(f"{name}: max |diff| {diff.max():.2e}")
 
 
@@ -87,9 +101,16 @@ def test_defaults_follow_the_rule_written_in_config():
     though v2-m3 can take 8192; MiniLM cuts longest_first as sentence-transformers does."""
     m3 = Reranker.from_pretrained(shape_model("v2-m3", num_hidden_layers=1))
     assert (m3.tokenizer.max_length, m3.config.max_tokens, m3.tokenizer.truncation) == (512, 8192, "only_second")
-    assert Reranker.from_pretrained(shape_model("v2-m3", num_hidden_layers=1), max_length=8192).tokenizer.max_length == 8192
+    assert (
+        Reranker.from_pretrained(shape_model("v2-m3", num_hidden_layers=1), max_length=8192).tokenizer.max_length
+        == 8192
+    )
     minilm = Reranker.from_pretrained(shape_model("minilm-l6"))
-    assert (minilm.tokenizer.max_length, minilm.config.max_tokens, minilm.tokenizer.truncation) == (512, 512, "longest_first")
+    assert (minilm.tokenizer.max_length, minilm.config.max_tokens, minilm.tokenizer.truncation) == (
+        512,
+        512,
+        "longest_first",
+    )
     assert minilm.tokenizer.special_tokens == 3 and m3.tokenizer.special_tokens == 4
     config = ModelConfig(max_position_embeddings=130)
     assert default_max_length(config, "/nonexistent/tokenizer_config.json") == 128  # the position table lowers it
@@ -112,8 +133,9 @@ def test_v2_m3_shape_on_thousands_of_tokens(engine):
     pairs = pairs_of([1200, 3600], seed=3)[2:]
     want_ids, want = transformers_logits(folder, pairs, 8192, "longest_first", attention="sdpa")
     assert max(map(len, want_ids)) > 4000
-    reranker = Reranker.from_pretrained(folder, engine=engine, max_length=8192, truncation="longest_first",
-                                        max_batch_tokens=512)
+    reranker = Reranker.from_pretrained(
+        folder, engine=engine, max_length=8192, truncation="longest_first", max_batch_tokens=512
+    )
     encoding = reranker.encode(pairs)
     assert encoding.sequences == want_ids
     report(f"v2-m3 {max(map(len, want_ids))} tokens {engine}", reranker.score(encoding), want)
@@ -134,14 +156,17 @@ def edited_copy(tmp_path, folder, **changes):
     return copy
 
 
-@pytest.mark.parametrize("changes,message", [
-    (dict(architectures=["DebertaV2ForSequenceClassification"]), "DebertaV2ForSequenceClassification"),
-    (dict(architectures=["BertForSequenceClassification", "BertModel"]), "architectures"),
-    (dict(model_type="xlm-roberta"), "model_type 'xlm-roberta' does not go with BertForSequenceClassification"),
-    (dict(type_vocab_size=1), "type_vocab_size 1"),
-    (dict(hidden_act="gelu_new"), "hidden_act"),
-    (dict(position_embedding_type="relative_key"), "position_embedding_type"),
-])
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        (dict(architectures=["DebertaV2ForSequenceClassification"]), "DebertaV2ForSequenceClassification"),
+        (dict(architectures=["BertForSequenceClassification", "BertModel"]), "architectures"),
+        (dict(model_type="xlm-roberta"), "model_type 'xlm-roberta' does not go with BertForSequenceClassification"),
+        (dict(type_vocab_size=1), "type_vocab_size 1"),
+        (dict(hidden_act="gelu_new"), "hidden_act"),
+        (dict(position_embedding_type="relative_key"), "position_embedding_type"),
+    ],
+)
 def test_bert_configs_we_cannot_run_are_refused_by_name(tmp_path, changes, message):
     with pytest.raises(ModelError, match=message):
         Reranker.from_pretrained(edited_copy(tmp_path, shape_model("minilm-l6"), **changes))
@@ -165,14 +190,18 @@ def test_the_cloudflare_route_is_answered_only_for_the_model_cloudflare_lists(na
     from nprerank.server import CLOUDFLARE_MODEL, build_app
 
     folder = shape_model(name, num_hidden_layers=1)
-    app = build_app(Reranker.from_pretrained(folder), model_name=str(folder) if by_folder else f"BAAI/bge-reranker-{name}")
+    app = build_app(
+        Reranker.from_pretrained(folder), model_name=str(folder) if by_folder else f"BAAI/bge-reranker-{name}"
+    )
     body = {"query": "what is a panda?", "contexts": [{"text": "a bear"}, {"text": "a car"}]}
     with TestClient(app, base_url="http://127.0.0.1") as client:  # a Host the server answers to
         for path in (f"/ai/run/{CLOUDFLARE_MODEL}", f"/client/v4/accounts/a/ai/run/{CLOUDFLARE_MODEL}"):
             response = client.post(path, json=body)
             assert response.status_code == 404, response.text
             [error] = response.json()["errors"]
-            assert error["code"] == 7003 and "/rerank" in error["message"] and "Workers AI lists only" in error["message"]
+            assert (
+                error["code"] == 7003 and "/rerank" in error["message"] and "Workers AI lists only" in error["message"]
+            )
     paths = {route.path for route in app.routes}
     assert {"/rerank", "/v1/rerank", "/v2/rerank"} <= paths and not any("@cf" in path for path in paths)
 
@@ -183,5 +212,6 @@ def test_the_cloudflare_route_stays_for_bge_reranker_base():
 
     for name in ("BAAI/bge-reranker-base", str(make_model())):  # by repo id, and a folder of XLM-R base's kind
         app = build_app(lambda: None, model_name=name)  # never started: only its routes are read
-        assert {f"/ai/run/{CLOUDFLARE_MODEL}", f"/client/v4/accounts/{{account_id}}/ai/run/{CLOUDFLARE_MODEL}"} <= \
-            {route.path for route in app.routes}
+        assert {f"/ai/run/{CLOUDFLARE_MODEL}", f"/client/v4/accounts/{{account_id}}/ai/run/{CLOUDFLARE_MODEL}"} <= {
+            route.path for route in app.routes
+        }

@@ -33,7 +33,9 @@ def assert_close(ours, theirs, pairs, tolerance=TOLERANCE):
         f"  ours         {np.round(ours[:6], 6)}\n  transformers {np.round(theirs[:6], 6)}"
     )
     assert diff.max() <= tolerance, report
-    assert list(np.argsort(-ours, kind="stable")) == list(np.argsort(-theirs, kind="stable")), "rankings differ\n" + report
+    assert list(np.argsort(-ours, kind="stable")) == list(np.argsort(-theirs, kind="stable")), (
+        "rankings differ\n" + report
+    )
 
 
 @pytest.mark.parametrize("engine", ["reference", "fast"])

@@ -41,8 +41,9 @@ def problem(M, K, J, seed=0, outliers=False):
     x = rng.standard_normal((M, K)).astype(np.float32)
     if outliers:  # a few hidden dimensions 20-50x larger, as LLM.int8() found in trained transformers
         x[:, rng.choice(K, size=max(1, K // 100), replace=False)] *= rng.uniform(20, 50)
-    linear = Linear((rng.standard_normal((J, K)) / math.sqrt(K)).astype(np.float32),
-                    rng.standard_normal(J).astype(np.float32))
+    linear = Linear(
+        (rng.standard_normal((J, K)) / math.sqrt(K)).astype(np.float32), rng.standard_normal(J).astype(np.float32)
+    )
     return x, linear
 
 
@@ -135,8 +136,9 @@ def test_a_path_given_the_wrong_activation_dtype_refuses():
     packed = int8.pack([linear])
     q, scale = int8.quantize_rows(x)  # int8: vpdpbusd's, not the widening paths'
     with pytest.raises(ValueError, match="ACTIVATION"):
-        int8_kernels.linear_int8_forward(np.empty((4, 32), np.float32), 0, q, scale, *vars(packed).values(),
-                                         isa.code("generic"), 1)
+        int8_kernels.linear_int8_forward(
+            np.empty((4, 32), np.float32), 0, q, scale, *vars(packed).values(), isa.code("generic"), 1
+        )
 
 
 def test_isa_choice(monkeypatch):
@@ -210,7 +212,8 @@ def test_reranker_precision_option(tiny_model, precision, atol):
     scores = fast.compute_score(pairs)
     compare(f"reranker {precision}", scores, oracle.compute_score(pairs), atol=atol)
     assert fast.model.precision == precision and not np.array_equal(
-        scores, Reranker.from_pretrained(tiny_model).compute_score(pairs))
+        scores, Reranker.from_pretrained(tiny_model).compute_score(pairs)
+    )
     for engine in ("fast", "reference"):
         with pytest.raises(ValueError, match="precision must be one of"):
             Reranker.from_pretrained(tiny_model, precision="int4", engine=engine)
@@ -231,8 +234,10 @@ def test_full_size_int8_is_near_fp32(full_model):
     exact = FastModel(weights, config)(sequences)
     quantized = FastModel(weights, config, precision="int8")(sequences)
     oracle = np.array([int8.forward(*reference.pad([s], config.pad_token_id), weights, config)[0] for s in sequences])
-    print(f"full int8: max |dlogit| {np.abs(quantized - exact).max():.4f} vs fp32, "
-          f"{np.abs(quantized - oracle).max():.4f} vs the oracle")
+    print(
+        f"full int8: max |dlogit| {np.abs(quantized - exact).max():.4f} vs fp32, "
+        f"{np.abs(quantized - oracle).max():.4f} vs the oracle"
+    )
     compare("full int8 vs oracle", quantized, oracle, atol=0.6)
     compare("full int8 vs fp32", quantized, exact, atol=1.5)
 

@@ -31,8 +31,16 @@ def test_ray_gives_the_local_results_bit_for_bit(cluster, tmp_path, tiny_model, 
     trio = trec_trio(tmp_path, n_queries=7, queries_format="jsonl")
     inputs = {
         "jsonl": [tmp_path / "in.jsonl"],
-        "trec": ["--run", trio["run"], "--queries", trio["queries_path"], "--corpus", trio["corpus_path"],
-                 "--depth", 9],
+        "trec": [
+            "--run",
+            trio["run"],
+            "--queries",
+            trio["queries_path"],
+            "--corpus",
+            trio["corpus_path"],
+            "--depth",
+            9,
+        ],
     }
     for name, args in inputs.items():
         for output_format in ("jsonl", "trec"):
@@ -60,12 +68,19 @@ def test_ray_run_resumes_a_local_run(cluster, tmp_path, tiny_model, monkeypatch)
 
 def test_the_actor_in_a_users_own_pipeline(cluster, tiny_model):
     records = [r for r in jsonl_records(9, seed=9) if r["documents"]]
-    rows = [{"query": r["query"], "documents": [d["text"] if isinstance(d, dict) else d for d in r["documents"]]}
-            for r in records]
+    rows = [
+        {"query": r["query"], "documents": [d["text"] if isinstance(d, dict) else d for d in r["documents"]]}
+        for r in records
+    ]
     dataset = ray.data.from_items(rows).map_batches(
-        nprerank_ray.RerankActor, fn_constructor_kwargs={"model": str(tiny_model), "threads": 1},
-        batch_format="pyarrow", batch_size=3, num_cpus=1, compute=ray.data.ActorPoolStrategy(size=2),
+        nprerank_ray.RerankActor,
+        fn_constructor_kwargs={"model": str(tiny_model), "threads": 1},
+        batch_format="pyarrow",
+        batch_size=3,
+        num_cpus=1,
+        compute=ray.data.ActorPoolStrategy(size=2),
     )
+
     def position(row):  # take_all's order is Ray's; put the rows back in ours
         return rows.index({"query": row["query"], "documents": list(row["documents"])})
 
@@ -80,8 +95,10 @@ def test_a_model_the_actors_cannot_load_is_one_line(cluster, tmp_path, tiny_mode
     """The actors load the model, not the driver: their failure comes back as the local job's one line."""
     write_jsonl(tmp_path / "in.jsonl", jsonl_records(2, docs=(1, 2)))
     (tmp_path / "empty-model").mkdir()
-    assert batch_cli(tmp_path / "in.jsonl", "-o", tmp_path / "out.jsonl", "--model", tmp_path / "empty-model",
-                     "--ray") == 1
+    assert (
+        batch_cli(tmp_path / "in.jsonl", "-o", tmp_path / "out.jsonl", "--model", tmp_path / "empty-model", "--ray")
+        == 1
+    )
     err = capsys.readouterr().err
     assert err.startswith("nprerank: error: the Ray job failed:") and err.count("\n") == 1, err
     assert "empty-model: missing config.json" in err and "Traceback" not in err
@@ -98,9 +115,26 @@ def test_a_cluster_address_nobody_answers_at_is_one_line(tmp_path, tiny_model):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
-        done = subprocess.run([sys.executable, "-m", "nprerank", "batch", str(tmp_path / "in.jsonl"), "-o",
-                               str(tmp_path / "out.jsonl"), "--model", str(tiny_model), "--ray", address],
-                              capture_output=True, text=True, timeout=120)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "nprerank",
+                "batch",
+                str(tmp_path / "in.jsonl"),
+                "-o",
+                str(tmp_path / "out.jsonl"),
+                "--model",
+                str(tiny_model),
+                "--ray",
+                address,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert done.returncode == 1, done.stderr
-        assert done.stderr == f"nprerank: error: no Ray cluster answers at {address} (Connection refused): start one " \
+        assert (
+            done.stderr == f"nprerank: error: no Ray cluster answers at {address} (Connection refused): start one "
             "(`ray start --head`), or drop ADDRESS to run on a local Ray\n"
+        )

@@ -37,8 +37,12 @@ def workers_of(process: subprocess.Popen) -> list:
 
 def accepted(workers: list, port: int) -> int:
     """Connections to `port` that the workers have accepted (open sockets they hold)."""
-    return sum(1 for w in workers for c in w.net_connections(kind="tcp")
-               if c.laddr and c.laddr.port == port and c.status == psutil.CONN_ESTABLISHED)
+    return sum(
+        1
+        for w in workers
+        for c in w.net_connections(kind="tcp")
+        if c.laddr and c.laddr.port == port and c.status == psutil.CONN_ESTABLISHED
+    )
 
 
 def test_workers_share_the_port_and_finish_in_flight_requests_on_sigterm(tmp_path, tiny_model):
@@ -48,12 +52,18 @@ def test_workers_share_the_port_and_finish_in_flight_requests_on_sigterm(tmp_pat
         workers = workers_of(server.process)
         assert len(workers) == 2, server.log()
         rng = random.Random(0)
-        requests = [{"query": " ".join(rng.choices(WORDS, k=4)),
-                     "texts": [" ".join(rng.choices(WORDS, k=rng.randint(5, 60))) for _ in range(150)]}
-                    for _ in range(12)]
+        requests = [
+            {
+                "query": " ".join(rng.choices(WORDS, k=4)),
+                "texts": [" ".join(rng.choices(WORDS, k=rng.randint(5, 60))) for _ in range(150)],
+            }
+            for _ in range(12)
+        ]
         with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
-            futures = [pool.submit(httpx.post, server.url + "/rerank", json={**body, "raw_scores": True}, timeout=120)
-                       for body in requests]
+            futures = [
+                pool.submit(httpx.post, server.url + "/rerank", json={**body, "raw_scores": True}, timeout=120)
+                for body in requests
+            ]
             # stop once every request is in a worker's hands (accepted); one still in the kernel's
             # backlog is not in flight yet: the load balancer's drain (docs/scale.md) covers those
             deadline = time.monotonic() + 60
@@ -95,8 +105,23 @@ def test_a_killed_worker_is_replaced(tmp_path, tiny_model):
 
 def test_a_model_that_does_not_load_stops_every_worker(tmp_path):
     port = free_port()
-    done = subprocess.run([sys.executable, "-m", "nprerank", "serve", "--workers", "2", "--port", str(port),
-                           "--model", str(tmp_path / "no-such-model")], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nprerank",
+            "serve",
+            "--workers",
+            "2",
+            "--port",
+            str(port),
+            "--model",
+            str(tmp_path / "no-such-model"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 1, done.stderr
     assert "no-such-model" in done.stderr and "could not be loaded" in done.stderr
     assert "Traceback" not in done.stderr
@@ -109,11 +134,25 @@ def test_a_port_in_use_is_one_clear_error(tmp_path, tiny_model):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        done = subprocess.run([sys.executable, "-m", "nprerank", "serve", "--workers", "2", "--port", str(port),
-                               "--model", str(tiny_model)], capture_output=True, text=True, timeout=60)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "nprerank",
+                "serve",
+                "--workers",
+                "2",
+                "--port",
+                str(port),
+                "--model",
+                str(tiny_model),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     assert done.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in done.stderr and "Traceback" not in done.stderr
-
 
 
 def test_a_worker_accepts_nothing_until_it_can_score(tmp_path, tiny_model):
@@ -126,7 +165,8 @@ def test_a_worker_accepts_nothing_until_it_can_score(tmp_path, tiny_model):
     (tmp_path / "slow" / "sitecustomize.py").write_text(
         "import time\nimport nprerank.startup as startup\nreal = startup.warm_up\n"
         "def slow(reranker, say=startup._to_stderr):\n    time.sleep(3)\n    return real(reranker, say)\n"
-        "startup.warm_up = slow\n")
+        "startup.warm_up = slow\n"
+    )
     path = os.pathsep.join([str(tmp_path / "slow"), os.environ.get("PYTHONPATH", "")])
     server = Server(["--model", str(tiny_model), "--workers", "2"], tmp_path / "log", env={"PYTHONPATH": path})
     statuses = []

@@ -110,8 +110,10 @@ def test_encode_then_score_is_logits(reranker):
     assert encoding.owners.dtype == np.int64 and encoding.owners.tolist() == [0, 1, 2]
     assert encoding.max_length == reranker.tokenizer.max_length
     assert encoding.sequences == reranker.tokenizer.encode_pairs(pairs)
-    full = [len(reranker.tokenizer.encode_texts([q])[0]) + len(reranker.tokenizer.encode_texts([p])[0]) + 4
-            for q, p in pairs]
+    full = [
+        len(reranker.tokenizer.encode_texts([q])[0]) + len(reranker.tokenizer.encode_texts([p])[0]) + 4
+        for q, p in pairs
+    ]
     assert encoding.lengths[0] == full[0] and encoding.lengths[2] == full[2]  # exact while they fit
     assert full[1] > encoding.max_length and encoding.lengths[1] > encoding.max_length
     logits = reranker.score(encoding)
@@ -145,7 +147,9 @@ def test_a_huge_query_is_read_once_and_only_as_far_as_the_model_can_see(tiny_mod
     reranker = Reranker.from_pretrained(tiny_model)
     handed = []
     encode_texts = PairTokenizer.encode_texts
-    monkeypatch.setattr(PairTokenizer, "encode_texts", lambda self, texts: handed.extend(texts) or encode_texts(self, texts))
+    monkeypatch.setattr(
+        PairTokenizer, "encode_texts", lambda self, texts: handed.extend(texts) or encode_texts(self, texts)
+    )
     encoding = reranker.encode([(HUGE_QUERY, text) for text in ONE_WORD_CONTEXTS])
     budget = reranker.tokenizer.max_length - 4
     # the query once, cut to the prefix that holds budget + 1 tokens; the context once
@@ -164,7 +168,9 @@ def test_chunk_mode_reads_at_most_max_windows(tiny_model, monkeypatch, long_docu
     reranker = Reranker.from_pretrained(tiny_model, max_length=32, long_documents=long_documents, max_windows=3)
     handed = []
     encode_texts = PairTokenizer.encode_texts
-    monkeypatch.setattr(PairTokenizer, "encode_texts", lambda self, texts: handed.extend(texts) or encode_texts(self, texts))
+    monkeypatch.setattr(
+        PairTokenizer, "encode_texts", lambda self, texts: handed.extend(texts) or encode_texts(self, texts)
+    )
     encoding = reranker.encode([("panda", HUGE_QUERY), (HUGE_QUERY, HUGE_QUERY)])
     windows = np.bincount(encoding.owners).tolist()
     assert windows == ([3, 3] if long_documents == "chunk" else [1, 1])
@@ -178,7 +184,7 @@ def test_a_huge_request_stays_in_bounded_memory(tiny_model):
     import subprocess
     import sys
 
-    code = f"""
+    code = """
 import sys
 from nprerank import Reranker
 reranker = Reranker.from_pretrained(sys.argv[1], engine="reference")
@@ -222,7 +228,6 @@ LONE = "caf\ud800e"
 def test_text_that_is_not_unicode_is_refused_naming_the_field(reranker, call, name):
     with pytest.raises(ValueError, match=name + r" is not valid Unicode: a lone surrogate '\\ud[8f]"):
         call(reranker)
-
 
 
 # --- per-call truncation, passage_max_length, lengths -------------------------------------------
@@ -282,6 +287,8 @@ def test_each_distinct_text_is_checked_once(reranker, monkeypatch):
 
     checked = []
     check_text = tokenizer.check_text
-    monkeypatch.setattr(tokenizer, "check_text", lambda name, text, **kw: checked.append(name) or check_text(name, text, **kw))
+    monkeypatch.setattr(
+        tokenizer, "check_text", lambda name, text, **kw: checked.append(name) or check_text(name, text, **kw)
+    )
     reranker.encode([("熊猫 " * 1000, f"passage {i % 10}") for i in range(1000)])
     assert len(checked) == 1 + 10

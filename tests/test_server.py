@@ -45,10 +45,18 @@ post = functools.partial(httpx.post, timeout=60)
 get = functools.partial(httpx.get, timeout=60)
 
 TEXTS = [
-    "a cyberpunk lizzard", "a cyberpunk cat", "the giant panda lives in the mountains of china",
-    "熊猫 是 一种 生活 在 中国 的 熊", "الباندا حيوان يعيش في الصين", "Привет мир панда медведь 🐼",
-    "café naïve résumé façade", "search engine ranking relevant document", "river bank money city night",
-    "how why what is attention layer token vector", "apple orange music rain", "über straße cœur Ærø",
+    "a cyberpunk lizzard",
+    "a cyberpunk cat",
+    "the giant panda lives in the mountains of china",
+    "熊猫 是 一种 生活 在 中国 的 熊",
+    "الباندا حيوان يعيش في الصين",
+    "Привет мир панда медведь 🐼",
+    "café naïve résumé façade",
+    "search engine ranking relevant document",
+    "river bank money city night",
+    "how why what is attention layer token vector",
+    "apple orange music rain",
+    "über straße cœur Ærø",
 ]
 
 
@@ -68,7 +76,9 @@ class Server:
         command = [sys.executable, "-c", script] if script else [sys.executable, "-m", "nprerank.server"]
         self.process = subprocess.Popen(
             [*command, *args, "--port", str(self.port), "--log-level", "warning"],
-            stdout=open(log, "wb"), stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+            stdout=open(log, "wb"),
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
         )
 
     def log(self) -> str:
@@ -164,8 +174,12 @@ def check_tei(response, reranker, query, texts, raw=False, return_text=False):
     assert response.status_code == 200, response.text
     ranks = response.json()
     expected = reranker.logits([(query, t) for t in texts]) if raw else expected_scores(reranker, query, texts)
-    check_ranking([r["index"] for r in ranks], [r["score"] for r in ranks], np.asarray(expected, np.float64),
-                  tolerance=LOGIT_TOLERANCE if raw else SCORE_TOLERANCE)
+    check_ranking(
+        [r["index"] for r in ranks],
+        [r["score"] for r in ranks],
+        np.asarray(expected, np.float64),
+        tolerance=LOGIT_TOLERANCE if raw else SCORE_TOLERANCE,
+    )
     for rank in ranks:
         assert ("text" in rank) == return_text
         if return_text:
@@ -177,8 +191,12 @@ def check_cohere(response, reranker, query, texts, top=None, return_documents=Fa
     body = response.json()
     assert body["id"] and body["meta"]["api_version"]["version"] == "1" and body["usage"]["total_tokens"] > 0
     results = body["results"]
-    check_ranking([r["index"] for r in results], [r["relevance_score"] for r in results],
-                  expected_scores(reranker, query, texts), top)
+    check_ranking(
+        [r["index"] for r in results],
+        [r["relevance_score"] for r in results],
+        expected_scores(reranker, query, texts),
+        top,
+    )
     for result in results:
         assert ("document" in result) == return_documents
         if return_documents:
@@ -251,34 +269,57 @@ def test_cloudflare(client, reranker, path):
     query, texts = "Which one is cooler?", TEXTS
     contexts = [{"text": t} for t in texts]
     check_cloudflare(client.post(path, json={"query": query, "contexts": contexts}), reranker, query, texts)
-    check_cloudflare(client.post(path, json={"query": query, "contexts": contexts, "top_k": 3}), reranker, query, texts, 3)
-    check_cloudflare(client.post(path, json={"query": query, "contexts": contexts, "top_k": 99}), reranker, query, texts)
+    check_cloudflare(
+        client.post(path, json={"query": query, "contexts": contexts, "top_k": 3}), reranker, query, texts, 3
+    )
+    check_cloudflare(
+        client.post(path, json={"query": query, "contexts": contexts, "top_k": 99}), reranker, query, texts
+    )
 
 
 def test_cloudflare_seed_curl_example(server, reranker):
     """The curl command of Cloudflare's model page, unchanged apart from the host."""
     account, token = "0123456789abcdef", "any-token"
-    body = '{ "query": "Which one is better?", "contexts": [{ "text": "a cyberpunk lizzard" }, {"text": "a cyberpunk cat"}]}'
+    body = (
+        '{ "query": "Which one is better?", '
+        '"contexts": [{ "text": "a cyberpunk lizzard" }, {"text": "a cyberpunk cat"}]}'
+    )
     if shutil.which("curl"):
-        command = (f"curl -s {server.url}/client/v4/accounts/$CLOUDFLARE_ACCOUNT_ID/ai/run/@cf/baai/bge-reranker-base \\\n"
-                   f"  -X POST \\\n  -H \"Authorization: Bearer $CLOUDFLARE_AUTH_TOKEN\" \\\n  -d '{body}'")
+        command = (
+            f"curl -s {server.url}/client/v4/accounts/$CLOUDFLARE_ACCOUNT_ID/ai/run/@cf/baai/bge-reranker-base \\\n"
+            f"  -X POST \\\n  -H \"Authorization: Bearer $CLOUDFLARE_AUTH_TOKEN\" \\\n  -d '{body}'"
+        )
         env = {**os.environ, "CLOUDFLARE_ACCOUNT_ID": account, "CLOUDFLARE_AUTH_TOKEN": token}
-        out = subprocess.run(["bash", "-c", command], env=env, capture_output=True, text=True, timeout=30, check=True).stdout
+        out = subprocess.run(
+            ["bash", "-c", command], env=env, capture_output=True, text=True, timeout=30, check=True
+        ).stdout
         response = httpx.Response(200, content=out)
     else:  # the same request: curl -d sends form-urlencoded
-        response = post(f"{server.url}/client/v4/accounts/{account}/ai/run/@cf/baai/bge-reranker-base",
-                              content=body, headers={"Authorization": f"Bearer {token}",
-                                                     "content-type": "application/x-www-form-urlencoded"})
+        response = post(
+            f"{server.url}/client/v4/accounts/{account}/ai/run/@cf/baai/bge-reranker-base",
+            content=body,
+            headers={"Authorization": f"Bearer {token}", "content-type": "application/x-www-form-urlencoded"},
+        )
     check_cloudflare(response, reranker, "Which one is better?", ["a cyberpunk lizzard", "a cyberpunk cat"])
 
 
 def test_tei(client, reranker):
     query, texts = "what is panda?", TEXTS
     check_tei(client.post("/rerank", json={"query": query, "texts": texts}), reranker, query, texts)
-    check_tei(client.post("/rerank", json={"query": query, "texts": texts, "raw_scores": True, "return_text": True}),
-              reranker, query, texts, raw=True, return_text=True)
-    check_tei(client.post("/rerank", json={"query": query, "texts": texts, "truncation_direction": "Right"}),
-              reranker, query, texts)
+    check_tei(
+        client.post("/rerank", json={"query": query, "texts": texts, "raw_scores": True, "return_text": True}),
+        reranker,
+        query,
+        texts,
+        raw=True,
+        return_text=True,
+    )
+    check_tei(
+        client.post("/rerank", json={"query": query, "texts": texts, "truncation_direction": "Right"}),
+        reranker,
+        query,
+        texts,
+    )
 
 
 def test_tei_truncate(client, limited_server, reranker):
@@ -288,21 +329,33 @@ def test_tei_truncate(client, limited_server, reranker):
     texts = [TEXTS[0], long_text]
     check_tei(client.post("/rerank", json={"query": query, "texts": texts}), reranker, query, texts)
     check_tei(client.post("/rerank", json={"query": query, "texts": texts, "truncate": True}), reranker, query, texts)
-    tei_error(client.post("/rerank", json={"query": query, "texts": texts, "truncate": False}), 413,
-              "must have less than", "texts[1]")
-    tei_error(client.post("/rerank", json={"query": query, "texts": texts, "truncation_direction": "Left"}), 422, "Left")
+    tei_error(
+        client.post("/rerank", json={"query": query, "texts": texts, "truncate": False}),
+        413,
+        "must have less than",
+        "texts[1]",
+    )
+    tei_error(
+        client.post("/rerank", json={"query": query, "texts": texts, "truncation_direction": "Left"}), 422, "Left"
+    )
     url, key = limited_server.url, {"Authorization": f"Bearer {API_KEY}".encode()}
     tei_error(post(url + "/rerank", json={"query": query, "texts": texts}, headers=key), 413, "must have less than")
-    check_tei(post(url + "/rerank", json={"query": query, "texts": texts, "truncate": True}, headers=key),
-              reranker, query, texts)
+    check_tei(
+        post(url + "/rerank", json={"query": query, "texts": texts, "truncate": True}, headers=key),
+        reranker,
+        query,
+        texts,
+    )
 
 
 def test_cohere_and_jina(client, reranker):
     query, texts = "which one is cooler?", TEXTS
     documents = [t if i % 2 else {"text": t} for i, t in enumerate(texts)]  # both spellings in one list
     check_cohere(client.post("/v1/rerank", json={"query": query, "documents": documents}), reranker, query, texts)
-    response = client.post("/v1/rerank", json={"model": "jina-reranker-v2", "query": query, "documents": texts,
-                                               "top_n": 4, "return_documents": True})
+    response = client.post(
+        "/v1/rerank",
+        json={"model": "jina-reranker-v2", "query": query, "documents": texts, "top_n": 4, "return_documents": True},
+    )
     check_cohere(response, reranker, query, texts, top=4, return_documents=True)
     assert response.json()["model"] == "jina-reranker-v2"
 
@@ -310,8 +363,13 @@ def test_cohere_and_jina(client, reranker):
 def test_unicode(client, reranker):
     query = "熊猫 🐼 naïve Ærø مرحبا \u0301 ﬁ ｆｕｌｌｗｉｄｔｈ"
     texts = [t + " \u200b\u00a0" + q for t, q in zip(TEXTS, "αβγδεζηθικλμ")]
-    check_tei(client.post("/rerank", json={"query": query, "texts": texts, "return_text": True}),
-              reranker, query, texts, return_text=True)
+    check_tei(
+        client.post("/rerank", json={"query": query, "texts": texts, "return_text": True}),
+        reranker,
+        query,
+        texts,
+        return_text=True,
+    )
     raw = json.dumps({"query": query, "contexts": [{"text": t} for t in texts]}, ensure_ascii=False).encode()
     check_cloudflare(client.post(CF_SHORT, content=raw, headers=JSON), reranker, query, texts)
     check_cohere(client.post("/v1/rerank", json={"query": query, "documents": texts}), reranker, query, texts)
@@ -320,12 +378,23 @@ def test_unicode(client, reranker):
 def test_unknown_routes(client):
     """A path a Cloudflare client sends but this server does not route: Cloudflare's 404 (code 7003),
     naming the routes this server does serve; the model it runs is never called unknown."""
-    for path in ("/ai/run/@cf/baai/bge-reranker-v2-m3", "/client/v4/accounts/a/ai/run/@cf/meta/llama-3-8b",
-                 f"/accounts/a/ai/run/{CLOUDFLARE_MODEL}", f"/client/v4/ai/run/{CLOUDFLARE_MODEL}",
-                 "/client/v4/accounts/a/ai/models"):
+    for path in (
+        "/ai/run/@cf/baai/bge-reranker-v2-m3",
+        "/client/v4/accounts/a/ai/run/@cf/meta/llama-3-8b",
+        f"/accounts/a/ai/run/{CLOUDFLARE_MODEL}",
+        f"/client/v4/ai/run/{CLOUDFLARE_MODEL}",
+        "/client/v4/accounts/a/ai/models",
+    ):
         response = client.post(path, json={"query": "q", "contexts": [{"text": "a"}]})
-        cloudflare_error(response, 404, path, f"runs only {CLOUDFLARE_MODEL}", f"/client/v4/accounts/<account_id>/ai/run/",
-                         "base_url is http://<host>:<port>/client/v4", code=7003)
+        cloudflare_error(
+            response,
+            404,
+            path,
+            f"runs only {CLOUDFLARE_MODEL}",
+            "/client/v4/accounts/<account_id>/ai/run/",
+            "base_url is http://<host>:<port>/client/v4",
+            code=7003,
+        )
         assert "No such model" not in response.text
     response = client.get("/nothing-here")
     assert response.status_code == 404 and "no route" in response.json()["message"]
@@ -385,25 +454,36 @@ def test_bad_input_tei(client, reranker, body, words):
 
 @pytest.mark.parametrize("body, words", BAD_BODIES)
 def test_bad_input_cohere(client, reranker, body, words):
-    cohere_error(client.post("/v1/rerank", json=rename(body, "cohere")), 400,
-                 *[w.replace("{name}", "documents") for w in words])
+    cohere_error(
+        client.post("/v1/rerank", json=rename(body, "cohere")), 400, *[w.replace("{name}", "documents") for w in words]
+    )
     still_serving(client, reranker)
 
 
 @pytest.mark.parametrize("top", TOP_BAD)
 def test_bad_top_k(client, reranker, top):
-    cloudflare_error(client.post(CF_SHORT, json={"query": "q", "contexts": [{"text": "a"}], "top_k": top}),
-                     400, "top_k", "integer >= 1")
-    cohere_error(client.post("/v1/rerank", json={"query": "q", "documents": ["a"], "top_n": top}),
-                 400, "top_n", "integer >= 1")
+    cloudflare_error(
+        client.post(CF_SHORT, json={"query": "q", "contexts": [{"text": "a"}], "top_k": top}),
+        400,
+        "top_k",
+        "integer >= 1",
+    )
+    cohere_error(
+        client.post("/v1/rerank", json={"query": "q", "documents": ["a"], "top_n": top}), 400, "top_n", "integer >= 1"
+    )
     still_serving(client, reranker)
 
 
 def test_bad_flags_tei(client):
     for field in ("raw_scores", "return_text", "truncate"):
-        tei_error(client.post("/rerank", json={"query": "q", "texts": ["a"], field: "yes"}), 422, field, "true or false")
-    cohere_error(client.post("/v1/rerank", json={"query": "q", "documents": ["a"], "return_documents": 1}),
-                 400, "return_documents")
+        tei_error(
+            client.post("/rerank", json={"query": "q", "texts": ["a"], field: "yes"}), 422, field, "true or false"
+        )
+    cohere_error(
+        client.post("/v1/rerank", json={"query": "q", "documents": ["a"], "return_documents": 1}),
+        400,
+        "return_documents",
+    )
 
 
 def test_empty_list(client, reranker):
@@ -413,7 +493,9 @@ def test_empty_list(client, reranker):
     still_serving(client, reranker)
 
 
-@pytest.mark.parametrize("raw", [b'{"query": "q", "contexts": [', b"", b"\xff\xfe{}", b"[" * 100000, b"query=q&contexts=a"])
+@pytest.mark.parametrize(
+    "raw", [b'{"query": "q", "contexts": [', b"", b"\xff\xfe{}", b"[" * 100000, b"query=q&contexts=a"]
+)
 def test_malformed_json(client, reranker, raw):
     cloudflare_error(client.post(CF_SHORT, content=raw, headers=JSON), 400, "JSON")
     tei_error(client.post("/rerank", content=raw, headers=JSON), 400, "JSON")
@@ -429,21 +511,31 @@ def test_content_type(client, reranker):
         cohere_error(client.post("/v1/rerank", content=body, headers=headers), 415, "Content-Type: application/json")
         # Cloudflare's own curl example sends JSON labelled form-urlencoded: the body is what counts
         check_cloudflare(client.post(CF_SHORT, content=body, headers=headers), reranker, "q", ["a"])
-    check_tei(client.post("/rerank", content=body, headers={"content-type": "application/json; charset=utf-8"}),
-              reranker, "q", ["a"])
+    check_tei(
+        client.post("/rerank", content=body, headers={"content-type": "application/json; charset=utf-8"}),
+        reranker,
+        "q",
+        ["a"],
+    )
 
 
 def test_oversized_body(client, reranker):
     limit = Limits().max_body_bytes
     texts = ["x" * 1000] * (limit // 1000 + 1)
-    cloudflare_error(client.post(CF_SHORT, json={"query": "q", "contexts": [{"text": t} for t in texts]}),
-                     413, "too large", str(limit), code=3006)
+    cloudflare_error(
+        client.post(CF_SHORT, json={"query": "q", "contexts": [{"text": t} for t in texts]}),
+        413,
+        "too large",
+        str(limit),
+        code=3006,
+    )
     tei_error(client.post("/rerank", json={"query": "q", "texts": texts}), 413, str(limit))
     cohere_error(client.post("/v1/rerank", json={"query": "q", "documents": texts}), 413, str(limit))
 
     def chunks():  # no Content-Length: the bytes actually read are counted
         for _ in range(limit // 65536 + 2):
             yield b" " * 65536
+
     tei_error(client.post("/rerank", content=chunks(), headers=JSON), 413, "larger than")
     still_serving(client, reranker)
 
@@ -451,8 +543,13 @@ def test_oversized_body(client, reranker):
 def test_too_many_contexts(client, reranker):
     count = 5000
     texts = [f"context {i}" for i in range(count)]
-    cloudflare_error(client.post(CF_SHORT, json={"query": "q", "contexts": [{"text": t} for t in texts]}),
-                     413, "5000", "--max-contexts", code=3006)
+    cloudflare_error(
+        client.post(CF_SHORT, json={"query": "q", "contexts": [{"text": t} for t in texts]}),
+        413,
+        "5000",
+        "--max-contexts",
+        code=3006,
+    )
     tei_error(client.post("/rerank", json={"query": "q", "texts": texts}), 413, "5000")
     cohere_error(client.post("/v1/rerank", json={"query": "q", "documents": texts}), 422, "5000")
     still_serving(client, reranker)
@@ -464,18 +561,31 @@ def test_too_many_contexts(client, reranker):
 def test_api_key(limited_server, reranker):
     url, good = limited_server.url, {"Authorization": f"Bearer {API_KEY}"}
     assert get(url + "/health").status_code == 200  # /health needs no key
-    for headers, word in (({}, "missing"), ({"Authorization": "Bearer wrong"}, "invalid"),
-                          ({"Authorization": API_KEY}, "missing"), ({"Authorization": "Basic " + API_KEY}, "missing")):
+    for headers, word in (
+        ({}, "missing"),
+        ({"Authorization": "Bearer wrong"}, "invalid"),
+        ({"Authorization": API_KEY}, "missing"),
+        ({"Authorization": "Basic " + API_KEY}, "missing"),
+    ):
         headers = {k: v.encode() for k, v in headers.items()}
-        cloudflare_error(post(url + CF_LONG, json={"query": "q", "contexts": [{"text": "a"}]}, headers=headers),
-                         401, word, code=10000)
-        tei_error(post(url + "/rerank", json={"query": "q", "texts": ["a"]}, headers=headers), 401, word,
-                  error_type="unauthorized")
+        cloudflare_error(
+            post(url + CF_LONG, json={"query": "q", "contexts": [{"text": "a"}]}, headers=headers),
+            401,
+            word,
+            code=10000,
+        )
+        tei_error(
+            post(url + "/rerank", json={"query": "q", "texts": ["a"]}, headers=headers),
+            401,
+            word,
+            error_type="unauthorized",
+        )
         cohere_error(post(url + "/v1/rerank", json={"query": "q", "documents": ["a"]}, headers=headers), 401, word)
         assert get(url + "/openapi.json", headers=headers).status_code == 401
     good = {k: v.encode() for k, v in good.items()}
-    check_cloudflare(post(url + CF_LONG, json={"query": "q", "contexts": [{"text": "a"}]}, headers=good),
-                     reranker, "q", ["a"])
+    check_cloudflare(
+        post(url + CF_LONG, json={"query": "q", "contexts": [{"text": "a"}]}, headers=good), reranker, "q", ["a"]
+    )
     check_tei(post(url + "/rerank", json={"query": "q", "texts": ["a"]}, headers=good), reranker, "q", ["a"])
     assert get(url + "/openapi.json", headers=good).status_code == 200
 
@@ -492,9 +602,11 @@ def test_full_queue_answers_429(limited_server, reranker):
     """Queue of one: a burst of slow requests gets some 429s in each dialect's shape, and the rest right answers."""
     url, key = limited_server.url, {"Authorization": f"Bearer {API_KEY}".encode()}
     query, texts = "queue", [" ".join(TEXTS) * 2 + str(i) for i in range(8)]  # 8 full-length pairs per request
-    calls = [(CF_SHORT, {"query": query, "contexts": [{"text": t} for t in texts]}),
-             ("/rerank", {"query": query, "texts": texts, "truncate": True}),
-             ("/v1/rerank", {"query": query, "documents": texts})]
+    calls = [
+        (CF_SHORT, {"query": query, "contexts": [{"text": t} for t in texts]}),
+        ("/rerank", {"query": query, "texts": texts, "truncate": True}),
+        ("/v1/rerank", {"query": query, "documents": texts}),
+    ]
 
     def call(i):
         path, body = calls[i % 3]
@@ -506,9 +618,11 @@ def test_full_queue_answers_429(limited_server, reranker):
     for path, response in answers:
         if response.status_code == 429:
             refused += 1
-            {CF_SHORT: lambda r: cloudflare_error(r, 429, "Out of capacity", "--queue-size", code=3040),
-             "/rerank": lambda r: tei_error(r, 429, "busy", error_type="overloaded"),
-             "/v1/rerank": lambda r: cohere_error(r, 429, "busy")}[path](response)
+            {
+                CF_SHORT: lambda r: cloudflare_error(r, 429, "Out of capacity", "--queue-size", code=3040),
+                "/rerank": lambda r: tei_error(r, 429, "busy", error_type="overloaded"),
+                "/v1/rerank": lambda r: cohere_error(r, 429, "busy"),
+            }[path](response)
         elif path == CF_SHORT:
             check_cloudflare(response, reranker, query, texts)
         elif path == "/rerank":
@@ -574,7 +688,10 @@ def test_concurrent_clients_get_their_own_answers(server, client, reranker):
 def test_client_disconnect_does_not_disturb_others(server, client, reranker):
     """Clients that hang up mid-body or before their answer, while others are being served."""
     body = json.dumps({"query": "leaving", "texts": TEXTS * 20, "truncate": True}).encode()
-    head = b"POST /rerank HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+    head = (
+        b"POST /rerank HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+        % len(body)
+    )
     before = client.get("/health").json()
 
     def rude_client():
@@ -620,10 +737,12 @@ def test_503_while_loading(tiny_model, reranker, tmp_path):
     try:
         server.wait(status=503)
         assert get(server.url + "/health").json()["status"] == "loading"
-        cloudflare_error(post(server.url + CF_SHORT, json={"query": "q", "contexts": [{"text": "a"}]}),
-                         503, "loading", code=3040)
-        tei_error(post(server.url + "/rerank", json={"query": "q", "texts": ["a"]}), 503, "loading",
-                  error_type="unhealthy")
+        cloudflare_error(
+            post(server.url + CF_SHORT, json={"query": "q", "contexts": [{"text": "a"}]}), 503, "loading", code=3040
+        )
+        tei_error(
+            post(server.url + "/rerank", json={"query": "q", "texts": ["a"]}), 503, "loading", error_type="unhealthy"
+        )
         cohere_error(post(server.url + "/v1/rerank", json={"query": "q", "documents": ["a"]}), 503, "loading")
         # bad input is still told apart from loading
         tei_error(post(server.url + "/rerank", json={"query": "q", "texts": []}), 400, "empty", error_type="empty")
@@ -670,12 +789,16 @@ def test_docs_curl_examples(server):
     """Every curl example in docs/server.md runs against the server and answers in the documented shape."""
     text = (Path(__file__).parent.parent / "docs" / "server.md").read_text()
     blocks = text.split("```")
-    examples = [(blocks[i].removeprefix("sh\n"), blocks[i + 2].removeprefix("json\n"))
-                for i in range(1, len(blocks) - 2, 2)
-                if blocks[i].startswith("sh\ncurl ") and blocks[i + 2].startswith("json\n")]
+    examples = [
+        (blocks[i].removeprefix("sh\n"), blocks[i + 2].removeprefix("json\n"))
+        for i in range(1, len(blocks) - 2, 2)
+        if blocks[i].startswith("sh\ncurl ") and blocks[i + 2].startswith("json\n")
+    ]
     assert len(examples) >= 5, "docs/server.md lost its curl examples"
     env = {**os.environ, "CLOUDFLARE_ACCOUNT_ID": "account", "CLOUDFLARE_AUTH_TOKEN": "token"}
     for command, documented in examples:
         command = command.replace("http://127.0.0.1:8080", server.url).replace("curl ", "curl -s ", 1)
         out = subprocess.run(["bash", "-c", command], env=env, capture_output=True, text=True, timeout=30).stdout
-        assert shape(json.loads(out)) == shape(json.loads(documented)), f"{command}\nanswered {out}\ndocumented {documented}"
+        assert shape(json.loads(out)) == shape(json.loads(documented)), (
+            f"{command}\nanswered {out}\ndocumented {documented}"
+        )

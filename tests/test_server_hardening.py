@@ -59,7 +59,9 @@ def refused(dialect: str, response, status: int, *words, cloudflare_code: int, t
 
 
 def answered(dialect: str, response, reranker, query, texts):
-    {"cloudflare": check_cloudflare, "tei": check_tei, "cohere": check_cohere}[dialect](response, reranker, query, texts)
+    {"cloudflare": check_cloudflare, "tei": check_tei, "cohere": check_cohere}[dialect](
+        response, reranker, query, texts
+    )
 
 
 class Raw:
@@ -77,8 +79,10 @@ class Raw:
 
 
 def request_bytes(path: str, body: bytes, host: str, extra: str = "") -> bytes:
-    return (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n{extra}\r\n").encode() + body
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n{extra}\r\n"
+    ).encode() + body
 
 
 def read_all(sock: socket.socket, timeout: float) -> bytes:
@@ -165,8 +169,10 @@ def test_huge_bodies_cost_bounded_memory(tiny_model, reranker, tmp_path, long_do
             growth = watch.stop()
             assert not watch.killed, f"{dialect} {path}: RSS grew past {GROWTH_LIMIT >> 20} MB; killed"
             assert isinstance(response, httpx.Response), f"{dialect} {path}: no answer ({response!r})\n{server.log()}"
-            print(f"{long_documents} {dialect} {path}: {response.status_code} in "
-                  f"{response.elapsed.total_seconds():.1f}s, RSS +{growth >> 20} MB")
+            print(
+                f"{long_documents} {dialect} {path}: {response.status_code} in "
+                f"{response.elapsed.total_seconds():.1f}s, RSS +{growth >> 20} MB"
+            )
             if body.get("truncate") is False and long_documents == "truncate":
                 tei_error(response, 413, "tokens")
             else:
@@ -216,14 +222,22 @@ def test_changed_checkpoint_is_reloaded(tiny_model, tmp_path, change):
     server = Server(["--model", str(folder)], tmp_path / "log")
     try:
         server.wait(timeout=STARTUP)
-        check_tei(post(server.url + "/rerank", json={"query": "q", "texts": TEXTS}), Reranker.from_pretrained(folder),
-                  "q", TEXTS)
+        check_tei(
+            post(server.url + "/rerank", json={"query": "q", "texts": TEXTS}),
+            Reranker.from_pretrained(folder),
+            "q",
+            TEXTS,
+        )
         change(folder / "model.safetensors", other / "model.safetensors")
         health = wait_for_health(server, "stale", "loading")
         assert str(tmp_path) not in json.dumps(health), health
         wait_for_health(server, "ready")
-        check_tei(post(server.url + "/rerank", json={"query": "q", "texts": TEXTS}), Reranker.from_pretrained(other),
-                  "q", TEXTS)
+        check_tei(
+            post(server.url + "/rerank", json={"query": "q", "texts": TEXTS}),
+            Reranker.from_pretrained(other),
+            "q",
+            TEXTS,
+        )
         assert "Traceback" not in server.log(), server.log()
     finally:
         server.stop()
@@ -280,8 +294,13 @@ def test_slow_clients_do_not_shut_others_out(tiny_model, reranker, tmp_path):
         for i in range(5):  # meanwhile, normal clients of every dialect are served
             for dialect, (path, body) in DIALECTS.items():
                 query = f"normal {i}"
-                answered(dialect, post(server.url + path, json=body(query, TEXTS[:4]), timeout=30), reranker,
-                         query, TEXTS[:4])
+                answered(
+                    dialect,
+                    post(server.url + path, json=body(query, TEXTS[:4]), timeout=30),
+                    reranker,
+                    query,
+                    TEXTS[:4],
+                )
         for kind, dialect, s in slow:
             s.sendall(b" ")  # still trickling ...
         for kind, dialect, s in slow:
@@ -306,8 +325,19 @@ def test_a_client_that_reads_no_answer_is_cut_off(tiny_model, reranker, tmp_path
     """A client that sends whole requests but never reads the answers held each socket (and its
     megabytes of buffered answer) for ever: --max-connections of them shut everyone out. A stalled
     answer now gets the body's deadline; then the socket is closed and its descriptor given back."""
-    server = Server(["--model", str(tiny_model), "--body-timeout", "3", "--max-contexts", "2000",
-                     "--max-body-bytes", str(10 * 2**20)], tmp_path / "log")
+    server = Server(
+        [
+            "--model",
+            str(tiny_model),
+            "--body-timeout",
+            "3",
+            "--max-contexts",
+            "2000",
+            "--max-body-bytes",
+            str(10 * 2**20),
+        ],
+        tmp_path / "log",
+    )
     try:
         server.wait(timeout=STARTUP)
         # 2,000 documents of 4,000 letters returned: an 8 MB answer, more than the kernel's socket buffers take
@@ -322,8 +352,11 @@ def test_a_client_that_reads_no_answer_is_cut_off(tiny_model, reranker, tmp_path
         ports = {s.getsockname()[1] for s in readers}
 
         def held() -> int:  # the server's sockets to our non-reading clients
-            return sum(1 for c in psutil.Process(server.process.pid).net_connections("tcp")
-                       if c.raddr and c.raddr.port in ports)
+            return sum(
+                1
+                for c in psutil.Process(server.process.pid).net_connections("tcp")
+                if c.raddr and c.raddr.port in ports
+            )
 
         deadline = time.monotonic() + 30
         while held() < 2 and time.monotonic() < deadline:
@@ -368,14 +401,25 @@ def test_connection_limit_answers_in_dialect_shape(tiny_model, reranker, tmp_pat
 @pytest.fixture(scope="module")
 def open_server(tiny_model, tmp_path_factory):
     """A server that allows one more host name and one browser origin."""
-    running = Server(["--model", str(tiny_model), "--allowed-host", "reranker.internal.example",
-                      "--allowed-origin", "https://app.example"], tmp_path_factory.mktemp("open") / "log")
+    running = Server(
+        [
+            "--model",
+            str(tiny_model),
+            "--allowed-host",
+            "reranker.internal.example",
+            "--allowed-origin",
+            "https://app.example",
+        ],
+        tmp_path_factory.mktemp("open") / "log",
+    )
     running.wait(timeout=STARTUP)
     yield running
     running.stop()
 
 
-@pytest.mark.parametrize("host", ["evil.example", "evil.example:{port}", "127.0.0.1.nip.io:{port}", "localhost.evil.example"])
+@pytest.mark.parametrize(
+    "host", ["evil.example", "evil.example:{port}", "127.0.0.1.nip.io:{port}", "localhost.evil.example"]
+)
 def test_foreign_host_is_refused(server, host):
     """DNS rebinding: a name that is not this server's gets 403 in every dialect's shape."""
     headers = {"host": host.format(port=server.port)}
@@ -385,18 +429,36 @@ def test_foreign_host_is_refused(server, host):
     assert get(server.url + "/health", headers=headers).status_code == 403
 
 
-@pytest.mark.parametrize("host", ["127.0.0.1:{port}", "localhost:{port}", "localhost", "LOCALHOST:{port}",
-                                  "127.0.0.1", "api.localhost:{port}", "[::1]:{port}"])
+@pytest.mark.parametrize(
+    "host",
+    [
+        "127.0.0.1:{port}",
+        "localhost:{port}",
+        "localhost",
+        "LOCALHOST:{port}",
+        "127.0.0.1",
+        "api.localhost:{port}",
+        "[::1]:{port}",
+    ],
+)
 def test_local_host_names_are_served(server, reranker, host):
-    response = post(server.url + "/rerank", json={"query": "q", "texts": ["a"]}, headers={"host": host.format(port=server.port)})
+    response = post(
+        server.url + "/rerank", json={"query": "q", "texts": ["a"]}, headers={"host": host.format(port=server.port)}
+    )
     check_tei(response, reranker, "q", ["a"])
 
 
 def test_allowed_host_flag(open_server, server, reranker):
     headers = {"host": f"reranker.internal.example:{open_server.port}"}
-    check_tei(post(open_server.url + "/rerank", json={"query": "q", "texts": ["a"]}, headers=headers), reranker, "q", ["a"])
-    tei_error(post(server.url + "/rerank", json={"query": "q", "texts": ["a"]}, headers=headers), 403, "Host",
-              error_type="forbidden")
+    check_tei(
+        post(open_server.url + "/rerank", json={"query": "q", "texts": ["a"]}, headers=headers), reranker, "q", ["a"]
+    )
+    tei_error(
+        post(server.url + "/rerank", json={"query": "q", "texts": ["a"]}, headers=headers),
+        403,
+        "Host",
+        error_type="forbidden",
+    )
 
 
 def test_a_server_on_the_network_says_which_names_it_serves(tiny_model, reranker, tmp_path):
@@ -407,16 +469,24 @@ def test_a_server_on_the_network_says_which_names_it_serves(tiny_model, reranker
     try:
         server.wait(timeout=STARTUP)
         assert "--allowed-host" in server.log() and "Host" in server.log(), server.log()
-        tei_error(post(server.url + "/rerank", json={"query": "q", "texts": ["a"]}, headers={"host": "reranker:8080"}),
-                  403, "--allowed-host", error_type="forbidden")
+        tei_error(
+            post(server.url + "/rerank", json={"query": "q", "texts": ["a"]}, headers={"host": "reranker:8080"}),
+            403,
+            "--allowed-host",
+            error_type="forbidden",
+        )
     finally:
         server.stop()
     named = Server(["--model", str(tiny_model), "--host", "0.0.0.0", "--allowed-host", "reranker"], tmp_path / "log2")
     try:
         named.wait(timeout=STARTUP)
         assert "--allowed-host NAME" not in named.log(), named.log()
-        check_tei(post(named.url + "/rerank", json={"query": "q", "texts": ["a"]}, headers={"host": "reranker:8080"}),
-                  reranker, "q", ["a"])
+        check_tei(
+            post(named.url + "/rerank", json={"query": "q", "texts": ["a"]}, headers={"host": "reranker:8080"}),
+            reranker,
+            "q",
+            ["a"],
+        )
     finally:
         named.stop()
 
@@ -425,8 +495,12 @@ def test_any_host_with_wildcard(tiny_model, reranker, tmp_path):
     server = Server(["--model", str(tiny_model), "--allowed-host", "*"], tmp_path / "log")
     try:
         server.wait(timeout=STARTUP)
-        check_tei(post(server.url + "/rerank", json={"query": "q", "texts": ["a"]}, headers={"host": "any.example"}),
-                  reranker, "q", ["a"])
+        check_tei(
+            post(server.url + "/rerank", json={"query": "q", "texts": ["a"]}, headers={"host": "any.example"}),
+            reranker,
+            "q",
+            ["a"],
+        )
     finally:
         server.stop()
 
@@ -449,15 +523,28 @@ def test_cross_site_post_is_refused(server, reranker):
 
 def test_allowed_origin_gets_cors(open_server, reranker):
     origin = {"origin": "https://app.example"}
-    preflight = httpx.options(open_server.url + "/v1/rerank", headers={
-        **origin, "access-control-request-method": "POST", "access-control-request-headers": "content-type,authorization"})
+    preflight = httpx.options(
+        open_server.url + "/v1/rerank",
+        headers={
+            **origin,
+            "access-control-request-method": "POST",
+            "access-control-request-headers": "content-type,authorization",
+        },
+    )
     assert preflight.status_code == 200, preflight.text
     assert preflight.headers["access-control-allow-origin"] == "https://app.example"
     response = post(open_server.url + "/v1/rerank", json={"query": "q", "documents": ["a", "b"]}, headers=origin)
     check_cohere(response, reranker, "q", ["a", "b"])
     assert response.headers["access-control-allow-origin"] == "https://app.example"
-    cohere_error(post(open_server.url + "/v1/rerank", json={"query": "q", "documents": ["a"]},
-                      headers={"origin": "https://other.example"}), 403, "Origin")
+    cohere_error(
+        post(
+            open_server.url + "/v1/rerank",
+            json={"query": "q", "documents": ["a"]},
+            headers={"origin": "https://other.example"},
+        ),
+        403,
+        "Origin",
+    )
 
 
 # --- finding 10: shutdown, paths, half-close, errors anywhere -------------------------------------
@@ -478,14 +565,17 @@ sys.exit(server.main(sys.argv[2:]))
 
 def test_shutdown_past_grace_answers_in_dialect_shape(tiny_model, tmp_path):
     gate = tmp_path / "gate"
-    server = Server([str(gate), "--model", str(tiny_model), "--shutdown-timeout", "1"], tmp_path / "log",
-                    script=SLOW_SERVER)
+    server = Server(
+        [str(gate), "--model", str(tiny_model), "--shutdown-timeout", "1"], tmp_path / "log", script=SLOW_SERVER
+    )
     try:
         server.wait(timeout=STARTUP)
         gate.touch()
         with ThreadPoolExecutor(3) as pool:
-            calls = {dialect: pool.submit(post, server.url + path, json=body("q", ["a"]))
-                     for dialect, (path, body) in DIALECTS.items()}
+            calls = {
+                dialect: pool.submit(post, server.url + path, json=body("q", ["a"]))
+                for dialect, (path, body) in DIALECTS.items()
+            }
             time.sleep(1.0)
             server.process.send_signal(signal.SIGTERM)
             for dialect, call in calls.items():

@@ -15,7 +15,10 @@ def hf_tokenizer(tiny_model):
 def _first_mismatch(ours, theirs):
     for i, (q, p) in enumerate(PAIRS):
         if ours[i] != theirs[i]:
-            return f"pair {i} ({q[:30]!r}, {p[:30]!r}):\n ours   {ours[i][:40]} (len {len(ours[i])})\n theirs {theirs[i][:40]} (len {len(theirs[i])})"
+            return (
+                f"pair {i} ({q[:30]!r}, {p[:30]!r}):\n ours   {ours[i][:40]} (len {len(ours[i])})\n"
+                f" theirs {theirs[i][:40]} (len {len(theirs[i])})"
+            )
     return None
 
 
@@ -123,8 +126,31 @@ def test_a_prefix_cut_before_a_space_tokenizes_as_the_full_text(tiny_model):
     import random
 
     tokenizer = PairTokenizer(tiny_model / "tokenizer.json", 128)
-    pool = ["panda", "熊猫", "ﬁnal", "①", "\u200b", "\u00a0", "\t", "\n", "Ａ", "cafe\u0301", "🐼", "\u0301", "e\u0301",
-            "\u3000", "ﷺ", "\u00ad", "<s>", "ｶ", "\u0308", "\x1c", "\r\n", "가", "\u1100\u1161"]
+    pool = [
+        "panda",
+        "熊猫",
+        "ﬁnal",
+        "①",
+        "\u200b",
+        "\u00a0",
+        "\t",
+        "\n",
+        "Ａ",
+        "cafe\u0301",
+        "🐼",
+        "\u0301",
+        "e\u0301",
+        "\u3000",
+        "ﷺ",
+        "\u00ad",
+        "<s>",
+        "ｶ",
+        "\u0308",
+        "\x1c",
+        "\r\n",
+        "가",
+        "\u1100\u1161",
+    ]
     rng = random.Random(1)
     for _ in range(10):
         text = "".join(rng.choice(pool) + rng.choice([" ", "", "", " "]) for _ in range(300))
@@ -134,10 +160,20 @@ def test_a_prefix_cut_before_a_space_tokenizes_as_the_full_text(tiny_model):
             assert full[: len(ids)] == ids, repr(text[max(0, cut - 12) : cut + 4])
 
 
-LONG_PAIRS = [(LONG_TEXTS[a], LONG_TEXTS[b]) for a, b in [
-    ("english", "cjk without spaces"), ("cjk without spaces", "emoji sequences"), ("combining accents", "one long word"),
-    ("nfkc and odd spaces", "korean jamo"), ("english", "english"),
-]] + [("short query", text) for text in LONG_TEXTS.values()] + [(text, "short passage") for text in LONG_TEXTS.values()]
+LONG_PAIRS = (
+    [
+        (LONG_TEXTS[a], LONG_TEXTS[b])
+        for a, b in [
+            ("english", "cjk without spaces"),
+            ("cjk without spaces", "emoji sequences"),
+            ("combining accents", "one long word"),
+            ("nfkc and odd spaces", "korean jamo"),
+            ("english", "english"),
+        ]
+    ]
+    + [("short query", text) for text in LONG_TEXTS.values()]
+    + [(text, "short passage") for text in LONG_TEXTS.values()]
+)
 
 
 @pytest.mark.parametrize("max_length", [128])
@@ -149,8 +185,9 @@ def test_long_pairs_match_transformers(tiny_model, hf_tokenizer, max_length):
     """
     tokenizer = PairTokenizer(tiny_model / "tokenizer.json", max_length, "longest_first")
     ours = tokenizer.encode_pairs(LONG_PAIRS)
-    theirs = hf_tokenizer([q for q, _ in LONG_PAIRS], [p for _, p in LONG_PAIRS], truncation=True,
-                          max_length=max_length)["input_ids"]
+    theirs = hf_tokenizer(
+        [q for q, _ in LONG_PAIRS], [p for _, p in LONG_PAIRS], truncation=True, max_length=max_length
+    )["input_ids"]
     for (query, passage), mine, expected in zip(LONG_PAIRS, ours, theirs):
         assert mine == expected, f"{query[:20]!r}, {passage[:20]!r}: first mismatch at {_mismatch(mine, expected)}"
 

@@ -42,8 +42,10 @@ def _compare(ours: list, theirs: list, texts: list) -> None:
     bad = [i for i in range(len(texts)) if ours[i] != theirs[i]]
     if bad:
         i = bad[0]
-        raise AssertionError(f"{len(bad)} of {len(texts)} texts differ; first {texts[i][:60]!r}:\n"
-                             f" ours   {ours[i][:30]}\n theirs {theirs[i][:30]}")
+        raise AssertionError(
+            f"{len(bad)} of {len(texts)} texts differ; first {texts[i][:60]!r}:\n"
+            f" ours   {ours[i][:30]}\n theirs {theirs[i][:30]}"
+        )
 
 
 def random_texts(count: int, seed: int) -> list:
@@ -55,10 +57,25 @@ def random_texts(count: int, seed: int) -> list:
     rng = random.Random(seed)
     languages = sorted(wordfreq.available_languages("best"))
     words = {language: wordfreq.top_n_list(language, 3000) for language in rng.sample(languages, 12)}
-    blocks = [(0x21, 0x7E), (0xA0, 0x24F), (0x370, 0x52F), (0x590, 0x6FF), (0x900, 0x97F), (0xE00, 0xE7F),
-              (0x1100, 0x11FF), (0x3040, 0x30FF), (0x4E00, 0x9FFF), (0xAC00, 0xD7A3), (0xFF01, 0xFFEE),
-              (0x2460, 0x24FF), (0xFB00, 0xFB4F), (0x1F300, 0x1FAFF), (0xE000, 0xF8FF), (0x20000, 0x2A6DF),
-              (0x300, 0x36F)]
+    blocks = [
+        (0x21, 0x7E),
+        (0xA0, 0x24F),
+        (0x370, 0x52F),
+        (0x590, 0x6FF),
+        (0x900, 0x97F),
+        (0xE00, 0xE7F),
+        (0x1100, 0x11FF),
+        (0x3040, 0x30FF),
+        (0x4E00, 0x9FFF),
+        (0xAC00, 0xD7A3),
+        (0xFF01, 0xFFEE),
+        (0x2460, 0x24FF),
+        (0xFB00, 0xFB4F),
+        (0x1F300, 0x1FAFF),
+        (0xE000, 0xF8FF),
+        (0x20000, 0x2A6DF),
+        (0x300, 0x36F),
+    ]
     spaces = [" ", " ", " ", "  ", "\t", "\n", "\r\n", "\u00a0", "\u3000", "\u2003", "\u200b", "\u00ad", "▁"]
     specials = ["<s>", "</s>", "<pad>", "<unk>", "<mask>", " <mask> ", "＜ｓ＞"]
     texts = []
@@ -148,12 +165,14 @@ def test_every_piece_is_found_with_its_id(real_size, ours_real_size):
 
 # --- small vocabularies made to test the corners, against tokenizers' own Unigram -------------
 
+
 def _unigram_file(folder, vocab: list, unk_id: int = 0) -> tuple:
     """A tokenizer.json with this Unigram vocabulary, XLM-R's pre-tokenizer, NFKC; (path, Tokenizer)."""
     tokenizer = Tokenizer(models.Unigram(vocab, unk_id=unk_id, byte_fallback=False))
     tokenizer.normalizer = normalizers.NFKC()
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")])
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")]
+    )
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "tokenizer.json"
     tokenizer.save(str(path))
@@ -199,8 +218,10 @@ def test_ties_and_unknowns_match_tokenizers_and_the_naive_twin(tmp_path, monkeyp
     pieces -= {"d", "猫"}  # letters with no piece of their own: unknown when alone
     vocab = [("<unk>", 0.0)] + [(p, float(-rng.choice([1, 2, 2.5, 3, 4]))) for p in sorted(pieces)]
     path, reference = _unigram_file(tmp_path / "tok", vocab)
-    texts = [" ".join("".join(rng.choice(letters + "xy") for _ in range(rng.randint(1, 9))) for _ in range(5))
-             for _ in range(300)]
+    texts = [
+        " ".join("".join(rng.choice(letters + "xy") for _ in range(rng.randint(1, 9))) for _ in range(5))
+        for _ in range(300)
+    ]
     ours = Unigram(path).encode_texts(texts)
     theirs = [e.ids for e in reference.encode_batch(texts, add_special_tokens=False)]
     _compare(ours, theirs, texts)
@@ -212,8 +233,17 @@ def test_ties_and_unknowns_match_tokenizers_and_the_naive_twin(tmp_path, monkeyp
 def test_trie_handles_prefixes_duplicates_and_long_pieces(tmp_path, monkeypatch):
     monkeypatch.setenv("NPRERANK_CACHE", str(tmp_path / "cache"))
     long_piece = "▁" + "ab" * 40
-    vocab = [("<unk>", 0.0), ("▁a", -1.0), ("▁ab", -2.0), ("▁a", -1.5), ("b", -3.0), ("a", -3.0),
-             (long_piece, -1.0), ("\u00e9", -2.0), ("▁", -4.0)]
+    vocab = [
+        ("<unk>", 0.0),
+        ("▁a", -1.0),
+        ("▁ab", -2.0),
+        ("▁a", -1.5),
+        ("b", -3.0),
+        ("a", -3.0),
+        (long_piece, -1.0),
+        ("\u00e9", -2.0),
+        ("▁", -4.0),
+    ]
     path, reference = _unigram_file(tmp_path / "tok", vocab)
     ours = Unigram(path)
     assert ours.token_to_id("▁a") == 3 == reference.token_to_id("▁a")  # a duplicate keeps its last id
@@ -223,6 +253,7 @@ def test_trie_handles_prefixes_duplicates_and_long_pieces(tmp_path, monkeypatch)
 
 
 # --- the cache of arrays --------------------------------------------------------------------
+
 
 def test_arrays_are_memory_mapped_from_the_cache_and_rebuilt_when_the_file_changes(tmp_path, monkeypatch):
     monkeypatch.setenv("NPRERANK_CACHE", str(tmp_path / "cache"))
@@ -267,8 +298,9 @@ def test_writing_the_cache_deletes_that_of_tokenizers_gone_or_changed(tmp_path, 
     (tmp_path / "cache" / "unigram-x.tmp").mkdir()  # a writer killed long ago
     os.utime(tmp_path / "cache" / "unigram-x.tmp", (0, 0))
     Unigram(paths[3])  # a write: prunes
-    left = sorted(json.loads((folder / "stamp.json").read_text())["path"]
-                  for folder in (tmp_path / "cache").glob("unigram-*"))
+    left = sorted(
+        json.loads((folder / "stamp.json").read_text())["path"] for folder in (tmp_path / "cache").glob("unigram-*")
+    )
     assert left == sorted(str(path.resolve()) for path in (paths[0], paths[3]))
 
 
@@ -292,22 +324,30 @@ def test_unwritable_cache_keeps_the_arrays_in_memory_with_a_warning(tmp_path, mo
 
 # --- the same errors as before: ModelError naming the file ------------------------------------
 
+
 def _small_json() -> str:
     tokenizer = Tokenizer(models.Unigram([("<unk>", 0.0), ("▁a", -1.0)], unk_id=0, byte_fallback=False))
     return tokenizer.to_str()
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda d: d.update(model={"type": "BPE", "vocab": {}, "merges": []}), "model is BPE"),
-    (lambda d: d["model"].update(unk_id=None), "no <unk> piece"),
-    (lambda d: d["model"].update(unk_id=7), "no <unk> piece"),
-    (lambda d: d["model"].update(byte_fallback=True), "byte fallback"),
-    (lambda d: d["model"].update(vocab=[["▁a", "high"]]), "not a usable tokenizer.json"),
-    (lambda d: d["model"].update(vocab=[]), "not a usable tokenizer.json"),
-    (lambda d: d.update(pre_tokenizer={"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first",
-                                       "split": True}), "prepend_scheme 'first'"),
-    (lambda d: d.update(pre_tokenizer={"type": "NoSuchThing"}), "not a usable tokenizer.json"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda d: d.update(model={"type": "BPE", "vocab": {}, "merges": []}), "model is BPE"),
+        (lambda d: d["model"].update(unk_id=None), "no <unk> piece"),
+        (lambda d: d["model"].update(unk_id=7), "no <unk> piece"),
+        (lambda d: d["model"].update(byte_fallback=True), "byte fallback"),
+        (lambda d: d["model"].update(vocab=[["▁a", "high"]]), "not a usable tokenizer.json"),
+        (lambda d: d["model"].update(vocab=[]), "not a usable tokenizer.json"),
+        (
+            lambda d: d.update(
+                pre_tokenizer={"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first", "split": True}
+            ),
+            "prepend_scheme 'first'",
+        ),
+        (lambda d: d.update(pre_tokenizer={"type": "NoSuchThing"}), "not a usable tokenizer.json"),
+    ],
+)
 def test_unusable_tokenizers_are_refused_naming_the_file(tmp_path, monkeypatch, edit, message):
     monkeypatch.setenv("NPRERANK_CACHE", str(tmp_path / "cache"))
     document = json.loads(_small_json())
@@ -319,10 +359,16 @@ def test_unusable_tokenizers_are_refused_naming_the_file(tmp_path, monkeypatch, 
     assert str(path) in str(error.value)
 
 
-@pytest.mark.parametrize("content, message", [(None, "not found"), (b"{not json", "not a usable tokenizer.json"),
-                                              (b"\xff\xfe", "not a usable tokenizer.json"),
-                                              ("folder", "is a directory, not a regular file"),
-                                              ("fifo", "not a regular file")])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "not found"),
+        (b"{not json", "not a usable tokenizer.json"),
+        (b"\xff\xfe", "not a usable tokenizer.json"),
+        ("folder", "is a directory, not a regular file"),
+        ("fifo", "not a regular file"),
+    ],
+)
 def test_missing_or_broken_files_are_refused(tmp_path, monkeypatch, content, message):
     monkeypatch.setenv("NPRERANK_CACHE", str(tmp_path / "cache"))
     path = tmp_path / "tokenizer.json"

@@ -202,8 +202,9 @@ def _text(path, line_number: int, name: str, value, empty_ok: bool = True) -> st
 
 def _identifier(path, line_number: int, name: str, value) -> str:
     if isinstance(value, bool) or not isinstance(value, (str, int)) or value == "":
-        raise BadRecord(path, line_number,
-                        f"field {name!r} must be a non-empty string or an integer, got {value!r:.60}")
+        raise BadRecord(
+            path, line_number, f"field {name!r} must be a non-empty string or an integer, got {value!r:.60}"
+        )
     return str(value)
 
 
@@ -215,7 +216,7 @@ def _jsonl_job(path, line_number: int, raw: bytes, number: int) -> Job:
     query = _text(path, line_number, "query", record["query"], empty_ok=False)
     documents = record.get("documents")
     if not isinstance(documents, list):
-        raise BadRecord(path, line_number, "field 'documents' must be a list of strings or {\"id\"?, \"text\"} objects")
+        raise BadRecord(path, line_number, 'field \'documents\' must be a list of strings or {"id"?, "text"} objects')
     doc_ids, texts, named = [], [], False
     for i, document in enumerate(documents):
         name = f"documents[{i}]"
@@ -236,8 +237,11 @@ def _check_trec_ids(path, line_number: int, job: Job) -> None:
     shift them (or start a line) and trec_eval would read another run than the one written."""
     for name, value in [("id", job.qid)] + [(f"documents[{i}].id", d) for i, d in enumerate(job.doc_ids)]:
         if value.split() != [value]:
-            raise BadRecord(path, line_number, f"field {name!r} is {value!r:.60}: a TREC run's ids "
-                            "cannot hold whitespace (use --format jsonl)")
+            raise BadRecord(
+                path,
+                line_number,
+                f"field {name!r} is {value!r:.60}: a TREC run's ids cannot hold whitespace (use --format jsonl)",
+            )
 
 
 def trec_field(text: str) -> str:
@@ -255,8 +259,9 @@ def _run_groups(path, skip_bad: bool, say):
         try:
             fields = _decode(path, line_number, raw).split()
             if len(fields) != 6:
-                raise BadRecord(path, line_number,
-                                f"expected 6 fields `qid Q0 docid rank score tag`, got {len(fields)}")
+                raise BadRecord(
+                    path, line_number, f"expected 6 fields `qid Q0 docid rank score tag`, got {len(fields)}"
+                )
             try:
                 score = float(fields[4])
             except ValueError:
@@ -264,8 +269,12 @@ def _run_groups(path, skip_bad: bool, say):
             if not np.isfinite(score):  # NaN sorts anywhere: the --depth best would be a wrong set
                 raise BadRecord(path, line_number, f"field 'score' must be a finite number, got {fields[4]!r:.40}")
             if fields[0] != qid and fields[0] in seen:
-                raise BadRecord(path, line_number, f"query {fields[0]!r} appears again after other queries: the run "
-                                "must keep each query's lines together (sort it: sort -s -k1,1)")
+                raise BadRecord(
+                    path,
+                    line_number,
+                    f"query {fields[0]!r} appears again after other queries: the run "
+                    "must keep each query's lines together (sort it: sort -s -k1,1)",
+                )
         except BadRecord as error:
             if not skip_bad:
                 raise
@@ -399,23 +408,29 @@ class Output:
         progress = self._read_progress()
         if progress is None:
             if self.path.exists() and self.path.stat().st_size > 0:
-                raise ValueError(f"{self.path} exists and is not an unfinished `nprerank batch` output (no "
-                                 f"{self.progress_path.name}): remove it or choose another --output")
+                raise ValueError(
+                    f"{self.path} exists and is not an unfinished `nprerank batch` output (no "
+                    f"{self.progress_path.name}): remove it or choose another --output"
+                )
             committed = 0
         else:
             before = progress["settings"]  # a key only one side has (precision="int8") is a change too
             changed = [k for k in dict.fromkeys([*settings, *before]) if before.get(k) != settings.get(k)]
             if changed:
                 was = ", ".join(f"{k} {before.get(k)!r} now {settings.get(k)!r}" for k in changed)
-                raise ValueError(f"{self.path} was started with other settings ({was}): rerun with the same "
-                                 f"ones, or remove it and {self.progress_path.name}")
+                raise ValueError(
+                    f"{self.path} was started with other settings ({was}): rerun with the same "
+                    f"ones, or remove it and {self.progress_path.name}"
+                )
             committed, self.done, self.pairs = progress["bytes"], progress["records"], progress["pairs"]
             self.written = progress["written"]
             self.finished = progress.get("done", False)
         size = self.path.stat().st_size if self.path.exists() else 0
         if size < committed:  # truncate() would pad it with zeros: something else changed the file
-            raise ValueError(f"{self.path} is shorter ({size} bytes) than its {self.progress_path.name} says "
-                             f"({committed}): it was changed; remove both to start over")
+            raise ValueError(
+                f"{self.path} is shorter ({size} bytes) than its {self.progress_path.name} says "
+                f"({committed}): it was changed; remove both to start over"
+            )
         self.file = open(self.path, "ab")
         self._lock()
         self.file.truncate(committed)  # drop a torn line or a batch written but never committed
@@ -432,8 +447,9 @@ class Output:
             fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self.file.close()
-            raise ValueError(f"{self.path} is being written by another `nprerank batch` run; wait for it, or "
-                             "choose another --output") from None
+            raise ValueError(
+                f"{self.path} is being written by another `nprerank batch` run; wait for it, or choose another --output"
+            ) from None
 
     def _read_progress(self):
         try:
@@ -441,17 +457,22 @@ class Output:
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as e:
-            raise ValueError(f"{self.progress_path}: unreadable ({e}); remove it and the output to start over") \
-                from None
+            raise ValueError(
+                f"{self.progress_path}: unreadable ({e}); remove it and the output to start over"
+            ) from None
         if not isinstance(progress, dict):
-            raise ValueError(f"{self.progress_path}: damaged (not a JSON object); remove it and the output "
-                             "to start over")
+            raise ValueError(
+                f"{self.progress_path}: damaged (not a JSON object); remove it and the output to start over"
+            )
         if progress.get("version") != PROGRESS_VERSION:
             raise ValueError(f"{self.progress_path}: written by another version of nprerank; remove it and the output")
         if not isinstance(progress.get("settings"), dict) or not all(
-                type(progress.get(key)) is int and progress[key] >= 0 for key in ("bytes", "records", "written", "pairs")):
-            raise ValueError(f"{self.progress_path}: damaged (a field is missing or of the wrong type); "
-                             "remove it and the output to start over")
+            type(progress.get(key)) is int and progress[key] >= 0 for key in ("bytes", "records", "written", "pairs")
+        ):
+            raise ValueError(
+                f"{self.progress_path}: damaged (a field is missing or of the wrong type); "
+                "remove it and the output to start over"
+            )
         return progress
 
     def write(self, job: Job, text: str) -> None:
@@ -466,8 +487,15 @@ class Output:
         self.file.flush()
         os.fsync(self.file.fileno())
         self.finished = done
-        progress = dict(version=PROGRESS_VERSION, settings=self.settings, bytes=self.file.tell(),
-                        records=self.done, written=self.written, pairs=self.pairs, done=done)
+        progress = dict(
+            version=PROGRESS_VERSION,
+            settings=self.settings,
+            bytes=self.file.tell(),
+            records=self.done,
+            written=self.written,
+            pairs=self.pairs,
+            done=done,
+        )
         temporary = self.progress_path.with_name(self.progress_path.name + ".tmp")
         with open(temporary, "w", encoding="utf-8") as file:
             json.dump(progress, file)
@@ -557,46 +585,88 @@ def add_arguments(parser) -> None:
     from .cli import _add_model_arguments
 
     inputs = parser.add_argument_group("input (a JSONL file, or --run with --queries and --corpus)")
-    inputs.add_argument("input", metavar="INPUT", nargs="?", type=Path,
-                        help='JSONL: {"id"?, "query", "documents": [str | {"id"?, "text"}]} per line')
+    inputs.add_argument(
+        "input",
+        metavar="INPUT",
+        nargs="?",
+        type=Path,
+        help='JSONL: {"id"?, "query", "documents": [str | {"id"?, "text"}]} per line',
+    )
     inputs.add_argument("--run", type=Path, metavar="RUN", help="a TREC run: qid Q0 docid rank score tag")
-    inputs.add_argument("--queries", type=Path, metavar="PATH",
-                        help='queries: TSV qid<TAB>text, or JSONL {"_id", "text"}')
+    inputs.add_argument(
+        "--queries", type=Path, metavar="PATH", help='queries: TSV qid<TAB>text, or JSONL {"_id", "text"}'
+    )
     inputs.add_argument("--corpus", type=Path, metavar="PATH", help='a BEIR corpus.jsonl: {"_id", "text", "title"?}')
-    inputs.add_argument("--depth", type=positive_int, metavar="K",
-                        help=f"rerank the K best of each query of the run (default {DEPTH})")
+    inputs.add_argument(
+        "--depth", type=positive_int, metavar="K", help=f"rerank the K best of each query of the run (default {DEPTH})"
+    )
     inputs.add_argument("--skip-bad", action="store_true", help="log a bad line (file, line, field) and go on")
     out = parser.add_argument_group("output")
-    out.add_argument("--output", "-o", type=Path, required=True, metavar="PATH",
-                     help="results file; rerun with the same one to resume (OUTPUT.progress tracks it)")
-    out.add_argument("--format", choices=FORMATS, default="jsonl",
-                     help="jsonl: {id, scores, doc_ids?} per query in input order; trec: a run, best first")
-    out.add_argument("--tag", type=trec_field, default="nprerank", help="the run tag of --format trec (default %(default)s)")
+    out.add_argument(
+        "--output",
+        "-o",
+        type=Path,
+        required=True,
+        metavar="PATH",
+        help="results file; rerun with the same one to resume (OUTPUT.progress tracks it)",
+    )
+    out.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="jsonl",
+        help="jsonl: {id, scores, doc_ids?} per query in input order; trec: a run, best first",
+    )
+    out.add_argument(
+        "--tag", type=trec_field, default="nprerank", help="the run tag of --format trec (default %(default)s)"
+    )
     _add_model_arguments(parser)
-    parser.add_argument("--batch-size", type=positive_int, default=32, metavar="N",
-                        help="most pairs per forward pass; results are committed every N pairs (default %(default)s)")
+    parser.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=32,
+        metavar="N",
+        help="most pairs per forward pass; results are committed every N pairs (default %(default)s)",
+    )
     cluster = parser.add_argument_group("Ray")
-    cluster.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
-                         help="run as a Ray Data pipeline, on the cluster at ADDRESS (default: $RAY_ADDRESS, else "
-                         "a local one); needs pip install 'nprerank[ray]'")
-    cluster.add_argument("--concurrency", type=positive_int, metavar="N",
-                         help="Ray actors, each loading the model once (default: the cluster's CPUs / --threads)")
+    cluster.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        metavar="ADDRESS",
+        help="run as a Ray Data pipeline, on the cluster at ADDRESS (default: $RAY_ADDRESS, else "
+        "a local one); needs pip install 'nprerank[ray]'",
+    )
+    cluster.add_argument(
+        "--concurrency",
+        type=positive_int,
+        metavar="N",
+        help="Ray actors, each loading the model once (default: the cluster's CPUs / --threads)",
+    )
 
 
 def run_from_args(args, say=None) -> int:
     say = say or (lambda line: print(line, file=sys.stderr, flush=True))
     source = _source(args, say)
-    settings = dict(model=str(args.model), inputs=[str(p.resolve()) for p in source.paths()],
-                    sizes=[p.stat().st_size for p in source.paths()], depth=source.depth, format=args.format,
-                    tag=args.tag, max_length=args.max_length, truncation=args.truncation,
-                    long_documents=args.long_documents, engine=args.engine)
+    settings = dict(
+        model=str(args.model),
+        inputs=[str(p.resolve()) for p in source.paths()],
+        sizes=[p.stat().st_size for p in source.paths()],
+        depth=source.depth,
+        format=args.format,
+        tag=args.tag,
+        max_length=args.max_length,
+        truncation=args.truncation,
+        long_documents=args.long_documents,
+        engine=args.engine,
+    )
     if args.precision != "fp32":  # absent from fp32 jobs' settings, so that those started before it resume
         settings["precision"] = args.precision
     output = Output(args.output, settings)
     if output.finished:
         output.close()
-        say(f"nprerank batch: {args.output} is complete ({output.written} queries, {output.pairs} pairs); "
-            "nothing to do")
+        say(
+            f"nprerank batch: {args.output} is complete ({output.written} queries, {output.pairs} pairs); nothing to do"
+        )
         return 0
     if output.done:
         say(f"nprerank batch: resuming {args.output} after {output.written} queries ({output.pairs} pairs)")
@@ -609,8 +679,9 @@ def run_from_args(args, say=None) -> int:
             if e.name not in ("ray", "pyarrow"):
                 raise
             raise OSError(f"`nprerank batch --ray` needs {e.name}: pip install 'nprerank[ray]'") from None
-        scored = on_ray.scores(jobs, args.model, options, address=args.ray or None,
-                               concurrency=args.concurrency, threads=args.threads)
+        scored = on_ray.scores(
+            jobs, args.model, options, address=args.ray or None, concurrency=args.concurrency, threads=args.threads
+        )
     else:
         from .reranker import Reranker
         from .startup import warm_up
@@ -620,15 +691,22 @@ def run_from_args(args, say=None) -> int:
         scored = local_scores(reranker, jobs)
     summary = run(source, output, scored, args.format, args.tag, args.batch_size, say)
     rate = summary["pairs"] / max(summary["seconds"], 1e-9)
-    say(f"nprerank batch: {summary['pairs']} pairs of {summary['records']} queries in {summary['seconds']:.1f} s "
-        f"({rate:.1f} pairs/s) -> {args.output}")
+    say(
+        f"nprerank batch: {summary['pairs']} pairs of {summary['records']} queries in {summary['seconds']:.1f} s "
+        f"({rate:.1f} pairs/s) -> {args.output}"
+    )
     return 0
 
 
 def reranker_options(args) -> dict:
     """The command line's Reranker.from_pretrained options (None: the Reranker's default)."""
-    options = dict(truncation=args.truncation, long_documents=args.long_documents, batch_size=args.batch_size,
-                   engine=args.engine, precision=args.precision)
+    options = dict(
+        truncation=args.truncation,
+        long_documents=args.long_documents,
+        batch_size=args.batch_size,
+        engine=args.engine,
+        precision=args.precision,
+    )
     for name in ("max_length", "threads"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
@@ -641,20 +719,26 @@ def _source(args, say) -> Source:
         raise ValueError("give either a JSONL INPUT or --run, --queries and --corpus, not both")
     if args.input is None and not all(trio):
         missing = [name for name, value in zip(("--run", "--queries", "--corpus"), trio) if value is None]
-        raise ValueError(f"no input: give a JSONL INPUT, or --run, --queries and --corpus "
-                         f"({', '.join(missing)} missing)")
+        raise ValueError(
+            f"no input: give a JSONL INPUT, or --run, --queries and --corpus ({', '.join(missing)} missing)"
+        )
     if args.input is not None and args.depth is not None:  # a JSONL record is scored whole: say so, not ignore it
-        raise ValueError("--depth picks the best of a --run's candidates; a JSONL INPUT's documents are all scored "
-                         "(keep the ones you want in the file)")
+        raise ValueError(
+            "--depth picks the best of a --run's candidates; a JSONL INPUT's documents are all scored "
+            "(keep the ones you want in the file)"
+        )
     depth = args.depth if args.depth is not None else DEPTH
-    source = Source(args.input, args.run, args.queries, args.corpus, depth, args.skip_bad, say,
-                    trec=args.format == "trec")
+    source = Source(
+        args.input, args.run, args.queries, args.corpus, depth, args.skip_bad, say, trec=args.format == "trec"
+    )
     for path in source.paths():
         if not path.exists():
             raise OSError(f"{path}: no such file")
         if not path.is_file():  # a pipe or /dev/stdin: read once, it could not be counted, indexed or resumed
-            raise OSError(f"{path}: not a regular file (the job reads its inputs more than once: to count the "
-                          "pairs, to index ids, to resume); save it to a file first")
+            raise OSError(
+                f"{path}: not a regular file (the job reads its inputs more than once: to count the "
+                "pairs, to index ids, to resume); save it to a file first"
+            )
         if args.output.resolve() == path.resolve():
             raise ValueError(f"--output {args.output} is also an input")
     return source

@@ -55,8 +55,19 @@ from .blas import blas_function, set_blas_threads
 from .config import ModelConfig, ModelError
 from .reference import pad
 
-ENGINES = ("nprerank-fast", "nprerank-reference", "torch-eager", "torch-sdpa", "onnxruntime",
-           "nprerank-int8", "onnxruntime-int8", "openvino-int8", "nprerank-bf16", "torch-bf16", "openvino-bf16")
+ENGINES = (
+    "nprerank-fast",
+    "nprerank-reference",
+    "torch-eager",
+    "torch-sdpa",
+    "onnxruntime",
+    "nprerank-int8",
+    "onnxruntime-int8",
+    "openvino-int8",
+    "nprerank-bf16",
+    "torch-bf16",
+    "openvino-bf16",
+)
 # Reduced precision (issue 12): their logits differ from fp32's by design, so instead of the 1e-4
 # agreement they report their error against the reference: max |dlogit| and Kendall's tau of
 # the ranking they give each workload's pairs.
@@ -76,13 +87,22 @@ SGEMM_SIZE = 2048  # the ceiling: [2048, 2048] @ [2048, 2048] fp32, 17 GFLOP, ~0
 SETTLE = 0.25
 
 # Issue 3's acceptance bars: (what, engine it is compared with, workload, bar).
-SPEED_BARS = (("rerank-100", "onnxruntime", 1.15), ("rerank-100", "torch-sdpa", 1.15),
-              ("long", "onnxruntime", 1.0), ("single", "onnxruntime", 1.0),
-              ("long-8192", "torch-sdpa", 1.0))  # issue 13: one 8192-token pair of the v2-m3 shape
+SPEED_BARS = (
+    ("rerank-100", "onnxruntime", 1.15),
+    ("rerank-100", "torch-sdpa", 1.15),
+    ("long", "onnxruntime", 1.0),
+    ("single", "onnxruntime", 1.0),
+    ("long-8192", "torch-sdpa", 1.0),
+)  # issue 13: one 8192-token pair of the v2-m3 shape
 # Issue 12's: nprerank-int8 against the int8 peers (what, peer, workload, bar)
-INT8_SPEED_BARS = (("rerank-100", "onnxruntime-int8", 1.3), ("rerank-100", "openvino-int8", 1.0),
-                   ("long", "onnxruntime-int8", 1.0), ("long", "openvino-int8", 1.0),
-                   ("single", "onnxruntime-int8", 1.0), ("single", "openvino-int8", 1.0))
+INT8_SPEED_BARS = (
+    ("rerank-100", "onnxruntime-int8", 1.3),
+    ("rerank-100", "openvino-int8", 1.0),
+    ("long", "onnxruntime-int8", 1.0),
+    ("long", "openvino-int8", 1.0),
+    ("single", "onnxruntime-int8", 1.0),
+    ("single", "openvino-int8", 1.0),
+)
 INT8_PEERS = ("onnxruntime-int8", "openvino-int8")
 INT8_PEAK_RSS_BAR_MB = 350
 PEAK_RSS_BAR_MB = 600
@@ -92,6 +112,7 @@ LONG_PRIVATE_BAR_MB = 1000  # issue 13: one 8192-token pair of the v2-m3 shape i
 
 
 # --- workloads -------------------------------------------------------------------------------
+
 
 @dataclass
 class Workload:
@@ -171,6 +192,7 @@ def useful_flops(tokens: int, config: ModelConfig) -> float:
 # Each engine: `.tokenizer` (nprerank's PairTokenizer) and `.logits(sequences, batch_size)` ->
 # [N] float32 logits in input order.
 
+
 class NprerankEngine:
     def __init__(self, folder: Path, threads: int, engine: str, precision: str = "fp32"):
         from .reranker import Reranker
@@ -228,8 +250,11 @@ class TorchEngine:
         with self.torch.inference_mode(), autocast:
             for batch, ids, mask in padded_batches(sequences, batch_size, self.pad_token_id):
                 types = self.config.architecture.token_type_ids(ids, mask)  # BERT's segments; XLM-R's zeros
-                result = self.model(input_ids=self.torch.from_numpy(ids), attention_mask=self.torch.from_numpy(mask),
-                                    token_type_ids=self.torch.from_numpy(types))
+                result = self.model(
+                    input_ids=self.torch.from_numpy(ids),
+                    attention_mask=self.torch.from_numpy(mask),
+                    token_type_ids=self.torch.from_numpy(types),
+                )
                 out[batch] = result.logits[:, 0].float().numpy()  # float(): torch-bf16's are bf16
         return out
 
@@ -272,11 +297,19 @@ def export_onnx(folder: Path) -> Path:
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # tracer warnings about Python-side branches on shapes
         torch.onnx.export(
-            model, (ids, mask, types), str(tmp), input_names=["input_ids", "attention_mask", "token_type_ids"],
+            model,
+            (ids, mask, types),
+            str(tmp),
+            input_names=["input_ids", "attention_mask", "token_type_ids"],
             output_names=["logits"],
-            dynamic_axes={"input_ids": {v: k for k, v in axes.items()}, "attention_mask": {v: k for k, v in axes.items()},
-                          "token_type_ids": {v: k for k, v in axes.items()}, "logits": {0: "batch"}},
-            opset_version=17, dynamo=False,
+            dynamic_axes={
+                "input_ids": {v: k for k, v in axes.items()},
+                "attention_mask": {v: k for k, v in axes.items()},
+                "token_type_ids": {v: k for k, v in axes.items()},
+                "logits": {0: "batch"},
+            },
+            opset_version=17,
+            dynamo=False,
         )
     os.replace(tmp, path)
     return path
@@ -303,11 +336,19 @@ def quantize_onnx(folder: Path) -> Path:
     fused = path.with_name(f"model-fused.tmp{os.getpid()}.onnx")
     tmp = path.with_name(f"model-int8.tmp{os.getpid()}.onnx")
     try:
-        optimizer.optimize_model(str(export_onnx(folder)), model_type="bert", num_heads=config.num_attention_heads,
-                                 hidden_size=config.hidden_size).save_model_to_file(str(fused))
+        optimizer.optimize_model(
+            str(export_onnx(folder)),
+            model_type="bert",
+            num_heads=config.num_attention_heads,
+            hidden_size=config.hidden_size,
+        ).save_model_to_file(str(fused))
         # the fused graph's com.microsoft nodes defeat shape inference: say what unknown tensors are
-        quantize_dynamic(str(fused), str(tmp), weight_type=QuantType.QInt8,
-                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+        quantize_dynamic(
+            str(fused),
+            str(tmp),
+            weight_type=QuantType.QInt8,
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+        )
         os.replace(tmp, path)
     finally:
         fused.unlink(missing_ok=True)
@@ -347,11 +388,13 @@ def quantize_openvino(folder: Path) -> Path:
     _progress(f"quantizing the ONNX export with NNCF for OpenVINO (once, cached in {path.parent}) ...")
     model = ov.convert_model(str(export_onnx(folder)))
     config = ModelConfig.from_json(folder / "config.json")
-    samples = [onnx_inputs(config, ids, mask)
-               for _, ids, mask in padded_batches(calibration_pairs(tokenizer), 1, pad_token_id)]
+    samples = [
+        onnx_inputs(config, ids, mask) for _, ids, mask in padded_batches(calibration_pairs(tokenizer), 1, pad_token_id)
+    ]
     with contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bars would break --json's one document
-        quantized = nncf.quantize(model, nncf.Dataset(samples), model_type=nncf.ModelType.TRANSFORMER,
-                                  subset_size=len(samples))
+        quantized = nncf.quantize(
+            model, nncf.Dataset(samples), model_type=nncf.ModelType.TRANSFORMER, subset_size=len(samples)
+        )
     tmp = path.with_name(f"openvino-int8.tmp{os.getpid()}.xml")
     ov.save_model(quantized, str(tmp))
     os.replace(tmp.with_suffix(".bin"), path.with_suffix(".bin"))
@@ -380,10 +423,14 @@ class OpenVinoEngine:
         self.model = core.compile_model(str(path), "CPU", options)
         if precision == "bf16":  # what it runs: the hint it kept, and its executed graph's element types
             kept = self.model.get_property("INFERENCE_PRECISION_HINT")
-            runs = sorted({op.get_rt_info()["runtimePrecision"].astype(str)
-                           for op in self.model.get_runtime_model().get_ops()})
-            print(f"openvino-bf16: INFERENCE_PRECISION_HINT {kept}; layers run in {', '.join(runs)}",
-                  file=sys.stderr, flush=True)
+            runs = sorted(
+                {op.get_rt_info()["runtimePrecision"].astype(str) for op in self.model.get_runtime_model().get_ops()}
+            )
+            print(
+                f"openvino-bf16: INFERENCE_PRECISION_HINT {kept}; layers run in {', '.join(runs)}",
+                file=sys.stderr,
+                flush=True,
+            )
         self.tokenizer, self.pad_token_id = _peer_tokenizer(folder)
         self.config = ModelConfig.from_json(folder / "config.json")
 
@@ -426,10 +473,15 @@ def onnx_inputs(config: ModelConfig, ids, mask) -> dict:
 
 def missing(engine: str) -> str | None:
     """Why an engine cannot run here, or None. Checks installs only; loading may still fail."""
-    needs = {"torch-eager": ("torch", "transformers"), "torch-sdpa": ("torch", "transformers"),
-             "onnxruntime": ("onnxruntime",), "torch-bf16": ("torch", "transformers"),
-             "onnxruntime-int8": ("onnxruntime", "onnx"), "openvino-int8": ("openvino", "nncf"),
-             "openvino-bf16": ("openvino",)}.get(engine, ())
+    needs = {
+        "torch-eager": ("torch", "transformers"),
+        "torch-sdpa": ("torch", "transformers"),
+        "onnxruntime": ("onnxruntime",),
+        "torch-bf16": ("torch", "transformers"),
+        "onnxruntime-int8": ("onnxruntime", "onnx"),
+        "openvino-int8": ("openvino", "nncf"),
+        "openvino-bf16": ("openvino",),
+    }.get(engine, ())
     absent = [name for name in needs if importlib.util.find_spec(name) is None]
     if absent:
         return f"{' and '.join(absent)} not installed ({BENCH_EXTRA})"
@@ -466,8 +518,12 @@ def load_engine(engine: str, folder: Path, threads: int):
 def prepare(engine: str, folder: Path) -> str | None:
     """Make the files an engine loads (the ONNX export, the int8 models), once, in the parent;
     the reason it cannot run, or None."""
-    makers = {"onnxruntime": (onnx_path, export_onnx), "openvino-bf16": (onnx_path, export_onnx),
-              "onnxruntime-int8": (onnx_int8_path, quantize_onnx), "openvino-int8": (openvino_int8_path, quantize_openvino)}
+    makers = {
+        "onnxruntime": (onnx_path, export_onnx),
+        "openvino-bf16": (onnx_path, export_onnx),
+        "onnxruntime-int8": (onnx_int8_path, quantize_onnx),
+        "openvino-int8": (openvino_int8_path, quantize_openvino),
+    }
     if engine not in makers or makers[engine][0](folder).exists():
         return None
     if not onnx_path(folder).exists() and missing("torch-eager"):
@@ -487,16 +543,29 @@ def prepare(engine: str, folder: Path) -> str | None:
 # The parent keeps the rounds, the interleaving and the rests, as before; a user's process runs
 # one engine too.
 
+
 class EngineProcess:
     """One engine, loaded in a worker process; `.logits(name)` and `.seconds(name)` run a workload."""
 
     def __init__(self, engine: str, folder: Path, threads: int, work_file: Path, log: Path):
-        command = [sys.executable, "-m", "nprerank.bench", "--_worker", engine, "--model", str(folder),
-                   "--threads", str(threads), "--_child-input", str(work_file)]
+        command = [
+            sys.executable,
+            "-m",
+            "nprerank.bench",
+            "--_worker",
+            engine,
+            "--model",
+            str(folder),
+            "--threads",
+            str(threads),
+            "--_child-input",
+            str(work_file),
+        ]
         self.log = log
         with open(log, "w") as errors:
-            self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors,
-                                            text=True)
+            self.process = subprocess.Popen(
+                command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors, text=True
+            )
 
     def ready(self) -> None:
         """Wait until the engine has loaded; RuntimeError with the worker's reason if it did not."""
@@ -525,7 +594,7 @@ class EngineProcess:
     def _answer(self) -> dict:
         for line in self.process.stdout:  # libraries may print too: the answer is the marked line
             if line.startswith(CHILD_MARK):
-                answer = json.loads(line[len(CHILD_MARK):])
+                answer = json.loads(line[len(CHILD_MARK) :])
                 if "error" in answer:
                     raise RuntimeError(answer["error"])
                 return answer
@@ -562,12 +631,19 @@ def worker_main(args) -> int:
 
 # --- the machine: BLAS, sgemm ceiling, memory, process start ---------------------------------
 
+
 def blas_runtime() -> dict:
     """Which BLAS numpy calls, which kernel it picked for this CPU, and its thread count."""
     config = np.show_config(mode="dicts").get("Build Dependencies", {}).get("blas", {})
-    info = {"name": config.get("name"), "version": config.get("version"),
-            "env": {k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS",
-                                                "OMP_NUM_THREADS") if k in os.environ}}
+    info = {
+        "name": config.get("name"),
+        "version": config.get("version"),
+        "env": {
+            k: os.environ[k]
+            for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
+            if k in os.environ
+        },
+    }
     if importlib.util.find_spec("threadpoolctl"):
         from threadpoolctl import threadpool_info
 
@@ -580,8 +656,11 @@ def blas_runtime() -> dict:
     corename = blas_function("get_corename")
     if corename is not None:
         corename.restype = ctypes.c_char_p
-        info.update(kernel=corename().decode(), threads=blas_function("get_num_threads")(),
-                    source="OpenBLAS get_corename via ctypes")
+        info.update(
+            kernel=corename().decode(),
+            threads=blas_function("get_num_threads")(),
+            source="OpenBLAS get_corename via ctypes",
+        )
     return info
 
 
@@ -652,6 +731,7 @@ class AnonymousMemoryPeak:
 
 # --- fresh-process measurements --------------------------------------------------------------
 
+
 def child_main(args) -> int:
     """In a fresh process: load one engine, score one pair (first score), then rerank-100; print JSON."""
     sampler = AnonymousMemoryPeak()
@@ -679,12 +759,23 @@ def child_main(args) -> int:
 
 def measure_start(engine: str, folder: Path, threads: int, work_file: Path, env: dict | None = None) -> dict:
     """Run `python -m nprerank.bench --_child ENGINE` and read its one JSON line."""
-    command = [sys.executable, "-m", "nprerank.bench", "--_child", engine, "--model", str(folder),
-               "--threads", str(threads), "--_child-input", str(work_file)]
+    command = [
+        sys.executable,
+        "-m",
+        "nprerank.bench",
+        "--_child",
+        engine,
+        "--model",
+        str(folder),
+        "--threads",
+        str(threads),
+        "--_child-input",
+        str(work_file),
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=1200, env={**os.environ, **(env or {})})
     for line in reversed(done.stdout.splitlines()):
         if line.startswith(CHILD_MARK):
-            return json.loads(line[len(CHILD_MARK):])
+            return json.loads(line[len(CHILD_MARK) :])
     last = " | ".join(done.stderr.strip().splitlines()[-3:])
     return {"error": f"child exited {done.returncode}: {last or 'no output'}"}
 
@@ -700,8 +791,15 @@ def measure_starts(engines: list, folder: Path, threads: int, single: Workload, 
     starts = {}
     with tempfile.TemporaryDirectory(prefix="nprerank-bench-") as tmp:
         work_file = Path(tmp) / "work.json"
-        work_file.write_text(json.dumps({"first": [*single.texts[0], single.lengths[0]],
-                                         "rerank": rerank.sequences, "batch_size": rerank.batch_size}))
+        work_file.write_text(
+            json.dumps(
+                {
+                    "first": [*single.texts[0], single.lengths[0]],
+                    "rerank": rerank.sequences,
+                    "batch_size": rerank.batch_size,
+                }
+            )
+        )
         for engine in engines:
             _progress(f"fresh process: {engine}")
             if engine == FAST:
@@ -714,6 +812,7 @@ def measure_starts(engines: list, folder: Path, threads: int, single: Workload, 
 
 
 # --- the run ---------------------------------------------------------------------------------
+
 
 def _progress(message: str) -> None:
     print(f"[bench] {message}", file=sys.stderr, flush=True)
@@ -728,16 +827,20 @@ def resolve_model(args) -> tuple:
     if args.random:
         absent = [name for name in ("torch", "transformers", "sentencepiece") if importlib.util.find_spec(name) is None]
         if absent:
-            raise ModelError(f"--random builds a random checkpoint with {', '.join(absent)}, not installed ({BENCH_EXTRA})")
+            raise ModelError(
+                f"--random builds a random checkpoint with {', '.join(absent)}, not installed ({BENCH_EXTRA})"
+            )
         from .synthetic import BGE_RERANKER_BASE, make_model
 
         outliers = 4 if getattr(args, "outliers", False) else 0
         _progress("random bge-reranker-base-shaped checkpoint (seed 1; about a minute to build the first time)")
         # with a tokenizer of the real size (250,002 pieces): its memory and load time are part of
         # every start, and the 800-piece test tokenizer would hide them
-        return (make_model(seed=1, real_size_tokenizer=True, outliers=outliers, **BGE_RERANKER_BASE),
-                "random weights, bge-reranker-base shape, real-size tokenizer "
-                f"(synthetic.make_model(seed=1, real_size_tokenizer=True, outliers={outliers}))")
+        return (
+            make_model(seed=1, real_size_tokenizer=True, outliers=outliers, **BGE_RERANKER_BASE),
+            "random weights, bge-reranker-base shape, real-size tokenizer "
+            f"(synthetic.make_model(seed=1, real_size_tokenizer=True, outliers={outliers}))",
+        )
     folder = Path(args.model)
     for name in ("config.json", "tokenizer.json", "model.safetensors"):
         if not (folder / name).is_file():
@@ -750,7 +853,9 @@ def random_shape(name: str) -> tuple:
     base, large and v2-m3 with the real-size XLM-R tokenizer, minilm-l6/-l12 with a WordPiece one."""
     absent = [name for name in ("torch", "transformers", "sentencepiece") if importlib.util.find_spec(name) is None]
     if absent:
-        raise ModelError(f"--random-shape builds a random checkpoint with {', '.join(absent)}, not installed ({BENCH_EXTRA})")
+        raise ModelError(
+            f"--random-shape builds a random checkpoint with {', '.join(absent)}, not installed ({BENCH_EXTRA})"
+        )
     from .synthetic import MODEL_MAX_LENGTH, SHAPES, make_model
 
     spec = dict(SHAPES[name])
@@ -767,11 +872,20 @@ def run(args) -> dict:
     report = {
         "command": " ".join(getattr(args, "command", None) or [Path(sys.argv[0]).name, *sys.argv[1:]]),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "model": {"path": str(folder), "description": description, "layers": config.num_hidden_layers,
-                  "hidden_size": config.hidden_size, "vocab_size": config.vocab_size},
-        "threads": args.threads, "repeats": args.repeats, "quick": args.quick,
+        "model": {
+            "path": str(folder),
+            "description": description,
+            "layers": config.num_hidden_layers,
+            "hidden_size": config.hidden_size,
+            "vocab_size": config.vocab_size,
+        },
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "quick": args.quick,
         "machine": machine_info(),
-        "engines": {}, "workloads": {}, "startup": {},
+        "engines": {},
+        "workloads": {},
+        "startup": {},
     }
 
     workloads = make_workloads(args.workloads, config.max_tokens, args.quick)
@@ -789,15 +903,20 @@ def run(args) -> dict:
     engines = {}  # name -> EngineProcess
     with tempfile.TemporaryDirectory(prefix="nprerank-bench-") as tmp:
         work_file = Path(tmp) / "work.json"
-        work_file.write_text(json.dumps({w.name: {"sequences": w.sequences, "batch_size": w.batch_size, "calls": w.calls}
-                                         for w in workloads}))
+        work_file.write_text(
+            json.dumps(
+                {w.name: {"sequences": w.sequences, "batch_size": w.batch_size, "calls": w.calls} for w in workloads}
+            )
+        )
         try:
             for name in dict.fromkeys([REFERENCE, *args.engines]):  # the reference always: it checks the others
                 reason = missing(name) or prepare(name, folder)
                 if reason is None:
                     _progress(f"loading {name} (in a process of its own)")
                     engines[name] = EngineProcess(name, folder, args.threads, work_file, Path(tmp) / f"{name}.log")
-                report["engines"][name] = {"status": "ok"} if reason is None else {"status": "skipped", "reason": reason}
+                report["engines"][name] = (
+                    {"status": "ok"} if reason is None else {"status": "skipped", "reason": reason}
+                )
             for name, engine in list(engines.items()):  # they load side by side; wait for each
                 try:
                     engine.ready()
@@ -829,10 +948,16 @@ def run(args) -> dict:
                         time.sleep(SETTLE)  # let the previous engine's spinning threads go idle
                         run = engines[name].seconds(workload.name)
                         seconds[workload.name, name].append(run["seconds"])
-                        peak_anonymous[workload.name, name] = max(peak_anonymous[workload.name, name],
-                                                                  run["peak_anonymous_mb"])
-                    _progress(f"round {round_ + 1}/{args.repeats} {workload.name}: " + ", ".join(
-                        f"{name} {workload.pairs_per_run / seconds[workload.name, name][-1]:.2f}" for name in timed) + " pairs/s")
+                        peak_anonymous[workload.name, name] = max(
+                            peak_anonymous[workload.name, name], run["peak_anonymous_mb"]
+                        )
+                    _progress(
+                        f"round {round_ + 1}/{args.repeats} {workload.name}: "
+                        + ", ".join(
+                            f"{name} {workload.pairs_per_run / seconds[workload.name, name][-1]:.2f}" for name in timed
+                        )
+                        + " pairs/s"
+                    )
         finally:
             for engine in engines.values():
                 engine.close()
@@ -841,9 +966,16 @@ def run(args) -> dict:
 
     for workload in workloads:
         flops = sum(useful_flops(n, config) for n in workload.lengths) * workload.calls
-        entry = {"pairs": len(workload.lengths), "calls": workload.calls, "batch_size": workload.batch_size,
-                 "tokens": sum(workload.lengths), "min_tokens": min(workload.lengths),
-                 "max_tokens": max(workload.lengths), "useful_gflop_per_run": flops / 1e9, "results": {}}
+        entry = {
+            "pairs": len(workload.lengths),
+            "calls": workload.calls,
+            "batch_size": workload.batch_size,
+            "tokens": sum(workload.lengths),
+            "min_tokens": min(workload.lengths),
+            "max_tokens": max(workload.lengths),
+            "useful_gflop_per_run": flops / 1e9,
+            "results": {},
+        }
         reference_logits = logits[workload.name, REFERENCE]
         for name in timed:
             rates = [workload.pairs_per_run / s for s in seconds[workload.name, name]]
@@ -867,8 +999,14 @@ def run(args) -> dict:
         report["workloads"][workload.name] = entry
 
     if not args.no_startup:
-        single = next((w for w in workloads if w.name == "single"), None) or make_workloads(["single"], config.max_tokens, args.quick)[0]
-        rerank = next((w for w in workloads if w.name == "rerank-100"), None) or make_workloads(["rerank-100"], config.max_tokens, args.quick)[0]
+        single = (
+            next((w for w in workloads if w.name == "single"), None)
+            or make_workloads(["single"], config.max_tokens, args.quick)[0]
+        )
+        rerank = (
+            next((w for w in workloads if w.name == "rerank-100"), None)
+            or make_workloads(["rerank-100"], config.max_tokens, args.quick)[0]
+        )
         for workload in (single, rerank):
             if workload.sequences is None:
                 tokenize(workload, tokenizer)
@@ -882,7 +1020,9 @@ def kendall_tau(scores: np.ndarray, reference: np.ndarray) -> float:
     pairs; 1.0 when they rank the items alike. O(n^2), for the bench's 100 pairs."""
     scores, reference = np.asarray(scores, np.float64), np.asarray(reference, np.float64)
     upper = np.triu_indices(len(scores), k=1)
-    agreement = np.sign(np.subtract.outer(scores, scores)[upper]) * np.sign(np.subtract.outer(reference, reference)[upper])
+    agreement = np.sign(np.subtract.outer(scores, scores)[upper]) * np.sign(
+        np.subtract.outer(reference, reference)[upper]
+    )
     return float(agreement.sum() / len(agreement))
 
 
@@ -897,18 +1037,33 @@ def machine_info() -> dict:
                 versions[name] = version(name)
             except PackageNotFoundError:
                 pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "versions": versions,
-            "blas": blas_runtime(),
-            "env": {k: v for k, v in os.environ.items() if k.startswith(("NUMBA_", "NPRERANK_", "OMP_", "MKL_"))}}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "versions": versions,
+        "blas": blas_runtime(),
+        "env": {k: v for k, v in os.environ.items() if k.startswith(("NUMBA_", "NPRERANK_", "OMP_", "MKL_"))},
+    }
 
 
 def acceptance(report: dict) -> list:
     """Issue 3's bars (and issue 13's long-pair memory, issue 12's int8_acceptance) as [{check, value,
     bar, status}]; status PASS, FAIL or N/A (with why)."""
-    return (speed_checks(report, FAST, SPEED_BARS) + [long_memory_check(report)] + start_checks(report, FAST, (
-        ("peak RSS", "peak_rss_mb", PEAK_RSS_BAR_MB, " MB"),
-        ("peak private (anonymous) memory", "peak_anonymous_mb", PRIVATE_BAR_MB, " MB"),
-        ("cached start to first score", "first_score_s", FIRST_SCORE_BAR_S, " s"))) + int8_acceptance(report))
+    return (
+        speed_checks(report, FAST, SPEED_BARS)
+        + [long_memory_check(report)]
+        + start_checks(
+            report,
+            FAST,
+            (
+                ("peak RSS", "peak_rss_mb", PEAK_RSS_BAR_MB, " MB"),
+                ("peak private (anonymous) memory", "peak_anonymous_mb", PRIVATE_BAR_MB, " MB"),
+                ("cached start to first score", "first_score_s", FIRST_SCORE_BAR_S, " s"),
+            ),
+        )
+        + int8_acceptance(report)
+    )
 
 
 def speed_checks(report: dict, engine: str, bars: tuple) -> list:
@@ -944,8 +1099,9 @@ def start_checks(report: dict, engine: str, bars: tuple) -> list:
     for name, key, bar, unit in bars:
         check = {"check": f"{engine} {name}", "bar": f"<= {bar}{unit}"}
         if key in start:
-            check.update(value=f"{start[key]:.{2 if unit == ' s' else 0}f}{unit}",
-                         status="PASS" if start[key] <= bar else "FAIL")
+            check.update(
+                value=f"{start[key]:.{2 if unit == ' s' else 0}f}{unit}", status="PASS" if start[key] <= bar else "FAIL"
+            )
         else:
             check.update(value=None, status="N/A", why=start.get("error", "start-up not measured"))
         checks.append(check)
@@ -962,23 +1118,36 @@ def int8_acceptance(report: dict) -> list:
     checks = speed_checks(report, INT8, INT8_SPEED_BARS)
     rerank = results.get("rerank-100", {})
     peers = [peer for peer in INT8_PEERS if peer in rerank]
-    for what, key, better in (("max |dlogit| vs fp32", "max_abs_logit_diff_vs_reference", min),
-                              ("Kendall tau vs fp32", "kendall_tau_vs_reference", max)):
+    for what, key, better in (
+        ("max |dlogit| vs fp32", "max_abs_logit_diff_vs_reference", min),
+        ("Kendall tau vs fp32", "kendall_tau_vs_reference", max),
+    ):
         best = better(rerank[peer][key] for peer in peers) if peers else None
-        check = {"check": f"{INT8} {what} on rerank-100", "bar": f"{'<=' if better is min else '>='} the better "
-                 f"int8 peer's" + (f" ({best:.4f})" if best is not None else "")}
+        check = {
+            "check": f"{INT8} {what} on rerank-100",
+            "bar": f"{'<=' if better is min else '>='} the better "
+            f"int8 peer's" + (f" ({best:.4f})" if best is not None else ""),
+        }
         if INT8 in rerank and peers:
             value = rerank[INT8][key]
-            check.update(value=f"{value:.4f}", status="PASS" if (value <= best if better is min else value >= best)
-                         else "FAIL")
+            check.update(
+                value=f"{value:.4f}", status="PASS" if (value <= best if better is min else value >= best) else "FAIL"
+            )
         else:
             check.update(value=None, status="N/A", why="rerank-100 not run on nprerank-int8 and an int8 peer")
         checks.append(check)
-    return checks + start_checks(report, INT8, (("peak RSS", "peak_rss_mb", INT8_PEAK_RSS_BAR_MB, " MB"),
-                                                ("cached start to first score", "first_score_s", FIRST_SCORE_BAR_S, " s")))
+    return checks + start_checks(
+        report,
+        INT8,
+        (
+            ("peak RSS", "peak_rss_mb", INT8_PEAK_RSS_BAR_MB, " MB"),
+            ("cached start to first score", "first_score_s", FIRST_SCORE_BAR_S, " s"),
+        ),
+    )
 
 
 # --- the report ------------------------------------------------------------------------------
+
 
 def format_report(report: dict) -> str:
     blas = report["machine"]["blas"]
@@ -992,36 +1161,51 @@ def format_report(report: dict) -> str:
         + (f" ({', '.join(f'{k}={v}' for k, v in blas['env'].items())})" if blas.get("env") else ""),
     ]
     if sgemm:
-        lines.append(f"sgemm ceiling: {sgemm['median']:.0f} GFLOP/s (fp32 {sgemm['size']}^3 matmul, median of rounds, "
-                     f"best of 5 each)")
+        lines.append(
+            f"sgemm ceiling: {sgemm['median']:.0f} GFLOP/s (fp32 {sgemm['size']}^3 matmul, median of rounds, "
+            f"best of 5 each)"
+        )
     for name, state in report["engines"].items():
         if state["status"] != "ok":
             lines.append(f"skipped: {name}: {state['reason']}")
     for name, entry in report["workloads"].items():
-        lines += ["", f"{name}: {entry['pairs']} pair(s) x {entry['calls']} call(s), {entry['min_tokens']}-"
-                      f"{entry['max_tokens']} tokens ({entry['tokens']} in all), batches of {entry['batch_size']}, "
-                      f"{entry['useful_gflop_per_run']:.4g} useful GFLOP per run"]
-        header = (f"  {'engine':<20}{'pairs/s med':>12}{'min':>8}{'fast / it':>11}{'GFLOP/s':>9}{'% ceil':>8}"
-                  f"{'max|dlogit|':>13}{'tau':>7}{'peak anon MB':>14}")
+        lines += [
+            "",
+            f"{name}: {entry['pairs']} pair(s) x {entry['calls']} call(s), {entry['min_tokens']}-"
+            f"{entry['max_tokens']} tokens ({entry['tokens']} in all), batches of {entry['batch_size']}, "
+            f"{entry['useful_gflop_per_run']:.4g} useful GFLOP per run",
+        ]
+        header = (
+            f"  {'engine':<20}{'pairs/s med':>12}{'min':>8}{'fast / it':>11}{'GFLOP/s':>9}{'% ceil':>8}"
+            f"{'max|dlogit|':>13}{'tau':>7}{'peak anon MB':>14}"
+        )
         lines.append(header)
         for engine, r in entry["results"].items():
             tau = r.get("kendall_tau_vs_reference")
-            lines.append(f"  {engine:<20}{r['pairs_per_s']['median']:>12.2f}{r['pairs_per_s']['min']:>8.2f}"
-                         f"{_ratio(r.get('fast_ratio')):>11}{r['gflops']:>9.1f}{100 * r['ceiling_fraction']:>7.0f}%"
-                         f"{r['max_abs_logit_diff_vs_reference']:>13.1e}{'-' if tau is None else f'{tau:.3f}':>7}"
-                         f"{r['peak_anonymous_mb']:>14.0f}" + ("  DISAGREES" if r["agrees"] is False else ""))
+            lines.append(
+                f"  {engine:<20}{r['pairs_per_s']['median']:>12.2f}{r['pairs_per_s']['min']:>8.2f}"
+                f"{_ratio(r.get('fast_ratio')):>11}{r['gflops']:>9.1f}{100 * r['ceiling_fraction']:>7.0f}%"
+                f"{r['max_abs_logit_diff_vs_reference']:>13.1e}{'-' if tau is None else f'{tau:.3f}':>7}"
+                f"{r['peak_anonymous_mb']:>14.0f}" + ("  DISAGREES" if r["agrees"] is False else "")
+            )
     if report["startup"]:
-        lines += ["", "fresh process per engine: start -> first score (1 pair), then rerank-100; memory in MB",
-                  f"  {'engine':<28}{'first score s':>14}{'peak RSS':>10}{'peak anon':>11}{'end private':>13}"]
+        lines += [
+            "",
+            "fresh process per engine: start -> first score (1 pair), then rerank-100; memory in MB",
+            f"  {'engine':<28}{'first score s':>14}{'peak RSS':>10}{'peak anon':>11}{'end private':>13}",
+        ]
         for engine, s in report["startup"].items():
             rows = ([(f"{engine} (cold: compiling)", s["cold"])] if "cold" in s else []) + [
-                (f"{engine} (cached)" if "cold" in s else engine, s)]
+                (f"{engine} (cached)" if "cold" in s else engine, s)
+            ]
             for label, row in rows:
                 if "error" in row:
                     lines.append(f"  {label:<28}{row['error']}")
                 else:
-                    lines.append(f"  {label:<28}{row['first_score_s']:>14.2f}{row['peak_rss_mb']:>10.0f}"
-                                 f"{row['peak_anonymous_mb']:>11.0f}{row['end_private_mb']:>13.0f}")
+                    lines.append(
+                        f"  {label:<28}{row['first_score_s']:>14.2f}{row['peak_rss_mb']:>10.0f}"
+                        f"{row['peak_anonymous_mb']:>11.0f}{row['end_private_mb']:>13.0f}"
+                    )
     lines += ["", "acceptance, issues 3, 12 and 13 (bars are for the full-size model on 2 threads):"]
     for check in report["acceptance"]:
         value = check["value"] if check["value"] is not None else f"({check['why']})"
@@ -1034,6 +1218,7 @@ def _ratio(value) -> str:
 
 
 # --- command line ----------------------------------------------------------------------------
+
 
 def _names(allowed: tuple):
     def parse(text: str) -> list:
@@ -1048,27 +1233,59 @@ def _names(allowed: tuple):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     model = parser.add_mutually_exclusive_group(required=True)
-    model.add_argument("--model", metavar="PATH", help="a bge-reranker-base folder (config.json, tokenizer.json, model.safetensors)")
-    model.add_argument("--random", action="store_true",
-                       help="a random full-size bge-reranker-base-shaped checkpoint, built once and cached (needs the bench extra)")
-    model.add_argument("--random-shape", choices=["base", "large", "v2-m3", "minilm-l6", "minilm-l12"],
-                       help="a random checkpoint of that model's full shape (docs/models.md), built once and cached")
-    parser.add_argument("--outliers", action="store_true",
-                        help="with --random: 4 hidden dimensions 20-50x larger in every LayerNorm (int8's hard case)")
-    parser.add_argument("--engines", type=_names(ENGINES), default=list(ENGINES),
-                        help=f"comma-separated, default all: {','.join(ENGINES)}")
-    parser.add_argument("--workloads", type=_names(WORKLOADS), default=list(DEFAULT_WORKLOADS),
-                        help=f"comma-separated, default {','.join(DEFAULT_WORKLOADS)}; also: long-8192")
+    model.add_argument(
+        "--model", metavar="PATH", help="a bge-reranker-base folder (config.json, tokenizer.json, model.safetensors)"
+    )
+    model.add_argument(
+        "--random",
+        action="store_true",
+        help="a random full-size bge-reranker-base-shaped checkpoint, built once and cached (needs the bench extra)",
+    )
+    model.add_argument(
+        "--random-shape",
+        choices=["base", "large", "v2-m3", "minilm-l6", "minilm-l12"],
+        help="a random checkpoint of that model's full shape (docs/models.md), built once and cached",
+    )
+    parser.add_argument(
+        "--outliers",
+        action="store_true",
+        help="with --random: 4 hidden dimensions 20-50x larger in every LayerNorm (int8's hard case)",
+    )
+    parser.add_argument(
+        "--engines",
+        type=_names(ENGINES),
+        default=list(ENGINES),
+        help=f"comma-separated, default all: {','.join(ENGINES)}",
+    )
+    parser.add_argument(
+        "--workloads",
+        type=_names(WORKLOADS),
+        default=list(DEFAULT_WORKLOADS),
+        help=f"comma-separated, default {','.join(DEFAULT_WORKLOADS)}; also: long-8192",
+    )
     parser.add_argument("--threads", type=positive_int, default=2, help="threads for every engine (default 2)")
-    parser.add_argument("--repeats", type=positive_int, default=3, help="timed rounds per engine and workload (default 3)")
-    parser.add_argument("--quick", action="store_true", help="tiny workloads (a few pairs): checks the bench, measures nothing")
+    parser.add_argument(
+        "--repeats", type=positive_int, default=3, help="timed rounds per engine and workload (default 3)"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny workloads (a few pairs): checks the bench, measures nothing"
+    )
     startup = parser.add_mutually_exclusive_group()
-    startup.add_argument("--no-startup", action="store_true", help="skip the fresh-process memory and start-up measurements")
-    startup.add_argument("--startup-only", action="store_true",
-                         help="only the fresh-process memory and start-up measurements of --engines (no speed rounds)")
+    startup.add_argument(
+        "--no-startup", action="store_true", help="skip the fresh-process memory and start-up measurements"
+    )
+    startup.add_argument(
+        "--startup-only",
+        action="store_true",
+        help="only the fresh-process memory and start-up measurements of --engines (no speed rounds)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
-    parser.add_argument("--scale", action="store_true", help="issue 14's benchmarks instead (bench_scale.py): "
-                        "nprerank batch vs the library in a loop, serve --workers 2 vs 1, memory per worker")
+    parser.add_argument(
+        "--scale",
+        action="store_true",
+        help="issue 14's benchmarks instead (bench_scale.py): "
+        "nprerank batch vs the library in a loop, serve --workers 2 vs 1, memory per worker",
+    )
     from .bench_scale import add_arguments as scale_arguments
 
     scale_arguments(parser)

@@ -49,6 +49,7 @@ REQUEST_TIMEOUT = 600  # seconds per request: one 2-core machine, shared
 
 # --- the input -------------------------------------------------------------------------------
 
+
 def sizes(quick: bool, batch: tuple | None = None, load: tuple | None = None) -> dict:
     """The workloads: full (issue 14's realistic sizes) or --quick (checks the bench, measures nothing);
     `batch` (queries, passages) and `load` (clients, requests, texts) replace their parts."""
@@ -63,6 +64,7 @@ def sizes(quick: bool, batch: tuple | None = None, load: tuple | None = None) ->
 
 def counts(how_many: int):
     """An argparse type: `AxB` (how_many numbers, each >= 1) -> a tuple of ints."""
+
     def parse(text: str) -> tuple:
         parts = text.lower().split("x")
         if len(parts) != how_many or not all(part.isdigit() and int(part) >= 1 for part in parts):
@@ -75,10 +77,18 @@ def counts(how_many: int):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The sizes of `nprerank bench --scale` (bench.py adds them to its own arguments)."""
-    parser.add_argument("--scale-batch", type=counts(2), metavar="QxP",
-                        help="--scale: Q queries x P passages for batch vs the loop (default 20x50)")
-    parser.add_argument("--scale-load", type=counts(3), metavar="CxRxN",
-                        help="--scale: C clients x R requests each x N texts per request (default 4x5x15)")
+    parser.add_argument(
+        "--scale-batch",
+        type=counts(2),
+        metavar="QxP",
+        help="--scale: Q queries x P passages for batch vs the loop (default 20x50)",
+    )
+    parser.add_argument(
+        "--scale-load",
+        type=counts(3),
+        metavar="CxRxN",
+        help="--scale: C clients x R requests each x N texts per request (default 4x5x15)",
+    )
 
 
 class Texts:
@@ -120,6 +130,7 @@ def read_scores(path: Path) -> dict:
 
 # --- the library in a loop (a fresh process) ---------------------------------------------------
 
+
 def loop_main(argv=None) -> int:
     """What a user writes without `nprerank batch`: load, then `Reranker.logits` once per query.
 
@@ -128,8 +139,9 @@ def loop_main(argv=None) -> int:
     and prints SCORING_MARK and the seconds from the first query to the last (the job's summary
     line gives the same span of its own run).
     """
-    parser = argparse.ArgumentParser(prog="python -m nprerank.bench_scale",
-                                     description=loop_main.__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m nprerank.bench_scale", description=loop_main.__doc__.split("\n")[0]
+    )
     parser.add_argument("--model", required=True)
     parser.add_argument("--threads", type=int, required=True)
     parser.add_argument("input", type=Path)
@@ -165,14 +177,25 @@ def timed_process(command: list, what: str) -> tuple:
     if done.returncode != 0:
         last = " | ".join(done.stderr.strip().splitlines()[-3:])
         raise OSError(f"{what} exited {done.returncode}: {last or 'no output'}")
-    marked = [line[len(SCORING_MARK):] for line in done.stdout.splitlines() if line.startswith(SCORING_MARK)]
+    marked = [line[len(SCORING_MARK) :] for line in done.stdout.splitlines() if line.startswith(SCORING_MARK)]
     summary = JOB_SUMMARY.findall(done.stderr)
     return seconds, float((marked or summary or ["nan"])[-1])
 
 
 def batch_command(folder: Path, threads: int, source: Path, output: Path) -> list:
-    return [sys.executable, "-m", "nprerank", "batch", str(source), "--output", str(output),
-            "--model", str(folder), "--threads", str(threads)]
+    return [
+        sys.executable,
+        "-m",
+        "nprerank",
+        "batch",
+        str(source),
+        "--output",
+        str(output),
+        "--model",
+        str(folder),
+        "--threads",
+        str(threads),
+    ]
 
 
 def measure_batch(folder: Path, threads: int, repeats: int, size: dict, tmp: Path) -> dict:
@@ -195,27 +218,49 @@ def measure_batch(folder: Path, threads: int, repeats: int, size: dict, tmp: Pat
             if name == "batch":
                 command = batch_command(folder, threads, source, out)
             else:
-                command = [sys.executable, "-m", "nprerank.bench_scale", "--model", str(folder),
-                           "--threads", str(threads), str(source), str(out)]
+                command = [
+                    sys.executable,
+                    "-m",
+                    "nprerank.bench_scale",
+                    "--model",
+                    str(folder),
+                    "--threads",
+                    str(threads),
+                    str(source),
+                    str(out),
+                ]
             wall, scored = timed_process(command, f"the {name} process")
             seconds[name].append(wall)
             scoring[name].append(max(scored, SUMMARY_RESOLUTION / 2))  # a tiny --quick run's "0.0 s"
             outputs[name] = read_scores(out)
-        _progress(f"round {round_ + 1}/{repeats}: " + ", ".join(
-            f"{name} {pairs / seconds[name][-1]:.2f} pairs/s" for name in ("batch", "loop")))
+        _progress(
+            f"round {round_ + 1}/{repeats}: "
+            + ", ".join(f"{name} {pairs / seconds[name][-1]:.2f} pairs/s" for name in ("batch", "loop"))
+        )
     if outputs["batch"].keys() != outputs["loop"].keys():
-        raise ValueError(f"the job and the loop scored different queries: {sorted(outputs['batch'])[:5]} vs "
-                         f"{sorted(outputs['loop'])[:5]}")
-    difference = max(float(np.max(np.abs(np.subtract(outputs["batch"][q], outputs["loop"][q]))))
-                     for q in outputs["loop"])
+        raise ValueError(
+            f"the job and the loop scored different queries: {sorted(outputs['batch'])[:5]} vs "
+            f"{sorted(outputs['loop'])[:5]}"
+        )
+    difference = max(
+        float(np.max(np.abs(np.subtract(outputs["batch"][q], outputs["loop"][q])))) for q in outputs["loop"]
+    )
     runs = {name: _rates(pairs, seconds[name]) for name in seconds}
     scoring_runs = {name: _rates(pairs, scoring[name]) for name in scoring}
     ratio = runs["batch"]["pairs_per_s"]["median"] / runs["loop"]["pairs_per_s"]["median"]
     scoring_ratio = scoring_runs["batch"]["pairs_per_s"]["median"] / scoring_runs["loop"]["pairs_per_s"]["median"]
-    return {"queries": size["queries"], "passages_per_query": size["passages"], "pairs": pairs,
-            "passage_words": list(size["words"]), "runs": runs, "ratio": ratio,
-            "scoring_runs": scoring_runs, "scoring_ratio": scoring_ratio,
-            "max_abs_score_diff": difference, "same_scores": difference <= SCORE_TOLERANCE}
+    return {
+        "queries": size["queries"],
+        "passages_per_query": size["passages"],
+        "pairs": pairs,
+        "passage_words": list(size["words"]),
+        "runs": runs,
+        "ratio": ratio,
+        "scoring_runs": scoring_runs,
+        "scoring_ratio": scoring_ratio,
+        "max_abs_score_diff": difference,
+        "same_scores": difference <= SCORE_TOLERANCE,
+    }
 
 
 def _rates(pairs: int, seconds: list) -> dict:
@@ -224,6 +269,7 @@ def _rates(pairs: int, seconds: list) -> dict:
 
 
 # --- the server under load ---------------------------------------------------------------------
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -247,9 +293,25 @@ class ServerProcess:
         self.log = log
         with open(log, "wb") as output:  # the child holds its own copy of the file descriptor
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "nprerank", "serve", "--model", str(folder), "--workers", str(workers),
-                 "--threads", str(threads), "--port", str(self.port), "--log-level", "warning"],
-                stdout=output, stderr=subprocess.STDOUT)
+                [
+                    sys.executable,
+                    "-m",
+                    "nprerank",
+                    "serve",
+                    "--model",
+                    str(folder),
+                    "--workers",
+                    str(workers),
+                    "--threads",
+                    str(threads),
+                    "--port",
+                    str(self.port),
+                    "--log-level",
+                    "warning",
+                ],
+                stdout=output,
+                stderr=subprocess.STDOUT,
+            )
 
     def wait_ready(self) -> None:
         deadline = time.monotonic() + SERVE_TIMEOUT
@@ -308,21 +370,30 @@ def make_requests(size: dict, seed: int = 15) -> list:
     """Every client's TEI /rerank bodies: [client][request] -> {"query", "texts"}; every query unique,
     so that an answer given to the wrong request cannot match."""
     texts = Texts(seed)
-    return [[{"query": texts.query(c * size["requests"] + i), "texts": [texts.passage(*size["words"])
-                                                                       for _ in range(size["texts"])]}
-             for i in range(size["requests"])] for c in range(size["clients"])]
+    return [
+        [
+            {
+                "query": texts.query(c * size["requests"] + i),
+                "texts": [texts.passage(*size["words"]) for _ in range(size["texts"])],
+            }
+            for i in range(size["requests"])
+        ]
+        for c in range(size["clients"])
+    ]
 
 
 def expected_scores(reranker, plans: list) -> list:
     """The library's scores for every request: [client][request] -> [N] float64 sigmoid."""
     from .reranker import sigmoid
 
-    return [[sigmoid(reranker.logits([(body["query"], text) for text in body["texts"]])) for body in plan]
-            for plan in plans]
+    return [
+        [sigmoid(reranker.logits([(body["query"], text) for text in body["texts"]])) for body in plan] for plan in plans
+    ]
 
 
 def run_load(url: str, plans: list, expected: list) -> dict:
     """Each client thread posts its requests in a row; -> seconds, and every answer checked."""
+
     def client(plan):
         answers = []
         for body in plan:
@@ -351,8 +422,14 @@ def run_load(url: str, plans: list, expected: list) -> dict:
             worst = max(worst, difference)
             wrong += difference > SCORE_TOLERANCE
     sent = sum(len(plan) for plan in plans)
-    return {"seconds": seconds, "sent": sent, "answered": sent - lost, "lost": lost, "wrong": wrong,
-            "max_score_difference": worst}
+    return {
+        "seconds": seconds,
+        "sent": sent,
+        "answered": sent - lost,
+        "lost": lost,
+        "wrong": wrong,
+        "max_score_difference": worst,
+    }
 
 
 def measure_serve(folder: Path, threads: int, repeats: int, size: dict, tmp: Path) -> dict:
@@ -366,11 +443,13 @@ def measure_serve(folder: Path, threads: int, repeats: int, size: dict, tmp: Pat
     _progress("the library's scores for every request (to check the answers)")
     expected = expected_scores(Reranker.from_pretrained(folder, threads=threads), plans)
     pairs = size["clients"] * size["requests"] * size["texts"]
-    results = {name: {"workers": w, "threads": t, "seconds": [], "checks": [], "memory": None}
-               for name, (w, t) in settings.items()}
+    results = {
+        name: {"workers": w, "threads": t, "seconds": [], "checks": [], "memory": None}
+        for name, (w, t) in settings.items()
+    }
     names = list(settings)
     for round_ in range(repeats):
-        for name in names[round_ % 2:] + names[: round_ % 2]:
+        for name in names[round_ % 2 :] + names[: round_ % 2]:
             workers, worker_threads = settings[name]
             _progress(f"round {round_ + 1}/{repeats}: serve {name}")
             server = ServerProcess(folder, workers, worker_threads, tmp / f"serve-{workers}-{round_}.log")
@@ -381,12 +460,15 @@ def measure_serve(folder: Path, threads: int, repeats: int, size: dict, tmp: Pat
                     list(pool.map(lambda plan: post(server.url + "/rerank", plan[0]), warm))
                 check = run_load(server.url, plans, expected)
                 processes = server.processes()
-                memory = {"workers": [memory_of(pid) for pid in processes["workers"]],
-                          "parent": memory_of(processes["parent"]) if processes["parent"] else None}
+                memory = {
+                    "workers": [memory_of(pid) for pid in processes["workers"]],
+                    "parent": memory_of(processes["parent"]) if processes["parent"] else None,
+                }
             finally:
                 server.stop()
-            memory["total_pss_mb"] = (sum(m["pss_mb"] for m in memory["workers"])
-                                      + (memory["parent"]["pss_mb"] if memory["parent"] else 0.0))
+            memory["total_pss_mb"] = sum(m["pss_mb"] for m in memory["workers"]) + (
+                memory["parent"]["pss_mb"] if memory["parent"] else 0.0
+            )
             results[name]["seconds"].append(check.pop("seconds"))
             results[name]["checks"].append(check)
             results[name]["memory"] = memory  # the last round's
@@ -394,14 +476,21 @@ def measure_serve(folder: Path, threads: int, repeats: int, size: dict, tmp: Pat
         result.update(_rates(pairs, result["seconds"]))
     one, two = (results[name] for name in names)
     weights = (folder / "model.safetensors").stat().st_size / 1e6
-    return {"clients": size["clients"], "requests_per_client": size["requests"], "texts_per_request": size["texts"],
-            "passage_words": list(size["words"]), "pairs": pairs, "settings": results,
-            "ratio": two["pairs_per_s"]["median"] / one["pairs_per_s"]["median"],
-            "extra_worker_mb": two["memory"]["total_pss_mb"] - one["memory"]["total_pss_mb"],
-            "weights_mb": weights}
+    return {
+        "clients": size["clients"],
+        "requests_per_client": size["requests"],
+        "texts_per_request": size["texts"],
+        "passage_words": list(size["words"]),
+        "pairs": pairs,
+        "settings": results,
+        "ratio": two["pairs_per_s"]["median"] / one["pairs_per_s"]["median"],
+        "extra_worker_mb": two["memory"]["total_pss_mb"] - one["memory"]["total_pss_mb"],
+        "weights_mb": weights,
+    }
 
 
 # --- the run and its report --------------------------------------------------------------------
+
 
 def run(args) -> dict:
     from .bench import _progress, machine_info, resolve_model
@@ -410,9 +499,13 @@ def run(args) -> dict:
     size = sizes(args.quick, getattr(args, "scale_batch", None), getattr(args, "scale_load", None))
     report = {
         "command": " ".join(getattr(args, "command", None) or [Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "load_average_at_start": list(os.getloadavg()),
-        "model": {"path": str(folder), "description": description}, "threads": args.threads,
-        "repeats": args.repeats, "quick": args.quick, "machine": machine_info(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "load_average_at_start": list(os.getloadavg()),
+        "model": {"path": str(folder), "description": description},
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "quick": args.quick,
+        "machine": machine_info(),
     }
     with tempfile.TemporaryDirectory(prefix="nprerank-bench-scale-") as tmp:
         _progress(f"batch vs the library in a loop: {size['queries']} queries x {size['passages']} passages")
@@ -427,25 +520,54 @@ def acceptance(report: dict) -> list:
     """Issue 14's bars as [{check, value, bar, status}]."""
     batch, serve = report["batch"], report["serve"]
     checks = [
-        _check("nprerank batch / the library in a loop (pairs/s)", batch["ratio"] >= RATIO_BAR,
-               f"{batch['ratio']:.3f}x", f">= {RATIO_BAR:.2f}x"),  # 3 places: 0.998x must not read "1.00x"
-        {"check": "the same, scoring only (model loaded and warm)", "value": f"{batch['scoring_ratio']:.2f}x",
-         "bar": "none", "status": "N/A", "why": "the start-to-exit ratio above is the bar; this one shows "
-         "how much of a gap is start-up"},
-        _check("the job's scores equal the loop's", batch["same_scores"],
-               f"max |diff| {batch['max_abs_score_diff']:.1e}", f"<= {SCORE_TOLERANCE:.0e}"),
+        _check(
+            "nprerank batch / the library in a loop (pairs/s)",
+            batch["ratio"] >= RATIO_BAR,
+            f"{batch['ratio']:.3f}x",
+            f">= {RATIO_BAR:.2f}x",
+        ),  # 3 places: 0.998x must not read "1.00x"
+        {
+            "check": "the same, scoring only (model loaded and warm)",
+            "value": f"{batch['scoring_ratio']:.2f}x",
+            "bar": "none",
+            "status": "N/A",
+            "why": "the start-to-exit ratio above is the bar; this one shows how much of a gap is start-up",
+        },
+        _check(
+            "the job's scores equal the loop's",
+            batch["same_scores"],
+            f"max |diff| {batch['max_abs_score_diff']:.1e}",
+            f"<= {SCORE_TOLERANCE:.0e}",
+        ),
     ]
     for name, result in serve["settings"].items():
         bad = sum(c["lost"] + c["wrong"] for c in result["checks"])
         answered, sent = (sum(c[key] for c in result["checks"]) for key in ("answered", "sent"))
-        checks.append(_check(f"serve {name}: every answer right", bad == 0,
-                             f"{answered}/{sent} answered, {bad} lost or wrong", "0 lost or wrong"))
-    checks.append(_check("an extra worker's memory (total Pss, 2 workers - 1)",
-                         serve["extra_worker_mb"] < serve["weights_mb"],
-                         f"{serve['extra_worker_mb']:.0f} MB",
-                         f"< one copy of the weights, {serve['weights_mb']:.0f} MB"))
-    checks.append({"check": "serve --workers 2 / --workers 1 (pairs/s)", "value": f"{serve['ratio']:.2f}x",
-                   "bar": "none", "status": "N/A", "why": "issue 14 asks for the measurement, not a bar"})
+        checks.append(
+            _check(
+                f"serve {name}: every answer right",
+                bad == 0,
+                f"{answered}/{sent} answered, {bad} lost or wrong",
+                "0 lost or wrong",
+            )
+        )
+    checks.append(
+        _check(
+            "an extra worker's memory (total Pss, 2 workers - 1)",
+            serve["extra_worker_mb"] < serve["weights_mb"],
+            f"{serve['extra_worker_mb']:.0f} MB",
+            f"< one copy of the weights, {serve['weights_mb']:.0f} MB",
+        )
+    )
+    checks.append(
+        {
+            "check": "serve --workers 2 / --workers 1 (pairs/s)",
+            "value": f"{serve['ratio']:.2f}x",
+            "bar": "none",
+            "status": "N/A",
+            "why": "issue 14 asks for the measurement, not a bar",
+        }
+    )
     return checks
 
 
@@ -470,34 +592,51 @@ def format_report(report: dict) -> str:
     ]
     for name, label in (("batch", "nprerank batch"), ("loop", "Reranker.logits per query")):
         run = batch["runs"][name]
-        lines.append(f"  {label:<32}{run['pairs_per_s']['median']:>12.2f}{run['pairs_per_s']['min']:>8.2f}"
-                     f"{' '.join(f'{s:.1f}' for s in run['seconds']):>24}")
+        lines.append(
+            f"  {label:<32}{run['pairs_per_s']['median']:>12.2f}{run['pairs_per_s']['min']:>8.2f}"
+            f"{' '.join(f'{s:.1f}' for s in run['seconds']):>24}"
+        )
     for name, label in (("batch", "  of which scoring: the job"), ("loop", "  of which scoring: the loop")):
         run = batch["scoring_runs"][name]
-        lines.append(f"  {label:<32}{run['pairs_per_s']['median']:>12.2f}{run['pairs_per_s']['min']:>8.2f}"
-                     f"{' '.join(f'{s:.1f}' for s in run['seconds']):>24}")
-    lines += [f"  batch / loop {batch['ratio']:.2f}x (scoring only {batch['scoring_ratio']:.2f}x); "
-              f"scores max |diff| {batch['max_abs_score_diff']:.1e}", "",
-              f"serve under load: {serve['clients']} clients x {serve['requests_per_client']} TEI /rerank requests of "
-              f"{serve['texts_per_request']} texts ({serve['pairs']} pairs), a fresh server per round",
-              f"  {'':<32}{'pairs/s med':>12}{'min':>8}{'answers ok':>12}"]
+        lines.append(
+            f"  {label:<32}{run['pairs_per_s']['median']:>12.2f}{run['pairs_per_s']['min']:>8.2f}"
+            f"{' '.join(f'{s:.1f}' for s in run['seconds']):>24}"
+        )
+    lines += [
+        f"  batch / loop {batch['ratio']:.2f}x (scoring only {batch['scoring_ratio']:.2f}x); "
+        f"scores max |diff| {batch['max_abs_score_diff']:.1e}",
+        "",
+        f"serve under load: {serve['clients']} clients x {serve['requests_per_client']} TEI /rerank requests of "
+        f"{serve['texts_per_request']} texts ({serve['pairs']} pairs), a fresh server per round",
+        f"  {'':<32}{'pairs/s med':>12}{'min':>8}{'answers ok':>12}",
+    ]
     for name, result in serve["settings"].items():
         ok = sum(c["answered"] - c["wrong"] for c in result["checks"])
-        lines.append(f"  {name:<32}{result['pairs_per_s']['median']:>12.2f}{result['pairs_per_s']['min']:>8.2f}"
-                     f"{f'{ok}/' + str(sum(c['sent'] for c in result['checks'])):>12}")
-    lines += [f"  workers 2 / 1 {serve['ratio']:.2f}x", "",
-              "memory after the load, MB (/proc/PID/smaps_rollup)",
-              f"  {'':<32}{'Rss':>8}{'Anonymous':>11}{'Pss':>8}{'Pss_Anon':>10}"]
+        lines.append(
+            f"  {name:<32}{result['pairs_per_s']['median']:>12.2f}{result['pairs_per_s']['min']:>8.2f}"
+            f"{f'{ok}/' + str(sum(c['sent'] for c in result['checks'])):>12}"
+        )
+    lines += [
+        f"  workers 2 / 1 {serve['ratio']:.2f}x",
+        "",
+        "memory after the load, MB (/proc/PID/smaps_rollup)",
+        f"  {'':<32}{'Rss':>8}{'Anonymous':>11}{'Pss':>8}{'Pss_Anon':>10}",
+    ]
     for name, result in serve["settings"].items():
         memory = result["memory"]
         rows = [(f"worker {i + 1}", m) for i, m in enumerate(memory["workers"])]
         rows += [("parent", memory["parent"])] if memory["parent"] else []
         for label, m in rows:
-            lines.append(f"  {name + ' ' + label:<32}{m['rss_mb']:>8.0f}{m['anonymous_mb']:>11.0f}{m['pss_mb']:>8.0f}"
-                         f"{m['pss_anon_mb']:>10.0f}")
+            lines.append(
+                f"  {name + ' ' + label:<32}{m['rss_mb']:>8.0f}{m['anonymous_mb']:>11.0f}{m['pss_mb']:>8.0f}"
+                f"{m['pss_anon_mb']:>10.0f}"
+            )
         lines.append(f"  {name + ' total (sum of Pss)':<32}{'':>19}{memory['total_pss_mb']:>8.0f}")
-    lines += [f"  an extra worker: {serve['extra_worker_mb']:.0f} MB (the weights: {serve['weights_mb']:.0f} MB)", "",
-              "issue 14 acceptance:"]
+    lines += [
+        f"  an extra worker: {serve['extra_worker_mb']:.0f} MB (the weights: {serve['weights_mb']:.0f} MB)",
+        "",
+        "issue 14 acceptance:",
+    ]
     for check in report["acceptance"]:
         why = f"; {check['why']}" if check.get("why") else ""
         lines.append(f"  {check['status']:<5} {check['check']}: {check['value']} (bar {check['bar']}{why})")

@@ -105,8 +105,10 @@ def shapes(layer: Layer):
 def _check_even(layer: Layer) -> None:
     odd = sorted({linear.weight.shape[1] for linear in _products(layer) if linear.weight.shape[1] % PAIR})
     if odd:
-        raise ModelError(f"precision bf16 needs an even hidden_size and intermediate_size (the weights are "
-                         f"packed in pairs); this model has a product with {odd[0]} inputs")
+        raise ModelError(
+            f"precision bf16 needs an even hidden_size and intermediate_size (the weights are "
+            f"packed in pairs); this model has a product with {odd[0]} inputs"
+        )
 
 
 def _products(layer: Layer) -> list:
@@ -128,8 +130,11 @@ class BF16Linears:
     the fast path leaves it."""
 
     def __init__(self, layers: list):
-        self.rounded = {id(linear): Linear(widen(to_bf16(linear.weight)), linear.bias)
-                        for layer in layers for linear in _products(layer)}
+        self.rounded = {
+            id(linear): Linear(widen(to_bf16(linear.weight)), linear.bias)
+            for layer in layers
+            for linear in _products(layer)
+        }
 
     def __call__(self, x, p: Linear):
         return reference.linear(x, self.rounded.get(id(p), p))
@@ -138,10 +143,12 @@ class BF16Linears:
 def rounded(weights: Weights) -> Weights:
     """`weights` with the encoder's product weights rounded to bf16 (held as float32): reference.forward
     on them equals the widening paths' forward up to fp32 rounding. In memory (no layout file)."""
+
     def round_linear(linear: Linear) -> Linear:
         return Linear(widen(to_bf16(linear.weight)), linear.bias)
 
     fields = [field for names in PRODUCTS.values() for field in names]
-    layers = [replace(layer, **{field: round_linear(getattr(layer, field)) for field in fields})
-              for layer in weights.layers]
+    layers = [
+        replace(layer, **{field: round_linear(getattr(layer, field)) for field in fields}) for layer in weights.layers
+    ]
     return replace(weights, layers=layers, source=None, stamp=None)

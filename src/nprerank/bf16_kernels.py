@@ -126,9 +126,9 @@ def round_rows(codes, x):
     for m in range(x.shape[0]):
         for k in range(x.shape[1]):
             bits = bits_of_float(x[m, k])
-            codes[m, k] = np.uint16((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1)))
-                                    >> np.uint32(16))
-
+            codes[m, k] = np.uint16(
+                (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+            )
 
 
 # --- the product ---------------------------------------------------------------------------------
@@ -148,11 +148,13 @@ def linear_bf16_naive(out, x, panels, bias, round_activations):
                     value = x[m, k]
                     if round_activations:
                         bits = bits_of_float(value)
-                        bits = ((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1)))
-                                >> np.uint32(16)) << np.uint32(16)
+                        bits = (
+                            (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+                        ) << np.uint32(16)
                         value = kernels.float_from_bits(np.int32(bits))
-                    weight = kernels.float_from_bits(np.int32(np.uint32(panels[p, k // PAIR, PAIR * j + k % PAIR])
-                                                              << np.uint32(16)))
+                    weight = kernels.float_from_bits(
+                        np.int32(np.uint32(panels[p, k // PAIR, PAIR * j + k % PAIR]) << np.uint32(16))
+                    )
                     total += value * weight
                 out[m, p * PANEL + j] = total + bias[p * PANEL + j]
 
@@ -223,8 +225,14 @@ def _panels_product(out, x, panels, bias, first, last, isa):
             while i < M:
                 n = kernels._tile_rows(M - i, rows_most)
                 for k in range(0, K, DEPTH):
-                    _bf16_tile(out[i : i + n, j:], x[i : i + n, k : k + DEPTH],
-                               panels[p, k // PAIR : (k + DEPTH) // PAIR, PAIR * c :], bias[j:], k > 0, isa)
+                    _bf16_tile(
+                        out[i : i + n, j:],
+                        x[i : i + n, k : k + DEPTH],
+                        panels[p, k // PAIR : (k + DEPTH) // PAIR, PAIR * c :],
+                        bias[j:],
+                        k > 0,
+                        isa,
+                    )
                 i += n
 
 
@@ -259,8 +267,18 @@ else:
             pairs = cgutils.unpack_tuple(builder, arrays[2].shape)[0]
             strides = [cgutils.unpack_tuple(builder, arrays[i].strides)[0] for i in (0, 1, 2)]
             i8p = ir.IntType(8).as_pointer()
-            operands = [arrays[0].data, strides[0], builder.bitcast(arrays[1].data, i8p), strides[1],
-                        builder.bitcast(arrays[2].data, i8p), strides[2], arrays[3].data, rows, pairs, args[4]]
+            operands = [
+                arrays[0].data,
+                strides[0],
+                builder.bitcast(arrays[1].data, i8p),
+                strides[1],
+                builder.bitcast(arrays[2].data, i8p),
+                strides[2],
+                arrays[3].data,
+                rows,
+                pairs,
+                args[4],
+            ]
             after = builder.append_basic_block("bf16_tile_done")
             choice = builder.switch(args[5], after)
             size = sig.args[1].dtype.bitwidth // 8
@@ -286,8 +304,11 @@ else:
         if symbol in module.globals:
             return module.globals[symbol]
         i8p, f32p, i64 = ir.IntType(8).as_pointer(), ir.FloatType().as_pointer(), ir.IntType(64)
-        function = ir.Function(module, ir.FunctionType(ir.VoidType(), [f32p, i64, i8p, i64, i8p, i64, f32p, i64, i64,
-                                                                        ir.IntType(1)]), symbol)
+        function = ir.Function(
+            module,
+            ir.FunctionType(ir.VoidType(), [f32p, i64, i8p, i64, i8p, i64, f32p, i64, i64, ir.IntType(1)]),
+            symbol,
+        )
         function.linkage = "internal"
         function.attributes.add("noinline")
         if TARGET_FEATURES[name]:  # llvmlite knows no string attributes by name; the set prints them as given
@@ -302,17 +323,30 @@ else:
             self.name, self.number = name, ISAS.index(name)
             self.builder = ir.IRBuilder(function.append_basic_block("entry"))
             self.i32, self.i64 = ir.IntType(32), ir.IntType(64)
-            (self.out, self.out_stride, self.x, self.x_stride, self.panel, self.panel_stride, self.bias, self.rows,
-             self.pairs, self.accumulate) = function.args
+            (
+                self.out,
+                self.out_stride,
+                self.x,
+                self.x_stride,
+                self.panel,
+                self.panel_stride,
+                self.bias,
+                self.rows,
+                self.pairs,
+                self.accumulate,
+            ) = function.args
             lanes = LANES[self.number]
             self.floats, self.words = ir.VectorType(ir.FloatType(), lanes), ir.VectorType(self.i32, lanes)
             if name == "avx512bf16":  # declared with i32 lanes; LLVM upgrades the call to its bfloat form
                 self.dot = cgutils.get_or_insert_function(
-                    function.module, ir.FunctionType(self.floats, [self.floats, self.words, self.words]),
-                    f"llvm.x86.avx512bf16.dpbf16ps.{32 * lanes}")
+                    function.module,
+                    ir.FunctionType(self.floats, [self.floats, self.words, self.words]),
+                    f"llvm.x86.avx512bf16.dpbf16ps.{32 * lanes}",
+                )
             else:
                 self.fma = cgutils.get_or_insert_function(
-                    function.module, ir.FunctionType(self.floats, [self.floats] * 3), f"llvm.fmuladd.v{lanes}f32")
+                    function.module, ir.FunctionType(self.floats, [self.floats] * 3), f"llvm.fmuladd.v{lanes}f32"
+                )
 
         def at(self, base, offset, pointee):  # pointer to `pointee` at byte offset `offset` from base
             b = self.builder
@@ -321,15 +355,24 @@ else:
         def splat(self, value, vector):  # value in every lane of a `vector`
             b = self.builder
             single = b.insert_element(ir.Constant(vector, ir.Undefined), value, self.i32(0))
-            return b.shuffle_vector(single, ir.Constant(vector, ir.Undefined),
-                                    ir.Constant(ir.VectorType(self.i32, vector.count), [0] * vector.count))
+            return b.shuffle_vector(
+                single,
+                ir.Constant(vector, ir.Undefined),
+                ir.Constant(ir.VectorType(self.i32, vector.count), [0] * vector.count),
+            )
 
         def emit(self):
             b = self.builder
             # the sums start at the bias, or at zero for a further slice of K, added to out at the store
             zero = ir.Constant(self.floats, [0.0] * self.floats.count)
-            self.start = [b.select(self.accumulate, zero, b.load(self.at(self.bias, self.i64(4 * self.floats.count * v),
-                                                                          self.floats), align=4)) for v in range(2)]
+            self.start = [
+                b.select(
+                    self.accumulate,
+                    zero,
+                    b.load(self.at(self.bias, self.i64(4 * self.floats.count * v), self.floats), align=4),
+                )
+                for v in range(2)
+            ]
             after = b.append_basic_block("after")
             choice = b.switch(self.rows, after)
             for count in tile_counts(self.number):
@@ -345,13 +388,17 @@ else:
             """The sums after k-pair g: the pair's weights loaded once, used by every row."""
             b = self.builder
             row = b.mul(g, self.panel_stride)
-            w = [b.load(self.at(self.panel, b.add(row, self.i64(4 * self.words.count * v)), self.words), align=4)
-                 for v in range(2)]  # one column's (even k, odd k) bf16 pair per 32-bit lane
+            w = [
+                b.load(self.at(self.panel, b.add(row, self.i64(4 * self.words.count * v)), self.words), align=4)
+                for v in range(2)
+            ]  # one column's (even k, odd k) bf16 pair per 32-bit lane
             if self.name == "avx512bf16":
                 updated = []
                 for r in range(count):  # this row's pair of bf16 activations, one 32-bit load
-                    x2 = b.load(self.at(self.x, b.add(b.mul(self.i64(r), self.x_stride), b.mul(g, self.i64(4))),
-                                        self.i32), align=2)
+                    x2 = b.load(
+                        self.at(self.x, b.add(b.mul(self.i64(r), self.x_stride), b.mul(g, self.i64(4))), self.i32),
+                        align=2,
+                    )
                     spread = self.splat(x2, self.words)
                     updated += [b.call(self.dot, [sums[2 * r + v], spread, w[v]]) for v in range(2)]
                 return updated
@@ -362,8 +409,10 @@ else:
             updated = list(sums)
             for half, weights in enumerate((even, odd)):
                 for r in range(count):
-                    at = b.add(b.mul(self.i64(r), self.x_stride), b.mul(b.add(b.mul(g, self.i64(2)), self.i64(half)),
-                                                                        self.i64(4)))
+                    at = b.add(
+                        b.mul(self.i64(r), self.x_stride),
+                        b.mul(b.add(b.mul(g, self.i64(2)), self.i64(half)), self.i64(4)),
+                    )
                     spread = self.splat(b.load(self.at(self.x, at, ir.FloatType()), align=4), self.floats)
                     for v in range(2):
                         updated[2 * r + v] = b.call(self.fma, [spread, weights[v], updated[2 * r + v]])
@@ -394,10 +443,14 @@ else:
                 phi.add_incoming(then, loop)
             for r in range(count):
                 for v in range(2):
-                    target = self.at(self.out, b.add(b.mul(self.i64(r), self.out_stride),
-                                                     self.i64(4 * self.floats.count * v)), self.floats)
-                    total = b.select(self.accumulate, b.fadd(final[2 * r + v], b.load(target, align=4)),
-                                     final[2 * r + v])
+                    target = self.at(
+                        self.out,
+                        b.add(b.mul(self.i64(r), self.out_stride), self.i64(4 * self.floats.count * v)),
+                        self.floats,
+                    )
+                    total = b.select(
+                        self.accumulate, b.fadd(final[2 * r + v], b.load(target, align=4)), final[2 * r + v]
+                    )
                     b.store(total, target, align=4)
 
 
@@ -417,8 +470,24 @@ def feed_forward_codes(M, n_threads, output_panels, up_panels, isa):
 
 
 @parallel_kernel
-def output_feed_forward_bf16(hidden, context, output_panels, output_bias, norm1_weight, norm1_bias, up_panels, up_bias,
-                             down_panels, down_bias, norm2_weight, norm2_bias, eps, workspace, isa, codes):
+def output_feed_forward_bf16(
+    hidden,
+    context,
+    output_panels,
+    output_bias,
+    norm1_weight,
+    norm1_bias,
+    up_panels,
+    up_bias,
+    down_panels,
+    down_bias,
+    norm2_weight,
+    norm2_bias,
+    eps,
+    workspace,
+    isa,
+    codes,
+):
     """kernels.output_feed_forward with its three products on bf16 panels:
 
         h = layer_norm(hidden + linear_bf16(context, attention_output))
@@ -429,19 +498,55 @@ def output_feed_forward_bf16(hidden, context, output_panels, output_bias, norm1_
     codes [threads, S'] uint16, S' >= feed_forward_codes(...). The same blocks of rows as
     kernels.output_feed_forward, each thread carrying its block through all the steps."""
     n_threads = workspace.shape[0]
-    kernels._check_workspace(workspace, kernels.feed_forward_floats(hidden.shape[0], n_threads, output_panels,
-                                                                    up_panels))
+    kernels._check_workspace(
+        workspace, kernels.feed_forward_floats(hidden.shape[0], n_threads, output_panels, up_panels)
+    )
     kernels._check_workspace(codes, feed_forward_codes(hidden.shape[0], n_threads, output_panels, up_panels, isa))
     taken = np.zeros(1, dtype=np.int64)
     for thread in prange(n_threads):
-        _feed_forward_items(hidden, context, output_panels, output_bias, norm1_weight, norm1_bias, up_panels, up_bias,
-                            down_panels, down_bias, norm2_weight, norm2_bias, eps, n_threads, workspace[thread], isa,
-                            codes[thread], taken)
+        _feed_forward_items(
+            hidden,
+            context,
+            output_panels,
+            output_bias,
+            norm1_weight,
+            norm1_bias,
+            up_panels,
+            up_bias,
+            down_panels,
+            down_bias,
+            norm2_weight,
+            norm2_bias,
+            eps,
+            n_threads,
+            workspace[thread],
+            isa,
+            codes[thread],
+            taken,
+        )
 
 
 @kernel
-def _feed_forward_items(hidden, context, output_panels, output_bias, norm1_weight, norm1_bias, up_panels, up_bias,
-                        down_panels, down_bias, norm2_weight, norm2_bias, eps, n_threads, scratch, isa, codes, taken):
+def _feed_forward_items(
+    hidden,
+    context,
+    output_panels,
+    output_bias,
+    norm1_weight,
+    norm1_bias,
+    up_panels,
+    up_bias,
+    down_panels,
+    down_bias,
+    norm2_weight,
+    norm2_bias,
+    eps,
+    n_threads,
+    scratch,
+    isa,
+    codes,
+    taken,
+):
     """One thread's part of output_feed_forward_bf16: kernels._feed_forward_items' steps, the
     products made by _product."""
     M = hidden.shape[0]

@@ -1,13 +1,14 @@
 """The bf16 forward pass: model.py's steps with the encoder's four products on bf16 weights.
 
 `forward(ids, offsets, weights, matrices, config, isa)` -> [B] float32 logits, model.forward's
-contract (precisions.py's bf16 row: `FastModel(..., precision="bf16")` calls it), with the query/key/value, attention output, intermediate and output products made by
-bf16_kernels on bf16 panels (bf16.py's format, memory-mapped from its own layout cache file, half
-the fp32 one). Everything else is model.py's, called as it is: embeddings, attention,
-LayerNorm, GELU and the classification head in fp32, the packed batch, the last layer's
-first-tokens-only shortcut. Each layer is model.encoder_layer's three parallel regions (the fp32
-path's one region for all layers, kernels.encoder_layers, is fp32-only): at rerank-100's sizes a
-region's ~0.1 ms wake-up is under 1% of a layer's time.
+contract (precisions.py's bf16 row: `FastModel(..., precision="bf16")` calls it), with the
+query/key/value, attention output, intermediate and output products made by bf16_kernels on bf16
+panels (bf16.py's format, memory-mapped from its own layout cache file, half the fp32 one).
+Everything else is model.py's, called as it is: embeddings, attention, LayerNorm, GELU and the
+classification head in fp32, the packed batch, the last layer's first-tokens-only shortcut. Each
+layer is model.encoder_layer's three parallel regions (the fp32 path's one region for all layers,
+kernels.encoder_layers, is fp32-only): at rerank-100's sizes a region's ~0.1 ms wake-up is under 1%
+of a layer's time.
 
 The error against fp32 is measured, not promised: tests/test_bf16.py bounds it on tiny models,
 docs/performance.md reports it on the full-size random model.
@@ -46,10 +47,14 @@ def forward(ids, offsets, weights: Weights, matrices: list, config: ModelConfig,
     buffers = make_buffers(offsets, matrices[0], config)
     threads, m = len(buffers["workspace"]), matrices[0]
     rounding = isa == bf16_kernels.AVX512BF16  # only that path rounds the activations to bf16
-    values = max(bf16_kernels.feed_forward_codes(rows, threads, m.attention_output, m.intermediate, isa)
-                 for rows in (N, B))
-    steps = BF16Steps(isa, np.empty((N, config.hidden_size) if rounding else (1, 1), dtype=np.uint16),
-                      np.empty((threads, values), dtype=np.uint16))
+    values = max(
+        bf16_kernels.feed_forward_codes(rows, threads, m.attention_output, m.intermediate, isa) for rows in (N, B)
+    )
+    steps = BF16Steps(
+        isa,
+        np.empty((N, config.hidden_size) if rounding else (1, 1), dtype=np.uint16),
+        np.empty((threads, values), dtype=np.uint16),
+    )
     x = embeddings(ids, offsets, weights.embeddings, config)  # [N, C]
     *layers, last = zip(weights.layers, matrices)
     for layer, layer_matrices in layers:

@@ -89,65 +89,116 @@ def build_parser() -> _Parser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser, required=True)
 
     rerank = commands.add_parser(
-        "rerank", help="score contexts against a query and print them best first",
+        "rerank",
+        help="score contexts against a query and print them best first",
         description="Score each context against the query and print them best first.",
-        epilog=RERANK_INPUT + "\n" + EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=RERANK_INPUT + "\n" + EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    rerank.add_argument("query", metavar="QUERY", nargs="?", help="the query (may come from a --file Cloudflare body instead)")
+    rerank.add_argument(
+        "query", metavar="QUERY", nargs="?", help="the query (may come from a --file Cloudflare body instead)"
+    )
     rerank.add_argument("contexts", metavar="CONTEXT", nargs="*", help="texts to rank")
-    rerank.add_argument("--file", "-f", metavar="PATH", help="read contexts from this JSON/JSONL/text file ('-' for stdin)")
+    rerank.add_argument(
+        "--file", "-f", metavar="PATH", help="read contexts from this JSON/JSONL/text file ('-' for stdin)"
+    )
     rerank.add_argument("--top-k", type=positive_int, metavar="K", help="print only the K best")
-    rerank.add_argument("--json", action="store_true", help='print {"response": [{"id", "score", "text"}]} instead of a table')
-    rerank.add_argument("--raw", action="store_true",
-                        help="print the model's logits instead of sigmoid(logit) scores in [0, 1] (the ranking is the same)")
-    rerank.add_argument("--batch-size", type=positive_int, metavar="N",
-                        help="pairs per forward pass, at most (default 32; a token budget also bounds it)")
+    rerank.add_argument(
+        "--json", action="store_true", help='print {"response": [{"id", "score", "text"}]} instead of a table'
+    )
+    rerank.add_argument(
+        "--raw",
+        action="store_true",
+        help="print the model's logits instead of sigmoid(logit) scores in [0, 1] (the ranking is the same)",
+    )
+    rerank.add_argument(
+        "--batch-size",
+        type=positive_int,
+        metavar="N",
+        help="pairs per forward pass, at most (default 32; a token budget also bounds it)",
+    )
     _add_model_arguments(rerank)
     rerank.set_defaults(run=_rerank)
 
     download = commands.add_parser(
-        "download", help="fetch the model's files from the Hugging Face Hub",
+        "download",
+        help="fetch the model's files from the Hugging Face Hub",
         description="Fetch config.json, tokenizer.json, model.safetensors (and small tokenizer files) of a "
         "Hugging Face repo, verify them, and print the folder they are in.",
         epilog=f"examples:\n  nprerank download                      # then: nprerank rerank QUERY CONTEXT ...\n"
-        f"  nprerank download {DEFAULT_MODEL} --dir weights/   # then: nprerank rerank QUERY CONTEXT ... --model weights/\n\n"
+        f"  nprerank download {DEFAULT_MODEL} --dir weights/   "
+        "# then: nprerank rerank QUERY CONTEXT ... --model weights/\n\n"
         "A download into --dir that fails leaves nothing half made: what it created is removed.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    download.add_argument("repo_id", metavar="REPO_ID", nargs="?", default=DEFAULT_MODEL, help=f"default {DEFAULT_MODEL}")
-    download.add_argument("--dir", metavar="DIR", help="write the files into this plain folder instead of the Hugging Face cache; then pass "
-                          "it as --model DIR (a repo id is looked up in the cache only)")
+    download.add_argument(
+        "repo_id", metavar="REPO_ID", nargs="?", default=DEFAULT_MODEL, help=f"default {DEFAULT_MODEL}"
+    )
+    download.add_argument(
+        "--dir",
+        metavar="DIR",
+        help="write the files into this plain folder instead of the Hugging Face cache; then pass "
+        "it as --model DIR (a repo id is looked up in the cache only)",
+    )
     download.add_argument("--revision", help="a branch, tag or commit (default: main)")
     download.set_defaults(run=_download)
 
     # serve and bench bring their own arguments; add_help=False so that their --help reaches them
-    serve = commands.add_parser("serve", help="HTTP server speaking Cloudflare, TEI and Cohere/Jina rerank APIs", add_help=False)
+    serve = commands.add_parser(
+        "serve", help="HTTP server speaking Cloudflare, TEI and Cohere/Jina rerank APIs", add_help=False
+    )
     serve.set_defaults(run=_serve)
     bench = commands.add_parser("bench", help="measure speed against torch and ONNX Runtime", add_help=False)
     bench.set_defaults(run=_bench)
-    batch = commands.add_parser("batch", help="rerank a JSONL file or a TREC run, resumable, locally or on Ray", add_help=False)
+    batch = commands.add_parser(
+        "batch", help="rerank a JSONL file or a TREC run, resumable, locally or on Ray", add_help=False
+    )
     batch.set_defaults(run=_batch)
     return parser
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
-    group.add_argument("--model", "-m", default=os.environ.get("NPRERANK_MODEL") or DEFAULT_MODEL,
-                       help="a model folder or Hugging Face repo id (default: $NPRERANK_MODEL or %(default)s)")
-    group.add_argument("--threads", type=positive_int, metavar="N", help="CPU threads to use (default: all, or $NPRERANK_NUM_THREADS)")
-    group.add_argument("--max-length", type=positive_int, metavar="N", help="tokens per query+context pair (default 512)")
-    group.add_argument("--truncation", choices=("only_second", "longest_first"), default="only_second",
-                       help="only_second cuts the context, never the query (FlagEmbedding); longest_first cuts "
-                       "the longer one (sentence-transformers, TEI). Default %(default)s")
-    group.add_argument("--engine", choices=("fast", "reference"), default="fast",
-                       help="fast: the Numba kernels; reference: the readable NumPy forward pass (slower, the same "
-                       "scores within 1e-4). Default %(default)s")
-    group.add_argument("--precision", choices=PRECISION_NAMES, default="fp32",
-                       help="fp32 (exact) or int8 (the encoder's products on 8-bit integers: faster, logits "
-                       "off by ~0.01-1 on random models, docs/performance.md). Default %(default)s")
-    group.add_argument("--long-documents", choices=("truncate", "chunk"), default="truncate",
-                       help="truncate: score the start of a long context; chunk: score overlapping windows and "
-                       "keep the best. Default %(default)s")
+    group.add_argument(
+        "--model",
+        "-m",
+        default=os.environ.get("NPRERANK_MODEL") or DEFAULT_MODEL,
+        help="a model folder or Hugging Face repo id (default: $NPRERANK_MODEL or %(default)s)",
+    )
+    group.add_argument(
+        "--threads", type=positive_int, metavar="N", help="CPU threads to use (default: all, or $NPRERANK_NUM_THREADS)"
+    )
+    group.add_argument(
+        "--max-length", type=positive_int, metavar="N", help="tokens per query+context pair (default 512)"
+    )
+    group.add_argument(
+        "--truncation",
+        choices=("only_second", "longest_first"),
+        default="only_second",
+        help="only_second cuts the context, never the query (FlagEmbedding); longest_first cuts "
+        "the longer one (sentence-transformers, TEI). Default %(default)s",
+    )
+    group.add_argument(
+        "--engine",
+        choices=("fast", "reference"),
+        default="fast",
+        help="fast: the Numba kernels; reference: the readable NumPy forward pass (slower, the same "
+        "scores within 1e-4). Default %(default)s",
+    )
+    group.add_argument(
+        "--precision",
+        choices=PRECISION_NAMES,
+        default="fp32",
+        help="fp32 (exact) or int8 (the encoder's products on 8-bit integers: faster, logits "
+        "off by ~0.01-1 on random models, docs/performance.md). Default %(default)s",
+    )
+    group.add_argument(
+        "--long-documents",
+        choices=("truncate", "chunk"),
+        default="truncate",
+        help="truncate: score the start of a long context; chunk: score overlapping windows and "
+        "keep the best. Default %(default)s",
+    )
 
 
 def main(argv=None) -> int:
@@ -193,8 +244,9 @@ def _rerank(args, rest) -> int:
     from .reranker import Reranker, best_first, sigmoid  # numpy, numba: once the command line is known good
     from .startup import warm_up
 
-    options = dict(truncation=args.truncation, long_documents=args.long_documents, engine=args.engine,
-                   precision=args.precision)
+    options = dict(
+        truncation=args.truncation, long_documents=args.long_documents, engine=args.engine, precision=args.precision
+    )
     if args.max_length is not None:
         options["max_length"] = args.max_length
     if args.threads is not None:
@@ -285,8 +337,10 @@ def _body(body: dict, source: str) -> tuple:
     keys = [key for key in BODY_LISTS if key in body]
     if len(keys) != 1 or not isinstance(body[keys[0]], list):
         found = f"; it has {' and '.join(keys)}" if len(keys) > 1 else ""
-        raise ValueError(f"{source}: expected a list of contexts or a request body with one list of them: 'contexts' "
-                         f"(Cloudflare), 'documents' (Cohere, Jina) or 'texts' (TEI){found}")
+        raise ValueError(
+            f"{source}: expected a list of contexts or a request body with one list of them: 'contexts' "
+            f"(Cloudflare), 'documents' (Cohere, Jina) or 'texts' (TEI){found}"
+        )
     query = body.get("query")
     if query is not None:
         query = _check_text(query, f"{source}: 'query'")
@@ -294,8 +348,10 @@ def _body(body: dict, source: str) -> tuple:
     if len(limits) > 1:
         raise ValueError(f"{source}: gives both 'top_k' and 'top_n'; keep one")
     if body.get("rank_fields") not in (None, ["text"]):  # Cohere v1 would rank those keys; we read only text
-        raise ValueError(f"{source}: 'rank_fields' {body['rank_fields']!r:.60} is not supported: only each "
-                         "document's text is ranked; leave it out or give [\"text\"]")
+        raise ValueError(
+            f"{source}: 'rank_fields' {body['rank_fields']!r:.60} is not supported: only each "
+            'document\'s text is ranked; leave it out or give ["text"]'
+        )
     top_k = body[limits[0]] if limits else None
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"{source}: '{limits[0]}' must be an integer >= 1, got {top_k!r}")
@@ -323,7 +379,9 @@ def _check_text(text, where: str, argument: bool = False) -> str:
         code = ord(text[e.start])
         if argument and 0xDC80 <= code <= 0xDCFF:  # how Python keeps an argument's undecodable byte
             raise error(f"{where} is not valid UTF-8 (byte 0x{code - 0xDC00:02x} at character {e.start})") from None
-        raise error(f"{where} is not valid Unicode text (a lone surrogate U+{code:04X} at character {e.start})") from None
+        raise error(
+            f"{where} is not valid Unicode text (a lone surrogate U+{code:04X} at character {e.start})"
+        ) from None
     return text
 
 
@@ -360,8 +418,11 @@ def _download(args, rest) -> int:
 
 def _serve(args, rest) -> int:
     server = _optional_module("server", "serve", "pip install '.[server]' from the nprerank checkout")
-    parser = _Parser(prog="nprerank serve", description="Serve reranking over HTTP (Cloudflare Workers AI, "
-                     "Text Embeddings Inference and Cohere/Jina dialects).")
+    parser = _Parser(
+        prog="nprerank serve",
+        description="Serve reranking over HTTP (Cloudflare Workers AI, "
+        "Text Embeddings Inference and Cohere/Jina dialects).",
+    )
     server.add_arguments(parser)
     return server.serve_from_args(parser.parse_args(rest)) or 0
 

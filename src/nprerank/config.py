@@ -32,8 +32,13 @@ def open_regular_file(path):
     effects, and a directory cannot be read. ModelError names the path and what it is instead;
     FileNotFoundError and other OSErrors pass through. The check is made again on the opened
     file (O_NONBLOCK: a FIFO swapped in between does not block the open either)."""
-    kinds = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
-             stat.S_IFDIR: "a directory", stat.S_IFSOCK: "a socket"}
+    kinds = {
+        stat.S_IFIFO: "a FIFO",
+        stat.S_IFCHR: "a character device",
+        stat.S_IFBLK: "a block device",
+        stat.S_IFDIR: "a directory",
+        stat.S_IFSOCK: "a socket",
+    }
 
     def refuse(mode):
         raise ModelError(f"{path}: is {kinds.get(stat.S_IFMT(mode), 'not a regular file')}, not a regular file")
@@ -112,12 +117,18 @@ class ModelConfig:
             value = raw.get(name, field.default)
             kind = float if field.type in (float, "float") else int
             smallest = 0 if name == "pad_token_id" else 1e-12
-            if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int) or value < smallest:
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float) if kind is float else int)
+                or value < smallest
+            ):
                 raise ModelError(f"{source}: {name} must be a positive {kind.__name__}, got {value!r}")
             if kind is float and not FLOAT32_TINY <= value <= FLOAT32_MAX:  # NaN fails both comparisons
                 # the kernels compute in float32: 1e300 would be inf there, and inf or NaN gives NaN scores
-                raise ModelError(f"{source}: {name} must be a finite positive number that float32 can hold "
-                                 f"({FLOAT32_TINY:.3g} to {FLOAT32_MAX:.3g}), got {value!r}")
+                raise ModelError(
+                    f"{source}: {name} must be a finite positive number that float32 can hold "
+                    f"({FLOAT32_TINY:.3g} to {FLOAT32_MAX:.3g}), got {value!r}"
+                )
             values[name] = kind(value)
         config = cls(**values)
         if config.hidden_size % config.num_attention_heads:
@@ -126,10 +137,14 @@ class ModelConfig:
                 f"num_attention_heads {config.num_attention_heads}"
             )
         if config.type_vocab_size < config.architecture.segments:
-            raise ModelError(f"{source}: type_vocab_size {config.type_vocab_size} is too small: "
-                             f"{config.architecture_name} gives query and passage {config.architecture.segments} token types")
+            raise ModelError(
+                f"{source}: type_vocab_size {config.type_vocab_size} is too small: "
+                f"{config.architecture_name} gives query and passage {config.architecture.segments} token types"
+            )
         if config.max_tokens < 4:
-            raise ModelError(f"{source}: max_position_embeddings {config.max_position_embeddings} leaves no room for a pair")
+            raise ModelError(
+                f"{source}: max_position_embeddings {config.max_position_embeddings} leaves no room for a pair"
+            )
         return config
 
 
@@ -152,8 +167,10 @@ def _architecture(raw: dict, source: str) -> Architecture:
     architecture = ARCHITECTURES[architectures[0]]
     model_type = raw.get("model_type", architecture.model_types[0])
     if model_type not in architecture.model_types:
-        raise ModelError(f"{source}: model_type {model_type!r} does not go with {architectures[0]} "
-                         f"(expected {' or '.join(map(repr, architecture.model_types))})")
+        raise ModelError(
+            f"{source}: model_type {model_type!r} does not go with {architectures[0]} "
+            f"(expected {' or '.join(map(repr, architecture.model_types))})"
+        )
     return architecture
 
 

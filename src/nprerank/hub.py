@@ -39,7 +39,9 @@ OPTIONAL_FILES = ("tokenizer_config.json", "special_tokens_map.json")  # small; 
 DEFAULT_TIMEOUT = 5.0  # seconds to wait for the Hub's first answer before calling it unreachable
 
 
-def resolve(name_or_path=DEFAULT_MODEL, cache_dir=None, offline: bool | None = None, revision: str | None = None) -> Path:
+def resolve(
+    name_or_path=DEFAULT_MODEL, cache_dir=None, offline: bool | None = None, revision: str | None = None
+) -> Path:
     """A model folder for `name_or_path`: an existing local folder as is, else a Hub repo id.
 
     A repo id is looked up in the Hugging Face cache first (no network), then downloaded into it
@@ -69,7 +71,7 @@ def how_to_get(repo_id: str) -> str:
     return (
         f"either run `nprerank download {repo_id}` where the Hub is reachable (into the Hugging Face cache, "
         f"where this same command then finds it), or `nprerank download {repo_id} --dir weights/` and pass "
-        "that folder as the model (`--model weights/`, `Reranker.from_pretrained(\"weights/\")`); "
+        'that folder as the model (`--model weights/`, `Reranker.from_pretrained("weights/")`); '
         "a folder holding config.json, tokenizer.json and model.safetensors copied from elsewhere works the same way"
     )
 
@@ -84,7 +86,9 @@ def download(repo_id: str = DEFAULT_MODEL, dir=None, cache_dir=None, revision: s
     """
     repo_id = _repo_id(str(repo_id))
     if _offline(None):
-        raise ModelError(f"HF_HUB_OFFLINE is set, so {repo_id} cannot be downloaded; unset it or run this where there is network")
+        raise ModelError(
+            f"HF_HUB_OFFLINE is set, so {repo_id} cannot be downloaded; unset it or run this where there is network"
+        )
     if dir is None:
         return _fetch(repo_id, revision, cache_dir=cache_dir, local_dir=None)
     target = Path(os.path.expanduser(str(dir)))
@@ -128,7 +132,9 @@ def _repo_id(name: str) -> str:
     try:
         validate_repo_id(name)
     except HFValidationError:
-        raise ModelError(f"{name}: neither a model folder nor a valid Hugging Face repo id (like {DEFAULT_MODEL})") from None
+        raise ModelError(
+            f"{name}: neither a model folder nor a valid Hugging Face repo id (like {DEFAULT_MODEL})"
+        ) from None
     return name
 
 
@@ -162,11 +168,18 @@ def _fetch(repo_id: str, revision: str | None, cache_dir, local_dir, asked_to_do
             continue
         try:
             path = hf_hub_download(
-                repo_id, name, revision=revision, cache_dir=_cache_dir(cache_dir), local_dir=local_dir,
-                endpoint=_endpoint(), etag_timeout=_timeout(),
+                repo_id,
+                name,
+                revision=revision,
+                cache_dir=_cache_dir(cache_dir),
+                local_dir=local_dir,
+                endpoint=_endpoint(),
+                etag_timeout=_timeout(),
             )
         except Exception as e:  # huggingface_hub raises OSError, HfHubHTTPError, httpx errors ...
-            raise ModelError(f"downloading {name} of {repo_id} from {_endpoint_shown()} failed: {_one_line(e)}") from None
+            raise ModelError(
+                f"downloading {name} of {repo_id} from {_endpoint_shown()} failed: {_one_line(e)}"
+            ) from None
         _verify(Path(path), listing[name], repo_id)
         folder = Path(path).parent
     return folder
@@ -181,7 +194,9 @@ def _listing(repo_id: str, revision: str | None, asked_to_download: bool) -> dic
 
     what = repo_id if revision is None else f"{repo_id} at revision {revision}"
     try:
-        info = HfApi(endpoint=_endpoint()).model_info(repo_id, revision=revision, files_metadata=True, timeout=_timeout())
+        info = HfApi(endpoint=_endpoint()).model_info(
+            repo_id, revision=revision, files_metadata=True, timeout=_timeout()
+        )
     except GatedRepoError:
         raise ModelError(f"{repo_id} is gated on the Hub: accept its terms on the website and set HF_TOKEN") from None
     except RepositoryNotFoundError:
@@ -194,12 +209,19 @@ def _listing(repo_id: str, revision: str | None, asked_to_download: bool) -> dic
     except HfHubHTTPError as e:
         raise ModelError(f"the Hub at {_endpoint_shown()} refused {what}: {_one_line(e)}") from None
     except Exception as e:  # connection refused, DNS failure, timeout, proxy ...: the Hub is unreachable
-        unreachable = f"cannot reach the Hugging Face Hub at {_endpoint_shown()} to download {what} ({type(e).__name__}: {_one_line(e)})"
+        unreachable = (
+            f"cannot reach the Hugging Face Hub at {_endpoint_shown()} to download {what} "
+            f"({type(e).__name__}: {_one_line(e)})"
+        )
         if asked_to_download:
-            raise ModelError(f"{unreachable}; run this again where the Hub is reachable, or set HF_ENDPOINT to a "
-                             "reachable mirror; a model folder copied from elsewhere is used with --model FOLDER") from None
-        raise ModelError(f"{unreachable}, and it is neither a local folder nor in the cache; set HF_ENDPOINT to a "
-                         f"reachable mirror, or {how_to_get(repo_id)}") from None
+            raise ModelError(
+                f"{unreachable}; run this again where the Hub is reachable, or set HF_ENDPOINT to a "
+                "reachable mirror; a model folder copied from elsewhere is used with --model FOLDER"
+            ) from None
+        raise ModelError(
+            f"{unreachable}, and it is neither a local folder nor in the cache; set HF_ENDPOINT to a "
+            f"reachable mirror, or {how_to_get(repo_id)}"
+        ) from None
     return {sibling.rfilename: sibling for sibling in info.siblings or []}
 
 
@@ -224,7 +246,10 @@ def _verify(path: Path, sibling, repo_id: str) -> None:
     real = path.resolve()  # in the cache, the snapshot entry is a symlink to the blob
     path.unlink(missing_ok=True)
     real.unlink(missing_ok=True)
-    raise ModelError(f"{path}: corrupt download of {sibling.rfilename} from {repo_id}: {problem}; deleted it, run again to download it afresh")
+    raise ModelError(
+        f"{path}: corrupt download of {sibling.rfilename} from {repo_id}: {problem}; "
+        "deleted it, run again to download it afresh"
+    )
 
 
 def _sha256(path: Path) -> str:

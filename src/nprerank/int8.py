@@ -41,8 +41,12 @@ from .weights import Layer, Linear
 PANEL = 32  # output columns per panel, whatever the instruction set (so one cached file serves all)
 GROUP = 4  # k values whose byte products vpdpbusd sums into one 32-bit lane
 QMAX = np.float32(127.0)  # symmetric: -128 is never used, so negating a value cannot overflow
-PRODUCTS = {"qkv": ("query", "key", "value"), "attention_output": ("attention_output",),
-            "intermediate": ("intermediate",), "output": ("output",)}  # packed name -> Layer's Linear fields
+PRODUCTS = {
+    "qkv": ("query", "key", "value"),
+    "attention_output": ("attention_output",),
+    "intermediate": ("intermediate",),
+    "output": ("output",),
+}  # packed name -> Layer's Linear fields
 ARRAYS = {"": np.int8, "_scale": np.float32, "_correction": np.int32, "_bias": np.float32}  # per product
 
 
@@ -112,8 +116,9 @@ def pack(linears: list) -> Int8Product:
     P, K4 = len(q) // PANEL, q.shape[1] // GROUP
     panels = q.reshape(P, PANEL, K4, GROUP).transpose(0, 2, 1, 3).reshape(P, K4, PANEL * GROUP)
     correction = 128 * q.astype(np.int32).sum(axis=1)  # [P * PANEL]
-    return Int8Product(np.ascontiguousarray(panels), np.concatenate(scales), correction.astype(np.int32),
-                       np.concatenate(biases))
+    return Int8Product(
+        np.ascontiguousarray(panels), np.concatenate(scales), correction.astype(np.int32), np.concatenate(biases)
+    )
 
 
 def unpack(product: Int8Product) -> np.ndarray:
@@ -172,8 +177,12 @@ class Int8Linears:
     classification head's left at fp32 as the fast path leaves it."""
 
     def __init__(self, layers: list):
-        self.products = {id(getattr(layer, f)): (pack([getattr(layer, f)]), getattr(layer, f).weight.shape[0])
-                         for layer in layers for fields in PRODUCTS.values() for f in fields}
+        self.products = {
+            id(getattr(layer, f)): (pack([getattr(layer, f)]), getattr(layer, f).weight.shape[0])
+            for layer in layers
+            for fields in PRODUCTS.values()
+            for f in fields
+        }
 
     def __call__(self, x, p: Linear):
         if id(p) not in self.products:

@@ -108,8 +108,9 @@ def _linear_items(out, column, q, scales, panels, column_scales, corrections, bi
     while item < items:
         first, p = item // P * PANEL_ROWS, item % P
         rows = slice(first, first + PANEL_ROWS)
-        _panels_product(out[rows, column:], q[rows], scales[rows], panels, column_scales, corrections, bias, p, p + 1,
-                        isa)
+        _panels_product(
+            out[rows, column:], q[rows], scales[rows], panels, column_scales, corrections, bias, p, p + 1, isa
+        )
         item = kernels.take(taken)
 
 
@@ -125,8 +126,16 @@ def _panels_product(out, q, scales, panels, column_scales, corrections, bias, fi
             i = 0
             while i < M:
                 n = kernels._tile_rows(M - i, rows_most)
-                _int8_tile(out[i : i + n, j:], q[i : i + n], scales[i : i + n], panels[p, :, c * GROUP :],
-                           column_scales[j:], corrections[j:], bias[j:], isa)
+                _int8_tile(
+                    out[i : i + n, j:],
+                    q[i : i + n],
+                    scales[i : i + n],
+                    panels[p, :, c * GROUP :],
+                    column_scales[j:],
+                    corrections[j:],
+                    bias[j:],
+                    isa,
+                )
                 i += n
 
 
@@ -184,8 +193,19 @@ else:
             groups = cgutils.unpack_tuple(builder, arrays[3].shape)[0]
             strides = [cgutils.unpack_tuple(builder, arrays[i].strides)[0] for i in (0, 1)]
             q = builder.bitcast(arrays[1].data, ir.IntType(8).as_pointer())  # int8 or int16: addressed in bytes
-            operands = [arrays[0].data, strides[0], q, strides[1], arrays[2].data, arrays[3].data,
-                        arrays[4].data, arrays[5].data, arrays[6].data, rows, groups]
+            operands = [
+                arrays[0].data,
+                strides[0],
+                q,
+                strides[1],
+                arrays[2].data,
+                arrays[3].data,
+                arrays[4].data,
+                arrays[5].data,
+                arrays[6].data,
+                rows,
+                groups,
+            ]
             after = builder.append_basic_block("int8_tile_done")
             choice = builder.switch(args[7], after)
             size = sig.args[1].dtype.bitwidth // 8
@@ -210,10 +230,15 @@ else:
         symbol = f"nprerank_int8_tile_{name}"
         if symbol in module.globals:
             return module.globals[symbol]
-        i8p, i32p, f32p, i64 = (ir.IntType(8).as_pointer(), ir.IntType(32).as_pointer(), ir.FloatType().as_pointer(),
-                                ir.IntType(64))
-        function = ir.Function(module, ir.FunctionType(ir.VoidType(), [f32p, i64, i8p, i64, f32p, i8p, f32p, i32p, f32p,
-                                                                        i64, i64]), symbol)
+        i8p, i32p, f32p, i64 = (
+            ir.IntType(8).as_pointer(),
+            ir.IntType(32).as_pointer(),
+            ir.FloatType().as_pointer(),
+            ir.IntType(64),
+        )
+        function = ir.Function(
+            module, ir.FunctionType(ir.VoidType(), [f32p, i64, i8p, i64, f32p, i8p, f32p, i32p, f32p, i64, i64]), symbol
+        )
         function.linkage = "internal"
         function.attributes.add("noinline")
         if TARGET_FEATURES[name]:  # llvmlite knows no string attributes by name; the set prints them as given
@@ -229,23 +254,37 @@ else:
             self.code = ISAS.index(name)
             self.builder = ir.IRBuilder(function.append_basic_block("entry"))
             self.i8, self.i16, self.i32, self.i64 = (ir.IntType(n) for n in (8, 16, 32, 64))
-            (self.out, self.out_stride, self.q, self.q_stride, self.scales, self.panel, self.column_scales,
-             self.corrections, self.bias, self.rows, self.groups) = function.args
+            (
+                self.out,
+                self.out_stride,
+                self.q,
+                self.q_stride,
+                self.scales,
+                self.panel,
+                self.column_scales,
+                self.corrections,
+                self.bias,
+                self.rows,
+                self.groups,
+            ) = function.args
             self.columns = TILE_COLUMNS[self.code]
             if name in ("vnni512", "avxvnni"):
                 lanes = self.columns // 2  # two vectors of int32 lanes, one column per lane
                 self.accumulator = ir.VectorType(self.i32, lanes)
                 self.vectors = 2
                 self.dot = cgutils.get_or_insert_function(
-                    function.module, ir.FunctionType(self.accumulator, [self.accumulator] * 3),
-                    f"llvm.x86.avx512.vpdpbusd.{32 * lanes}")
+                    function.module,
+                    ir.FunctionType(self.accumulator, [self.accumulator] * 3),
+                    f"llvm.x86.avx512.vpdpbusd.{32 * lanes}",
+                )
             else:  # avx2 and generic: one vector per 4 columns, lanes holding partial sums of a column
                 self.vectors = self.columns // 4
                 self.accumulator = ir.VectorType(self.i32, 8 if name == "avx2" else 16)
                 if name == "avx2":
                     words = ir.VectorType(self.i16, 16)
                     self.dot = cgutils.get_or_insert_function(
-                        function.module, ir.FunctionType(self.accumulator, [words, words]), "llvm.x86.avx2.pmadd.wd")
+                        function.module, ir.FunctionType(self.accumulator, [words, words]), "llvm.x86.avx2.pmadd.wd"
+                    )
 
         # -- addresses
         def at(self, base, offset, pointee):  # pointer to `pointee` at byte offset `offset` from base
@@ -269,10 +308,15 @@ else:
             """The sums' start: -corrections (vpdpbusd adds 128 * sum_k W to every column), else 0."""
             if self.name in ("vnni512", "avxvnni"):
                 lanes = self.accumulator.count
-                return [self.builder.sub(ir.Constant(self.accumulator, [0] * lanes),
-                                         self.builder.load(self.at(self.corrections, self.i64(4 * lanes * v),
-                                                                   self.accumulator), align=4))
-                        for v in range(self.vectors)]
+                return [
+                    self.builder.sub(
+                        ir.Constant(self.accumulator, [0] * lanes),
+                        self.builder.load(
+                            self.at(self.corrections, self.i64(4 * lanes * v), self.accumulator), align=4
+                        ),
+                    )
+                    for v in range(self.vectors)
+                ]
             return [ir.Constant(self.accumulator, [0] * self.accumulator.count)] * self.vectors
 
         def step(self, g, count, sums):
@@ -283,29 +327,47 @@ else:
             updated = []
             if self.name in ("vnni512", "avxvnni"):
                 width = 4 * self.accumulator.count
-                w = [b.load(self.at(self.panel, b.add(weights_at, self.i64(width * v)), self.accumulator), align=1)
-                     for v in range(self.vectors)]
+                w = [
+                    b.load(self.at(self.panel, b.add(weights_at, self.i64(width * v)), self.accumulator), align=1)
+                    for v in range(self.vectors)
+                ]
             else:
                 wide = ir.VectorType(self.i16 if self.name == "avx2" else self.i32, 16)
-                w = [b.sext(b.load(self.at(self.panel, b.add(weights_at, self.i64(16 * v)), ir.VectorType(self.i8, 16)),
-                                   align=1), wide) for v in range(self.vectors)]
+                w = [
+                    b.sext(
+                        b.load(
+                            self.at(self.panel, b.add(weights_at, self.i64(16 * v)), ir.VectorType(self.i8, 16)),
+                            align=1,
+                        ),
+                        wide,
+                    )
+                    for v in range(self.vectors)
+                ]
             vnni = self.name in ("vnni512", "avxvnni")
             size = 1 if vnni else 2  # bytes per activation value (ACTIVATION)
             for r in range(count):
-                x4 = b.load(self.at(self.q, b.add(b.mul(self.i64(r), self.q_stride), b.mul(g, self.i64(GROUP * size))),
-                                    self.i32 if vnni else self.i64), align=size)  # this row's 4 values of the group
+                x4 = b.load(
+                    self.at(
+                        self.q,
+                        b.add(b.mul(self.i64(r), self.q_stride), b.mul(g, self.i64(GROUP * size))),
+                        self.i32 if vnni else self.i64,
+                    ),
+                    align=size,
+                )  # this row's 4 values of the group
                 if vnni:
                     unsigned = b.xor(x4, self.i32(0x80808080))  # s8 + 128 as u8, in every byte
                     spread = self.splat(unsigned, self.accumulator)
-                    updated += [b.call(self.dot, [sums[r * self.vectors + v], spread, w[v]])
-                                for v in range(self.vectors)]
+                    updated += [
+                        b.call(self.dot, [sums[r * self.vectors + v], spread, w[v]]) for v in range(self.vectors)
+                    ]
                 else:
                     wide = w[0].type
                     x = b.bitcast(x4, ir.VectorType(self.i16, 4))
                     if wide.element != self.i16:
                         x = b.sext(x, ir.VectorType(wide.element, 4))
-                    spread = b.shuffle_vector(x, ir.Constant(x.type, ir.Undefined),
-                                              ir.Constant(ir.VectorType(self.i32, 16), [0, 1, 2, 3] * 4))
+                    spread = b.shuffle_vector(
+                        x, ir.Constant(x.type, ir.Undefined), ir.Constant(ir.VectorType(self.i32, 16), [0, 1, 2, 3] * 4)
+                    )
                     for v in range(self.vectors):
                         products = b.call(self.dot, [w[v], spread]) if self.name == "avx2" else b.mul(w[v], spread)
                         updated.append(b.add(sums[r * self.vectors + v], products))
@@ -344,8 +406,9 @@ else:
             per_lane = self.accumulator.count // 4  # partial sums per column: 2 (vpmaddwd) or 4
 
             def lanes(i):  # lane i of every column's partial sums
-                return b.shuffle_vector(vector, vector, ir.Constant(ir.VectorType(self.i32, 4),
-                                                                     [c * per_lane + i for c in range(4)]))
+                return b.shuffle_vector(
+                    vector, vector, ir.Constant(ir.VectorType(self.i32, 4), [c * per_lane + i for c in range(4)])
+                )
 
             quads = []
             for vector in vectors:
@@ -359,8 +422,11 @@ else:
         def splat(self, value, vector_type):
             b = self.builder
             single = b.insert_element(ir.Constant(vector_type, ir.Undefined), value, self.i32(0))
-            return b.shuffle_vector(single, ir.Constant(vector_type, ir.Undefined),
-                                    ir.Constant(ir.VectorType(self.i32, vector_type.count), [0] * vector_type.count))
+            return b.shuffle_vector(
+                single,
+                ir.Constant(vector_type, ir.Undefined),
+                ir.Constant(ir.VectorType(self.i32, vector_type.count), [0] * vector_type.count),
+            )
 
         def store(self, r, vectors):
             """out[r, j] = float32(sum) * (scales[r] * column_scales[j]) + bias[j]: no fused
@@ -409,8 +475,9 @@ def _feed_forward_int8_scratch(scratch, codes, rows, output_panels, up_panels):
 
 
 @parallel_kernel
-def output_feed_forward_int8(hidden, context, output, norm1_weight, norm1_bias, up, down, norm2_weight, norm2_bias,
-                             eps, isa, workspace, codes):
+def output_feed_forward_int8(
+    hidden, context, output, norm1_weight, norm1_bias, up, down, norm2_weight, norm2_bias, eps, isa, workspace, codes
+):
     """kernels.output_feed_forward with the three products at int8 (int8.forward's feed-forward):
 
         h = layer_norm(hidden + linear_int8(context, attention_output))
@@ -427,13 +494,43 @@ def output_feed_forward_int8(hidden, context, output, norm1_weight, norm1_bias, 
     _check_activation(codes, isa)
     taken = np.zeros(1, dtype=np.int64)
     for thread in prange(n_threads):
-        _feed_forward_items(hidden, context, output, norm1_weight, norm1_bias, up, down, norm2_weight, norm2_bias, eps,
-                            isa, n_threads, workspace[thread], codes[thread], taken)
+        _feed_forward_items(
+            hidden,
+            context,
+            output,
+            norm1_weight,
+            norm1_bias,
+            up,
+            down,
+            norm2_weight,
+            norm2_bias,
+            eps,
+            isa,
+            n_threads,
+            workspace[thread],
+            codes[thread],
+            taken,
+        )
 
 
 @kernel
-def _feed_forward_items(hidden, context, output, norm1_weight, norm1_bias, up, down, norm2_weight, norm2_bias, eps, isa,
-                        n_threads, scratch, codes, taken):
+def _feed_forward_items(
+    hidden,
+    context,
+    output,
+    norm1_weight,
+    norm1_bias,
+    up,
+    down,
+    norm2_weight,
+    norm2_bias,
+    eps,
+    isa,
+    n_threads,
+    scratch,
+    codes,
+    taken,
+):
     """One thread's part of output_feed_forward_int8: the blocks of rows it takes from `taken`."""
     M = hidden.shape[0]
     F4 = down[0].shape[1] * GROUP  # F rounded up to whole groups

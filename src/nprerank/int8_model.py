@@ -34,16 +34,18 @@ def linear(out, column, x, product: Int8Product, buffers, isa: int, threads: int
     q = buffers["q"][:M, : product.panels.shape[1] * GROUP]  # [M, K4 * 4]
     scales = buffers["scales"][:M]  # [M]
     int8_kernels.quantize_rows_forward(q, scales, x)
-    int8_kernels.linear_int8_forward(out, column, q, scales, product.panels, product.scale, product.correction,
-                                     product.bias, isa, threads)
+    int8_kernels.linear_int8_forward(
+        out, column, q, scales, product.panels, product.scale, product.correction, product.bias, isa, threads
+    )
 
 
 def _parts(product: Int8Product) -> tuple:
     return product.panels, product.scale, product.correction, product.bias
 
 
-def encoder_layer(x, offsets, p: Layer, m: Int8Matrices, buffers, config: ModelConfig, isa: int,
-                  first_tokens_only: bool = False):
+def encoder_layer(
+    x, offsets, p: Layer, m: Int8Matrices, buffers, config: ModelConfig, isa: int, first_tokens_only: bool = False
+):
     """model.encoder_layer at int8: the same three steps and the same last-layer shortcut (queries,
     attention and feed-forward for the first tokens only). Returns the new hidden states [Q, C]."""
     workspace, codes = buffers["workspace"], buffers["codes"]
@@ -62,12 +64,24 @@ def encoder_layer(x, offsets, p: Layer, m: Int8Matrices, buffers, config: ModelC
         query_offsets, hidden, queries = offsets, x, qkv
         linear(qkv, 0, x, m.qkv, buffers, isa, threads)
     context = buffers["context"][: len(hidden)]  # [Q, C]
-    kernels.attention_forward(context, queries, qkv, width, offsets, query_offsets, config.num_attention_heads,
-                              workspace)
-    int8_kernels.output_feed_forward_int8(hidden, context, _parts(m.attention_output), p.attention_norm.weight,
-                                          p.attention_norm.bias, _parts(m.intermediate), _parts(m.output),
-                                          p.output_norm.weight, p.output_norm.bias, np.float32(config.layer_norm_eps),
-                                          isa, workspace, codes)
+    kernels.attention_forward(
+        context, queries, qkv, width, offsets, query_offsets, config.num_attention_heads, workspace
+    )
+    int8_kernels.output_feed_forward_int8(
+        hidden,
+        context,
+        _parts(m.attention_output),
+        p.attention_norm.weight,
+        p.attention_norm.bias,
+        _parts(m.intermediate),
+        _parts(m.output),
+        p.output_norm.weight,
+        p.output_norm.bias,
+        np.float32(config.layer_norm_eps),
+        isa,
+        workspace,
+        codes,
+    )
     return hidden
 
 
@@ -76,8 +90,10 @@ def forward(ids, offsets, weights: Weights, matrices: list, config: ModelConfig,
     N, B, C = len(ids), len(offsets) - 1, config.hidden_size
     threads = 1 if numba.config.DISABLE_JIT else numba.get_num_threads()  # without JIT prange is a loop
     m = matrices[0]
-    sizes = [int8_kernels.feed_forward_int8_sizes(rows, threads, m.attention_output.panels, m.intermediate.panels)
-             for rows in (N, B)]
+    sizes = [
+        int8_kernels.feed_forward_int8_sizes(rows, threads, m.attention_output.panels, m.intermediate.panels)
+        for rows in (N, B)
+    ]
     floats = max(kernels.attention_floats(offsets, offsets, config.head_size), *(f for f, _ in sizes))
     # made here, before any parallel region, as model.forward does (kernels.py, "scratch memory")
     buffers = {  # reused by every layer

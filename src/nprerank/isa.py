@@ -24,11 +24,19 @@ import os
 import numba
 
 ISAS = ("vnni512", "avxvnni", "avx2", "generic")  # best first; the index is the kernels' isa code
-NEEDS = {"vnni512": ("avx512f", "avx512bw", "avx512vnni"), "avxvnni": ("avx2", "avxvnni"), "avx2": ("avx2",),
-         "generic": ()}
+NEEDS = {
+    "vnni512": ("avx512f", "avx512bw", "avx512vnni"),
+    "avxvnni": ("avx2", "avxvnni"),
+    "avx2": ("avx2",),
+    "generic": (),
+}
 # what a function containing that path is compiled with, whatever the host (LLVM target features)
-TARGET_FEATURES = {"vnni512": "+avx512f,+avx512bw,+avx512vnni,+avx2,+fma", "avxvnni": "+avx2,+avxvnni,+fma",
-                   "avx2": "+avx2,+fma", "generic": ""}
+TARGET_FEATURES = {
+    "vnni512": "+avx512f,+avx512bw,+avx512vnni,+avx2,+fma",
+    "avxvnni": "+avx2,+avxvnni,+fma",
+    "avx2": "+avx2,+fma",
+    "generic": "",
+}
 
 
 def host_features() -> dict:

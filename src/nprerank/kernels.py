@@ -316,7 +316,10 @@ else:
 
         def codegen(context, builder, sig, args):
             arrays = [context.make_array(t)(context, builder, a) for t, a in zip(sig.args[:4], args)]
-            rows, depth = cgutils.unpack_tuple(builder, arrays[0].shape)[0], cgutils.unpack_tuple(builder, arrays[1].shape)[1]
+            rows, depth = (
+                cgutils.unpack_tuple(builder, arrays[0].shape)[0],
+                cgutils.unpack_tuple(builder, arrays[1].shape)[1],
+            )
             out_, x_, panel_ = ((a.data, cgutils.unpack_tuple(builder, a.strides)[0]) for a in arrays[:3])
             builder.call(_tile_function(builder.module), [*out_, *x_, *panel_, arrays[3].data, rows, depth, args[4]])
             return context.get_dummy_value()
@@ -336,14 +339,16 @@ else:
         if name in module.globals:
             return module.globals[name]
         i64, pointer, vector = ir.IntType(64), ir.FloatType().as_pointer(), ir.VectorType(ir.FloatType(), LANES)
-        function = ir.Function(module, ir.FunctionType(ir.VoidType(), [pointer, i64] * 3 + [pointer, i64, i64, ir.IntType(1)]),
-                               name)
+        function = ir.Function(
+            module, ir.FunctionType(ir.VoidType(), [pointer, i64] * 3 + [pointer, i64, i64, ir.IntType(1)]), name
+        )
         function.linkage = "internal"
         function.attributes.add("noinline")
         out, out_stride, x, x_stride, panel, panel_stride, bias, rows, depth, accumulate = function.args
         builder = ir.IRBuilder(function.append_basic_block("entry"))
         multiply_add = cgutils.get_or_insert_function(  # fused where the CPU has FMA
-            module, ir.FunctionType(vector, [vector] * 3), f"llvm.fmuladd.v{LANES}f32")
+            module, ir.FunctionType(vector, [vector] * 3), f"llvm.fmuladd.v{LANES}f32"
+        )
 
         def address(base, stride, row, column):  # float* to base[row, column]: rows `stride` bytes apart
             row_start = builder.gep(builder.bitcast(base, ir.IntType(8).as_pointer()), [builder.mul(row, stride)])
@@ -353,13 +358,19 @@ else:
             return builder.bitcast(builder.gep(pointer_, [i64(v * LANES)]), vector.as_pointer())
 
         def tile_loop(count):  # the K loop and the stores for a tile of `count` rows
-            first_block, loop, done = builder.block, builder.append_basic_block("k"), builder.append_basic_block("store")
+            first_block, loop, done = (
+                builder.block,
+                builder.append_basic_block("k"),
+                builder.append_basic_block("store"),
+            )
             builder.cbranch(builder.icmp_signed(">", depth, i64(0)), loop, done)
             builder.position_at_end(loop)
             k = builder.phi(i64)
             sums = [builder.phi(vector) for _ in range(2 * count)]
             weights = address(panel, panel_stride, k, i64(0))
-            w = [builder.load(vector_at(weights, v), align=4) for v in range(2)]  # this k's PANEL weights, for every row
+            w = [
+                builder.load(vector_at(weights, v), align=4) for v in range(2)
+            ]  # this k's PANEL weights, for every row
             updated = []
             for r in range(count):
                 value = builder.load(address(x, x_stride, i64(r), k))
@@ -382,8 +393,9 @@ else:
                 row = address(out, out_stride, i64(r), i64(0))
                 for v in range(2):
                     target = vector_at(row, v)
-                    total = builder.select(accumulate, builder.fadd(final[2 * r + v], builder.load(target, align=4)),
-                                           final[2 * r + v])
+                    total = builder.select(
+                        accumulate, builder.fadd(final[2 * r + v], builder.load(target, align=4)), final[2 * r + v]
+                    )
                     builder.store(total, target, align=4)
             builder.branch(after)
 
@@ -451,8 +463,15 @@ def _attention_sizes(T, count, D):
     queries against a block of keys are the largest square part: no [T, T] matrix is ever made."""
     span, head_width = -(-T // PANEL) * PANEL, -(-D // PANEL) * PANEL
     rows, columns = min(count, QUERY_BLOCK), min(span, KEY_BLOCK)
-    return (max(columns, head_width), span * D, head_width * span, rows * columns, 2 * rows, rows * head_width,
-            rows * head_width)
+    return (
+        max(columns, head_width),
+        span * D,
+        head_width * span,
+        rows * columns,
+        2 * rows,
+        rows * head_width,
+        rows * head_width,
+    )
 
 
 @kernel
@@ -555,9 +574,20 @@ def _attention_items(context, queries, qkv, width, offsets, query_offsets, H, sc
         _head_panels(zeros, keys, values, key, value, start, T, h * D)
         for q0 in range(0, count, QUERY_BLOCK):
             rows = min(QUERY_BLOCK, count - q0)
-            _attend_block(context[first + q0 : first + q0 + rows], query[first + q0 : first + q0 + rows], h * D,
-                          keys, values, T, zeros, scores[:rows], highest[:rows], total[:rows], out[:rows],
-                          block_out[:rows])
+            _attend_block(
+                context[first + q0 : first + q0 + rows],
+                query[first + q0 : first + q0 + rows],
+                h * D,
+                keys,
+                values,
+                T,
+                zeros,
+                scores[:rows],
+                highest[:rows],
+                total[:rows],
+                out[:rows],
+                block_out[:rows],
+            )
         item = take(taken)
 
 
@@ -639,8 +669,9 @@ def _attend_block(context, query, column, keys, values, T, zeros, scores, highes
             total[i] += _exponentials(scores[i, :real], highest[i], scale)
             for j in range(real, columns):
                 scores[i, j] = f32(0.0)
-        _panels_product(target, scores[:, :columns], _value_block(values, k0, span, head_width), zeros, 0,
-                        head_width // PANEL)
+        _panels_product(
+            target, scores[:, :columns], _value_block(values, k0, span, head_width), zeros, 0, head_width // PANEL
+        )
         if k0 > 0:
             for i in range(rows):
                 for d in range(head_width):
@@ -652,8 +683,22 @@ def _attend_block(context, query, column, keys, values, T, zeros, scores, highes
 
 
 @parallel_kernel
-def output_feed_forward(hidden, context, output_panels, output_bias, norm1_weight, norm1_bias, up_panels, up_bias,
-                        down_panels, down_bias, norm2_weight, norm2_bias, eps, workspace):
+def output_feed_forward(
+    hidden,
+    context,
+    output_panels,
+    output_bias,
+    norm1_weight,
+    norm1_bias,
+    up_panels,
+    up_bias,
+    down_panels,
+    down_bias,
+    norm2_weight,
+    norm2_bias,
+    eps,
+    workspace,
+):
     """The rest of reference.encoder_layer after attention, in place on hidden [M, C]:
 
         h = layer_norm(hidden + linear(context, attention_output))                 (post-LN)
@@ -671,13 +716,45 @@ def output_feed_forward(hidden, context, output_panels, output_bias, norm1_weigh
     _check_workspace(workspace, feed_forward_floats(hidden.shape[0], n_threads, output_panels, up_panels))
     taken = np.zeros(1, dtype=np.int64)
     for thread in prange(n_threads):
-        _feed_forward_items(hidden, context, output_panels, output_bias, norm1_weight, norm1_bias, up_panels, up_bias,
-                            down_panels, down_bias, norm2_weight, norm2_bias, eps, n_threads, workspace[thread], taken)
+        _feed_forward_items(
+            hidden,
+            context,
+            output_panels,
+            output_bias,
+            norm1_weight,
+            norm1_bias,
+            up_panels,
+            up_bias,
+            down_panels,
+            down_bias,
+            norm2_weight,
+            norm2_bias,
+            eps,
+            n_threads,
+            workspace[thread],
+            taken,
+        )
 
 
 @kernel
-def _feed_forward_items(hidden, context, output_panels, output_bias, norm1_weight, norm1_bias, up_panels, up_bias,
-                        down_panels, down_bias, norm2_weight, norm2_bias, eps, n_threads, scratch, taken):
+def _feed_forward_items(
+    hidden,
+    context,
+    output_panels,
+    output_bias,
+    norm1_weight,
+    norm1_bias,
+    up_panels,
+    up_bias,
+    down_panels,
+    down_bias,
+    norm2_weight,
+    norm2_bias,
+    eps,
+    n_threads,
+    scratch,
+    taken,
+):
     """One thread's part of output_feed_forward: the blocks of rows it takes from `taken`, in its
     own row of the workspace, `scratch`."""
     M = hidden.shape[0]
@@ -711,9 +788,28 @@ def _rows_per_block(M, n_threads):
 
 
 @parallel_kernel
-def encoder_layers(x, qkv, context, offsets, width, H, eps, qkv_panels, qkv_bias, output_panels, output_bias,
-                   norm1_weight, norm1_bias, up_panels, up_bias, down_panels, down_bias, norm2_weight, norm2_bias,
-                   workspace):
+def encoder_layers(
+    x,
+    qkv,
+    context,
+    offsets,
+    width,
+    H,
+    eps,
+    qkv_panels,
+    qkv_bias,
+    output_panels,
+    output_bias,
+    norm1_weight,
+    norm1_bias,
+    up_panels,
+    up_bias,
+    down_panels,
+    down_bias,
+    norm2_weight,
+    norm2_bias,
+    workspace,
+):
     """Whole encoder layers on x [N, C] in place, in one parallel region: for each layer,
     linear_forward (query, key, value), attention_forward and output_feed_forward, the threads
     meeting at a barrier after each step instead of leaving the region. The weight arguments are
@@ -727,8 +823,13 @@ def encoder_layers(x, qkv, context, offsets, width, H, eps, qkv_panels, qkv_bias
     layers do so); otherwise the first barrier waits for ever.
     """
     L, n_threads = len(qkv_panels), workspace.shape[0]
-    _check_workspace(workspace, max(attention_floats(offsets, offsets, context.shape[1] // H),
-                                    feed_forward_floats(x.shape[0], n_threads, output_panels[0], up_panels[0])))
+    _check_workspace(
+        workspace,
+        max(
+            attention_floats(offsets, offsets, context.shape[1] // H),
+            feed_forward_floats(x.shape[0], n_threads, output_panels[0], up_panels[0]),
+        ),
+    )
     taken = np.zeros((L, 3), dtype=np.int64)  # a work counter per layer and step
     arrivals = np.zeros(1, dtype=np.int64)  # barrier arrivals, all layers and steps together
     for thread in prange(n_threads):
@@ -737,10 +838,24 @@ def encoder_layers(x, qkv, context, offsets, width, H, eps, qkv_panels, qkv_bias
             wait_for_all(arrivals, n_threads * (3 * layer + 1))
             _attention_items(context, qkv, qkv, width, offsets, offsets, H, workspace[thread], taken[layer, 1:2])
             wait_for_all(arrivals, n_threads * (3 * layer + 2))
-            _feed_forward_items(x, context, output_panels[layer], output_bias[layer], norm1_weight[layer],
-                                norm1_bias[layer], up_panels[layer], up_bias[layer], down_panels[layer],
-                                down_bias[layer], norm2_weight[layer], norm2_bias[layer], eps, n_threads,
-                                workspace[thread], taken[layer, 2:3])
+            _feed_forward_items(
+                x,
+                context,
+                output_panels[layer],
+                output_bias[layer],
+                norm1_weight[layer],
+                norm1_bias[layer],
+                up_panels[layer],
+                up_bias[layer],
+                down_panels[layer],
+                down_bias[layer],
+                norm2_weight[layer],
+                norm2_bias[layer],
+                eps,
+                n_threads,
+                workspace[thread],
+                taken[layer, 2:3],
+            )
             wait_for_all(arrivals, n_threads * (3 * layer + 3))
 
 
@@ -770,4 +885,3 @@ def classification_head_forward(logits, first, dense_weight, dense_bias, out_wei
                 pre += first[b, c] * dense_weight[o, c]
             logit += math.tanh(pre) * out_weight[0, o]
         logits[b] = logit
-

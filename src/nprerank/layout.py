@@ -58,10 +58,18 @@ from .weights import FileStamp, Layer, Weights, check_all_finite, map_safetensor
 LAYOUT_VERSION = 3  # bump when the file's contents change meaning (3: the data checksum)
 CHECKSUM_BLOCK = 4096  # bytes summed into one uint64 by _checksum
 NO_CHECKSUM = "0" * 8  # the checksum's place in the header while the data is written
-SAFETENSORS_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.int8): "I8", np.dtype(np.int32): "I32",
-                      np.dtype(np.uint16): "BF16"}  # bf16 bits as uint16, as weights.py reads them
-PRODUCTS = {"qkv": ("query", "key", "value"), "attention_output": ("attention_output",),
-            "intermediate": ("intermediate",), "output": ("output",)}  # packed name -> Layer's Linear fields
+SAFETENSORS_DTYPES = {
+    np.dtype(np.float32): "F32",
+    np.dtype(np.int8): "I8",
+    np.dtype(np.int32): "I32",
+    np.dtype(np.uint16): "BF16",
+}  # bf16 bits as uint16, as weights.py reads them
+PRODUCTS = {
+    "qkv": ("query", "key", "value"),
+    "attention_output": ("attention_output",),
+    "intermediate": ("intermediate",),
+    "output": ("output",),
+}  # packed name -> Layer's Linear fields
 
 
 @dataclass(frozen=True)
@@ -133,8 +141,11 @@ def gemm_weights(weights: Weights, precision: str = "fp32") -> list:
         _prune(path.parent, keep=path)
         return _read(path, weights.layers, stamp, form)
     except (OSError, RuntimeError, ModelError) as e:
-        warnings.warn(f"nprerank: cannot use the weight layout cache ({e}); keeping the packed copies in "
-                      f"memory instead (about {_bytes(weights.layers, form) >> 20} MB)", stacklevel=2)
+        warnings.warn(
+            f"nprerank: cannot use the weight layout cache ({e}); keeping the packed copies in "
+            f"memory instead (about {_bytes(weights.layers, form) >> 20} MB)",
+            stacklevel=2,
+        )
         return [_in_memory(layer, form) for layer in weights.layers]
 
 
@@ -161,8 +172,12 @@ def _stamp(source: Path, file: FileStamp | None = None, precision: str = "fp32")
     file = file or FileStamp.of(os.stat(source))
     fields = {"path": Path(source).resolve(), **asdict(file)}
     precision_field = {} if precision == "fp32" else {"precision": precision}  # fp32 files predate the field
-    return {"layout_version": str(LAYOUT_VERSION), "panel": str(PANEL), **precision_field,
-            **{f"source_{key}": str(value) for key, value in fields.items()}}
+    return {
+        "layout_version": str(LAYOUT_VERSION),
+        "panel": str(PANEL),
+        **precision_field,
+        **{f"source_{key}": str(value) for key, value in fields.items()},
+    }
 
 
 def _prune(folder: Path, keep: Path) -> None:
@@ -231,7 +246,9 @@ def _in_memory(layer: Layer, form: Format):
 
 
 def _bytes(layers: list, form: Format) -> int:
-    return sum(np.dtype(dtype).itemsize * int(np.prod(shape)) for layer in layers for _, shape, dtype in form.shapes(layer))
+    return sum(
+        np.dtype(dtype).itemsize * int(np.prod(shape)) for layer in layers for _, shape, dtype in form.shapes(layer)
+    )
 
 
 def _write(path: Path, layers: list, stamp: dict, form: Format) -> None:
@@ -241,8 +258,11 @@ def _write(path: Path, layers: list, stamp: dict, form: Format) -> None:
     for n, layer in enumerate(layers):
         for name, shape, dtype in form.shapes(layer):
             size = np.dtype(dtype).itemsize * int(np.prod(shape))
-            header[f"layers.{n}.{name}"] = {"dtype": SAFETENSORS_DTYPES[np.dtype(dtype)], "shape": shape,
-                                            "data_offsets": [offset, offset + size]}
+            header[f"layers.{n}.{name}"] = {
+                "dtype": SAFETENSORS_DTYPES[np.dtype(dtype)],
+                "shape": shape,
+                "data_offsets": [offset, offset + size],
+            }
             offset += size
     text = json.dumps(header).encode()
     text += b" " * (-(8 + len(text)) % 64)  # the data starts 64-byte aligned
@@ -283,7 +303,9 @@ def _read(path: Path, layers: list, stamp: dict, form: Format) -> list:
         for name, shape, want in form.shapes(layer):
             array, dtype, _ = tensors.get(f"layers.{n}.{name}", (None, None, None))
             if array is None or dtype != SAFETENSORS_DTYPES[np.dtype(want)] or list(array.shape) != shape:
-                raise ModelError(f"{path}: layers.{n}.{name} is missing or not {SAFETENSORS_DTYPES[np.dtype(want)]} {shape}")
+                raise ModelError(
+                    f"{path}: layers.{n}.{name} is missing or not {SAFETENSORS_DTYPES[np.dtype(want)]} {shape}"
+                )
             arrays[name] = array
         matrices.append(form.matrices(arrays))
     return matrices

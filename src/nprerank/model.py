@@ -74,8 +74,14 @@ class FastModel:
     None: $NPRERANK_ISA / $NPRERANK_BF16_ISA or the best this CPU has). ValueError for an unknown
     precision or ISA; ModelError for weights the precision cannot pack."""
 
-    def __init__(self, weights: Weights, config: ModelConfig, threads: int | None = None, precision: str = "fp32",
-                 isa: str | None = None):
+    def __init__(
+        self,
+        weights: Weights,
+        config: ModelConfig,
+        threads: int | None = None,
+        precision: str = "fp32",
+        isa: str | None = None,
+    ):
         row = precisions.check(precision)
         self.weights, self.config, self.precision = weights, config, precision
         chooser = importlib.import_module(row.isa) if row.isa else None  # isa.py, bf16_kernels.py
@@ -108,7 +114,10 @@ def pack(sequences: list, config: ModelConfig) -> tuple:
     if lengths.min() < 1:
         raise ValueError(f"sequence {int(np.argmin(lengths))} is empty")
     if lengths.max() > config.max_tokens:
-        raise ValueError(f"sequence {int(np.argmax(lengths))} has {lengths.max()} tokens; the model takes at most {config.max_tokens}")
+        raise ValueError(
+            f"sequence {int(np.argmax(lengths))} has {lengths.max()} tokens; "
+            f"the model takes at most {config.max_tokens}"
+        )
     bad = (ids < 0) | (ids >= config.vocab_size)
     if bad.any():
         where = int(np.searchsorted(offsets, np.argmax(bad), side="right") - 1)
@@ -122,8 +131,17 @@ def embeddings(ids, offsets, p: Embeddings, config: ModelConfig):
     x = embedding_rows(p.word, ids)  # [N, C], a fresh fp32 array whatever the table's dtype
     x = np.ascontiguousarray(x, dtype=np.float32)
     position_ids, token_type_ids = embedding_ids(ids, offsets, config)  # [N], [N]
-    kernels.embeddings_forward(x, x, p.position, p.token_type, p.norm.weight, p.norm.bias, position_ids,
-                               token_type_ids, np.float32(config.layer_norm_eps))
+    kernels.embeddings_forward(
+        x,
+        x,
+        p.position,
+        p.token_type,
+        p.norm.weight,
+        p.norm.bias,
+        position_ids,
+        token_type_ids,
+        np.float32(config.layer_norm_eps),
+    )
     return x  # [N, C]
 
 
@@ -140,8 +158,9 @@ def embedding_ids(ids, offsets, config: ModelConfig) -> tuple:
     return positions, types
 
 
-def encoder_layer(x, offsets, p: Layer, m: LayerMatrices, buffers, config: ModelConfig, first_tokens_only: bool = False,
-                  steps=kernels):
+def encoder_layer(
+    x, offsets, p: Layer, m: LayerMatrices, buffers, config: ModelConfig, first_tokens_only: bool = False, steps=kernels
+):
     """reference.encoder_layer over the packed batch x [N, C], in three parallel regions: the
     query, key and value projections (one product on the [C, 3C] weight), attention, and the rest
     (kernels.output_feed_forward). Used for the last layer (and for every layer where
@@ -162,11 +181,25 @@ def encoder_layer(x, offsets, p: Layer, m: LayerMatrices, buffers, config: Model
         query_offsets, hidden, queries = offsets, x, qkv
         steps.linear_forward(qkv, 0, x, m.qkv, m.qkv_bias, threads)
     context = buffers["context"][: len(hidden)]  # [Q, C]
-    kernels.attention_forward(context, queries, qkv, width, offsets, query_offsets, config.num_attention_heads,
-                              workspace)
-    steps.output_feed_forward(hidden, context, m.attention_output, m.attention_output_bias, p.attention_norm.weight,
-                              p.attention_norm.bias, m.intermediate, m.intermediate_bias, m.output, m.output_bias,
-                              p.output_norm.weight, p.output_norm.bias, np.float32(config.layer_norm_eps), workspace)
+    kernels.attention_forward(
+        context, queries, qkv, width, offsets, query_offsets, config.num_attention_heads, workspace
+    )
+    steps.output_feed_forward(
+        hidden,
+        context,
+        m.attention_output,
+        m.attention_output_bias,
+        p.attention_norm.weight,
+        p.attention_norm.bias,
+        m.intermediate,
+        m.intermediate_bias,
+        m.output,
+        m.output_bias,
+        p.output_norm.weight,
+        p.output_norm.bias,
+        np.float32(config.layer_norm_eps),
+        workspace,
+    )
     return hidden
 
 
@@ -174,6 +207,7 @@ def encoder_layers(x, offsets, layers: list, buffers, config: ModelConfig):
     """encoder_layer for each (Layer, LayerMatrices) of `layers` in turn, in one parallel region
     (kernels.encoder_layers): the threads meet at barriers between the steps instead of being
     woken for each. x [N, C] is updated in place."""
+
     def each(name):  # one array per layer, for kernels.encoder_layers' tuples
         return tuple(getattr(m, name) for _, m in layers)
 
@@ -181,10 +215,25 @@ def encoder_layers(x, offsets, layers: list, buffers, config: ModelConfig):
         return tuple(getattr(p, name).weight for p, _ in layers), tuple(getattr(p, name).bias for p, _ in layers)
 
     kernels.encoder_layers(
-        x, buffers["qkv"], buffers["context"], offsets, layers[0][1].width, config.num_attention_heads,
-        np.float32(config.layer_norm_eps), each("qkv"), each("qkv_bias"), each("attention_output"),
-        each("attention_output_bias"), *norms("attention_norm"), each("intermediate"), each("intermediate_bias"),
-        each("output"), each("output_bias"), *norms("output_norm"), buffers["workspace"])
+        x,
+        buffers["qkv"],
+        buffers["context"],
+        offsets,
+        layers[0][1].width,
+        config.num_attention_heads,
+        np.float32(config.layer_norm_eps),
+        each("qkv"),
+        each("qkv_bias"),
+        each("attention_output"),
+        each("attention_output_bias"),
+        *norms("attention_norm"),
+        each("intermediate"),
+        each("intermediate_bias"),
+        each("output"),
+        each("output_bias"),
+        *norms("output_norm"),
+        buffers["workspace"],
+    )
 
 
 def classification_head(first, p: Classifier):
@@ -218,8 +267,10 @@ def make_buffers(offsets, m: LayerMatrices, config: ModelConfig) -> dict:
     memory")."""
     N, B = int(offsets[-1]), len(offsets) - 1
     threads = 1 if numba.config.DISABLE_JIT else numba.get_num_threads()  # without JIT prange is a loop
-    floats = max(kernels.attention_floats(offsets, offsets, config.head_size),  # the last layer's need less
-                 *(kernels.feed_forward_floats(rows, threads, m.attention_output, m.intermediate) for rows in (N, B)))
+    floats = max(
+        kernels.attention_floats(offsets, offsets, config.head_size),  # the last layer's need less
+        *(kernels.feed_forward_floats(rows, threads, m.attention_output, m.intermediate) for rows in (N, B)),
+    )
     return {  # reused by every layer
         "qkv": np.empty((N, 3 * m.width), dtype=np.float32),
         "context": np.empty((N, config.hidden_size), dtype=np.float32),
@@ -269,10 +320,14 @@ def set_threads(threads: int | None) -> int:
     if threads is None:
         threads = usable
     elif threads > usable:
-        why = (f"this process may use {cpus} CPU{'s' * (cpus > 1)}" if cpus <= pool
-               else f"Numba's pool has {pool} threads")
-        warnings.warn(f"nprerank: {threads} threads asked for, but {why}; using {usable} "
-                      "(more threads than CPUs spin against each other and run many times slower)", stacklevel=3)
+        why = (
+            f"this process may use {cpus} CPU{'s' * (cpus > 1)}" if cpus <= pool else f"Numba's pool has {pool} threads"
+        )
+        warnings.warn(
+            f"nprerank: {threads} threads asked for, but {why}; using {usable} "
+            "(more threads than CPUs spin against each other and run many times slower)",
+            stacklevel=3,
+        )
         threads = usable
     numba.set_num_threads(int(threads))
     set_blas_threads(int(threads))

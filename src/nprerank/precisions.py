@@ -30,10 +30,12 @@ class Precision:
 
 PRECISIONS = {
     "fp32": Precision("nprerank.layout:FP32", "nprerank.model:forward", None, isa=None),
-    "int8": Precision("nprerank.int8:FORMAT", "nprerank.int8_model:forward", "nprerank.int8:Int8Linears",
-                      isa="nprerank.isa"),
-    "bf16": Precision("nprerank.bf16:FORMAT", "nprerank.bf16_model:forward", "nprerank.bf16:BF16Linears",
-                      isa="nprerank.bf16_kernels"),
+    "int8": Precision(
+        "nprerank.int8:FORMAT", "nprerank.int8_model:forward", "nprerank.int8:Int8Linears", isa="nprerank.isa"
+    ),
+    "bf16": Precision(
+        "nprerank.bf16:FORMAT", "nprerank.bf16_model:forward", "nprerank.bf16:BF16Linears", isa="nprerank.bf16_kernels"
+    ),
 }
 NAMES = tuple(PRECISIONS)
 DEFAULT = "fp32"

@@ -52,9 +52,16 @@ class RerankActor:
     most pairs per forward pass. query_column, documents_column, output_column: column names.
     """
 
-    def __init__(self, model="BAAI/bge-reranker-base", threads: int = 1, batch_size: int | None = None,
-                 query_column: str = "query", documents_column: str = "documents", output_column: str = "logits",
-                 **options):
+    def __init__(
+        self,
+        model="BAAI/bge-reranker-base",
+        threads: int = 1,
+        batch_size: int | None = None,
+        query_column: str = "query",
+        documents_column: str = "documents",
+        output_column: str = "logits",
+        **options,
+    ):
         from .reranker import Reranker
 
         self.reranker = Reranker.from_pretrained(model, threads=threads, **options)
@@ -70,8 +77,9 @@ class RerankActor:
         return batch.append_column(self.output_column, pa.array(logits, type=pa.list_(pa.float32())))
 
 
-def scores(jobs, model, options: dict, address: str | None = None, concurrency: int | None = None,
-           threads: int | None = None):
+def scores(
+    jobs, model, options: dict, address: str | None = None, concurrency: int | None = None, threads: int | None = None
+):
     """batch.py's Jobs -> (Job, [D] float32 logits) in input order, scored by Ray actors.
 
     address: a Ray cluster (None: an already initialised Ray, else $RAY_ADDRESS, else a new local
@@ -98,13 +106,17 @@ def scores(jobs, model, options: dict, address: str | None = None, concurrency: 
         concurrency = min(concurrency, len(refs))  # an actor with no block to take would only load the model
         options = {k: v for k, v in options.items() if k != "threads"}
         dataset = ray.data.from_arrow_refs(refs).map_batches(
-            RerankActor, fn_constructor_kwargs=dict(model=str(model), threads=threads, **options),
-            batch_format="pyarrow", batch_size=None, num_cpus=threads,
+            RerankActor,
+            fn_constructor_kwargs=dict(model=str(model), threads=threads, **options),
+            batch_format="pyarrow",
+            batch_size=None,
+            num_cpus=threads,
             compute=ray.data.ActorPoolStrategy(size=concurrency),
         )
         try:
-            for table in dataset.drop_columns(["query", "documents"]).iter_batches(batch_size=None,
-                                                                                   batch_format="pyarrow"):
+            for table in dataset.drop_columns(["query", "documents"]).iter_batches(
+                batch_size=None, batch_format="pyarrow"
+            ):
                 for row in table.to_pylist():
                     job = Job(row["number"], row["qid"], "", row["doc_ids"], [""] * len(row["doc_ids"]), row["named"])
                     yield job, np.asarray(row["logits"], dtype=np.float32)
@@ -127,8 +139,10 @@ def _check_reachable(address: str | None) -> None:
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_SECONDS).close()
     except OSError as e:
-        raise OSError(f"no Ray cluster answers at {address} ({e.strerror or e}): start one (`ray start --head`), "
-                      "or drop ADDRESS to run on a local Ray") from None
+        raise OSError(
+            f"no Ray cluster answers at {address} ({e.strerror or e}): start one (`ray start --head`), "
+            "or drop ADDRESS to run on a local Ray"
+        ) from None
 
 
 def _last_line(error: BaseException) -> str:
@@ -148,8 +162,16 @@ def _tables(jobs):
     """Jobs -> pyarrow Tables of ROWS_PER_BLOCK rows: number, qid, query, documents, doc_ids, named."""
     rows = []
     for job in jobs:
-        rows.append(dict(number=job.number, qid=job.qid, query=job.query, documents=job.texts,
-                         doc_ids=job.doc_ids, named=job.named))
+        rows.append(
+            dict(
+                number=job.number,
+                qid=job.qid,
+                query=job.query,
+                documents=job.texts,
+                doc_ids=job.doc_ids,
+                named=job.named,
+            )
+        )
         if len(rows) == ROWS_PER_BLOCK:
             yield pa.Table.from_pylist(rows, schema=SCHEMA)
             rows = []
@@ -157,5 +179,13 @@ def _tables(jobs):
         yield pa.Table.from_pylist(rows, schema=SCHEMA)
 
 
-SCHEMA = pa.schema([("number", pa.int64()), ("qid", pa.string()), ("query", pa.string()),
-                    ("documents", pa.list_(pa.string())), ("doc_ids", pa.list_(pa.string())), ("named", pa.bool_())])
+SCHEMA = pa.schema(
+    [
+        ("number", pa.int64()),
+        ("qid", pa.string()),
+        ("query", pa.string()),
+        ("documents", pa.list_(pa.string())),
+        ("doc_ids", pa.list_(pa.string())),
+        ("named", pa.bool_()),
+    ]
+)

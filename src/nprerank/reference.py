@@ -19,8 +19,17 @@ import math
 import numpy as np
 
 from .config import ModelConfig
-from .weights import (Classifier, Embeddings, Layer, LayerNorm, Linear, Weights, check_all_finite, embedding_rows,
-                      refuse_if_changed)
+from .weights import (
+    Classifier,
+    Embeddings,
+    Layer,
+    LayerNorm,
+    Linear,
+    Weights,
+    check_all_finite,
+    embedding_rows,
+    refuse_if_changed,
+)
 
 
 def linear(x, p: Linear):

@@ -38,10 +38,20 @@ MODEL_FILES = ("config.json", "tokenizer.json", "model.safetensors")
 
 
 class Reranker:
-    def __init__(self, config: ModelConfig, weights, tokenizer: PairTokenizer, engine: str = "fast",
-                 batch_size: int = 32, max_batch_tokens: int = 2048, long_documents: str = "truncate",
-                 chunk_overlap: int = 32, max_windows: int = 16, threads: int | None = None,
-                 precision: str = "fp32"):
+    def __init__(
+        self,
+        config: ModelConfig,
+        weights,
+        tokenizer: PairTokenizer,
+        engine: str = "fast",
+        batch_size: int = 32,
+        max_batch_tokens: int = 2048,
+        long_documents: str = "truncate",
+        chunk_overlap: int = 32,
+        max_windows: int = 16,
+        threads: int | None = None,
+        precision: str = "fp32",
+    ):
         _check_int("batch_size", batch_size)
         # any budget works: a sequence longer than it is a batch of its own (run), never a refusal
         _check_int("max_batch_tokens", max_batch_tokens)
@@ -72,8 +82,14 @@ class Reranker:
         self.precision = precision
 
     @classmethod
-    def from_pretrained(cls, path="BAAI/bge-reranker-base", max_length: int | None = None, truncation: str | None = None,
-                        query_max_length: int | None = None, **options) -> "Reranker":
+    def from_pretrained(
+        cls,
+        path="BAAI/bge-reranker-base",
+        max_length: int | None = None,
+        truncation: str | None = None,
+        query_max_length: int | None = None,
+        **options,
+    ) -> "Reranker":
         """Load a model folder (config.json, tokenizer.json, model.safetensors), or a Hugging Face
         repo id: found in the Hugging Face cache, else downloaded (hub.py). docs/models.md lists
         the models: bge-reranker-base, -large, -v2-m3 (XLM-RoBERTa) and the ms-marco MiniLM
@@ -99,11 +115,15 @@ class Reranker:
         truncation = config.architecture.truncation if truncation is None else truncation
         tokenizer = PairTokenizer(folder / "tokenizer.json", max_length, truncation, query_max_length)
         if tokenizer.kind != config.architecture.tokenizer:
-            raise ModelError(f"{folder / 'tokenizer.json'}: a {tokenizer.kind} tokenizer, but "
-                             f"{config.architecture_name} needs {config.architecture.tokenizer}")
+            raise ModelError(
+                f"{folder / 'tokenizer.json'}: a {tokenizer.kind} tokenizer, but "
+                f"{config.architecture_name} needs {config.architecture.tokenizer}"
+            )
         if tokenizer.vocab_size > config.vocab_size:  # its ids would index past the embedding table
-            raise ModelError(f"{folder / 'tokenizer.json'}: token ids go up to {tokenizer.vocab_size - 1}, but "
-                             f"config.json's vocab_size is {config.vocab_size}; the two do not belong together")
+            raise ModelError(
+                f"{folder / 'tokenizer.json'}: token ids go up to {tokenizer.vocab_size - 1}, but "
+                f"config.json's vocab_size is {config.vocab_size}; the two do not belong together"
+            )
         weights = load_weights(folder / "model.safetensors", config)
         return cls(config, weights, tokenizer, **options)
 
@@ -122,8 +142,16 @@ class Reranker:
 
     # --- FlagEmbedding ---------------------------------------------------------------------
 
-    def compute_score(self, sentence_pairs, *, batch_size: int | None = None, query_max_length: int | None = None,
-                      max_length: int | None = None, normalize: bool | None = None, device: str | None = None) -> list:
+    def compute_score(
+        self,
+        sentence_pairs,
+        *,
+        batch_size: int | None = None,
+        query_max_length: int | None = None,
+        max_length: int | None = None,
+        normalize: bool | None = None,
+        device: str | None = None,
+    ) -> list:
         """FlagEmbedding's `FlagReranker.compute_score` (inference/reranker/encoder_only/base.py):
         [(query, passage)] * P, or one pair -> a list of P raw logits (sigmoid scores if normalize).
 
@@ -140,9 +168,18 @@ class Reranker:
 
     # --- sentence-transformers -------------------------------------------------------------
 
-    def predict(self, sentences, batch_size: int | None = None, show_progress_bar: bool | None = None,
-                activation_fn=None, apply_softmax: bool = False, convert_to_numpy: bool = True,
-                convert_to_tensor: bool = False, *, activation_fct=None):
+    def predict(
+        self,
+        sentences,
+        batch_size: int | None = None,
+        show_progress_bar: bool | None = None,
+        activation_fn=None,
+        apply_softmax: bool = False,
+        convert_to_numpy: bool = True,
+        convert_to_tensor: bool = False,
+        *,
+        activation_fct=None,
+    ):
         """sentence-transformers' `CrossEncoder.predict` (cross_encoder/CrossEncoder.py):
         [(query, passage)] * P -> [P] float32 scores, or a NumPy scalar for one pair.
 
@@ -166,10 +203,21 @@ class Reranker:
             scores = list(scores)
         return scores[0] if single else scores
 
-    def rank(self, query: str, documents: list, top_k: int | None = None, return_documents: bool = False,
-             batch_size: int | None = None, show_progress_bar: bool | None = None, activation_fn=None,
-             apply_softmax: bool = False, convert_to_numpy: bool = True, convert_to_tensor: bool = False,
-             *, activation_fct=None) -> list:
+    def rank(
+        self,
+        query: str,
+        documents: list,
+        top_k: int | None = None,
+        return_documents: bool = False,
+        batch_size: int | None = None,
+        show_progress_bar: bool | None = None,
+        activation_fn=None,
+        apply_softmax: bool = False,
+        convert_to_numpy: bool = True,
+        convert_to_tensor: bool = False,
+        *,
+        activation_fct=None,
+    ) -> list:
         """sentence-transformers' `CrossEncoder.rank`: [{"corpus_id", "score", "text"?}] best first,
         at most top_k; scores as `predict` gives them (as Python floats, whatever convert_to_* say)."""
         check_text("query", query, allow_empty=False)
@@ -192,8 +240,14 @@ class Reranker:
 
     # --- the work: encode, then score ----------------------------------------------------
 
-    def encode(self, pairs, max_length: int | None = None, truncation: str | None = None,
-               passage_max_length: int | None = None, query_max_length: int | None = None) -> "Encoding":
+    def encode(
+        self,
+        pairs,
+        max_length: int | None = None,
+        truncation: str | None = None,
+        passage_max_length: int | None = None,
+        query_max_length: int | None = None,
+    ) -> "Encoding":
         """[(query, passage)] * P -> the Encoding the model will be given (S sequences, S >= P in chunk mode).
 
         max_length: tokens per sequence, special tokens included; None is the Reranker's; a larger
@@ -225,8 +279,14 @@ class Reranker:
         """Encoding of P pairs -> [P] float32 logits, in input order (a chunked pair: its best window)."""
         return encoding.pair_logits(self.run(encoding.sequences, batch_size, show_progress_bar))
 
-    def logits(self, pairs: list, batch_size: int | None = None, max_length: int | None = None,
-               truncation: str | None = None, passage_max_length: int | None = None) -> np.ndarray:
+    def logits(
+        self,
+        pairs: list,
+        batch_size: int | None = None,
+        max_length: int | None = None,
+        truncation: str | None = None,
+        passage_max_length: int | None = None,
+    ) -> np.ndarray:
         """[(query, passage)] * P -> [P] float32 logits: `score(encode(pairs, ...))`."""
         return self.score(self.encode(pairs, max_length, truncation, passage_max_length), batch_size)
 

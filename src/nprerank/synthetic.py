@@ -53,7 +53,9 @@ _WORDS = {
     "what is how why cyberpunk lizard cat car cooler better search engine ranking relevant document model "
     "transformer attention layer token vector score river bank money city night rain music apple orange "
     "café naïve résumé façade über straße Ærø cœur".split(),
-    "cjk": "熊猫 是 一种 生活 在 中国 的 熊 竹子 山 森林 搜索 引擎 文档 相关 東京 日本語 の 猫 です 한국어 고양이".split(),
+    "cjk": (
+        "熊猫 是 一种 生活 在 中国 的 熊 竹子 山 森林 搜索 引擎 文档 相关 東京 日本語 の 猫 です 한국어 고양이"
+    ).split(),
     "arabic": "الباندا حيوان يعيش في الصين ويأكل الخيزران البحث عن المستندات ذات الصلة مرحبا".split(),
     "other": "Привет мир панда медведь γεια σου κόσμε नमस्ते दुनिया 🐼 🐱 🚀 ① ｆｕｌｌｗｉｄｔｈ ﬁ".split(),
 }
@@ -162,14 +164,35 @@ def make_real_size_tokenizer(pieces: int = REAL_SIZE) -> Path:
 # (hidden_size and intermediate_size) and vocabulary, keeping depth, heads, positions and head.
 SHAPES = {
     "base": BGE_RERANKER_BASE,
-    "large": dict(BGE_RERANKER_BASE, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
-                  intermediate_size=4096),
-    "v2-m3": dict(BGE_RERANKER_BASE, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
-                  intermediate_size=4096, max_position_embeddings=8194),
-    "minilm-l6": dict(architecture="bert", vocab_size=30522, hidden_size=384, num_hidden_layers=6,
-                      num_attention_heads=12, intermediate_size=1536, max_position_embeddings=512),
-    "minilm-l12": dict(architecture="bert", vocab_size=30522, hidden_size=384, num_hidden_layers=12,
-                       num_attention_heads=12, intermediate_size=1536, max_position_embeddings=512),
+    "large": dict(
+        BGE_RERANKER_BASE, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096
+    ),
+    "v2-m3": dict(
+        BGE_RERANKER_BASE,
+        hidden_size=1024,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        intermediate_size=4096,
+        max_position_embeddings=8194,
+    ),
+    "minilm-l6": dict(
+        architecture="bert",
+        vocab_size=30522,
+        hidden_size=384,
+        num_hidden_layers=6,
+        num_attention_heads=12,
+        intermediate_size=1536,
+        max_position_embeddings=512,
+    ),
+    "minilm-l12": dict(
+        architecture="bert",
+        vocab_size=30522,
+        hidden_size=384,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        intermediate_size=1536,
+        max_position_embeddings=512,
+    ),
 }
 MODEL_MAX_LENGTH = {"v2-m3": 8192}  # tokenizer_config.json's model_max_length where not 512
 
@@ -194,11 +217,20 @@ def make_wordpiece_tokenizer(vocab_size: int = 800) -> Path:
     tokenizer.train_from_iterator(corpus(), trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
     cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
     tokenizer.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+    )
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    fast = BertTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-                             sep_token="[SEP]", mask_token="[MASK]", model_max_length=512, do_lower_case=True)
+    fast = BertTokenizerFast(
+        tokenizer_object=tokenizer,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=512,
+        do_lower_case=True,
+    )
     fast.save_pretrained(str(tmp))
     os.replace(tmp, folder) if not folder.exists() else shutil.rmtree(tmp)
     return folder
@@ -227,9 +259,16 @@ def _frequent_words(count: int, known: set) -> list:
     raise RuntimeError(f"wordfreq's lists hold fewer than {count} distinct words")
 
 
-def make_model(seed: int = 0, dtype: str = "float32", tokenizer_vocab: int = 800, real_size_tokenizer: bool = False,
-               architecture: str = "xlm-roberta", model_max_length: int | None = None, outliers: int = 0,
-               **config) -> Path:
+def make_model(
+    seed: int = 0,
+    dtype: str = "float32",
+    tokenizer_vocab: int = 800,
+    real_size_tokenizer: bool = False,
+    architecture: str = "xlm-roberta",
+    model_max_length: int | None = None,
+    outliers: int = 0,
+    **config,
+) -> Path:
     """A folder with config.json, model.safetensors and tokenizer.json of a random reranker.
 
     `config` overrides XLMRobertaConfig fields (tiny defaults; pass **BGE_RERANKER_BASE for the
@@ -250,15 +289,25 @@ def make_model(seed: int = 0, dtype: str = "float32", tokenizer_vocab: int = 800
         return _make_bert_model(seed, dtype, tokenizer_vocab, model_max_length, outliers, **config)
     if model_max_length is not None:
         config["model_max_length"] = model_max_length
-    spec = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                max_position_embeddings=130, vocab_size=tokenizer_vocab + 2, layer_norm_eps=1e-5,
-                initializer_range=0.1)
+    spec = dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=130,
+        vocab_size=tokenizer_vocab + 2,
+        layer_norm_eps=1e-5,
+        initializer_range=0.1,
+    )
     spec.update(config)
     model_max_length = spec.pop("model_max_length", None)
     tokenizer_spec = {"real_size_tokenizer": True} if real_size_tokenizer else {}  # old cache keys stay valid
     if model_max_length is not None:
         tokenizer_spec["model_max_length"] = model_max_length
-    folder = cache_dir() / f"model-{_key(seed=seed, dtype=dtype, tokenizer_vocab=tokenizer_vocab, **tokenizer_spec, **spec, **extra)}"
+    folder = (
+        cache_dir()
+        / f"model-{_key(seed=seed, dtype=dtype, tokenizer_vocab=tokenizer_vocab, **tokenizer_spec, **spec, **extra)}"
+    )
     if (folder / "model.safetensors").exists():
         return folder
     import torch
@@ -274,8 +323,9 @@ def make_model(seed: int = 0, dtype: str = "float32", tokenizer_vocab: int = 800
     return _save_random(model, tokenizer, folder, dtype, model_max_length, outliers)
 
 
-def _save_random(model, tokenizer: Path, folder: Path, dtype: str, model_max_length: int | None,
-                 outliers: int = 0) -> Path:
+def _save_random(
+    model, tokenizer: Path, folder: Path, dtype: str, model_max_length: int | None, outliers: int = 0
+) -> Path:
     """Randomise the biases and LayerNorm scales too (so every parameter matters), give `outliers`
     hidden dimensions 20-50x larger LayerNorm parameters (make_model), calibrate the head, and save
     the model with its tokenizer's files into `folder`, atomically."""
@@ -304,8 +354,13 @@ def _save_random(model, tokenizer: Path, folder: Path, dtype: str, model_max_len
 
 
 def _copy_tokenizer(tokenizer: Path, folder: Path, model_max_length: int | None) -> None:
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "sentencepiece.bpe.model",
-                 "vocab.txt"):
+    for name in (
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "sentencepiece.bpe.model",
+        "vocab.txt",
+    ):
         if (tokenizer / name).exists():
             shutil.copy(tokenizer / name, folder / name)
     if model_max_length is not None:
@@ -314,21 +369,33 @@ def _copy_tokenizer(tokenizer: Path, folder: Path, model_max_length: int | None)
         path.write_text(json.dumps(dict(settings, model_max_length=model_max_length), indent=2), encoding="utf-8")
 
 
-def _make_bert_model(seed: int, dtype: str, tokenizer_vocab: int, model_max_length: int | None, outliers: int = 0,
-                     **config) -> Path:
+def _make_bert_model(
+    seed: int, dtype: str, tokenizer_vocab: int, model_max_length: int | None, outliers: int = 0, **config
+) -> Path:
     """make_model's BERT cross-encoder: BertForSequenceClassification (two token types, positions
     from 0, layer_norm_eps 1e-12, pooler + classifier) with a WordPiece tokenizer."""
     tokenizer = make_wordpiece_tokenizer(tokenizer_vocab)
-    spec = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                max_position_embeddings=128, type_vocab_size=2, layer_norm_eps=1e-12, initializer_range=0.1,
-                pad_token_id=0)
+    spec = dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        type_vocab_size=2,
+        layer_norm_eps=1e-12,
+        initializer_range=0.1,
+        pad_token_id=0,
+    )
     spec.update(config)
     words = json.loads((tokenizer / "tokenizer.json").read_text(encoding="utf-8"))["model"]["vocab"]
     spec.setdefault("vocab_size", len(words))  # a reduced vocabulary: the tokenizer's (bench: MiniLM's 30,522)
     if spec["vocab_size"] < len(words):
         raise ValueError(f"vocab_size {spec['vocab_size']} is smaller than the tokenizer's {len(words)} entries")
     extra = {"outliers": outliers} if outliers else {}  # keeps the older models' names
-    folder = cache_dir() / f"bert-{_key(seed=seed, dtype=dtype, tokenizer_vocab=tokenizer_vocab, max=model_max_length, **spec, **extra)}"
+    folder = (
+        cache_dir()
+        / f"bert-{_key(seed=seed, dtype=dtype, tokenizer_vocab=tokenizer_vocab, max=model_max_length, **spec, **extra)}"
+    )
     if (folder / "model.safetensors").exists():
         return folder
     import torch

@@ -62,8 +62,10 @@ class PairTokenizer:
         # a Unigram file read before is known by its cached arrays; any other is parsed to find its kind
         kind = "Unigram" if is_cached(path) else tokenizer_kind(path)  # ModelError naming the file if unreadable
         if kind not in PAIR_LAYOUTS:
-            raise ModelError(f"{path}: a {kind or 'unknown'} tokenizer; nprerank reads Unigram (XLM-R) and "
-                             "WordPiece (BERT) tokenizer.json files")
+            raise ModelError(
+                f"{path}: a {kind or 'unknown'} tokenizer; nprerank reads Unigram (XLM-R) and "
+                "WordPiece (BERT) tokenizer.json files"
+            )
         self.kind = kind
         backend, first, separator, last = PAIR_LAYOUTS[kind]
         self.tokenizer = backend(path)  # ModelError naming the file if unusable
@@ -85,9 +87,15 @@ class PairTokenizer:
             raise ModelError(f"{path}: the vocabulary has no {token} token, which this kind of tokenizer needs")
         return token_id
 
-    def encode(self, pairs, max_length: int | None = None, truncation: str | None = None,
-               passage_max_length: int | None = None, query_max_length: int | None = None,
-               chunk: tuple | None = None) -> tuple:
+    def encode(
+        self,
+        pairs,
+        max_length: int | None = None,
+        truncation: str | None = None,
+        passage_max_length: int | None = None,
+        query_max_length: int | None = None,
+        chunk: tuple | None = None,
+    ) -> tuple:
         """[(query, passage)] * P -> (owners [S], sequences [S], lengths [P]): what the model is given.
 
         Each sequence is `<s> q </s></s> p </s>`, at most `max_length` long (None: this tokenizer's).
@@ -137,8 +145,7 @@ class PairTokenizer:
         """[(query, passage)] * B -> [ids] * B, each `<s> q </s></s> p </s>`, at most max_length long."""
         return self.encode(pairs, max_length, truncation)[1]
 
-    def encode_chunked(self, pairs, max_length: int | None = None, overlap: int = 32,
-                       max_windows: int = 16) -> list:
+    def encode_chunked(self, pairs, max_length: int | None = None, overlap: int = 32, max_windows: int = 16) -> list:
         """[(query, passage)] * B -> [[ids] * windows] * B: the passage cut into overlapping windows.
 
         For long documents: the query is cut to query_max_length as in "only_second", then each
@@ -251,7 +258,8 @@ def _continues_grapheme(char: str) -> bool:
     return (
         unicodedata.category(char) in ("Mn", "Mc", "Me")  # combining marks
         or char in "\u200c\u200d"  # zero-width (non-)joiner
-        or "\ufe00" <= char <= "\ufe0f" or "\U000e0100" <= char <= "\U000e01ef"  # variation selectors
+        or "\ufe00" <= char <= "\ufe0f"
+        or "\U000e0100" <= char <= "\U000e01ef"  # variation selectors
         or "\U0001f3fb" <= char <= "\U0001f3ff"  # emoji skin tones
     )
 

@@ -137,8 +137,18 @@ class Unigram:
         np.cumsum([len(word) for word in encoded], out=offsets[1:])
         ids = np.empty(len(text), dtype=np.int32)  # a piece is at least one byte long
         counts = np.empty(len(words), dtype=np.int64)  # [W] pieces per word
-        viterbi_forward(ids, counts, text, offsets, self.labels, self.child_start, self.piece, self.scores,
-                        self.unk_id, self.unk_score)
+        viterbi_forward(
+            ids,
+            counts,
+            text,
+            offsets,
+            self.labels,
+            self.child_start,
+            self.piece,
+            self.scores,
+            self.unk_id,
+            self.unk_score,
+        )
         ids = ids.tolist()
         ends = np.cumsum(counts).tolist()
         return [ids[end - count : end] for end, count in zip(ends, counts.tolist())]
@@ -156,6 +166,7 @@ def _expand(plan: list, pieces: list) -> list:
 
 
 # --- the vocabulary arrays, cached ------------------------------------------------------------
+
 
 def is_cached(path) -> bool:
     """Whether the cache holds current arrays for the tokenizer.json at `path`: then it is a Unigram
@@ -179,8 +190,14 @@ def _cache_entry(path: Path) -> tuple:
         raise ModelError(f"{path}: tokenizer.json not found") from None
     except OSError as e:
         raise ModelError(f"{path}: not a usable tokenizer.json ({e})") from None
-    stamp = {"version": CACHE_VERSION, "path": str(path.resolve()), "size": stat.st_size, "inode": stat.st_ino,
-             "mtime_ns": stat.st_mtime_ns, "ctime_ns": stat.st_ctime_ns}
+    stamp = {
+        "version": CACHE_VERSION,
+        "path": str(path.resolve()),
+        "size": stat.st_size,
+        "inode": stat.st_ino,
+        "mtime_ns": stat.st_mtime_ns,
+        "ctime_ns": stat.st_ctime_ns,
+    }
     return cache_dir() / f"unigram-{hashlib.sha256(stamp['path'].encode()).hexdigest()[:16]}", stamp
 
 
@@ -203,8 +220,11 @@ def _load(path: Path) -> tuple:
     except (OSError, ValueError, KeyError) as e:
         for array in arrays.values():  # read-only like the mapped ones: one compiled viterbi_forward
             array.flags.writeable = False
-        warnings.warn(f"nprerank: cannot cache the tokenizer's arrays ({e}); keeping them in memory "
-                      f"(about {sum(a.nbytes for a in arrays.values()) >> 20} MB)", stacklevel=4)
+        warnings.warn(
+            f"nprerank: cannot cache the tokenizer's arrays ({e}); keeping them in memory "
+            f"(about {sum(a.nbytes for a in arrays.values()) >> 20} MB)",
+            stacklevel=4,
+        )
         return frame, arrays
 
 
@@ -252,7 +272,11 @@ def _prune(cache: Path) -> None:
                 stamp = json.loads((folder / "stamp.json").read_text())
                 stat = os.stat(stamp["path"])
                 stale = (stat.st_size, stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns) != (
-                    stamp["size"], stamp["inode"], stamp["mtime_ns"], stamp["ctime_ns"])
+                    stamp["size"],
+                    stamp["inode"],
+                    stamp["mtime_ns"],
+                    stamp["ctime_ns"],
+                )
         except (OSError, ValueError, KeyError, TypeError):  # its tokenizer.json is gone, or it is not ours
             stale = True
         if stale:
@@ -263,10 +287,18 @@ def _check(arrays: dict) -> None:
     """ValueError unless the arrays have the dtypes and shapes viterbi_forward relies on."""
     scores, labels, child_start, piece = (arrays[name] for name in ARRAYS)
     nodes = len(labels)
-    if not (scores.dtype == np.float64 and labels.dtype == np.uint8 and child_start.dtype == np.int64
-            and piece.dtype == np.int32 and scores.ndim == labels.ndim == child_start.ndim == piece.ndim == 1
-            and len(child_start) == nodes + 1 and len(piece) == nodes and nodes >= 1
-            and child_start[-1] == nodes and int(piece.max()) < len(scores)):
+    if not (
+        scores.dtype == np.float64
+        and labels.dtype == np.uint8
+        and child_start.dtype == np.int64
+        and piece.dtype == np.int32
+        and scores.ndim == labels.ndim == child_start.ndim == piece.ndim == 1
+        and len(child_start) == nodes + 1
+        and len(piece) == nodes
+        and nodes >= 1
+        and child_start[-1] == nodes
+        and int(piece.max()) < len(scores)
+    ):
         raise ValueError("cached tokenizer arrays are damaged")
 
 
@@ -281,28 +313,45 @@ def _build(path: Path) -> tuple:
         raise ModelError(f"{path}: not a usable tokenizer.json ({e})") from None
     model = document.get("model") if isinstance(document, dict) else None
     if isinstance(model, dict) and model.get("type", "Unigram") != "Unigram":
-        raise ModelError(f"{path}: the tokenizer's model is {model.get('type')}; nprerank reads XLM-R's Unigram tokenizers")
+        raise ModelError(
+            f"{path}: the tokenizer's model is {model.get('type')}; nprerank reads XLM-R's Unigram tokenizers"
+        )
     if not isinstance(model, dict) or not isinstance(model.get("vocab"), list):
         raise ModelError(f"{path}: not a usable tokenizer.json (no model vocabulary)")
     vocab = model["vocab"]
-    if not vocab or not all(isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)
-                            and isinstance(entry[1], (int, float)) for entry in vocab):
+    if not vocab or not all(
+        isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str) and isinstance(entry[1], (int, float))
+        for entry in vocab
+    ):
         raise ModelError(f"{path}: not a usable tokenizer.json (the Unigram vocabulary must be [piece, score] pairs)")
     unk_id = model.get("unk_id")
     if isinstance(unk_id, bool) or not isinstance(unk_id, int) or not 0 <= unk_id < len(vocab):
         raise ModelError(f"{path}: the Unigram model has no <unk> piece (unk_id {unk_id!r}); not an XLM-R tokenizer")
     if model.get("byte_fallback"):
-        raise ModelError(f"{path}: the Unigram model uses byte fallback; XLM-R's does not, and nprerank does not either")
+        raise ModelError(
+            f"{path}: the Unigram model uses byte fallback; XLM-R's does not, and nprerank does not either"
+        )
     added = document.get("added_tokens") or []
     placeholder_id = max([len(vocab) - 1] + [token.get("id", -1) for token in added]) + 1
     frame_vocab = {token["content"]: token["id"] for token in added}
     frame_vocab[PLACEHOLDER] = placeholder_id
-    tokenizer = {**document, "truncation": None, "padding": None, "pre_tokenizer": None,
-                 "model": {"type": "WordLevel", "vocab": frame_vocab, "unk_token": PLACEHOLDER}}
-    frame = {"tokenizer": tokenizer, "pre_tokenizer": document.get("pre_tokenizer"), "unk_id": unk_id,
-             "placeholder_id": placeholder_id}
-    arrays = {"scores": np.array([score for _, score in vocab], dtype=np.float64),
-              **_trie([piece for piece, _ in vocab])}
+    tokenizer = {
+        **document,
+        "truncation": None,
+        "padding": None,
+        "pre_tokenizer": None,
+        "model": {"type": "WordLevel", "vocab": frame_vocab, "unk_token": PLACEHOLDER},
+    }
+    frame = {
+        "tokenizer": tokenizer,
+        "pre_tokenizer": document.get("pre_tokenizer"),
+        "unk_id": unk_id,
+        "placeholder_id": placeholder_id,
+    }
+    arrays = {
+        "scores": np.array([score for _, score in vocab], dtype=np.float64),
+        **_trie([piece for piece, _ in vocab]),
+    }
     return frame, arrays
 
 
@@ -362,8 +411,11 @@ def _pre_tokenizer(spec, path: Path):
 
     if "first" in schemes(spec):
         raise ModelError(f"{path}: Metaspace prepend_scheme 'first' is not supported (XLM-R uses 'always')")
-    holder = {"version": "1.0", "pre_tokenizer": spec,
-              "model": {"type": "WordLevel", "vocab": {PLACEHOLDER: 0}, "unk_token": PLACEHOLDER}}
+    holder = {
+        "version": "1.0",
+        "pre_tokenizer": spec,
+        "model": {"type": "WordLevel", "vocab": {PLACEHOLDER: 0}, "unk_token": PLACEHOLDER},
+    }
     try:
         return Tokenizer.from_str(json.dumps(holder)).pre_tokenizer
     except Exception as e:  # the Rust side raises a plain Exception
@@ -373,6 +425,7 @@ def _pre_tokenizer(spec, path: Path):
 # --- the search --------------------------------------------------------------------------------
 # Plain njit, cache=True: no fastmath, so each path's score is the same float64 sum, in the same
 # order, as tokenizers' (a tie or a near-tie must go the same way).
+
 
 @njit(cache=True)
 def _child(node, byte, labels, child_start):

@@ -67,7 +67,9 @@ class RowsOnDisk:
         """Rows start:stop [stop - start, C], read in one call, as `array[start:stop]` would give."""
         rows = np.empty((stop - start, self.shape[1]), dtype=self.dtype)
         if os.preadv(self.file.fileno(), [rows], self.offset + start * self.row_bytes) != rows.nbytes:
-            raise ModelError(f"{self.path}: rows {start}:{stop} of the word embeddings could not be read; the file changed")
+            raise ModelError(
+                f"{self.path}: rows {start}:{stop} of the word embeddings could not be read; the file changed"
+            )
         return rows
 
 
@@ -164,8 +166,10 @@ LAYER_MODULES = {
     "output.dense": ("output", "C", "F"),
     "output.LayerNorm": ("output_norm", "C", None),
 }
-LARGE = re.compile(r"^(roberta|bert)\.encoder\.layer\.\d+\.(attention\.self\.\w+|attention\.output\.dense|"
-                   r"intermediate\.dense|output\.dense)\.weight$")  # the layers' products: 97% of the weights beside the word table
+LARGE = re.compile(
+    r"^(roberta|bert)\.encoder\.layer\.\d+\.(attention\.self\.\w+|attention\.output\.dense|"
+    r"intermediate\.dense|output\.dense)\.weight$"
+)  # the layers' products: 97% of the weights beside the word table
 
 
 def word_embeddings_name(config: ModelConfig) -> str:
@@ -221,14 +225,17 @@ def load_weights(path, config: ModelConfig) -> Weights:
     extras = re.compile(f"^({config.architecture.extras})$")  # tensors some checkpoints carry that we do not use
     unknown = [name for name in tensors if name not in table and not extras.match(name)]
     if unknown:
-        raise ModelError(f"{path}: unexpected tensors {_shortlist(unknown)} (is this a {config.architecture_name} "
-                         "reranker?)")
+        raise ModelError(
+            f"{path}: unexpected tensors {_shortlist(unknown)} (is this a {config.architecture_name} reranker?)"
+        )
 
     fields = {}
     for name, (field, shape) in table.items():
         array, dtype, offset = tensors[name]
         if dtype not in _FLOATS:
-            raise ModelError(f"{path}: {name} is stored as {dtype}; a checkpoint's tensors must be {', '.join(_FLOATS)}")
+            raise ModelError(
+                f"{path}: {name} is stored as {dtype}; a checkpoint's tensors must be {', '.join(_FLOATS)}"
+            )
         if array.shape != shape:
             raise ModelError(f"{path}: {name} has shape {list(array.shape)}, config.json implies {list(shape)}")
         if field == "embeddings.word":  # read row by row, never mapped (see the module's docstring)
@@ -279,18 +286,22 @@ def _check_sizes(path: Path, tensors: dict, config: ModelConfig) -> None:
     prefix = config.architecture.prefix  # "roberta" or "bert"
     layers = {int(m.group(1)) for name in tensors if (m := re.match(rf"{prefix}\.encoder\.layer\.(\d+)\.", name))}
     found = {"num_hidden_layers": max(layers, default=-1) + 1}
-    for name, fields in {word_embeddings_name(config): ("vocab_size", "hidden_size"),
-                         f"{prefix}.embeddings.position_embeddings.weight": ("max_position_embeddings", None),
-                         f"{prefix}.embeddings.token_type_embeddings.weight": ("type_vocab_size", None),
-                         f"{prefix}.encoder.layer.0.intermediate.dense.weight": ("intermediate_size", None)}.items():
+    for name, fields in {
+        word_embeddings_name(config): ("vocab_size", "hidden_size"),
+        f"{prefix}.embeddings.position_embeddings.weight": ("max_position_embeddings", None),
+        f"{prefix}.embeddings.token_type_embeddings.weight": ("type_vocab_size", None),
+        f"{prefix}.encoder.layer.0.intermediate.dense.weight": ("intermediate_size", None),
+    }.items():
         if name in tensors:  # a missing one is reported by load_weights, by name
             for field, size in zip(fields, tensors[name][0].shape):
                 if field:
                     found[field] = size
     for field, size in found.items():
         if getattr(config, field) != size:
-            raise ModelError(f"{path}: config.json says {field} is {getattr(config, field)}, but the checkpoint "
-                             f"holds {size}; the two files do not belong together")
+            raise ModelError(
+                f"{path}: config.json says {field} is {getattr(config, field)}, but the checkpoint "
+                f"holds {size}; the two files do not belong together"
+            )
 
 
 def embedding_rows(table: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -298,8 +309,10 @@ def embedding_rows(table: np.ndarray, ids: np.ndarray) -> np.ndarray:
     rows = _rows_as_float32(table[ids])
     if not np.isfinite(rows).all():  # cheap, and the rows a batch reads are all it can be hurt by
         bad = int(ids[np.argmin(np.isfinite(rows).all(axis=1))])
-        raise ModelError(f"{getattr(table, 'path', 'the word embeddings')}: word_embeddings.weight row {bad} holds NaN "
-                         "or infinity; the checkpoint is damaged")
+        raise ModelError(
+            f"{getattr(table, 'path', 'the word embeddings')}: word_embeddings.weight row {bad} holds NaN "
+            "or infinity; the checkpoint is damaged"
+        )
     return rows
 
 
@@ -315,8 +328,10 @@ def check_finite(array: np.ndarray, name: str, path) -> None:
     finite = np.isfinite(array)
     if not finite.all():
         where = np.unravel_index(np.argmin(finite), array.shape)
-        raise ModelError(f"{path}: {name} holds {array[where]} at {list(map(int, where))}; every weight must be "
-                         "finite (the checkpoint is damaged, or was saved from a diverged model)")
+        raise ModelError(
+            f"{path}: {name} holds {array[where]} at {list(map(int, where))}; every weight must be "
+            "finite (the checkpoint is damaged, or was saved from a diverged model)"
+        )
 
 
 def check_all_finite(weights: "Weights") -> None:
@@ -327,16 +342,19 @@ def check_all_finite(weights: "Weights") -> None:
     fields = {field: name for name, (field, _, inp) in LAYER_MODULES.items() if inp}
     for n, layer in enumerate(weights.layers):
         for field, name in fields.items():
-            check_finite(getattr(layer, field).weight, f"{weights.prefix}.encoder.layer.{n}.{name}.weight",
-                         weights.source)
+            check_finite(
+                getattr(layer, field).weight, f"{weights.prefix}.encoder.layer.{n}.{name}.weight", weights.source
+            )
     word = weights.embeddings.word
     for start in range(0, word.shape[0], 4096):  # a chunk of rows at a time: no 768 MB copy
         stop = min(start + 4096, word.shape[0])
         rows = _rows_as_float32(word.rows(start, stop) if isinstance(word, RowsOnDisk) else word[start:stop])
         if not np.isfinite(rows).all():
             where = np.unravel_index(np.argmin(np.isfinite(rows)), rows.shape)
-            raise ModelError(f"{weights.source}: {weights.prefix}.embeddings.word_embeddings.weight holds {rows[where]} at "
-                             f"[{start + int(where[0])}, {int(where[1])}]; every weight must be finite")
+            raise ModelError(
+                f"{weights.source}: {weights.prefix}.embeddings.word_embeddings.weight holds {rows[where]} at "
+                f"[{start + int(where[0])}, {int(where[1])}]; every weight must be finite"
+            )
 
 
 def _as_float32(array: np.ndarray, dtype: str) -> np.ndarray:
@@ -384,12 +402,16 @@ def map_safetensors(path: Path) -> Mapped:
 
     header_size = int.from_bytes(buffer[:8], "little")
     if header_size > min(size - 8, MAX_HEADER):
-        raise ModelError(f"{path}: header claims {header_size} bytes but the file has {size} (and safetensors allows "
-                         f"at most {MAX_HEADER}); truncated or not safetensors")
+        raise ModelError(
+            f"{path}: header claims {header_size} bytes but the file has {size} (and safetensors allows "
+            f"at most {MAX_HEADER}); truncated or not safetensors"
+        )
     try:
         header = json.loads(bytes(buffer[8 : 8 + header_size]))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise ModelError(f"{path}: header is not valid JSON ({type(e).__name__}: {str(e)[:100]}); the file is corrupt") from None
+        raise ModelError(
+            f"{path}: header is not valid JSON ({type(e).__name__}: {str(e)[:100]}); the file is corrupt"
+        ) from None
     if not isinstance(header, dict):
         raise ModelError(f"{path}: header is not a JSON object; the file is corrupt")
     metadata = header.pop("__metadata__", None) or {}
@@ -430,12 +452,16 @@ def _header_entry(path: Path, name: str, info, data_size: int) -> tuple:
     if not isinstance(shape, list) or not all(_is_size(d) for d in shape):
         raise ModelError(f"{path}: {shown} has shape {shape!r:.60}, not a list of integers >= 0; the file is corrupt")
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_size(o) for o in offsets):
-        raise ModelError(f"{path}: {shown} has data_offsets {offsets!r:.60}, not two integers >= 0; the file is corrupt")
+        raise ModelError(
+            f"{path}: {shown} has data_offsets {offsets!r:.60}, not two integers >= 0; the file is corrupt"
+        )
     begin, end = offsets
     if end - begin != np.dtype(_DTYPES[dtype]).itemsize * math.prod(shape):  # Python ints: no overflow
         raise ModelError(f"{path}: {shown} byte range [{begin}, {end}) does not fit its shape {shape}")
     if end > data_size:
-        raise ModelError(f"{path}: {shown} ends at byte {end} of the data, beyond its {data_size}; the file is truncated")
+        raise ModelError(
+            f"{path}: {shown} ends at byte {end} of the data, beyond its {data_size}; the file is truncated"
+        )
     return dtype, tuple(shape), begin, end
 
 

@@ -49,5 +49,19 @@ from .openapi import openapi_spec
 from .protocol import DEFAULT_MODEL, ApiError, Query
 from .run import API_KEY_ENV, add_arguments, main, serve, serve_from_args
 
-__all__ = ["API_KEY_ENV", "CLOUDFLARE_MODEL", "CLOUDFLARE_PATHS", "DEFAULT_MODEL", "ApiError", "Batcher", "Limits",
-           "Query", "add_arguments", "build_app", "main", "openapi_spec", "serve", "serve_from_args"]
+__all__ = [
+    "API_KEY_ENV",
+    "CLOUDFLARE_MODEL",
+    "CLOUDFLARE_PATHS",
+    "DEFAULT_MODEL",
+    "ApiError",
+    "Batcher",
+    "Limits",
+    "Query",
+    "add_arguments",
+    "build_app",
+    "main",
+    "openapi_spec",
+    "serve",
+    "serve_from_args",
+]

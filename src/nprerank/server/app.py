@@ -60,8 +60,14 @@ def refusal(dialect: Dialect, error: ApiError, close: bool = False):
     return JSONResponse(body, status_code=status, headers={**headers, "connection": "close"} if close else headers)
 
 
-def build_app(reranker_or_loader, api_key: str | None = None, model_name: str = DEFAULT_MODEL,
-              access: Access | None = None, model_source: str | None = None, **limits):
+def build_app(
+    reranker_or_loader,
+    api_key: str | None = None,
+    model_name: str = DEFAULT_MODEL,
+    access: Access | None = None,
+    model_source: str | None = None,
+    **limits,
+):
     """A Starlette app serving a Reranker, or a zero-argument loader called in the model thread
     (then a changed checkpoint is reloaded; see batcher.py). model_name: what clients are told the
     model is; model_source: the folder or repo id it came from (default model_name), never shown."""
@@ -103,17 +109,27 @@ def build_app(reranker_or_loader, api_key: str | None = None, model_name: str = 
 
     def gate(scope) -> ApiError | None:
         """The checks made before a request is routed, each one a refusal in the dialect's shape."""
-        headers = {key.decode(): value.decode("latin-1") for key, value in scope["headers"] if key in (b"host", b"origin")}
+        headers = {
+            key.decode(): value.decode("latin-1") for key, value in scope["headers"] if key in (b"host", b"origin")
+        }
         if scope.get("state", {}).get(OVER_CAPACITY):
-            return ApiError("overloaded", f"the server has {limits.max_connections} connections open "
-                                          "(--max-connections); retry shortly")
+            return ApiError(
+                "overloaded",
+                f"the server has {limits.max_connections} connections open (--max-connections); retry shortly",
+            )
         if not access.host_allowed(headers.get("host")):
-            return ApiError("forbidden", f"the Host header {headers.get('host', '(none)')!r:.80} names no host this "
-                                         "server answers to; start it with --allowed-host NAME to add one "
-                                         "(a guard against DNS rebinding)")
+            return ApiError(
+                "forbidden",
+                f"the Host header {headers.get('host', '(none)')!r:.80} names no host this "
+                "server answers to; start it with --allowed-host NAME to add one "
+                "(a guard against DNS rebinding)",
+            )
         if not access.origin_allowed(headers.get("origin"), headers.get("host")):
-            return ApiError("forbidden", f"requests from web pages of Origin {headers['origin']!r:.80} are not "
-                                         "allowed; start the server with --allowed-origin ORIGIN to allow them")
+            return ApiError(
+                "forbidden",
+                f"requests from web pages of Origin {headers['origin']!r:.80} are not "
+                "allowed; start the server with --allowed-origin ORIGIN to allow them",
+            )
         return None
 
     class Gate:
@@ -159,7 +175,9 @@ def build_app(reranker_or_loader, api_key: str | None = None, model_name: str = 
             if media != "application/json" and not media.endswith("+json"):
                 got = f"got {media!r}" if media else "no Content-Type was sent"
                 raise ApiError("media_type", f"send the body as JSON with 'Content-Type: application/json' ({got})")
-        too_large = f"the request body is larger than this server's limit of {limits.max_body_bytes} bytes (--max-body-bytes)"
+        too_large = (
+            f"the request body is larger than this server's limit of {limits.max_body_bytes} bytes (--max-body-bytes)"
+        )
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limits.max_body_bytes:
             raise ApiError("too_large", too_large)
@@ -175,8 +193,9 @@ def build_app(reranker_or_loader, api_key: str | None = None, model_name: str = 
         try:  # one deadline for the whole body: a trickle of bytes cannot keep extending it
             return await asyncio.wait_for(whole_body(), limits.body_timeout)
         except asyncio.TimeoutError:
-            raise ApiError("timeout", f"the request body did not arrive within {limits.body_timeout:g} s "
-                                      "(--body-timeout)") from None
+            raise ApiError(
+                "timeout", f"the request body did not arrive within {limits.body_timeout:g} s (--body-timeout)"
+            ) from None
 
     async def client_gone(request):
         while (await request.receive())["type"] != "http.disconnect":
@@ -195,8 +214,10 @@ def build_app(reranker_or_loader, api_key: str | None = None, model_name: str = 
             return Response(status_code=499)
         try:
             if admitted >= limits.queue_size:
-                raise ApiError("overloaded", f"the server is busy: {admitted} requests are in progress "
-                                             "(--queue-size); retry shortly")
+                raise ApiError(
+                    "overloaded",
+                    f"the server is busy: {admitted} requests are in progress (--queue-size); retry shortly",
+                )
             admitted += 1
             try:
                 return await admitted_rerank(request, dialect, body)
@@ -218,9 +239,12 @@ def build_app(reranker_or_loader, api_key: str | None = None, model_name: str = 
         if not query.truncate and reranker.long_documents == "truncate":
             for i, length in enumerate(encoding.lengths):
                 if length > encoding.max_length:
-                    raise ApiError("too_long", f"Input validation error: `inputs` must have less than "
-                                               f"{encoding.max_length} tokens. Given: more than {encoding.max_length} "
-                                               f"(texts[{i}] with the query); send truncate: true to cut it instead")
+                    raise ApiError(
+                        "too_long",
+                        f"Input validation error: `inputs` must have less than "
+                        f"{encoding.max_length} tokens. Given: more than {encoding.max_length} "
+                        f"(texts[{i}] with the query); send truncate: true to cut it instead",
+                    )
         return query, encoding
 
     async def admitted_rerank(request, dialect: Dialect, body: bytes):
@@ -254,8 +278,13 @@ def build_app(reranker_or_loader, api_key: str | None = None, model_name: str = 
         return JSONResponse(tei.info(model_name, batcher.reranker.tokenizer.max_length, limits))
 
     async def health(request):
-        status = {"status": batcher.state, "model": model_name, "queued": batcher.queue.qsize(),
-                  "requests_scored": batcher.requests_scored, "forward_calls": batcher.forward_calls}
+        status = {
+            "status": batcher.state,
+            "model": model_name,
+            "queued": batcher.queue.qsize(),
+            "requests_scored": batcher.requests_scored,
+            "forward_calls": batcher.forward_calls,
+        }
         if batcher.problem:
             status["error"] = hide_paths(batcher.problem)
         return JSONResponse(status, status_code=200 if batcher.state == "ready" else 503)
@@ -273,8 +302,11 @@ def build_app(reranker_or_loader, api_key: str | None = None, model_name: str = 
         if status == 404 and cloudflare:  # an unknown account path or model
             status, body = Cloudflare.no_route(path, cloudflare_unlisted)
             return JSONResponse(body, status_code=status)
-        message = f"no route {request.method} {path}; see GET /openapi.json" if status == 404 else \
-            f"{request.method} is not allowed on {path}; see GET /openapi.json"
+        message = (
+            f"no route {request.method} {path}; see GET /openapi.json"
+            if status == 404
+            else f"{request.method} is not allowed on {path}; see GET /openapi.json"
+        )
         return JSONResponse({"message": message}, status_code=status)
 
     @contextlib.asynccontextmanager
@@ -291,10 +323,18 @@ def build_app(reranker_or_loader, api_key: str | None = None, model_name: str = 
     routes += [Route("/info", tei_info, methods=["GET"]), Route("/openapi.json", openapi, methods=["GET"])]
     middleware = [Middleware(Gate)]
     if access.any_origin or access.origins:  # browsers of the allowed origins get CORS headers and preflights
-        middleware.append(Middleware(CORSMiddleware, allow_origins=["*"] if access.any_origin else sorted(access.origins),
-                                     allow_methods=["GET", "POST"], allow_headers=["*"], expose_headers=["Retry-After"]))
-    app = Starlette(routes=routes, lifespan=lifespan, middleware=middleware,
-                    exception_handlers={404: not_found, 405: not_found})
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=["*"] if access.any_origin else sorted(access.origins),
+                allow_methods=["GET", "POST"],
+                allow_headers=["*"],
+                expose_headers=["Retry-After"],
+            )
+        )
+    app = Starlette(
+        routes=routes, lifespan=lifespan, middleware=middleware, exception_handlers={404: not_found, 405: not_found}
+    )
     app.state.batcher = batcher
     app.state.limits = limits
     return app

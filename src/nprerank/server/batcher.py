@@ -84,7 +84,9 @@ class Batcher:
         if self.state == "ready":
             return
         if self.state == "loading" and self.problem is None:
-            raise ApiError("loading", "the model is still loading; retry in a few seconds (GET /health says when ready)")
+            raise ApiError(
+                "loading", "the model is still loading; retry in a few seconds (GET /health says when ready)"
+            )
         if self.state == "failed":
             raise ApiError("loading", f"the model failed to load: {self.problem}")
         raise ApiError("loading", f"{self.problem}; retry in a few seconds (GET /health says when ready)")

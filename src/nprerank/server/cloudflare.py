@@ -61,14 +61,33 @@ class Cloudflare(Dialect):
     paths = CLOUDFLARE_PATHS
     summary = f"Cloudflare Workers AI {CLOUDFLARE_MODEL}: sigmoid scores, best first, at most top_k"
     json_only = False
-    statuses = dict(bad_json=400, media_type=400, invalid=400, empty=400, empty_pair=400, too_long=400, too_many=413,
-                    too_large=413, unauthorized=401, forbidden=403, timeout=408, overloaded=429, loading=503,
-                    internal=500)
+    statuses = dict(
+        bad_json=400,
+        media_type=400,
+        invalid=400,
+        empty=400,
+        empty_pair=400,
+        too_long=400,
+        too_many=413,
+        too_large=413,
+        unauthorized=401,
+        forbidden=403,
+        timeout=408,
+        overloaded=429,
+        loading=503,
+        internal=500,
+    )
     # Workers AI's documented error codes (developers.cloudflare.com/workers-ai/platform/errors)
-    codes = dict(too_many=(3006, "Request is too large"), too_large=(3006, "Request is too large"),
-                 overloaded=(3040, "Out of capacity"), loading=(3040, "Out of capacity"),
-                 unauthorized=(10000, "Authentication error"), forbidden=(10000, "Forbidden"),
-                 timeout=(3007, "Request timeout"), internal=(5000, "Internal error"))
+    codes = dict(
+        too_many=(3006, "Request is too large"),
+        too_large=(3006, "Request is too large"),
+        overloaded=(3040, "Out of capacity"),
+        loading=(3040, "Out of capacity"),
+        unauthorized=(10000, "Authentication error"),
+        forbidden=(10000, "Forbidden"),
+        timeout=(3007, "Request timeout"),
+        internal=(5000, "Internal error"),
+    )
 
     def parse(self, payload, limits):
         payload = read_object(payload)
@@ -91,13 +110,17 @@ class Cloudflare(Dialect):
         """-> (404, body) for a Cloudflare-style path this server does not serve, saying what it
         does serve. unlisted_reason: why the served model has no Cloudflare route at all."""
         if unlisted_reason:
-            message = (f"Could not route to {path}: {unlisted_reason}; Workers AI lists only {CLOUDFLARE_MODEL}, "
-                       "so this server answers no Cloudflare path. Send the same query to POST /rerank (TEI) "
-                       "or POST /v1/rerank, /v2/rerank (Cohere, Jina)")
+            message = (
+                f"Could not route to {path}: {unlisted_reason}; Workers AI lists only {CLOUDFLARE_MODEL}, "
+                "so this server answers no Cloudflare path. Send the same query to POST /rerank (TEI) "
+                "or POST /v1/rerank, /v2/rerank (Cohere, Jina)"
+            )
             return 404, envelope(NO_ROUTE_CODE, message)
-        message = (f"Could not route to {path}: this server runs only {CLOUDFLARE_MODEL}, at POST "
-                   f"/client/v4/accounts/<account_id>/ai/run/{CLOUDFLARE_MODEL} (the cloudflare SDK's base_url "
-                   f"is http://<host>:<port>/client/v4) and POST /ai/run/{CLOUDFLARE_MODEL}")
+        message = (
+            f"Could not route to {path}: this server runs only {CLOUDFLARE_MODEL}, at POST "
+            f"/client/v4/accounts/<account_id>/ai/run/{CLOUDFLARE_MODEL} (the cloudflare SDK's base_url "
+            f"is http://<host>:<port>/client/v4) and POST /ai/run/{CLOUDFLARE_MODEL}"
+        )
         return 404, envelope(NO_ROUTE_CODE, message)
 
     @staticmethod
@@ -107,18 +130,55 @@ class Cloudflare(Dialect):
 
     def schemas(self, limits):
         text = {"type": "string", "minLength": 1}
-        request = {"type": "object", "required": ["query", "contexts"], "properties": {
-            "query": text, "top_k": {"type": "integer", "minimum": 1},
-            "contexts": {"type": "array", "minItems": 1, "maxItems": limits.max_contexts, "items": {
-                "type": "object", "required": ["text"], "properties": {"text": text}}}}}
-        answer = {"type": "object", "properties": {
-            "result": {"type": "object", "properties": {"response": {"type": "array", "items": {
-                "type": "object", "properties": {"id": {"type": "integer"}, "score": {"type": "number"}}}}}},
-            "success": {"type": "boolean"}, "errors": {"type": "array"}, "messages": {"type": "array"}}}
-        error = {"type": "object", "properties": {
-            "result": {"type": "object"}, "success": {"const": False}, "messages": {"type": "array"},
-            "errors": {"type": "array", "items": {"type": "object", "properties": {
-                "code": {"type": "integer"}, "message": {"type": "string"}}}}}}
+        request = {
+            "type": "object",
+            "required": ["query", "contexts"],
+            "properties": {
+                "query": text,
+                "top_k": {"type": "integer", "minimum": 1},
+                "contexts": {
+                    "type": "array",
+                    "minItems": 1,
+                    "maxItems": limits.max_contexts,
+                    "items": {"type": "object", "required": ["text"], "properties": {"text": text}},
+                },
+            },
+        }
+        answer = {
+            "type": "object",
+            "properties": {
+                "result": {
+                    "type": "object",
+                    "properties": {
+                        "response": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "properties": {"id": {"type": "integer"}, "score": {"type": "number"}},
+                            },
+                        }
+                    },
+                },
+                "success": {"type": "boolean"},
+                "errors": {"type": "array"},
+                "messages": {"type": "array"},
+            },
+        }
+        error = {
+            "type": "object",
+            "properties": {
+                "result": {"type": "object"},
+                "success": {"const": False},
+                "messages": {"type": "array"},
+                "errors": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "properties": {"code": {"type": "integer"}, "message": {"type": "string"}},
+                    },
+                },
+            },
+        }
         return {"request": request, "answer": answer, "error": error}
 
 

@@ -22,8 +22,18 @@ Read next: app.py.
 import uuid
 
 from ..reranker import best_first, sigmoid
-from .protocol import (ApiError, Dialect, Query, check_unicode, json_type, read_list, read_object, read_optional,
-                       read_query, read_texts)
+from .protocol import (
+    ApiError,
+    Dialect,
+    Query,
+    check_unicode,
+    json_type,
+    read_list,
+    read_object,
+    read_optional,
+    read_query,
+    read_texts,
+)
 
 
 class Cohere(Dialect):
@@ -34,17 +44,35 @@ class Cohere(Dialect):
     summary = "Cohere v1 / Jina rerank: relevance_score best first, at most top_n"
     version = "1"
     documents_shape = 'a list of strings or {"text": "..."} objects'
-    statuses = dict(bad_json=400, media_type=415, invalid=400, empty=400, empty_pair=400, too_long=400,
-                    too_many=422, too_large=413, unauthorized=401, forbidden=403, timeout=408, overloaded=429,
-                    loading=503, internal=500)
+    statuses = dict(
+        bad_json=400,
+        media_type=415,
+        invalid=400,
+        empty=400,
+        empty_pair=400,
+        too_long=400,
+        too_many=422,
+        too_large=413,
+        unauthorized=401,
+        forbidden=403,
+        timeout=408,
+        overloaded=429,
+        loading=503,
+        internal=500,
+    )
 
     def parse(self, payload, limits):
         payload = read_object(payload)
         query = read_query(payload, "documents", empty="blank")
         documents = read_list(payload, "documents", limits, self.documents_shape)
         texts = read_texts(documents, "documents", objects=self.version == "1", empty="blank")
-        return Query(query, texts, top=read_optional(payload, "top_n", int), model=self.read_model(payload),
-                     **self.options(payload))
+        return Query(
+            query,
+            texts,
+            top=read_optional(payload, "top_n", int),
+            model=self.read_model(payload),
+            **self.options(payload),
+        )
 
     def read_model(self, payload: dict) -> str | None:
         model = payload.get("model")
@@ -67,8 +95,13 @@ class Cohere(Dialect):
             if query.return_text:
                 result["document"] = {"text": query.texts[i]}
             results.append(result)
-        return {"id": str(uuid.uuid4()), "model": query.model or model_name, "results": results,
-                "meta": self.meta(), "usage": {"total_tokens": tokens}}
+        return {
+            "id": str(uuid.uuid4()),
+            "model": query.model or model_name,
+            "results": results,
+            "meta": self.meta(),
+            "usage": {"total_tokens": tokens},
+        }
 
     def meta(self) -> dict:
         return {"api_version": {"version": self.version}, "billed_units": {"search_units": 1}}
@@ -79,15 +112,37 @@ class Cohere(Dialect):
     def schemas(self, limits):
         text = {"type": "string", "minLength": 1, "pattern": r"\S"}
         document = {"oneOf": [text, {"type": "object", "required": ["text"], "properties": {"text": text}}]}
-        request = {"type": "object", "required": ["query", "documents"], "properties": {
-            "model": {"type": "string"}, "query": text, "top_n": {"type": "integer", "minimum": 1},
-            "return_documents": {"type": "boolean", "default": False},
-            "documents": {"type": "array", "minItems": 1, "maxItems": limits.max_contexts, "items": document}}}
-        answer = {"type": "object", "properties": {
-            "id": {"type": "string"}, "model": {"type": "string"}, "meta": {"type": "object"}, "usage": {"type": "object"},
-            "results": {"type": "array", "items": {"type": "object", "properties": {
-                "index": {"type": "integer"}, "relevance_score": {"type": "number"},
-                "document": {"type": "object", "properties": {"text": {"type": "string"}}}}}}}}
+        request = {
+            "type": "object",
+            "required": ["query", "documents"],
+            "properties": {
+                "model": {"type": "string"},
+                "query": text,
+                "top_n": {"type": "integer", "minimum": 1},
+                "return_documents": {"type": "boolean", "default": False},
+                "documents": {"type": "array", "minItems": 1, "maxItems": limits.max_contexts, "items": document},
+            },
+        }
+        answer = {
+            "type": "object",
+            "properties": {
+                "id": {"type": "string"},
+                "model": {"type": "string"},
+                "meta": {"type": "object"},
+                "usage": {"type": "object"},
+                "results": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "properties": {
+                            "index": {"type": "integer"},
+                            "relevance_score": {"type": "number"},
+                            "document": {"type": "object", "properties": {"text": {"type": "string"}}},
+                        },
+                    },
+                },
+            },
+        }
         error = {"type": "object", "properties": {"message": {"type": "string"}, "detail": {"type": "string"}}}
         return {"request": request, "answer": answer, "error": error}
 
@@ -98,8 +153,11 @@ def read_rank_fields(payload: dict) -> None:
     fields = payload.get("rank_fields")
     if fields is None or fields == ["text"]:
         return
-    raise ApiError("invalid", f"rank_fields {fields!r:.80} is not supported: this server ranks each document's "
-                              'text only; leave rank_fields out or send ["text"]')
+    raise ApiError(
+        "invalid",
+        f"rank_fields {fields!r:.80} is not supported: this server ranks each document's "
+        'text only; leave rank_fields out or send ["text"]',
+    )
 
 
 class CohereV2(Cohere):

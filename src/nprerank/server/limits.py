@@ -32,8 +32,9 @@ class Limits:
             value = getattr(self, field.name)
             if field.type is int and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{field.name} must be an integer >= 1, got {value!r}")
-            if field.type is float and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                        or not 0 < value < 86400):
+            if field.type is float and (
+                isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 86400
+            ):
                 raise ValueError(f"{field.name} must be a number of seconds > 0, got {value!r}")
         if self.truncation not in TRUNCATIONS:
             raise ValueError(f"truncation must be one of {TRUNCATIONS[1:]} or None, got {self.truncation!r}")

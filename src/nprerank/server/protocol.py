@@ -19,8 +19,22 @@ DEFAULT_MODEL = "BAAI/bge-reranker-base"
 class ApiError(Exception):
     """A request we refuse. `kind` says why; each dialect maps kinds to its own status and shape."""
 
-    KINDS = ("bad_json", "media_type", "invalid", "empty", "empty_pair", "too_many", "too_long", "too_large",
-             "unauthorized", "forbidden", "timeout", "overloaded", "loading", "internal")
+    KINDS = (
+        "bad_json",
+        "media_type",
+        "invalid",
+        "empty",
+        "empty_pair",
+        "too_many",
+        "too_long",
+        "too_large",
+        "unauthorized",
+        "forbidden",
+        "timeout",
+        "overloaded",
+        "loading",
+        "internal",
+    )
     # empty: a list with no items; empty_pair: a pair whose query and text are both "" (TEI's rule)
 
     def __init__(self, kind: str, message: str):
@@ -84,8 +98,11 @@ def check_unicode(value: str, name: str) -> None:
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise ApiError("invalid", f"{name} is not valid Unicode: character {e.start} is a lone surrogate "
-                                  f"(\\u{ord(value[e.start]):04x}); send UTF-8 text") from None
+        raise ApiError(
+            "invalid",
+            f"{name} is not valid Unicode: character {e.start} is a lone surrogate "
+            f"(\\u{ord(value[e.start]):04x}); send UTF-8 text",
+        ) from None
 
 
 def read_query(payload: dict, ranked: str, empty: str = "refuse") -> str:
@@ -118,8 +135,11 @@ def read_list(payload: dict, name: str, limits: Limits, shape: str) -> list:
     if not items:
         raise ApiError("empty", f"{name} must not be empty")
     if len(items) > limits.max_contexts:
-        raise ApiError("too_many", f"{name} has {len(items)} items; this server takes at most "
-                                   f"{limits.max_contexts} per request (--max-contexts)")
+        raise ApiError(
+            "too_many",
+            f"{name} has {len(items)} items; this server takes at most "
+            f"{limits.max_contexts} per request (--max-contexts)",
+        )
     return items
 
 
@@ -136,8 +156,15 @@ def read_optional(payload: dict, name: str, kind: type, default=None):
 
 
 def json_type(value) -> str:
-    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "an integer",
-             float: "a number", type(None): "null"}
+    names = {
+        dict: "an object",
+        list: "an array",
+        str: "a string",
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        type(None): "null",
+    }
     return names.get(type(value), type(value).__name__)
 
 

@@ -4,12 +4,13 @@ and the connection-level guards uvicorn does not have.
 Uvicorn (0.29 to at least 0.54) reads a request's headers without any deadline: a client that
 connects and sends nothing, or half its headers, holds a socket and a file descriptor until it
 leaves, and --limit-concurrency answers with a text/plain 503 once every place is held that way.
-`guarded_protocol` is uvicorn's own h11 protocol with four changes: the headers of each request
-must arrive within --header-timeout of connecting (or of the previous answer) or the socket is
-closed; a client that stops reading its answer for --body-timeout is cut off; a connection opened while --max-connections are open gets its request refused in the
-dialect's shape (by app.py) and is closed; and a client that half-closes its side after sending
-its request (shutdown(SHUT_WR), as some clients and proxies do) still gets its answer.
-The body's deadline (--body-timeout) is app.py's, because it answers in the dialect's shape.
+`guarded_protocol` is uvicorn's own h11 protocol with four changes: the headers of each request must
+arrive within --header-timeout of connecting (or of the previous answer) or the socket is closed; a
+client that stops reading its answer for --body-timeout is cut off; a connection opened while
+--max-connections are open gets its request refused in the dialect's shape (by app.py) and is
+closed; and a client that half-closes its side after sending its request (shutdown(SHUT_WR), as some
+clients and proxies do) still gets its answer. The body's deadline (--body-timeout) is app.py's,
+because it answers in the dialect's shape.
 
 Read next: app.py (what is served).
 """
@@ -41,55 +42,138 @@ log = logging.getLogger("uvicorn.error")  # uvicorn's logger, so our lines share
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The `serve` flags; `nprerank serve` and `python -m nprerank.server` share them."""
     default = Limits()
-    parser.add_argument("--model", default=os.environ.get("NPRERANK_MODEL") or DEFAULT_MODEL,
-                        help=f"model folder or Hugging Face repo id (default $NPRERANK_MODEL or {DEFAULT_MODEL})")
+    parser.add_argument(
+        "--model",
+        default=os.environ.get("NPRERANK_MODEL") or DEFAULT_MODEL,
+        help=f"model folder or Hugging Face repo id (default $NPRERANK_MODEL or {DEFAULT_MODEL})",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    parser.add_argument("--port", metavar="PORT", type=positive_int, default=8080, help="port to listen on (default 8080)")
-    parser.add_argument("--api-key", metavar="KEY", default=None,
-                        help=f"require 'Authorization: Bearer KEY' on every route but /health (or set ${API_KEY_ENV})")
-    parser.add_argument("--max-body-bytes", metavar="BYTES", type=positive_int, default=default.max_body_bytes,
-                        help=f"largest request body; larger is refused with 413 (default {default.max_body_bytes})")
-    parser.add_argument("--max-contexts", metavar="N", type=positive_int, default=default.max_contexts,
-                        help=f"most contexts/texts/documents in one request (default {default.max_contexts})")
-    parser.add_argument("--queue-size", metavar="N", type=positive_int, default=default.queue_size,
-                        help=f"requests read whole and waiting or being scored; more get 429 (default {default.queue_size})")
-    parser.add_argument("--max-connections", metavar="N", type=positive_int, default=default.max_connections,
-                        help=f"open connections; a request on one more gets 429 and is closed "
-                             f"(default {default.max_connections})")
-    for name, meaning in (("header_timeout", "a request's headers must arrive within this, else the connection is closed"),
-                          ("body_timeout", "a request's body must arrive within this after its headers, else 408; a client that "
-                                          "reads nothing of its answer this long is cut off"),
-                          ("shutdown_timeout", "on Ctrl-C or SIGTERM, requests in progress get this long, then 503")):
-        parser.add_argument(f"--{name.replace('_', '-')}", metavar="SECONDS", type=seconds, default=getattr(default, name),
-                            help=f"{meaning} (default {getattr(default, name):g})")
-    parser.add_argument("--allowed-host", metavar="NAME", action="append", default=[],
-                        help="also answer requests whose Host header names NAME (repeat for more; '*' for any). "
-                             "Served by default: the --host address, any IP address, localhost, *.localhost "
-                             "and this machine's name")
-    parser.add_argument("--allowed-origin", metavar="ORIGIN", action="append", default=[],
-                        help="let web pages of ORIGIN (e.g. https://app.example.com) call the server from a browser, "
-                             "with CORS headers (repeat for more; '*' for any). Default: none")
-    parser.add_argument("--batch-tokens", metavar="N", type=positive_int, default=default.batch_tokens,
-                        help=f"tokens of waiting requests scored in one forward call (default {default.batch_tokens})")
-    parser.add_argument("--auto-truncate", action=argparse.BooleanOptionalAction, default=default.auto_truncate,
-                        help="TEI routes: cut an over-long pair when a request leaves out `truncate`, as TEI does "
-                             "since 1.9 (default); --no-auto-truncate refuses it with 413, as older TEI did")
-    parser.add_argument("--truncation", choices=("only_second", "longest_first"), default=None,
-                        help="how every route cuts a pair too long for the model: only the passage (only_second), "
-                             "or the longer side first (longest_first); default: TEI routes longest_first as TEI "
-                             "does, the others only_second as FlagEmbedding does")
-    parser.add_argument("--threads", metavar="N", type=positive_int, default=None, help="CPU threads for the model (default: the CPUs this process may use, "
-                             "from its affinity and CPU quota)")
-    parser.add_argument("--long-documents", choices=("truncate", "chunk"), default="truncate",
-                        help="a passage longer than the model takes: cut it (default), or score its best window")
-    parser.add_argument("--precision", choices=PRECISION_NAMES, default="fp32",
-                        help="fp32 (exact, default) or int8 (the encoder's products on 8-bit integers: faster, "
-                             "logits off by a little; docs/performance.md)")
-    parser.add_argument("--workers", metavar="N", type=positive_int, default=1,
-                        help="server processes sharing the port and one memory-mapped copy of the weights "
-                             "(default 1; see docs/scale.md)")
-    parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
-                        help="uvicorn's log level (default info)")
+    parser.add_argument(
+        "--port", metavar="PORT", type=positive_int, default=8080, help="port to listen on (default 8080)"
+    )
+    parser.add_argument(
+        "--api-key",
+        metavar="KEY",
+        default=None,
+        help=f"require 'Authorization: Bearer KEY' on every route but /health (or set ${API_KEY_ENV})",
+    )
+    parser.add_argument(
+        "--max-body-bytes",
+        metavar="BYTES",
+        type=positive_int,
+        default=default.max_body_bytes,
+        help=f"largest request body; larger is refused with 413 (default {default.max_body_bytes})",
+    )
+    parser.add_argument(
+        "--max-contexts",
+        metavar="N",
+        type=positive_int,
+        default=default.max_contexts,
+        help=f"most contexts/texts/documents in one request (default {default.max_contexts})",
+    )
+    parser.add_argument(
+        "--queue-size",
+        metavar="N",
+        type=positive_int,
+        default=default.queue_size,
+        help=f"requests read whole and waiting or being scored; more get 429 (default {default.queue_size})",
+    )
+    parser.add_argument(
+        "--max-connections",
+        metavar="N",
+        type=positive_int,
+        default=default.max_connections,
+        help=f"open connections; a request on one more gets 429 and is closed (default {default.max_connections})",
+    )
+    for name, meaning in (
+        ("header_timeout", "a request's headers must arrive within this, else the connection is closed"),
+        (
+            "body_timeout",
+            "a request's body must arrive within this after its headers, else 408; a client that "
+            "reads nothing of its answer this long is cut off",
+        ),
+        ("shutdown_timeout", "on Ctrl-C or SIGTERM, requests in progress get this long, then 503"),
+    ):
+        parser.add_argument(
+            f"--{name.replace('_', '-')}",
+            metavar="SECONDS",
+            type=seconds,
+            default=getattr(default, name),
+            help=f"{meaning} (default {getattr(default, name):g})",
+        )
+    parser.add_argument(
+        "--allowed-host",
+        metavar="NAME",
+        action="append",
+        default=[],
+        help="also answer requests whose Host header names NAME (repeat for more; '*' for any). "
+        "Served by default: the --host address, any IP address, localhost, *.localhost "
+        "and this machine's name",
+    )
+    parser.add_argument(
+        "--allowed-origin",
+        metavar="ORIGIN",
+        action="append",
+        default=[],
+        help="let web pages of ORIGIN (e.g. https://app.example.com) call the server from a browser, "
+        "with CORS headers (repeat for more; '*' for any). Default: none",
+    )
+    parser.add_argument(
+        "--batch-tokens",
+        metavar="N",
+        type=positive_int,
+        default=default.batch_tokens,
+        help=f"tokens of waiting requests scored in one forward call (default {default.batch_tokens})",
+    )
+    parser.add_argument(
+        "--auto-truncate",
+        action=argparse.BooleanOptionalAction,
+        default=default.auto_truncate,
+        help="TEI routes: cut an over-long pair when a request leaves out `truncate`, as TEI does "
+        "since 1.9 (default); --no-auto-truncate refuses it with 413, as older TEI did",
+    )
+    parser.add_argument(
+        "--truncation",
+        choices=("only_second", "longest_first"),
+        default=None,
+        help="how every route cuts a pair too long for the model: only the passage (only_second), "
+        "or the longer side first (longest_first); default: TEI routes longest_first as TEI "
+        "does, the others only_second as FlagEmbedding does",
+    )
+    parser.add_argument(
+        "--threads",
+        metavar="N",
+        type=positive_int,
+        default=None,
+        help="CPU threads for the model (default: the CPUs this process may use, from its affinity and CPU quota)",
+    )
+    parser.add_argument(
+        "--long-documents",
+        choices=("truncate", "chunk"),
+        default="truncate",
+        help="a passage longer than the model takes: cut it (default), or score its best window",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=PRECISION_NAMES,
+        default="fp32",
+        help="fp32 (exact, default) or int8 (the encoder's products on 8-bit integers: faster, "
+        "logits off by a little; docs/performance.md)",
+    )
+    parser.add_argument(
+        "--workers",
+        metavar="N",
+        type=positive_int,
+        default=1,
+        help="server processes sharing the port and one memory-mapped copy of the weights "
+        "(default 1; see docs/scale.md)",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=("critical", "error", "warning", "info", "debug"),
+        help="uvicorn's log level (default info)",
+    )
 
 
 def seconds(text: str) -> float:
@@ -105,9 +189,19 @@ def seconds(text: str) -> float:
 
 def serve_from_args(args: argparse.Namespace) -> None:
     limits = {name: getattr(args, name) for name in Limits.__dataclass_fields__}
-    options = dict(model=args.model, host=args.host, port=args.port, api_key=args.api_key, threads=args.threads,
-                   long_documents=args.long_documents, precision=args.precision, log_level=args.log_level, allowed_hosts=args.allowed_host,
-                   allowed_origins=args.allowed_origin, **limits)
+    options = dict(
+        model=args.model,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        threads=args.threads,
+        long_documents=args.long_documents,
+        precision=args.precision,
+        log_level=args.log_level,
+        allowed_hosts=args.allowed_host,
+        allowed_origins=args.allowed_origin,
+        **limits,
+    )
     if args.workers > 1:
         from .replicas import serve_replicas
 
@@ -205,9 +299,21 @@ def guarded_protocol(limits: Limits):
     return GuardedProtocol
 
 
-def serve(model: str = DEFAULT_MODEL, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None,
-          threads: int | None = None, long_documents: str = "truncate", precision: str = "fp32", log_level: str = "info",
-          allowed_hosts=(), allowed_origins=(), sockets=None, preload: bool = False, **limits) -> None:
+def serve(
+    model: str = DEFAULT_MODEL,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    api_key: str | None = None,
+    threads: int | None = None,
+    long_documents: str = "truncate",
+    precision: str = "fp32",
+    log_level: str = "info",
+    allowed_hosts=(),
+    allowed_origins=(),
+    sockets=None,
+    preload: bool = False,
+    **limits,
+) -> None:
     """Serve `model` until Ctrl-C or SIGTERM, then return. Raises ModelError if the model fails to load,
     ValueError for a bad option (precision: "fp32", "int8" or "bf16", as Reranker's).
     sockets: listening sockets to accept on instead of binding host:port (replicas.py's workers).
@@ -230,16 +336,28 @@ def serve(model: str = DEFAULT_MODEL, host: str = "127.0.0.1", port: int = 8080,
         loaded = [load()]
         loader = lambda: loaded.pop() if loaded else load()  # noqa: E731
     access = Access(host, allowed_hosts, allowed_origins)
-    app = build_app(loader, api_key=api_key, model_name=public_name(model), access=access, model_source=str(model),
-                    **vars(limits))
+    app = build_app(
+        loader, api_key=api_key, model_name=public_name(model), access=access, model_source=str(model), **vars(limits)
+    )
     if api_key is None and host not in LOOPBACK:
         log.warning("listening on %s without --api-key: anyone who can reach this port can use it", host)
     if host not in LOOPBACK and not allowed_hosts:  # clients on the network name the server: access.py refuses names
-        log.warning("listening on %s: only requests whose Host is an IP address, localhost or this machine's name "
-                    "(%s) are served; add the names clients use (a DNS or service name) with --allowed-host NAME, "
-                    "or --allowed-host '*' behind a load balancer", host, socket.gethostname())
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
-                            http=guarded_protocol(limits), timeout_graceful_shutdown=limits.shutdown_timeout)
+        log.warning(
+            "listening on %s: only requests whose Host is an IP address, localhost or this machine's name "
+            "(%s) are served; add the names clients use (a DNS or service name) with --allowed-host NAME, "
+            "or --allowed-host '*' behind a load balancer",
+            host,
+            socket.gethostname(),
+        )
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        lifespan="on",
+        http=guarded_protocol(limits),
+        timeout_graceful_shutdown=limits.shutdown_timeout,
+    )
     server = uvicorn.Server(config)
     app.state.batcher.on_load_failure = lambda: setattr(server, "should_exit", True)
     # a worker sharing the port must not accept before it can score: the warm-up (Numba's kernels
@@ -267,8 +385,10 @@ def _signals_end_quietly():
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m nprerank.server",
-                                     description="Serve bge-reranker-base over HTTP (Cloudflare, TEI and Cohere/Jina APIs).")
+    parser = argparse.ArgumentParser(
+        prog="python -m nprerank.server",
+        description="Serve bge-reranker-base over HTTP (Cloudflare, TEI and Cohere/Jina APIs).",
+    )
     add_arguments(parser)
     args = parser.parse_args(argv)
     try:

@@ -39,11 +39,31 @@ class TEI(Dialect):
     name = "tei"
     paths = ("/rerank", "/", "/invocations")
     summary = "Text Embeddings Inference rerank: sigmoid scores (logits with raw_scores), best first"
-    statuses = dict(bad_json=400, media_type=415, invalid=422, empty=400, empty_pair=413, too_long=413, too_many=413,
-                    too_large=413, unauthorized=401, forbidden=403, timeout=408, overloaded=429, loading=503,
-                    internal=424)
-    error_types = dict(empty="empty", overloaded="overloaded", loading="unhealthy", internal="backend",
-                       unauthorized="unauthorized", forbidden="forbidden", timeout="timeout")
+    statuses = dict(
+        bad_json=400,
+        media_type=415,
+        invalid=422,
+        empty=400,
+        empty_pair=413,
+        too_long=413,
+        too_many=413,
+        too_large=413,
+        unauthorized=401,
+        forbidden=403,
+        timeout=408,
+        overloaded=429,
+        loading=503,
+        internal=424,
+    )
+    error_types = dict(
+        empty="empty",
+        overloaded="overloaded",
+        loading="unhealthy",
+        internal="backend",
+        unauthorized="unauthorized",
+        forbidden="forbidden",
+        timeout="timeout",
+    )
 
     def __init__(self, auto_truncate: bool = True, truncation: str | None = None):
         self.auto_truncate = auto_truncate
@@ -52,22 +72,30 @@ class TEI(Dialect):
     def parse(self, payload, limits):
         payload = read_object(payload)
         query = read_query(payload, "texts", empty="allow")
-        texts = read_texts(read_list(payload, "texts", limits, "a list of strings"), "texts", objects=False,
-                           empty="allow")
+        texts = read_texts(
+            read_list(payload, "texts", limits, "a list of strings"), "texts", objects=False, empty="allow"
+        )
         if not query:
             for i, text in enumerate(texts):
                 if not text:
-                    raise ApiError("empty_pair", f"`inputs` cannot be empty: the query and texts[{i}] are both "
-                                                 "empty, so there is nothing to score")
+                    raise ApiError(
+                        "empty_pair",
+                        f"`inputs` cannot be empty: the query and texts[{i}] are both "
+                        "empty, so there is nothing to score",
+                    )
         direction = payload.get("truncation_direction")
         if direction is not None and (not isinstance(direction, str) or direction.lower() not in ("right", "left")):
             raise ApiError("invalid", f'truncation_direction must be "Right" or "Left", got {direction!r:.40}')
         if isinstance(direction, str) and direction.lower() == "left":
             raise ApiError("invalid", 'truncation_direction "Left" is not supported: nprerank cuts the end of the text')
-        return Query(query, texts, raw_scores=read_optional(payload, "raw_scores", bool, False),
-                     return_text=read_optional(payload, "return_text", bool, False),
-                     truncate=read_optional(payload, "truncate", bool, self.auto_truncate),
-                     truncation=self.truncation)
+        return Query(
+            query,
+            texts,
+            raw_scores=read_optional(payload, "raw_scores", bool, False),
+            return_text=read_optional(payload, "return_text", bool, False),
+            truncate=read_optional(payload, "truncate", bool, self.auto_truncate),
+            truncation=self.truncation,
+        )
 
     def answer(self, query, logits, tokens, model_name):
         scores = logits.astype(np.float64) if query.raw_scores else sigmoid(logits)
@@ -80,34 +108,69 @@ class TEI(Dialect):
         return ranks
 
     def error(self, error):
-        return self.statuses[error.kind], {"error": error.message,
-                                           "error_type": self.error_types.get(error.kind, "validation")}
+        return self.statuses[error.kind], {
+            "error": error.message,
+            "error_type": self.error_types.get(error.kind, "validation"),
+        }
 
     def info(self, model_name: str, max_input_length: int, limits) -> dict:
         """`GET /info`: TEI's `Info` for this server (fields TEI fills from its flags come from ours)."""
         labels = {"id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}}  # a reranker has exactly one label
-        return {"model_id": model_name, "model_sha": None, "model_dtype": "float32", "model_type": {"reranker": labels},
-                "max_concurrent_requests": limits.queue_size, "max_input_length": max_input_length,
-                "max_batch_tokens": limits.batch_tokens, "max_batch_requests": None,
-                "max_client_batch_size": limits.max_contexts, "auto_truncate": self.auto_truncate,
-                "tokenization_workers": 1, "version": __version__, "sha": None, "docker_label": None}
+        return {
+            "model_id": model_name,
+            "model_sha": None,
+            "model_dtype": "float32",
+            "model_type": {"reranker": labels},
+            "max_concurrent_requests": limits.queue_size,
+            "max_input_length": max_input_length,
+            "max_batch_tokens": limits.batch_tokens,
+            "max_batch_requests": None,
+            "max_client_batch_size": limits.max_contexts,
+            "auto_truncate": self.auto_truncate,
+            "tokenization_workers": 1,
+            "version": __version__,
+            "sha": None,
+            "docker_label": None,
+        }
 
     def schemas(self, limits):
         text = {"type": "string"}  # TEI takes "" on one side of a pair
-        request = {"type": "object", "required": ["query", "texts"], "properties": {
-            "query": text, "texts": {"type": "array", "minItems": 1, "maxItems": limits.max_contexts, "items": text},
-            "raw_scores": {"type": "boolean", "default": False}, "return_text": {"type": "boolean", "default": False},
-            "truncate": {"type": "boolean", "default": limits.auto_truncate},
-            "truncation_direction": {"enum": ["Right"], "default": "Right"}}}
-        answer = {"type": "array", "items": {"type": "object", "properties": {
-            "index": {"type": "integer"}, "score": {"type": "number"}, "text": {"type": "string"}}}}
+        request = {
+            "type": "object",
+            "required": ["query", "texts"],
+            "properties": {
+                "query": text,
+                "texts": {"type": "array", "minItems": 1, "maxItems": limits.max_contexts, "items": text},
+                "raw_scores": {"type": "boolean", "default": False},
+                "return_text": {"type": "boolean", "default": False},
+                "truncate": {"type": "boolean", "default": limits.auto_truncate},
+                "truncation_direction": {"enum": ["Right"], "default": "Right"},
+            },
+        }
+        answer = {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {"index": {"type": "integer"}, "score": {"type": "number"}, "text": {"type": "string"}},
+            },
+        }
         error = {"type": "object", "properties": {"error": {"type": "string"}, "error_type": {"type": "string"}}}
         return {"request": request, "answer": answer, "error": error}
 
     @staticmethod
     def info_schema() -> dict:
         integer, string = {"type": "integer"}, {"type": "string"}
-        return {"type": "object", "properties": {
-            "model_id": string, "model_dtype": string, "model_type": {"type": "object", "required": ["reranker"]},
-            "max_concurrent_requests": integer, "max_input_length": integer, "max_batch_tokens": integer,
-            "max_client_batch_size": integer, "auto_truncate": {"type": "boolean"}, "version": string}}
+        return {
+            "type": "object",
+            "properties": {
+                "model_id": string,
+                "model_dtype": string,
+                "model_type": {"type": "object", "required": ["reranker"]},
+                "max_concurrent_requests": integer,
+                "max_input_length": integer,
+                "max_batch_tokens": integer,
+                "max_client_batch_size": integer,
+                "auto_truncate": {"type": "boolean"},
+                "version": string,
+            },
+        }
