@@ -19,6 +19,7 @@ import pytest
 
 import nprerank
 from nprerank import Reranker
+from nprerank.precisions import NAMES as PRECISION_NAMES
 
 QUERY = "what is panda?"
 CONTEXTS = [
@@ -611,3 +612,14 @@ def test_failed_download_leaves_no_folder(tiny_model, tmp_path):
     env["HF_ENDPOINT"] = closed_port_url()
     assert_error(run("download", REPO, "--dir", "weights/", env=env, cwd=tmp_path), 1, "cannot reach")
     assert not (tmp_path / "weights").exists()
+
+
+def test_every_precision_is_explained_in_each_help():
+    """--precision's help names every precision it offers (bf16 was once in the choices but not
+    the text), in each command that has the option."""
+    for command in ("rerank", "batch", "serve"):
+        result = run(command, "--help")
+        assert result.returncode == 0, result.stderr
+        text = " ".join(result.stdout.split("--precision {")[-1].split())  # the option's help, unwrapped
+        for name in PRECISION_NAMES:
+            assert f"{name} (" in text.split("--long-documents")[0].split("--workers")[0], (command, name)
