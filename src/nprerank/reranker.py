@@ -101,8 +101,8 @@ class Reranker:
         sentence-transformers for BERT). `precision="int8"` (an option passed to Reranker) runs the
         encoder's products at int8 (int8.py's format), `precision="bf16"` on bfloat16 weights
         (bf16.py's; ModelError for a model with an odd hidden or feed-forward size); their logit
-        errors on random models are in docs/performance.md; "fp32", the default, is exact. ModelError for a folder or checkpoint
-        we cannot run; ValueError for a bad option."""
+        errors on random models are in docs/performance.md; "fp32", the default, is exact.
+        ModelError for a folder or checkpoint we cannot run; ValueError for a bad option."""
         folder = resolve(check_text("path", path) if isinstance(path, str) else path)
         # exists(), not is_file(): a FIFO or a folder in its place is refused by its reader, by name
         missing = [name for name in MODEL_FILES if not (folder / name).exists()]
