@@ -623,3 +623,19 @@ def test_every_precision_is_explained_in_each_help():
         text = " ".join(result.stdout.split("--precision {")[-1].split())  # the option's help, unwrapped
         for name in PRECISION_NAMES:
             assert f"{name} (" in text.split("--long-documents")[0].split("--workers")[0], (command, name)
+
+
+@pytest.mark.parametrize(
+    "precision,variable,value,phrase",
+    [
+        ("int8", "NPRERANK_ISA", "bogus", "NPRERANK_ISA must be one of"),
+        ("bf16", "NPRERANK_BF16_ISA", "BOGUS", "NPRERANK_BF16_ISA must be one of"),
+    ],
+)
+def test_a_bad_isa_variable_is_one_line(tiny_model, precision, variable, value, phrase):
+    """An instruction-set variable naming no path is refused when the model loads, as one line
+    naming the variable and the choices; fp32, which has no such kernels, ignores it."""
+    assert_error(
+        run("rerank", "--model", tiny_model, "--precision", precision, "q", "a", env={variable: value}), 1, phrase
+    )
+    assert run("rerank", "--model", tiny_model, "q", "a", env={variable: value}).returncode == 0
