@@ -448,7 +448,26 @@ def test_precision_reaches_the_model_and_the_resume_settings(tmp_path, tiny_mode
     progress = tmp_path / "q.jsonl.progress"
     progress.write_text(progress.read_text().replace('"done": true', '"done": false'))
     assert batch_cli(tmp_path / "in.jsonl", "-o", tmp_path / "q.jsonl", "--model", tiny_model) == 1  # fp32 now
-    assert "precision 'int8' now None" in capsys.readouterr().err
+    assert "precision 'int8' now 'fp32'" in capsys.readouterr().err  # the default by name, not None
+    assert (
+        batch_cli(tmp_path / "in.jsonl", "-o", tmp_path / "q.jsonl", "--model", tiny_model, "--precision", "bf16") == 1
+    )
+    assert "precision 'int8' now 'bf16'" in capsys.readouterr().err
+
+
+def test_a_job_started_at_fp32_resumes_at_fp32_only(tmp_path, tiny_model, capsys):
+    """fp32 jobs' progress files have no precision (those written before it existed resume): asked
+    to resume at another precision, the refusal says the job ran at fp32."""
+    write_jsonl(tmp_path / "in.jsonl", jsonl_records(3, docs=(2, 4)))
+    job = [tmp_path / "in.jsonl", "-o", tmp_path / "f.jsonl", "--model", tiny_model]
+    assert batch_cli(*job) == 0
+    progress = tmp_path / "f.jsonl.progress"
+    assert "precision" not in json.loads(progress.read_text())["settings"]
+    progress.write_text(progress.read_text().replace('"done": true', '"done": false'))
+    for precision in ("int8", "bf16"):
+        assert batch_cli(*job, "--precision", precision) == 1
+        assert f"precision 'fp32' now '{precision}'" in capsys.readouterr().err
+    assert batch_cli(*job, "--precision", "fp32") == 0  # the default named resumes it
 
 
 def test_engine_reaches_the_model_and_the_resume_settings(tmp_path, tiny_model, capsys):

@@ -19,6 +19,7 @@ import pytest
 
 import nprerank
 from nprerank import Reranker
+from nprerank.precisions import NAMES as PRECISION_NAMES
 
 QUERY = "what is panda?"
 CONTEXTS = [
@@ -611,3 +612,30 @@ def test_failed_download_leaves_no_folder(tiny_model, tmp_path):
     env["HF_ENDPOINT"] = closed_port_url()
     assert_error(run("download", REPO, "--dir", "weights/", env=env, cwd=tmp_path), 1, "cannot reach")
     assert not (tmp_path / "weights").exists()
+
+
+def test_every_precision_is_explained_in_each_help():
+    """--precision's help names every precision it offers (bf16 was once in the choices but not
+    the text), in each command that has the option."""
+    for command in ("rerank", "batch", "serve"):
+        result = run(command, "--help")
+        assert result.returncode == 0, result.stderr
+        text = " ".join(result.stdout.split("--precision {")[-1].split())  # the option's help, unwrapped
+        for name in PRECISION_NAMES:
+            assert f"{name} (" in text.split("--long-documents")[0].split("--workers")[0], (command, name)
+
+
+@pytest.mark.parametrize(
+    "precision,variable,value,phrase",
+    [
+        ("int8", "NPRERANK_ISA", "bogus", "NPRERANK_ISA must be one of"),
+        ("bf16", "NPRERANK_BF16_ISA", "BOGUS", "NPRERANK_BF16_ISA must be one of"),
+    ],
+)
+def test_a_bad_isa_variable_is_one_line(tiny_model, precision, variable, value, phrase):
+    """An instruction-set variable naming no path is refused when the model loads, as one line
+    naming the variable and the choices; fp32, which has no such kernels, ignores it."""
+    assert_error(
+        run("rerank", "--model", tiny_model, "--precision", precision, "q", "a", env={variable: value}), 1, phrase
+    )
+    assert run("rerank", "--model", tiny_model, "q", "a", env={variable: value}).returncode == 0

@@ -9,6 +9,7 @@ The server, helpers and expected scores are tests/test_server.py's.
 
 import asyncio
 import json
+import time
 
 import numpy as np
 import pytest
@@ -398,3 +399,23 @@ def test_cohere_sdk_v1_rank_fields_refused(server):
     with pytest.raises(cohere.BadRequestError) as refused:
         co.rerank(model="m", query="cat", documents=[{"title": "a cat", "text": "a dog"}], rank_fields=["title"])
     assert "rank_fields" in refused.value.body["message"]
+
+
+@pytest.mark.parametrize("precision,dtype", [("fp32", "float32"), ("int8", "int8"), ("bf16", "bfloat16")])
+def test_tei_info_names_the_precision_served(tiny_model, precision, dtype):
+    """GET /info's model_dtype says what the encoder runs at (TEI's name where it has one), not
+    float32 whatever --precision was; scores come from that precision too."""
+    from starlette.testclient import TestClient
+
+    from nprerank.server import build_app
+
+    reranker = Reranker.from_pretrained(tiny_model, precision=precision)
+    with TestClient(build_app(reranker), base_url="http://127.0.0.1") as client:
+        deadline = time.monotonic() + 300  # the warm-up runs in the model thread first
+        while client.get("/health").json()["status"] != "ready" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert client.get("/info").json()["model_dtype"] == dtype
+        [best, *_] = client.post("/rerank", json={"query": "q", "texts": ["a", "b c"]}).json()
+        assert best["score"] == pytest.approx(
+            float(np.max(reranker.compute_score([["q", "a"], ["q", "b c"]], normalize=True)))
+        )

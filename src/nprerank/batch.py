@@ -397,6 +397,11 @@ def format_record(job: Job, logits: np.ndarray, output_format: str, tag: str) ->
     return "".join(f"{job.qid} Q0 {job.doc_ids[i]} {rank} {str(logits[i])} {tag}\n" for rank, i in enumerate(order, 1))
 
 
+# settings left out of the progress file at their default (so that jobs started before they existed
+# resume), with that default: what a job without the key ran at
+UNRECORDED = {"precision": "fp32"}
+
+
 class Output:
     """The output file and its `.progress` companion: whole records appended, committed at batch ends."""
 
@@ -414,10 +419,12 @@ class Output:
                 )
             committed = 0
         else:
-            before = progress["settings"]  # a key only one side has (precision="int8") is a change too
-            changed = [k for k in dict.fromkeys([*settings, *before]) if before.get(k) != settings.get(k)]
+            # a key only one side has (precision="int8") is a change too, told as its default's value
+            before = {**UNRECORDED, **progress["settings"]}
+            now = {**UNRECORDED, **settings}
+            changed = [k for k in dict.fromkeys([*now, *before]) if before.get(k) != now.get(k)]
             if changed:
-                was = ", ".join(f"{k} {before.get(k)!r} now {settings.get(k)!r}" for k in changed)
+                was = ", ".join(f"{k} {before.get(k)!r} now {now.get(k)!r}" for k in changed)
                 raise ValueError(
                     f"{self.path} was started with other settings ({was}): rerun with the same "
                     f"ones, or remove it and {self.progress_path.name}"

@@ -31,6 +31,8 @@ from . import __version__
 from .arguments import positive_int
 from .config import ModelError
 from .hub import DEFAULT_MODEL
+from .precisions import DEFAULT as PRECISION_DEFAULT
+from .precisions import HELP as PRECISION_HELP
 from .precisions import NAMES as PRECISION_NAMES
 
 EXAMPLES = f"""\
@@ -188,9 +190,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--precision",
         choices=PRECISION_NAMES,
-        default="fp32",
-        help="fp32 (exact) or int8 (the encoder's products on 8-bit integers: faster, logits "
-        "off by ~0.01-1 on random models, docs/performance.md). Default %(default)s",
+        default=PRECISION_DEFAULT,
+        help=PRECISION_HELP,
     )
     group.add_argument(
         "--long-documents",

@@ -113,6 +113,9 @@ def gemm_weights(weights: Weights, precision: str = "fp32") -> list:
     memory-mapped from the cache file, written first if needed; one file per checkpoint and
     precision. ModelError naming the tensor when a weight is NaN or infinite."""
     form = precisions.load(precisions.check(precision).format)  # a Format
+    # the format's shapes refuse weights it cannot pack (bf16: an odd size): refused here, before any
+    # cache file is tried, so the ModelError is not raised again while handling the failed write
+    size = _bytes(weights.layers, form)
     if weights.source is None:
         check_all_finite(weights)
         return [_in_memory(layer, form) for layer in weights.layers]
@@ -143,7 +146,7 @@ def gemm_weights(weights: Weights, precision: str = "fp32") -> list:
     except (OSError, RuntimeError, ModelError) as e:
         warnings.warn(
             f"nprerank: cannot use the weight layout cache ({e}); keeping the packed copies in "
-            f"memory instead (about {_bytes(weights.layers, form) >> 20} MB)",
+            f"memory instead (about {size >> 20} MB)",
             stacklevel=2,
         )
         return [_in_memory(layer, form) for layer in weights.layers]

@@ -39,6 +39,13 @@ PRECISIONS = {
 }
 NAMES = tuple(PRECISIONS)
 DEFAULT = "fp32"
+# --precision's help in every command that has it (rerank, batch, serve): one text, so that none
+# forgets a precision (tests/test_cli.py checks that each name is explained)
+HELP = (
+    "fp32 (exact, the default); int8 (the encoder's products on 8-bit integers: faster, logits off "
+    "by ~0.01-1 on random models); bf16 (its weights in bfloat16: half the memory, faster only with "
+    'AVX512-BF16, logits off by ~0.3 on random models). docs/performance.md, "Reduced precision"'
+)
 
 
 def check(precision) -> Precision:

@@ -76,7 +76,7 @@ class Reranker:
 
             self.model = FastModel(weights, config, threads=threads, precision=precision)
         else:
-            # int8: the fast path's oracle, reference.py with int8.py's products
+            # int8, bf16: the fast path's oracle, reference.py with that format's products
             linear = precisions.load(row.oracle)(weights.layers) if row.oracle else reference.linear
             self.model = reference.ReferenceModel(weights, config, threads=threads, linear=linear)
         self.precision = precision
@@ -99,9 +99,10 @@ class Reranker:
         tokenizer's model_max_length or the position table). truncation None: the architecture's
         library's default ("only_second" as FlagEmbedding for XLM-R, "longest_first" as
         sentence-transformers for BERT). `precision="int8"` (an option passed to Reranker) runs the
-        encoder's products at int8 (int8.py's format; its logit error on random models is in
-        docs/performance.md); "fp32", the default, is exact. ModelError for a folder or checkpoint
-        we cannot run; ValueError for a bad option."""
+        encoder's products at int8 (int8.py's format), `precision="bf16"` on bfloat16 weights
+        (bf16.py's; ModelError for a model with an odd hidden or feed-forward size); their logit
+        errors on random models are in docs/performance.md; "fp32", the default, is exact.
+        ModelError for a folder or checkpoint we cannot run; ValueError for a bad option."""
         folder = resolve(check_text("path", path) if isinstance(path, str) else path)
         # exists(), not is_file(): a FIFO or a folder in its place is refused by its reader, by name
         missing = [name for name in MODEL_FILES if not (folder / name).exists()]

@@ -275,7 +275,8 @@ def build_app(
             batcher.check_ready()
         except ApiError as error:
             return refusal(tei, error)
-        return JSONResponse(tei.info(model_name, batcher.reranker.tokenizer.max_length, limits))
+        reranker = batcher.reranker
+        return JSONResponse(tei.info(model_name, reranker.tokenizer.max_length, limits, reranker.precision))
 
     async def health(request):
         status = {

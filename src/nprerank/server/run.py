@@ -26,6 +26,8 @@ import threading
 
 from ..arguments import positive_int
 from ..config import ModelError
+from ..precisions import DEFAULT as PRECISION_DEFAULT
+from ..precisions import HELP as PRECISION_HELP
 from ..precisions import NAMES as PRECISION_NAMES
 from pathlib import Path
 
@@ -156,9 +158,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--precision",
         choices=PRECISION_NAMES,
-        default="fp32",
-        help="fp32 (exact, default) or int8 (the encoder's products on 8-bit integers: faster, "
-        "logits off by a little; docs/performance.md)",
+        default=PRECISION_DEFAULT,
+        help=PRECISION_HELP,
     )
     parser.add_argument(
         "--workers",

@@ -26,6 +26,8 @@ from .. import __version__
 from ..reranker import best_first, sigmoid
 from .protocol import ApiError, Dialect, Query, read_list, read_object, read_optional, read_query, read_texts
 
+# /info's model_dtype for each precision (precisions.py): TEI's DType names, and "int8", which TEI lacks
+MODEL_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "int8": "int8"}
 TRUNCATION = "longest_first"  # how TEI cuts a pair (core/src/tokenization.rs: TruncationStrategy::LongestFirst)
 
 
@@ -113,13 +115,15 @@ class TEI(Dialect):
             "error_type": self.error_types.get(error.kind, "validation"),
         }
 
-    def info(self, model_name: str, max_input_length: int, limits) -> dict:
-        """`GET /info`: TEI's `Info` for this server (fields TEI fills from its flags come from ours)."""
+    def info(self, model_name: str, max_input_length: int, limits, precision: str = "fp32") -> dict:
+        """`GET /info`: TEI's `Info` for this server (fields TEI fills from its flags come from ours).
+        model_dtype names the precision the encoder runs at (Reranker.precision), in TEI's words
+        where it has one ("float32", "bfloat16"); int8, which TEI does not offer, as "int8"."""
         labels = {"id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}}  # a reranker has exactly one label
         return {
             "model_id": model_name,
             "model_sha": None,
-            "model_dtype": "float32",
+            "model_dtype": MODEL_DTYPES[precision],
             "model_type": {"reranker": labels},
             "max_concurrent_requests": limits.queue_size,
             "max_input_length": max_input_length,
