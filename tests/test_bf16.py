@@ -5,7 +5,8 @@ bf16 layout cache. Nothing is timed.
 Tolerances, per level:
 - the product, a forced path vs the twin: both sum the same bf16 weights in fp32, in another
   order, so |diff| <= 1e-5 * sum_k |x| |w| (fp32 rounding of a K-term sum, K <= 3072);
-- the model vs reference.forward on bf16-rounded weights (bf16.rounded): 1e-4, as fp32's fast path;
+- the model vs reference.forward with bf16 products (bf16.BF16Linears): 1e-4, as fp32's fast path
+  (3e-3 where the activations are rounded too, as int8's);
 - the model vs fp32: the rounding of the weights itself, bounded and printed, not hidden.
 
 With NUMBA_DISABLE_JIT=1 every path "runs" (the tile is NumPy), so the avx512bf16 path's plumbing
@@ -20,7 +21,7 @@ from test_kernels import assert_close
 
 from nprerank import bf16, bf16_kernels, reference
 from nprerank.config import ModelConfig, ModelError
-from nprerank.kernels import PANEL
+from nprerank.kernels import OPTIONS, PANEL
 from nprerank.layout import gemm_weights
 from nprerank.model import FastModel
 from nprerank.synthetic import make_model
@@ -153,23 +154,14 @@ def test_each_path_compiles_to_its_instructions(name, instructions):
 @pytest.mark.skipif(not JIT, reason="machine code exists only with the JIT")
 def test_the_shipped_kernel_holds_every_path():
     """The kernel Numba compiles for bf16 activations calls the vdpbf16ps tile, and the fp32 one the
-    widening tiles: one compiled kernel, the path picked by its isa argument at run time."""
+    widening tiles: one compiled kernel, the path picked by its isa argument at run time. Compiled
+    here anew, uncached: a kernel loaded from Numba's cache has no assembly to inspect."""
     x, panels, bias = product_case(0, 4, 8, 1)
     out = np.zeros((4, PANEL), np.float32)
-    for isa in RUNNABLE:  # compile both signatures (uint16 x only where the path can run it)
-        bf16_kernels._panels_product(out, x, panels, bias, 0, 1, bf16_kernels.code(isa))
-    bf16_kernels._panels_product.compile(
-        (
-            numba.typeof(out),
-            numba.typeof(np.zeros((4, 8), np.uint16)),
-            numba.typeof(panels),
-            numba.typeof(bias),
-            numba.int64,
-            numba.int64,
-            numba.int64,
-        )
-    )
-    assembly = "\n".join(bf16_kernels._panels_product.inspect_asm().values())
+    fresh = numba.njit(**{**OPTIONS, "cache": False})(bf16_kernels._panels_product.py_func)
+    for codes in (x, np.zeros((4, 8), np.uint16)):  # the fp32 and the bf16-activation signatures
+        fresh.compile(tuple(numba.typeof(a) for a in (out, codes, panels, bias)) + (numba.int64,) * 3)
+    assembly = "\n".join(fresh.inspect_asm().values())
     assert "vdpbf16ps" in assembly and "vpslld" in assembly
 
 
@@ -203,19 +195,31 @@ def sequences_for(config, lengths, seed=0):
     return [[0] + [int(i) for i in rng.integers(3, config.vocab_size, n - 1)] for n in lengths]
 
 
-def check_bf16_model(name, folder, lengths, bound):
-    """Each runnable path equals reference.forward on bf16-rounded weights to 1e-4 (as fp32's fast
-    path equals reference.forward); and differs from fp32 by at most `bound` x the logits' scale."""
+def check_bf16_model(name, folder, lengths, bound, rounded_activations_checked=True):
+    """Each runnable path equals reference.forward with its own products to 1e-4 (as fp32's fast
+    path equals reference.forward): bf16-rounded weights, and on avx512bf16 the activations rounded
+    too (bf16.BF16Linears), unless not `rounded_activations_checked`; and differs from fp32 by at
+    most `bound` x the logits' scale."""
     weights, config = load(folder)
     sequences = sequences_for(config, lengths)
     padded = reference.pad(sequences, config.pad_token_id)
-    oracle = reference.forward(*padded, bf16.rounded(weights), config)
     fp32 = FastModel(weights, config, threads=2)(sequences)
     for isa in RUNNABLE:
+        rounding = isa == "avx512bf16"
+        oracle = reference.forward(*padded, weights, config, linear=bf16.BF16Linears(weights.layers, rounding))
         got = FastModel(weights, config, threads=2, precision="bf16", isa=isa)(sequences)
         assert got.dtype == np.float32 and got.shape == (len(sequences),)
-        if isa != "avx512bf16":  # that path also rounds the activations: only the bound below holds
-            assert_close(f"bf16 {name} {isa} vs reference on rounded weights", got, oracle, atol=1e-4)
+        # Rounding the activations to bf16's 8 bits lets fp32 summation order decide a rare rounding
+        # (one in ~10^4 values flips by 2^-8), as int8's per-row quantization does: there the path
+        # is held to int8's 30x tolerance, and must be far nearer its own oracle than the one with
+        # fp32 activations (measured: 1e-5 to 1e-3 against 0.03 to 0.11 on the tiny models).
+        if rounded_activations_checked or not rounding:
+            assert_close(
+                f"bf16 {name} {isa} vs reference with bf16 products", got, oracle, atol=3e-3 if rounding else 1e-4
+            )
+        if rounding and rounded_activations_checked:
+            weights_only = reference.forward(*padded, weights, config, linear=bf16.BF16Linears(weights.layers, False))
+            assert np.abs(got - oracle).max() < np.abs(got - weights_only).max() / 10, "activations not rounded"
         error = np.abs(got - fp32).max()
         print(f"{name} {isa}: max |logit - fp32 logit| {error:.4f}, logits' scale {np.abs(fp32).max():.2f}")
         assert error <= bound * np.abs(fp32).max(), f"{name} {isa}: bf16 moved a logit by {error}"
@@ -233,8 +237,12 @@ def test_bf16_model_on_a_bert_model():
 def test_bf16_model_on_the_full_size_model(full_model):
     """bge-reranker-base's shape: K = 768 and 3072 run across several DEPTH slices. On these random
     token ids the logits spread over [-1.9, 2.9] and bf16 moves them by 0.22 (torch's autocast to
-    bf16 moves the same logits by 0.29, measured): the bound is loose, the oracle check is tight."""
-    check_bf16_model("full size", full_model, [128, 3, 60, 200, 1, 37], bound=0.1)
+    bf16 moves the same logits by 0.29, measured): the bound is loose, the oracle check is tight.
+    Not for avx512bf16, whose activations are rounded: on this model that rounding is chaotic, as
+    int8's is (test_quantized.py, test_full_size_int8_is_near_fp32). Its own oracle moves by up to
+    0.12 when only its sums are made in float64 instead of fp32, so no oracle check can be tight;
+    the tiny models check that path exactly, and the bound against fp32 holds here."""
+    check_bf16_model("full size", full_model, [128, 3, 60, 200, 1, 37], bound=0.1, rounded_activations_checked=False)
 
 
 @pytest.mark.parametrize("source", ["checkpoint", "in memory"])

@@ -202,7 +202,9 @@ def test_int8_layout_is_cached_beside_fp32(tiny_model, tmp_path, monkeypatch):
     assert (fp32[0].qkv.dtype, quantized[0].intermediate.scale.dtype) == (np.float32, np.float32)
 
 
-@pytest.mark.parametrize("precision, atol", [("int8", 1e-4 * 30), ("bf16", 1e-4)])
+# int8, and bf16 where vdpbf16ps rounds the activations: a rounding to a coarse grid that fp32
+# summation order can flip (tests/test_bf16.py, check_bf16_model), hence 30x fp32's tolerance
+@pytest.mark.parametrize("precision, atol", [("int8", 1e-4 * 30), ("bf16", 1e-4 * 30)])
 def test_reranker_precision_option(tiny_model, precision, atol):
     """Each reduced precision through the Reranker, fast engine against its oracle (engine="reference"),
     and not the fp32 scores (the option reached the model)."""

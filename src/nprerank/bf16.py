@@ -23,8 +23,10 @@ The format, named once here:
 
 `linear_bf16(x, panels, bias)` is the product's oracle in NumPy; bf16_kernels.linear_bf16_naive is
 its plain-loop twin in Numba, and the ISA paths are checked against that (tests/test_bf16.py).
-`rounded(weights)` is the whole model's oracle: reference.forward on it is what the widening
-paths compute (weights rounded, activations fp32), up to fp32 summation order.
+`rounded(weights)` is the whole model's oracle for the widening paths: reference.forward on it is
+what they compute (weights rounded, activations fp32), up to fp32 summation order. For the
+avx512bf16 path, which rounds the activations too, `BF16Linears(layers, round_activations=True)`
+passed to reference.forward as its `linear` is.
 
 Legend:  M rows (tokens), K the summed dimension, J output columns, P panels.
 
@@ -127,9 +129,16 @@ FORMAT = layout.Format(packed, shapes, matrices)  # how layout.py caches it (pre
 class BF16Linears:
     """reference.linear's stand-in for engine="reference" at bf16: the encoder's products with their
     weights rounded to bf16 (each rounded once, by identity), the classification head's at fp32 as
-    the fast path leaves it."""
+    the fast path leaves it. round_activations: each product's input rounded to bf16 too, as the
+    avx512bf16 path's vdpbf16ps needs; None: as the path this host's fast engine chooses
+    (bf16_kernels.choose), so that engine="reference" is the oracle of engine="fast" here."""
 
-    def __init__(self, layers: list):
+    def __init__(self, layers: list, round_activations: bool | None = None):
+        if round_activations is None:
+            from .bf16_kernels import choose  # numba's kernels: imported only when asked
+
+            round_activations = choose() == "avx512bf16"
+        self.round_activations = round_activations
         self.rounded = {
             id(linear): Linear(widen(to_bf16(linear.weight)), linear.bias)
             for layer in layers
@@ -137,7 +146,10 @@ class BF16Linears:
         }
 
     def __call__(self, x, p: Linear):
-        return reference.linear(x, self.rounded.get(id(p), p))
+        if id(p) not in self.rounded:
+            return reference.linear(x, p)
+        x = widen(to_bf16(x)) if self.round_activations else x
+        return reference.linear(x, self.rounded[id(p)])
 
 
 def rounded(weights: Weights) -> Weights:
