@@ -81,6 +81,22 @@ def test_int8_bars_are_judged_from_the_results(report):
         assert check["status"] in ("PASS", "FAIL", "N/A") and (check["status"] != "N/A" or check["why"])
 
 
+def test_bf16_bars_are_judged_from_the_results(report):
+    """Issue 12's bf16 speed bars appear once nprerank-bf16 ran, judged from the medians."""
+    checks = [c for c in report["acceptance"] if c["check"].startswith("nprerank-bf16")]
+    if report["engines"]["nprerank-bf16"]["status"] != "ok":
+        assert not checks
+        return
+    assert [c["check"] for c in checks] == [f"nprerank-bf16 / {peer} on {w}" for w, peer, _ in bench.BF16_SPEED_BARS]
+    results = report["workloads"]["rerank-100"]["results"]
+    for check, (_, peer, bar) in zip(checks, bench.BF16_SPEED_BARS):
+        if peer not in results:
+            assert check["status"] == "N/A" and check["why"]
+            continue
+        ratio = results["nprerank-bf16"]["pairs_per_s"]["median"] / results[peer]["pairs_per_s"]["median"]
+        assert check["status"] == ("PASS" if ratio >= bar else "FAIL") and check["value"] == f"{ratio:.2f}x"
+
+
 def test_rates_ratios_and_flops_follow_from_the_times(report, tiny_model):
     config = ModelConfig.from_json(tiny_model / "config.json")
     for name, workload in report["workloads"].items():
