@@ -9,7 +9,8 @@ a thread's scratch grows as O(T), never [T, T]. Attention stays fp32 at every pr
 Legend:  N tokens in the packed batch, B sequences, offsets [B+1] row ranges of the sequences,
          Q query rows, T a sequence's tokens (keys), C hidden size, H heads, D head size (C / H).
 
-Read next: layers.py, the rest of each layer and the whole layers in one region.
+Read next: int8.py and bf16.py, the reduced-precision products; then layers.py, the rest of each
+layer and whole layers in one region.
 """
 
 import math

@@ -44,8 +44,9 @@ STRIDE_PAD = 16  # floats added to each row of the [rows, F] activation (see _fe
 # each for the three precisions' own. Compiled code calls the one its weights' dtype names:
 # numba.extending.overload decides while Numba types the caller, so each compiled version holds
 # one product and no branch, and Numba caches it like any kernel. (Passing the product as a jitted
-# function argument would do the same, but Numba cannot cache a function that takes one: every
-# process start would compile the layers for a minute again.)
+# function argument would do the same, but such an argument's type is that one dispatcher object,
+# so the cache, keyed by the argument types, misses in every new process: tried, each start would
+# compile the layers again.)
 
 
 def _fp32_product(out, x, weights, scales, codes, isa):

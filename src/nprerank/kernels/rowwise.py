@@ -7,7 +7,7 @@ the reference.py function its docstring names; tests/test_kernels.py checks each
 
 Legend:  N tokens in the packed batch, B sequences, C hidden size.
 
-Read next: fp32.py, the matrix product.
+Read next: isa.py, the choices of instruction set; then fp32.py, the matrix product.
 """
 
 import math
