@@ -1,9 +1,9 @@
 """The fp32 matrix product on packed weight panels: linear_forward and its tile, `_tile`.
 
 The matrix products are about 95% of the forward pass's work: four per layer, and the two inside
-attention (attention.py). All of them are made by one kernel, `_tile`, on weights layout.py has
-packed into panels: it keeps a tile of results in vector registers while it runs through K,
-which on AVX-512 reaches the core's peak (~100 GFLOP/s per core here, more than OpenBLAS on the
+attention (attention.py). At fp32 all of them are made by one kernel, `_tile`, on weights
+layout.py has packed into panels: it keeps a tile of results in vector registers while it runs
+through K, which on AVX-512 reaches the core's peak (~100 GFLOP/s per core here, more than OpenBLAS on the
 same shapes). The biases are added as the products are made. linear_forward equals
 reference.linear (tests/test_kernels.py); the plain-NumPy `_tile` used when JIT is disabled is
 its twin line by line.
@@ -33,7 +33,8 @@ from .threads import kernel, parallel_kernel, take
 # AVX-512's 32 registers of 16 floats, 14 rows x 2 registers of sums + 2 of weights + 1
 # broadcast = 31 registers. Measured here (2 cores, AVX-512; docs/performance.md): ~105 GFLOP/s
 # on one core and ~210 on two at 128 rows, where OpenBLAS gives 85-100 and 165-190. The shapes
-# for AVX2 and 128-bit vectors (isa.fp32_tile_shape) follow the same register count.
+# for AVX2 and 128-bit vectors (isa.fp32_tile_shape) follow the same register count but were not
+# measured here.
 
 TILE_ROWS, LANES = fp32_tile_shape()
 PANEL = 2 * LANES  # output columns per panel: two vectors
