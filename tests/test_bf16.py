@@ -1,5 +1,5 @@
 """The bf16 path: the format (bf16.py), each instruction set's product against the plain-loop twin
-(bf16_kernels.py), the whole model against its oracle and against fp32 (bf16_model.py), and the
+(kernels/bf16.py), the whole model against its oracle and against fp32 (bf16_model.py), and the
 bf16 layout cache. Nothing is timed.
 
 Tolerances, per level:
@@ -19,17 +19,20 @@ import pytest
 import torch
 from test_kernels import assert_close
 
-from nprerank import bf16, bf16_kernels, reference
+from nprerank import bf16, reference
 from nprerank.config import ModelConfig, ModelError
-from nprerank.kernels import OPTIONS, PANEL
+from nprerank.kernels import bf16 as bf16_kernels  # bf16 is the format and its oracle
+from nprerank.kernels.fp32 import PANEL
+from nprerank.kernels.isa import BF16
+from nprerank.kernels.threads import OPTIONS
 from nprerank.layout import gemm_weights
 from nprerank.model import FastModel
 from nprerank.synthetic import make_model
 from nprerank.weights import Linear, load_weights
 
 JIT = not numba.config.DISABLE_JIT
-RUNNABLE = [name for name in bf16_kernels.ISAS if not JIT or bf16_kernels.supported(name)]
-ELSEWHERE = [name for name in bf16_kernels.ISAS if name not in RUNNABLE]  # compiled, checked, not run
+RUNNABLE = [name for name in BF16.names if not JIT or BF16.supported(name)]
+ELSEWHERE = [name for name in BF16.names if name not in RUNNABLE]  # compiled, checked, not run
 
 
 def load(folder):
@@ -107,7 +110,7 @@ def test_forced_path_matches_the_twin(isa, M, K, P):
     bf16_kernels.linear_bf16_naive(want, x, panels, bias, round_activations)
     got = np.full((M, 5 + P * PANEL), np.nan, np.float32)  # written from column 5 on
     rounded = np.empty((M, K), np.uint16)
-    bf16_kernels.linear_bf16_forward(got, 5, x, panels, bias, 2, bf16_kernels.code(isa), rounded)
+    bf16_kernels.linear_bf16_forward(got, 5, x, panels, bias, 2, BF16.code(isa), rounded)
     assert np.isnan(got[:, :5]).all(), "columns before `column` were written"
     diff = np.abs(got[:, 5:].astype(np.float64) - want)
     limit = product_tolerance(x, panels, round_activations)
@@ -167,23 +170,23 @@ def test_the_shipped_kernel_holds_every_path():
 
 def test_forcing_a_path():
     for name in RUNNABLE:
-        assert bf16_kernels.choose(name) == name
+        assert BF16.choose(name) == name
     for name in ELSEWHERE:
         with pytest.raises(ValueError, match=f"isa={name} needs"):
-            bf16_kernels.choose(name)
+            BF16.choose(name)
     with pytest.raises(ValueError, match="must be one of avx512bf16, avx2, generic"):
-        bf16_kernels.choose("vnni512")
+        BF16.choose("vnni512")
 
 
 def test_the_environment_forces_a_path(monkeypatch):
     monkeypatch.setenv("NPRERANK_BF16_ISA", "generic")
-    assert bf16_kernels.choose() == "generic"
+    assert BF16.choose() == "generic"
     monkeypatch.setenv("NPRERANK_BF16_ISA", "sse9")
     with pytest.raises(ValueError, match="NPRERANK_BF16_ISA must be one of"):
-        bf16_kernels.choose()
+        BF16.choose()
     monkeypatch.delenv("NPRERANK_BF16_ISA")
     best = RUNNABLE[0] if JIT else "generic"  # without the JIT every path is plain NumPy
-    assert bf16_kernels.choose() == best, "by default the best path this CPU has"
+    assert BF16.choose() == best, "by default the best path this CPU has"
 
 
 # --- the whole model ---------------------------------------------------------------------------

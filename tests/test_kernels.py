@@ -20,7 +20,9 @@ import numba
 import numpy as np
 import pytest
 
-from nprerank import kernels, reference
+from nprerank import reference
+from nprerank.kernels import attention, fp32, layers, rowwise
+from nprerank.kernels.threads import SCRATCH_ALIGN, make_workspace
 from nprerank.config import ModelConfig
 from nprerank.layout import _pack
 from nprerank.blas import blas_function, set_blas_threads
@@ -73,14 +75,14 @@ LENGTHS = [1, 17, 3, 40, 2]
 
 def test_exp32_matches_numpy():
     x = np.concatenate([np.linspace(-87, 88, 20001), [0.0, -1e-8, 1e-8, -0.34657, 0.34657]]).astype(np.float32)
-    got = np.array([kernels.exp32(v) for v in x[:: 1 if JIT else 40]])
+    got = np.array([rowwise.exp32(v) for v in x[:: 1 if JIT else 40]])
     want = np.exp(x[:: 1 if JIT else 40].astype(np.float64))
     assert_close("exp32", got, want, atol=0.0, rtol=2e-7)
 
 
 def test_gelu32_matches_reference():
     x = np.concatenate([np.linspace(-12, 12, 4001), [0.0, -0.0, 1e-7, -1e-7, -30.0, 30.0]]).astype(np.float32)
-    got = np.array([kernels.gelu32(v) for v in x[:: 1 if JIT else 20]])
+    got = np.array([rowwise.gelu32(v) for v in x[:: 1 if JIT else 20]])
     want = reference.gelu(x[:: 1 if JIT else 20].astype(np.float64))
     assert_close("gelu32", got, want, atol=1e-6, rtol=1e-6)
 
@@ -122,7 +124,7 @@ def test_embeddings_forward_matches_reference(table_dtype, architecture):
 
 # M: fewer rows than threads, a ragged last tile, more than PANEL_ROWS; K: more than DEPTH (sums of
 # slices); N: not a multiple of PANEL (zero columns in the last panel)
-@pytest.mark.parametrize("M,K,N", [(2, 5, 1), (7, 30, 50), (kernels.PANEL_ROWS + 17, 600, 33)])
+@pytest.mark.parametrize("M,K,N", [(2, 5, 1), (7, 30, 50), (fp32.PANEL_ROWS + 17, 600, 33)])
 def test_linear_forward_matches_numpy(M, K, N):
     """x @ W + b on layout.py's panels, split over 1-3 threads, from a strided view into columns 5... of out."""
     rng = np.random.default_rng(6)
@@ -132,7 +134,7 @@ def test_linear_forward_matches_numpy(M, K, N):
     want = x.astype(np.float64) @ linear.weight.T.astype(np.float64) + linear.bias
     for threads in (1, 2, 3):
         out = np.full((M, 5 + len(bias) + 8), np.nan, dtype=np.float32)
-        kernels.linear_forward(out, 5, x, panels, bias, threads)
+        fp32.linear_forward(out, 5, x, panels, bias, threads)
         assert_close(f"linear_forward {M}x{K}x{N} {threads} threads", out[:, 5 : 5 + N], want, atol=2e-5, rtol=1e-5)
         assert (out[:, 5 + N : 5 + len(bias)] == 0).all(), "the padding columns should come out zero"
         assert np.isnan(out[:, :5]).all() and np.isnan(out[:, 5 + len(bias) :]).all(), "wrote outside its columns"
@@ -141,7 +143,7 @@ def test_linear_forward_matches_numpy(M, K, N):
 def test_output_feed_forward_matches_reference():
     """Everything after attention in reference.encoder_layer, with rows split over 1-3 threads."""
     rng = np.random.default_rng(7)
-    C, F, M = 40, 3 * kernels.PANEL + 5, kernels.BLOCK_TILES * kernels.TILE_ROWS + 9  # two blocks of rows
+    C, F, M = 40, 3 * fp32.PANEL + 5, layers.BLOCK_TILES * fp32.TILE_ROWS + 9  # two blocks of rows
     layer = Layer(
         *(linear_params(rng, C, C) for _ in range(4)),
         norm_params(rng, C),
@@ -156,19 +158,21 @@ def test_output_feed_forward_matches_reference():
     packed = {name: _pack([getattr(layer, name)]) for name in ("attention_output", "intermediate", "output")}
     for threads in (1, 2, 3):
         got = hidden.copy()
-        floats = kernels.feed_forward_floats(M, threads, packed["attention_output"][0], packed["intermediate"][0])
-        kernels.output_feed_forward(
+        floats = layers.feed_forward_floats(M, threads, packed["attention_output"], packed["intermediate"])
+        layers.output_feed_forward(
             got,
             context,
-            *packed["attention_output"],
+            packed["attention_output"],
             layer.attention_norm.weight,
             layer.attention_norm.bias,
-            *packed["intermediate"],
-            *packed["output"],
+            packed["intermediate"],
+            packed["output"],
             layer.output_norm.weight,
             layer.output_norm.bias,
             np.float32(eps),
-            kernels.make_workspace(threads, floats),
+            0,  # fp32 has one path
+            make_workspace(threads, floats),
+            np.empty((threads, 0), np.float32),  # and needs no codes
         )
         assert_close(f"output_feed_forward {threads} threads", got, want, atol=3e-5)
 
@@ -177,7 +181,7 @@ def test_output_feed_forward_matches_reference():
 def test_attention_forward_matches_reference(C, H):
     """Query, key and value side by side in one [N, 3C] array, as model.py passes them. One
     sequence is longer than DEPTH, so its probabilities times v is summed in slices."""
-    lengths = LENGTHS + [kernels.DEPTH + 44]
+    lengths = LENGTHS + [fp32.DEPTH + 44]
     rng = np.random.default_rng(4)
     layer = Layer(
         *(linear_params(rng, C, C) for _ in range(4)),
@@ -196,23 +200,23 @@ def test_attention_forward_matches_reference(C, H):
     offsets = offsets_of(lengths)
     qkv = np.concatenate([reference.linear(x, p) for p in (layer.query, layer.key, layer.value)], axis=1)
     context = np.empty((len(x), C), dtype=np.float32)
-    workspace = kernels.make_workspace(2, kernels.attention_floats(offsets, offsets, C // H))
-    kernels.attention_forward(context, qkv, qkv, C, offsets, offsets, H, workspace)
+    workspace = make_workspace(2, attention.attention_floats(offsets, offsets, C // H))
+    attention.attention_forward(context, qkv, qkv, C, offsets, offsets, H, workspace)
     got = reference.linear(context, layer.attention_output)
     assert_close(f"attention_forward C={C} H={H}", got, want, atol=2e-5)
 
     # only each sequence's first token asks (the last layer)
     first = np.ascontiguousarray(qkv[offsets[:-1], :C])
     context = np.empty((B, C), dtype=np.float32)
-    workspace = kernels.make_workspace(3, kernels.attention_floats(offsets, np.arange(B + 1), C // H))
-    kernels.attention_forward(context, first, qkv, C, offsets, np.arange(B + 1), H, workspace)
+    workspace = make_workspace(3, attention.attention_floats(offsets, np.arange(B + 1), C // H))
+    attention.attention_forward(context, first, qkv, C, offsets, np.arange(B + 1), H, workspace)
     got_first = reference.linear(context, layer.attention_output)
     assert_close(f"attention_forward first tokens C={C} H={H}", got_first, want[offsets[:-1]], atol=2e-5)
 
 
 def naive_online_attention(q, k, v, block):
     """The online softmax in plain NumPy, one query at a time and one block of keys at a time:
-    the twin of kernels._attend_block. q [Q, D], k and v [T, D] -> [Q, D]."""
+    the twin of attention._attend_block. q [Q, D], k and v [T, D] -> [Q, D]."""
     scale = 1.0 / math.sqrt(q.shape[1])
     out = np.zeros(q.shape)
     for i in range(len(q)):
@@ -229,7 +233,7 @@ def naive_online_attention(q, k, v, block):
     return out
 
 
-@pytest.mark.parametrize("T", [kernels.KEY_BLOCK, kernels.KEY_BLOCK + 1, 2 * kernels.KEY_BLOCK + 37])
+@pytest.mark.parametrize("T", [attention.KEY_BLOCK, attention.KEY_BLOCK + 1, 2 * attention.KEY_BLOCK + 37])
 def test_attention_over_several_key_blocks(T):
     """Sequences longer than a block of keys go through the online softmax. A key in the last
     block matches some queries strongly, so their running max rises late and what was summed
@@ -244,7 +248,7 @@ def test_attention_over_several_key_blocks(T):
     qkv[: T // 3, :C] += qkv[T - 1, C : 2 * C]  # queries that point at it
     offsets = offsets_of(lengths)
     context = np.empty((N, C), dtype=np.float32)
-    kernels.attention_forward(
+    attention.attention_forward(
         context,
         qkv,
         qkv,
@@ -252,7 +256,7 @@ def test_attention_over_several_key_blocks(T):
         offsets,
         offsets,
         H,
-        kernels.make_workspace(2, kernels.attention_floats(offsets, offsets, D)),
+        make_workspace(2, attention.attention_floats(offsets, offsets, D)),
     )
     for b, h in [(0, 0), (0, 1), (1, 1)]:
         rows, columns = slice(offsets[b], offsets[b + 1]), slice(h * D, (h + 1) * D)
@@ -260,7 +264,7 @@ def test_attention_over_several_key_blocks(T):
         exact = reference.softmax(q @ k.T / math.sqrt(D)) @ v  # [T, D], float64
         if b == 0 and h == 0:  # the twin is slow: a sample of the queries
             sample = np.r_[0:4, T // 3 - 2 : T // 3 + 2, T - 3 : T]
-            twin = naive_online_attention(q[sample], k, v, kernels.KEY_BLOCK)
+            twin = naive_online_attention(q[sample], k, v, attention.KEY_BLOCK)
             assert_close(f"naive online softmax T={T}", twin, exact[sample], atol=1e-9)
         assert_close(f"attention_forward T={T} sequence {b} head {h}", context[rows, columns], exact, atol=2e-5)
 
@@ -271,9 +275,9 @@ def test_attention_memory_grows_linearly_with_length():
 
     def floats(T):
         offsets = np.array([0, T], dtype=np.int64)
-        return kernels.attention_floats(offsets, offsets, D)
+        return attention.attention_floats(offsets, offsets, D)
 
-    assert floats(8192) <= 2 * floats(4096) + kernels.SCRATCH_ALIGN * 8
+    assert floats(8192) <= 2 * floats(4096) + SCRATCH_ALIGN * 8
     assert floats(8192) * 4 < 8 * 1024 * 1024  # under 8 MB per thread at 8192 tokens (T^2 alone: 256 MB)
 
 
@@ -282,9 +286,9 @@ def test_a_too_small_workspace_is_refused_before_the_region():
     offsets = offsets_of([3, 40])
     qkv = np.zeros((43, 3 * 32), dtype=np.float32)
     context = np.empty((43, 32), dtype=np.float32)
-    small = kernels.make_workspace(2, kernels.attention_floats(offsets, offsets, 8) - kernels.SCRATCH_ALIGN)
+    small = make_workspace(2, attention.attention_floats(offsets, offsets, 8) - SCRATCH_ALIGN)
     with pytest.raises(ValueError, match="workspace is too small"):
-        kernels.attention_forward(context, qkv, qkv, 32, offsets, offsets, 4, small)
+        attention.attention_forward(context, qkv, qkv, 32, offsets, offsets, 4, small)
 
 
 def test_classification_head_forward_matches_reference():
@@ -293,7 +297,7 @@ def test_classification_head_forward_matches_reference():
     p = Classifier(dense=linear_params(rng, C, C), out_proj=linear_params(rng, 1, C))
     hidden = random(rng, B, 4, C)
     logits = np.empty(B, dtype=np.float32)
-    kernels.classification_head_forward(
+    rowwise.classification_head_forward(
         logits, np.ascontiguousarray(hidden[:, 0]), p.dense.weight, p.dense.bias, p.out_proj.weight, p.out_proj.bias
     )
     assert_close("classification_head_forward", logits, reference.classification_head(hidden, p), atol=2e-5)
@@ -382,7 +386,7 @@ def test_blas_thread_count_is_set():
 
 
 def test_layers_in_one_region_equal_a_region_per_step(tiny_model, monkeypatch):
-    """kernels.encoder_layers (the threads meet at barriers) against the same kernels run one
+    """layers.encoder_layers (the threads meet at barriers) against the same kernels run one
     parallel region per step: every item is computed the same way whichever thread takes it, so
     the logits must be identical, not merely close."""
     import nprerank.model

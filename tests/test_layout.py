@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from nprerank.config import ModelConfig
-from nprerank.kernels import PANEL
+from nprerank.kernels.fp32 import PANEL
 from nprerank.layout import PRODUCTS, gemm_weights
 from nprerank.weights import load_weights
 

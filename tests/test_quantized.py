@@ -1,9 +1,9 @@
 """The int8 path: every kernel and every instruction-set path against its plain twin.
 
 Levels and tolerances:
-- Quantizing a row (int8_kernels.quantize_rows vs int8.quantize_rows): the same bytes and scales.
+- Quantizing a row (kernels/int8.py's quantize_rows vs int8.quantize_rows): the same bytes and scales.
 - The product's integer sums: exact. With unit scales and no bias the tile stores float32(sum),
-  so every path (isa.py) must give exactly the twin's sums; with real scales and bias, 2 ulp of
+  so every path (kernels/isa.py's INT8) must give exactly the twin's sums; with real scales and bias, 2 ulp of
   the result (the store's multiply and add may be fused).
 - Paths this CPU cannot execute are still compiled here (their LLVM function carries its target
   features) and must contain their instruction (vpdpbusd, vpmaddwd); forcing one is a ValueError.
@@ -21,7 +21,9 @@ from test_kernels import (
     assert_close as compare,  # prints the worst values side by side on failure
 )
 
-from nprerank import int8, int8_kernels, isa, reference
+from nprerank import int8, reference
+from nprerank.kernels import int8 as int8_kernels  # int8 is the format and its oracle
+from nprerank.kernels.isa import INT8
 from nprerank.config import ModelConfig
 from nprerank.layout import gemm_weights
 from nprerank.model import FastModel
@@ -29,8 +31,8 @@ from nprerank.reranker import Reranker
 from nprerank.weights import Linear, load_weights
 
 JIT = not numba.config.DISABLE_JIT
-RUNNABLE = [name for name in isa.ISAS if JIT and isa.supported(name)] or ["generic"]
-NOT_RUNNABLE = [name for name in isa.ISAS if JIT and not isa.supported(name)]
+RUNNABLE = [name for name in INT8.names if JIT and INT8.supported(name)] or ["generic"]
+NOT_RUNNABLE = [name for name in INT8.names if JIT and not INT8.supported(name)]
 INSTRUCTION = {"vnni512": "vpdpbusd", "avxvnni": "vpdpbusd", "avx2": "vpmaddwd"}
 # (M, K, J): rows; K not a multiple of 4; J not of the panel; one row; more rows than a work item
 SHAPES = [(1, 30, 50), (13, 768, 96), (29, 50, 33), (200, 64, 64), (7, 3072, 40)]
@@ -67,25 +69,25 @@ def test_int8_product_every_path_matches_twin(path, M, K, J):
     x, linear = problem(M, K, J, seed=M + K)
     packed = int8.pack([linear])
     q, scale = int8.quantize_rows(x)
-    q = q.astype(int8_kernels.ACTIVATION[isa.code(path)])  # as the path takes them
+    q = q.astype(int8_kernels.ACTIVATION[INT8.code(path)])  # as the path takes them
     width = len(packed.bias)
 
     # exact integer sums: unit scales, no bias
     unit = int8.Int8Product(packed.panels, np.ones(width, np.float32), packed.correction, np.zeros(width, np.float32))
     out = np.full((M, width), np.nan, np.float32)
-    int8_kernels.linear_int8_forward(out, 0, q, np.ones(M, np.float32), *vars(unit).values(), isa.code(path), 2)
+    int8_kernels.linear_int8_forward(out, 0, q, np.ones(M, np.float32), *vars(unit).values(), INT8.code(path), 2)
     compare(f"{path} sums", out, int8.product_from_parts(q, np.ones(M, np.float32), unit), atol=0.0)  # exact
 
     # the stored values: scales and bias applied
     out = np.full((M, width + 5), np.nan, np.float32)  # a wider output: the product writes from `column`
-    int8_kernels.linear_int8_forward(out, 5, q, scale, *vars(packed).values(), isa.code(path), 2)
+    int8_kernels.linear_int8_forward(out, 5, q, scale, *vars(packed).values(), INT8.code(path), 2)
     want = int8.product_from_parts(q, scale, packed)
     compare(f"{path} product", out[:, 5:], want, atol=1e-6, rtol=2.5e-7)
     assert np.isnan(out[:, :5]).all()  # nothing left of `column` is touched
 
 
 def test_tile_twin_is_the_product():
-    """int8_kernels.int8_tile_naive (the plain-loop twin) against int8.product_from_parts."""
+    """kernels/int8.py's int8_tile_naive (the plain-loop twin) against int8.product_from_parts."""
     x, linear = problem(9, 70, 32, seed=3)
     packed = int8.pack([linear])
     q, scale = int8.quantize_rows(x)
@@ -124,10 +126,10 @@ def test_every_path_compiles_to_its_instruction(path):
 def test_forcing_a_path_this_cpu_lacks_is_refused(monkeypatch):
     name = NOT_RUNNABLE[0]
     with pytest.raises(ValueError, match=f"{name} needs .*which this CPU lacks"):
-        isa.choose(name)
+        INT8.choose(name)
     monkeypatch.setenv("NPRERANK_ISA", name)
     with pytest.raises(ValueError, match="NPRERANK_ISA"):
-        isa.choose()
+        INT8.choose()
 
 
 @pytest.mark.skipif(not JIT, reason="the plain-Python tile takes any dtype")
@@ -137,18 +139,18 @@ def test_a_path_given_the_wrong_activation_dtype_refuses():
     q, scale = int8.quantize_rows(x)  # int8: vpdpbusd's, not the widening paths'
     with pytest.raises(ValueError, match="ACTIVATION"):
         int8_kernels.linear_int8_forward(
-            np.empty((4, 32), np.float32), 0, q, scale, *vars(packed).values(), isa.code("generic"), 1
+            np.empty((4, 32), np.float32), 0, q, scale, *vars(packed).values(), INT8.code("generic"), 1
         )
 
 
 def test_isa_choice(monkeypatch):
     monkeypatch.delenv("NPRERANK_ISA", raising=False)
-    assert isa.choose() == RUNNABLE[0]  # the best this CPU has
+    assert INT8.choose() == RUNNABLE[0]  # the best this CPU has
     monkeypatch.setenv("NPRERANK_ISA", "generic")
-    assert isa.choose() == "generic"
+    assert INT8.choose() == "generic"
     monkeypatch.setenv("NPRERANK_ISA", "sse9")
     with pytest.raises(ValueError, match="NPRERANK_ISA must be one of"):
-        isa.choose()
+        INT8.choose()
 
 
 # --- the whole model ---------------------------------------------------------------------------
@@ -207,7 +209,8 @@ def test_int8_layout_is_cached_beside_fp32(tiny_model, tmp_path, monkeypatch):
 @pytest.mark.parametrize("precision, atol", [("int8", 1e-4 * 30), ("bf16", 1e-4 * 30)])
 def test_reranker_precision_option(tiny_model, precision, atol):
     """Each reduced precision through the Reranker, fast engine against its oracle (engine="reference"),
-    and not the fp32 scores (the option reached the model)."""
+    and not the fp32 scores (the option reached the model). At bf16 the oracle rounds what this
+    host's path rounds (bf16.BF16Linears): the activations too where avx512bf16 is chosen."""
     fast = Reranker.from_pretrained(tiny_model, precision=precision)
     oracle = Reranker.from_pretrained(tiny_model, precision=precision, engine="reference")
     pairs = [("what is a panda?", "a bear of China"), ("what is a panda?", "hi")]

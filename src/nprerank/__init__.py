@@ -6,9 +6,9 @@
 
 Modules, in the order they depend on each other (read them in this order too):
 config.py -> architectures.py -> weights.py -> tokenizer.py (+ unigram.py, wordpiece.py) -> reference.py
--> kernels.py (+ blas.py) -> layout.py -> model.py
-(+ precisions.py: int8.py, isa.py, int8_kernels.py, int8_model.py for precision="int8";
-   bf16.py, bf16_kernels.py, bf16_model.py for precision="bf16")
+-> kernels/ (+ blas.py; its __init__ gives its own order) -> layout.py -> model.py
+(+ precisions.py: int8.py, kernels/int8.py, int8_model.py for precision="int8";
+   bf16.py, kernels/bf16.py, bf16_model.py for precision="bf16"; kernels/isa.py chooses their paths)
 -> reranker.py (+ hub.py, finding the model) -> startup.py (the warm-up)
 -> cli.py / server/ / batch.py (+ ray.py) / bench.py (+ bench_scale.py).
 synthetic.py makes random-weight test models; nothing at run time imports it.

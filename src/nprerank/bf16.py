@@ -13,7 +13,7 @@ The format, named once here:
 - **Activations**: fp32 on the widening paths (the weights are widened to fp32 inside the
   kernel, fp32 fused multiply-add). On AVX512-BF16 `vdpbf16ps` multiplies bf16 by bf16, so there
   each product's input is rounded to bf16 first (`round_activations`); its sums are fp32.
-- **Packing** (`pack`): output columns in panels of PANEL (kernels.PANEL: the fp32 layout's, so
+- **Packing** (`pack`): output columns in panels of PANEL (kernels.fp32.PANEL: the fp32 layout's, so
   the kernels' scratch sizes and LayerMatrices serve both), K in pairs: panels [P, K/2, 2 PANEL]
   uint16, where the two values of column j for k-pair g are consecutive, k even first. One 32-bit
   lane then holds one column's pair: the operand of `vdpbf16ps`, which sums the pair's two
@@ -21,7 +21,7 @@ The format, named once here:
   of the low half (the odd k) make the two fp32 weights, with no shuffle. K must be even (it is
   in every model of the family: 384, 768, 1024, 1536, 3072, 4096).
 
-`linear_bf16(x, panels, bias)` is the product's oracle in NumPy; bf16_kernels.linear_bf16_naive is
+`linear_bf16(x, panels, bias)` is the product's oracle in NumPy; kernels/bf16.py's linear_bf16_naive is
 its plain-loop twin in Numba, and the ISA paths are checked against that (tests/test_bf16.py).
 `rounded(weights)` is the whole model's oracle for the widening paths: reference.forward on it is
 what they compute (weights rounded, activations fp32), up to fp32 summation order. For the
@@ -30,7 +30,7 @@ passed to reference.forward as its `linear` is.
 
 Legend:  M rows (tokens), K the summed dimension, J output columns, P panels.
 
-Read next: bf16_kernels.py (the product per instruction set), bf16_model.py (the forward pass).
+Read next: kernels/bf16.py (the product per instruction set), bf16_model.py (the forward pass).
 """
 
 from dataclasses import replace
@@ -38,7 +38,7 @@ from dataclasses import replace
 import numpy as np
 
 from .config import ModelError
-from .kernels import PANEL
+from .kernels.fp32 import PANEL
 from . import layout, reference
 from .layout import PRODUCTS, LayerMatrices
 from .weights import Layer, Linear, Weights
@@ -131,13 +131,13 @@ class BF16Linears:
     weights rounded to bf16 (each rounded once, by identity), the classification head's at fp32 as
     the fast path leaves it. round_activations: each product's input rounded to bf16 too, as the
     avx512bf16 path's vdpbf16ps needs; None: as the path this host's fast engine chooses
-    (bf16_kernels.choose), so that engine="reference" is the oracle of engine="fast" here."""
+    (kernels.isa.BF16.choose), so that engine="reference" is the oracle of engine="fast" here."""
 
     def __init__(self, layers: list, round_activations: bool | None = None):
         if round_activations is None:
-            from .bf16_kernels import choose  # numba's kernels: imported only when asked
+            from .kernels.isa import BF16  # the kernels' choice: imported only when asked
 
-            round_activations = choose() == "avx512bf16"
+            round_activations = BF16.choose() == "avx512bf16"
         self.round_activations = round_activations
         self.rounded = {
             id(linear): Linear(widen(to_bf16(linear.weight)), linear.bias)

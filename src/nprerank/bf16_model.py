@@ -2,12 +2,12 @@
 
 `forward(ids, offsets, weights, matrices, config, isa)` -> [B] float32 logits, model.forward's
 contract (precisions.py's bf16 row: `FastModel(..., precision="bf16")` calls it), with the
-query/key/value, attention output, intermediate and output products made by bf16_kernels on bf16
+query/key/value, attention output, intermediate and output products made by kernels/bf16.py on bf16
 panels (bf16.py's format, memory-mapped from its own layout cache file, half the fp32 one).
 Everything else is model.py's, called as it is: embeddings, attention, LayerNorm, GELU and the
 classification head in fp32, the packed batch, the last layer's first-tokens-only shortcut. Each
 layer is model.encoder_layer's three parallel regions (the fp32 path's one region for all layers,
-kernels.encoder_layers, is fp32-only): at rerank-100's sizes a region's ~0.1 ms wake-up is under 1%
+kernels.layers.encoder_layers, is fp32-only): at rerank-100's sizes a region's ~0.1 ms wake-up is under 1%
 of a layer's time.
 
 The error against fp32 is measured, not promised: tests/test_bf16.py bounds it on tiny models,
@@ -15,46 +15,42 @@ docs/performance.md reports it on the full-size random model.
 
 Legend:  N tokens in the packed batch, B sequences, C hidden size.
 
-Read next: bf16_kernels.py (the kernels and the choice of instruction set), bf16.py (the format).
+Read next: kernels/bf16.py (the product), kernels/isa.py (the choice of instruction set), bf16.py
+(the format).
 """
 
 import numpy as np
 
-from . import bf16_kernels
 from .config import ModelConfig
+from .kernels import bf16 as bf16_kernels  # the format and oracle are ..bf16
+from .kernels.layers import feed_forward_codes
 from .model import classification_head, embeddings, encoder_layer, make_buffers
 from .weights import Weights
 
 
 class BF16Steps:
-    """model.encoder_layer's `steps` at bf16: linear_forward and output_feed_forward with the
-    signatures of kernels', the instruction set and the uint16 scratch for rounded activations bound."""
+    """model.encoder_layer's `steps` at bf16: linear_forward with the signature of fp32's, the
+    instruction set and the uint16 scratch for its rounded activations bound; isa, the path the
+    feed-forward's products take (kernels.layers.output_feed_forward, bf16 by its panels)."""
 
-    def __init__(self, isa: int, rounded: np.ndarray, codes: np.ndarray):
-        self.isa, self.rounded, self.codes = isa, rounded, codes
+    def __init__(self, isa: int, rounded: np.ndarray):
+        self.isa, self.rounded = isa, rounded
 
     def linear_forward(self, out, column, x, panels, bias, n_threads):
         bf16_kernels.linear_bf16_forward(out, column, x, panels, bias, n_threads, self.isa, self.rounded)
 
-    def output_feed_forward(self, *arrays):
-        bf16_kernels.output_feed_forward_bf16(*arrays, self.isa, self.codes)
-
 
 def forward(ids, offsets, weights: Weights, matrices: list, config: ModelConfig, isa: int):
     """Packed ids [N] with offsets [B+1] -> [B] logits. matrices: layout.gemm_weights(weights, "bf16");
-    isa: bf16_kernels.code(name)."""
+    isa: kernels.isa.BF16.code(name)."""
     N, B = len(ids), len(offsets) - 1
     buffers = make_buffers(offsets, matrices[0], config)
     threads, m = len(buffers["workspace"]), matrices[0]
     rounding = isa == bf16_kernels.AVX512BF16  # only that path rounds the activations to bf16
-    values = max(
-        bf16_kernels.feed_forward_codes(rows, threads, m.attention_output, m.intermediate, isa) for rows in (N, B)
-    )
-    steps = BF16Steps(
-        isa,
-        np.empty((N, config.hidden_size) if rounding else (1, 1), dtype=np.uint16),
-        np.empty((threads, values), dtype=np.uint16),
-    )
+    output, intermediate = (m.attention_output, m.attention_output_bias), (m.intermediate, m.intermediate_bias)
+    values = max(feed_forward_codes(rows, threads, output, intermediate) for rows in (N, B)) if rounding else 0
+    buffers["codes"] = np.empty((threads, values), dtype=np.uint16)  # the feed-forward's rounded inputs
+    steps = BF16Steps(isa, np.empty((N, config.hidden_size) if rounding else (1, 1), dtype=np.uint16))
     x = embeddings(ids, offsets, weights.embeddings, config)  # [N, C]
     *layers, last = zip(weights.layers, matrices)
     for layer, layer_matrices in layers:

@@ -1,7 +1,7 @@
 """Finding the OpenBLAS that NumPy loaded: its thread count and its kernel name.
 
 The reference path's products run on NumPy, and so on its OpenBLAS (the fast path multiplies
-with its own kernel, kernels._tile). `threads=` must bound OpenBLAS's threads as well as Numba's
+with its own kernel, kernels.fp32._tile). `threads=` must bound OpenBLAS's threads as well as Numba's
 (model.set_threads), and the benchmark reports which CPU kernel OpenBLAS chose. NumPy offers
 neither, so we look the functions up through ctypes, in the copy of the library mapped into this
 process. Without one (another BLAS, or not Linux) nothing is set and BLAS keeps its defaults.

@@ -18,7 +18,7 @@ The format, named once here:
 - **Packing** (`pack`): columns in panels of PANEL = 32, K in groups of GROUP = 4 (zero-padded):
   panels [P, K/4, PANEL * 4] int8, where the 4 bytes of column j for k-group g are consecutive.
   That is the operand of vpdpbusd, which sums 4 byte products into each 32-bit lane, and the
-  other paths read the same bytes (isa.py). vpdpbusd multiplies an *unsigned* byte by a signed one,
+  other paths read the same bytes (kernels/isa.py). vpdpbusd multiplies an *unsigned* byte by a signed one,
   so that path adds 128 to the activations, and takes 128 * sum_k q_W[k, j] back off: the
   `corrections` [P * PANEL] int32, computed at packing.
 
@@ -27,7 +27,7 @@ product made by it (the int8 fast path must equal it up to fp32 rounding; tests/
 
 Legend:  M rows (tokens), K the summed dimension, J output columns, P panels.
 
-Read next: int8_kernels.py (the same product in LLVM IR per instruction set), isa.py.
+Read next: kernels/int8.py (the same product in LLVM IR per instruction set), kernels/isa.py.
 """
 
 from dataclasses import dataclass
@@ -91,7 +91,7 @@ def quantize_columns(weight: np.ndarray) -> tuple:
 
 def quantize_rows(x: np.ndarray) -> tuple:
     """x [M, K] float32 -> (q [M, K4 * GROUP] int8, zero-padded; scale [M] float32): one scale per row.
-    The fp32 operations of int8_kernels.quantize_rows, in the same order, so the bytes are equal."""
+    The fp32 operations of kernels/int8.py's quantize_rows, in the same order, so the bytes are equal."""
     x = np.asarray(x, dtype=np.float32)
     M, K = x.shape
     largest = np.abs(x).max(axis=1) if K else np.zeros(M, np.float32)  # [M]
@@ -129,7 +129,7 @@ def unpack(product: Int8Product) -> np.ndarray:
 
 def product_from_parts(q_x, x_scale, product: Int8Product) -> np.ndarray:
     """[M, P * PANEL] float32: the int32 sums of q_x [M, K4 * 4] and the packed weights, then
-    float32(sum) * (x_scale[m] * scale[j]) + bias[j]. The twin of int8_kernels' tile stores.
+    float32(sum) * (x_scale[m] * scale[j]) + bias[j]. The twin of kernels/int8.py's tile stores.
     The sums are made in float64, exact for integers below 2^53, so NumPy's BLAS can do them."""
     sums = q_x.astype(np.float64) @ unpack(product).astype(np.float64).T  # [M, J], exact integers
     return sums.astype(np.int32).astype(np.float32) * (x_scale[:, None] * product.scale[None, :]) + product.bias

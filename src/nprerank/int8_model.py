@@ -6,22 +6,26 @@ int8.forward (reference.forward with int8.linear_int8 products) up to fp32 round
 are model.py's, unchanged; what differs is each layer's products:
 
     qkv = linear_int8(x)                 one product on the [C, 3C] weight, x quantized per row first
-    context = attention(qkv)             kernels.attention_forward, fp32
-    x = output_feed_forward_int8(x, context)   the other three products at int8, block by block
+    context = attention(qkv)             kernels.attention.attention_forward, fp32
+    x = output_feed_forward(x, context)  kernels.layers: the other three products at int8, block by block
 
 Each layer is three parallel regions (quantize + project, attention, the rest): at rerank-100's
 sizes a region's ~100 us wake-up is well under 1% of a layer's time.
 
 Legend:  N tokens in the packed batch, B sequences, C hidden size, F feed-forward width.
 
-Read next: int8_kernels.py (the kernels), int8.py (the format and the oracle).
+Read next: kernels/int8.py (the product), kernels/layers.py (the steps after attention), int8.py
+(the format and the oracle).
 """
 
 import numba
 import numpy as np
 
-from . import int8_kernels, kernels
 from .config import ModelConfig
+from .kernels import attention
+from .kernels import int8 as int8_kernels  # the format and oracle are ..int8
+from .kernels import layers as layer_kernels  # "layers" is the list of Layers in forward
+from .kernels.threads import make_workspace
 from .int8 import GROUP, Int8Matrices, Int8Product
 from .model import classification_head, embeddings
 from .weights import Layer, Weights
@@ -64,10 +68,10 @@ def encoder_layer(
         query_offsets, hidden, queries = offsets, x, qkv
         linear(qkv, 0, x, m.qkv, buffers, isa, threads)
     context = buffers["context"][: len(hidden)]  # [Q, C]
-    kernels.attention_forward(
+    attention.attention_forward(
         context, queries, qkv, width, offsets, query_offsets, config.num_attention_heads, workspace
     )
-    int8_kernels.output_feed_forward_int8(
+    layer_kernels.output_feed_forward(
         hidden,
         context,
         _parts(m.attention_output),
@@ -90,19 +94,20 @@ def forward(ids, offsets, weights: Weights, matrices: list, config: ModelConfig,
     N, B, C = len(ids), len(offsets) - 1, config.hidden_size
     threads = 1 if numba.config.DISABLE_JIT else numba.get_num_threads()  # without JIT prange is a loop
     m = matrices[0]
-    sizes = [
-        int8_kernels.feed_forward_int8_sizes(rows, threads, m.attention_output.panels, m.intermediate.panels)
-        for rows in (N, B)
-    ]
-    floats = max(kernels.attention_floats(offsets, offsets, config.head_size), *(f for f, _ in sizes))
-    # made here, before any parallel region, as model.forward does (kernels.py, "scratch memory")
+    output, intermediate = _parts(m.attention_output), _parts(m.intermediate)
+    floats = max(
+        attention.attention_floats(offsets, offsets, config.head_size),
+        *(layer_kernels.feed_forward_floats(rows, threads, output, intermediate) for rows in (N, B)),
+    )
+    values = max(layer_kernels.feed_forward_codes(rows, threads, output, intermediate) for rows in (N, B))
+    # made here, before any parallel region, as model.forward does (kernels/threads.py, "scratch memory")
     buffers = {  # reused by every layer
         "qkv": np.empty((N, 3 * m.width), dtype=np.float32),
         "context": np.empty((N, C), dtype=np.float32),
         "q": np.empty((N, m.qkv.panels.shape[1] * GROUP), dtype=int8_kernels.ACTIVATION[isa]),  # quantized x
         "scales": np.empty(N, dtype=np.float32),
-        "workspace": kernels.make_workspace(threads, floats),  # [threads, S]: each thread's scratch
-        "codes": np.empty((threads, max(v for _, v in sizes)), dtype=int8_kernels.ACTIVATION[isa]),
+        "workspace": make_workspace(threads, floats),  # [threads, S]: each thread's scratch
+        "codes": np.empty((threads, values), dtype=int8_kernels.ACTIVATION[isa]),
     }
     x = embeddings(ids, offsets, weights.embeddings, config)  # [N, C]
     *layers, last = zip(weights.layers, matrices)

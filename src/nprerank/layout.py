@@ -1,6 +1,6 @@
 """The fast path's weights in the layout its matrix product wants: packed panels, cached on disk.
 
-torch.nn.Linear stores a weight W [out, in], and y = x @ W.T + b. kernels.linear_forward makes
+torch.nn.Linear stores a weight W [out, in], and y = x @ W.T + b. kernels.fp32.linear_forward makes
 y PANEL columns at a time (PANEL = 32 with AVX-512): for each k it reads the PANEL weights
 W[j, k] of those columns at once, as two vectors. So W is stored as panels [P, in, PANEL]: panel
 p holds columns p * PANEL ... of W.T, row k of it being exactly what step k reads, and a whole
@@ -33,7 +33,7 @@ Other precisions (precisions.py) pack their own way (a `Format`: int8.py's int8 
 their scales) into a file of their own beside fp32's, "layout-<precision>-<hash>.safetensors",
 with the precision in its metadata, written, checked and mapped in the same way.
 
-Read next: kernels.py (linear_forward, _tile), model.py, which multiplies by these.
+Read next: kernels/fp32.py (linear_forward, _tile), model.py, which multiplies by these.
 """
 
 import contextlib
@@ -52,7 +52,7 @@ import numpy as np
 
 from . import precisions
 from .config import ModelError
-from .kernels import PANEL
+from .kernels.fp32 import PANEL
 from .weights import FileStamp, Layer, Weights, check_all_finite, map_safetensors, read_safetensors
 
 LAYOUT_VERSION = 3  # bump when the file's contents change meaning (3: the data checksum)
@@ -74,7 +74,7 @@ PRODUCTS = {
 
 @dataclass(frozen=True)
 class LayerMatrices:
-    """One encoder layer's four products, packed for kernels.linear_forward: panels [P, in, PANEL]
+    """One encoder layer's four products, packed for kernels.fp32.linear_forward: panels [P, in, PANEL]
     float32 C-contiguous (out rounded up to P * PANEL with zero columns), and the bias [P * PANEL]."""
 
     qkv: np.ndarray  # [3 Pc, C, PANEL]: the query, key and value panels, in that order (Pc = C / PANEL)
@@ -211,7 +211,7 @@ def _prune(folder: Path, keep: Path) -> None:
 def _pack(linears: list) -> tuple:
     """Linear layers [out, in] side by side -> (panels [P, in, PANEL], bias [P * PANEL]): panel p
     holds output columns p * PANEL ... as [in, PANEL] rows, each layer padded with zero columns
-    to whole panels (so kernels.linear_forward never meets a partial one)."""
+    to whole panels (so kernels.fp32.linear_forward never meets a partial one)."""
     panels, biases = [], []
     for linear in linears:
         out, inp = linear.weight.shape

@@ -10,13 +10,13 @@ keep reference.py's names and order, so the two files can be read side by side:
 What differs, and why:
 - Packed batches: the tokens of all sequences lie back to back in one [N, C] matrix (offsets
   [B+1] mark the sequences), so no pad token is multiplied and attention needs no mask.
-- Every x @ W.T + b is kernels.linear_forward on layout.py's packed copy of W (panels, memory-
-  mapped from a cache file), with the bias added as the product is made. No BLAS is called.
+- Every x @ W.T + b is kernels.fp32.linear_forward on layout.py's packed copy of W (panels,
+  memory-mapped from a cache file), with the bias added as the product is made. No BLAS is called.
 - Each layer is three steps: the query, key and value projections (one product on their [C, 3C]
-  weight); attention; and all the rest, which works row by row (kernels.output_feed_forward).
+  weight); attention; and all the rest, which works row by row (kernels.layers.output_feed_forward).
   Waking Numba's sleeping threads for a parallel region costs ~100 us, so all layers but the
-  last run in one region (kernels.encoder_layers), the threads meeting at spin barriers between
-  the steps; in groups of 11, 5 or 1 layers for deeper or shallower models (GROUP_SIZES: each
+  last run in one region (kernels.layers.encoder_layers), the threads meeting at spin barriers
+  between the steps; in groups of 11, 5 or 1 layers for deeper or shallower models (GROUP_SIZES: each
   group size is compiled once, whatever the model's depth).
 - Position and token-type ids are numbered per sequence by the architecture (embedding_ids:
   XLM-R's or BERT's, architectures.py), the one place the two differ before the head.
@@ -34,28 +34,35 @@ What differs, and why:
 
 Legend:  N tokens in the packed batch, B sequences, C hidden size, H heads, F feed-forward width.
 
-Read next: kernels.py (what each kernel fuses), layout.py (the packed weights), reference.py (the
-maths in plain NumPy).
+Read next: kernels/ (what each kernel fuses; its __init__ says in what order to read them),
+layout.py (the packed weights), reference.py (the maths in plain NumPy).
 """
 
-import importlib
 import os
 import threading
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import numba
 import numpy as np
 
-from . import kernels, precisions
+from . import precisions
 from .blas import set_blas_threads
 from .config import ModelConfig
+from .kernels import attention, fp32, rowwise
+from .kernels import layers as layer_kernels  # "layers" is the list of Layers in this module
+from .kernels.threads import make_workspace
 from .layout import LayerMatrices, gemm_weights
 from .weights import Classifier, Embeddings, Layer, Weights, embedding_rows, refuse_if_changed
 
-# kernels.encoder_layers' barriers need a thread of their own for every prange iteration: true of
-# Numba's workqueue layer (kernels.py's choice) and of OpenMP, not promised by TBB.
+# kernels.layers.encoder_layers' barriers need a thread of their own for every prange iteration: true
+# of Numba's workqueue layer (kernels.threads' choice) and of OpenMP, not promised by TBB.
 ONE_REGION = numba.config.THREADING_LAYER in ("workqueue", "omp")
+
+# model.encoder_layer's `steps` at fp32: what makes the qkv product, and the path the feed-forward's
+# products take (bf16_model.BF16Steps at bf16)
+FP32_STEPS = SimpleNamespace(linear_forward=fp32.linear_forward, isa=0)
 
 # One forward pass at a time in the whole process, whatever the FastModel: Numba's workqueue layer
 # has one pool of threads and aborts the process (SIGABRT) when two Python threads launch parallel
@@ -70,8 +77,9 @@ class FastModel:
     forward), "int8" (the encoder's products at int8, int8_model.forward; equal to int8.forward
     up to fp32 rounding) or "bf16" (the products on bf16 weights, bf16_model.forward; equal to
     reference.forward on bf16.rounded weights up to fp32 rounding). isa: for precisions with
-    ISA-specific kernels, the chooser's argument (isa.choose for int8, bf16_kernels.choose for bf16;
-    None: $NPRERANK_ISA / $NPRERANK_BF16_ISA or the best this CPU has). ValueError for an unknown
+    ISA-specific kernels, the argument of its paths' choose (kernels.isa.INT8.choose for int8,
+    kernels.isa.BF16.choose for bf16; None: $NPRERANK_ISA / $NPRERANK_BF16_ISA or the best this CPU
+    has). ValueError for an unknown
     precision or ISA; ModelError for weights the precision cannot pack."""
 
     def __init__(
@@ -84,9 +92,9 @@ class FastModel:
     ):
         row = precisions.check(precision)
         self.weights, self.config, self.precision = weights, config, precision
-        chooser = importlib.import_module(row.isa) if row.isa else None  # isa.py, bf16_kernels.py
-        self.isa = chooser.choose(isa) if chooser else None
-        self.options = {"isa": chooser.code(self.isa)} if chooser else {}  # the forward's extra keywords
+        paths = precisions.load(row.isa) if row.isa else None  # a kernels.isa.Paths
+        self.isa = paths.choose(isa) if paths else None
+        self.options = {"isa": paths.code(self.isa)} if paths else {}  # the forward's extra keywords
         self.threads = set_threads(threads)
         self.forward = precisions.load(row.forward)
         self.matrices = gemm_weights(weights, precision)  # [LayerMatrices] * L (or the precision's), packed
@@ -131,7 +139,7 @@ def embeddings(ids, offsets, p: Embeddings, config: ModelConfig):
     x = embedding_rows(p.word, ids)  # [N, C], a fresh fp32 array whatever the table's dtype
     x = np.ascontiguousarray(x, dtype=np.float32)
     position_ids, token_type_ids = embedding_ids(ids, offsets, config)  # [N], [N]
-    kernels.embeddings_forward(
+    rowwise.embeddings_forward(
         x,
         x,
         p.position,
@@ -159,14 +167,22 @@ def embedding_ids(ids, offsets, config: ModelConfig) -> tuple:
 
 
 def encoder_layer(
-    x, offsets, p: Layer, m: LayerMatrices, buffers, config: ModelConfig, first_tokens_only: bool = False, steps=kernels
+    x,
+    offsets,
+    p: Layer,
+    m: LayerMatrices,
+    buffers,
+    config: ModelConfig,
+    first_tokens_only: bool = False,
+    steps=FP32_STEPS,
 ):
     """reference.encoder_layer over the packed batch x [N, C], in three parallel regions: the
     query, key and value projections (one product on the [C, 3C] weight), attention, and the rest
-    (kernels.output_feed_forward). Used for the last layer (and for every layer where
+    (kernels.layers.output_feed_forward). Used for the last layer (and for every layer where
     encoder_layers cannot be). Returns the new hidden states [Q, C]: x itself, updated in
     place, or in the last layer a new [B, C] array of the first tokens' rows. steps: what makes
-    the products, linear_forward and output_feed_forward (kernels', or bf16_model.BF16Steps)."""
+    the qkv product (linear_forward) and the feed-forward's path (isa): FP32_STEPS, or
+    bf16_model.BF16Steps; the feed-forward's scratch is buffers' workspace and codes."""
     threads, workspace = len(buffers["workspace"]), buffers["workspace"]
     qkv = buffers["qkv"]  # [N, 3 * width]: query, key and value side by side
     panels, width = len(m.qkv) // 3, m.width  # per projection
@@ -181,40 +197,39 @@ def encoder_layer(
         query_offsets, hidden, queries = offsets, x, qkv
         steps.linear_forward(qkv, 0, x, m.qkv, m.qkv_bias, threads)
     context = buffers["context"][: len(hidden)]  # [Q, C]
-    kernels.attention_forward(
+    attention.attention_forward(
         context, queries, qkv, width, offsets, query_offsets, config.num_attention_heads, workspace
     )
-    steps.output_feed_forward(
+    layer_kernels.output_feed_forward(
         hidden,
         context,
-        m.attention_output,
-        m.attention_output_bias,
+        (m.attention_output, m.attention_output_bias),
         p.attention_norm.weight,
         p.attention_norm.bias,
-        m.intermediate,
-        m.intermediate_bias,
-        m.output,
-        m.output_bias,
+        (m.intermediate, m.intermediate_bias),
+        (m.output, m.output_bias),
         p.output_norm.weight,
         p.output_norm.bias,
         np.float32(config.layer_norm_eps),
+        steps.isa,
         workspace,
+        buffers["codes"],
     )
     return hidden
 
 
 def encoder_layers(x, offsets, layers: list, buffers, config: ModelConfig):
     """encoder_layer for each (Layer, LayerMatrices) of `layers` in turn, in one parallel region
-    (kernels.encoder_layers): the threads meet at barriers between the steps instead of being
+    (kernels.layers.encoder_layers): the threads meet at barriers between the steps instead of being
     woken for each. x [N, C] is updated in place."""
 
-    def each(name):  # one array per layer, for kernels.encoder_layers' tuples
+    def each(name):  # one array per layer, for layer_kernels.encoder_layers' tuples
         return tuple(getattr(m, name) for _, m in layers)
 
     def norms(name):  # (weights, biases) of a LayerNorm, one array per layer each
         return tuple(getattr(p, name).weight for p, _ in layers), tuple(getattr(p, name).bias for p, _ in layers)
 
-    kernels.encoder_layers(
+    layer_kernels.encoder_layers(
         x,
         buffers["qkv"],
         buffers["context"],
@@ -238,11 +253,11 @@ def encoder_layers(x, offsets, layers: list, buffers, config: ModelConfig):
 
 def classification_head(first, p: Classifier):
     logits = np.empty(len(first), dtype=np.float32)  # [B]
-    kernels.classification_head_forward(logits, first, p.dense.weight, p.dense.bias, p.out_proj.weight, p.out_proj.bias)
+    rowwise.classification_head_forward(logits, first, p.dense.weight, p.dense.bias, p.out_proj.weight, p.out_proj.bias)
     return logits
 
 
-# Layers per kernels.encoder_layers call. Its weights come as tuples, one array per layer, and
+# Layers per kernels.layers.encoder_layers call. Its weights come as tuples, one array per layer, and
 # Numba compiles it anew for every tuple length, which grows with the length (a 23-tuple for
 # bge-reranker-large took over ten minutes on a busy host). So layers go in groups of these
 # sizes only: 11 (bge-reranker-base's 12 layers less the last), 5 (MiniLM-L-6) and 1; compiled
@@ -262,19 +277,22 @@ def layer_groups(layers: list) -> list:
 
 def make_buffers(offsets, m: LayerMatrices, config: ModelConfig) -> dict:
     """The arrays every layer's kernels write, for a batch of offsets [B+1] (N tokens): qkv [N, 3
-    width], context [N, C], workspace [threads, S]. Made before any parallel region: a failed
-    allocation is a MemoryError here, never a thread lost inside a region (kernels.py, "scratch
-    memory")."""
+    width], context [N, C], workspace [threads, S], and codes [threads, 0] (fp32 quantizes and
+    rounds nothing; bf16_model.forward puts its own in their place). Made before any parallel
+    region: a failed allocation is a MemoryError here, never a thread lost inside a region
+    (kernels/threads.py, "scratch memory")."""
     N, B = int(offsets[-1]), len(offsets) - 1
     threads = 1 if numba.config.DISABLE_JIT else numba.get_num_threads()  # without JIT prange is a loop
+    output, intermediate = (m.attention_output, m.attention_output_bias), (m.intermediate, m.intermediate_bias)
     floats = max(
-        kernels.attention_floats(offsets, offsets, config.head_size),  # the last layer's need less
-        *(kernels.feed_forward_floats(rows, threads, m.attention_output, m.intermediate) for rows in (N, B)),
+        attention.attention_floats(offsets, offsets, config.head_size),  # the last layer's need less
+        *(layer_kernels.feed_forward_floats(rows, threads, output, intermediate) for rows in (N, B)),
     )
     return {  # reused by every layer
         "qkv": np.empty((N, 3 * m.width), dtype=np.float32),
         "context": np.empty((N, config.hidden_size), dtype=np.float32),
-        "workspace": kernels.make_workspace(threads, floats),  # [threads, S]: each thread's scratch
+        "workspace": make_workspace(threads, floats),  # [threads, S]: each thread's scratch
+        "codes": np.empty((threads, 0), dtype=np.float32),  # [threads, 0]: fp32 needs none
     }
 
 

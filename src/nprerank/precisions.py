@@ -10,10 +10,10 @@ precision is used, so an fp32 run never loads the int8 kernels), the three thing
 - `oracle`: for engine="reference", a stand-in for reference.linear made from the Weights'
   layers (None: reference.linear itself, the exact fp32 product).
 
-`isa` names the module that chooses the fast pass's instruction set, if it has several: isa.py for
-int8's products, bf16_kernels.py for bf16's (each with `choose(name)`, forceable, and `code(name)`). Adding a precision
-is one line here, plus its modules. The CLI, the server, batch and bench take their choices
-from NAMES.
+`isa` names, as "module:attribute", the table of the fast pass's instruction-set paths if it has
+several (a kernels.isa.Paths: INT8 for int8's products, BF16 for bf16's; `choose(name)`, forceable,
+and `code(name)`). Adding a precision is one line here, plus its modules. The CLI, the server,
+batch and bench take their choices from NAMES.
 """
 
 import importlib
@@ -25,16 +25,22 @@ class Precision:
     format: str  # "module:attribute" of its layout.Format
     forward: str  # "module:attribute" of its fast forward pass
     oracle: str | None  # "module:attribute" of its reference.linear stand-in's factory, or None: exact
-    isa: str | None  # the module choosing its instruction set (choose, code), whose code its forward takes as isa=
+    isa: str | None  # "module:attribute" of its kernels.isa.Paths, whose code its forward takes as isa=
 
 
 PRECISIONS = {
     "fp32": Precision("nprerank.layout:FP32", "nprerank.model:forward", None, isa=None),
     "int8": Precision(
-        "nprerank.int8:FORMAT", "nprerank.int8_model:forward", "nprerank.int8:Int8Linears", isa="nprerank.isa"
+        "nprerank.int8:FORMAT",
+        "nprerank.int8_model:forward",
+        "nprerank.int8:Int8Linears",
+        isa="nprerank.kernels.isa:INT8",
     ),
     "bf16": Precision(
-        "nprerank.bf16:FORMAT", "nprerank.bf16_model:forward", "nprerank.bf16:BF16Linears", isa="nprerank.bf16_kernels"
+        "nprerank.bf16:FORMAT",
+        "nprerank.bf16_model:forward",
+        "nprerank.bf16:BF16Linears",
+        isa="nprerank.kernels.isa:BF16",
     ),
 }
 NAMES = tuple(PRECISIONS)

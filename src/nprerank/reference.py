@@ -1,7 +1,7 @@
 """The readable forward pass: token ids -> one relevance logit per pair, in plain NumPy.
 
 One function per step of the maths, weights passed in explicitly, a shape on every line. This is
-the text to read to learn how the cross-encoder works, and the oracle the fast path (kernels.py,
+the text to read to learn how the cross-encoder works, and the oracle the fast path (kernels/,
 model.py) is tested against. It follows transformers' `XLMRobertaForSequenceClassification`
 (eager attention, fp32, inference) and `BertForSequenceClassification` (the ms-marco MiniLM
 cross-encoders), and must match their logits to 1e-4. The two differ only in position ids, token
@@ -45,7 +45,7 @@ def layer_norm(x, p: LayerNorm, eps: float):
 
 def erf(x):
     # Abramowitz & Stegun 7.1.26, in float64: |error| < 1.5e-7, about one fp32 rounding step.
-    # NumPy has no erf, and this is short enough to read; the fast path uses its own (kernels.py).
+    # NumPy has no erf, and this is short enough to read; the fast path uses its own (kernels/rowwise.py).
     z = np.abs(x.astype(np.float64))
     t = 1.0 / (1.0 + 0.3275911 * z)
     poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))

@@ -309,7 +309,7 @@ class Reranker:
         while start < len(order):
             longest = len(sequences[order[start]])
             # longest first, so every later pair fits in `longest`: the padded size bounds memory;
-            # a sequence longer than the whole budget goes alone (attention's memory is O(T), kernels.py)
+            # a sequence longer than the whole budget goes alone (attention's memory is O(T), kernels/attention.py)
             count = max(1, min(batch_size, self.max_batch_tokens // longest, len(order) - start))
             batch = order[start : start + count]
             logits[batch] = self.model([sequences[i] for i in batch])

@@ -1,13 +1,14 @@
-"""Numba kernels for the int8 fast path: row quantization, the int8 product, the int8 layer steps.
+"""The int8 product: row quantization, and the product on int8 weight panels per instruction set.
 
-Each kernel equals a function of int8.py (named in its docstring; tests/test_quantized.py checks
-them): the format (per-column weight scales, per-row activation scales, int32 sums, scales and
-bias applied at the store) is defined and explained there. This module makes it fast.
+Each kernel equals a function of nprerank/int8.py, the format and its plain-NumPy oracle (named in
+its docstring; tests/test_quantized.py checks them): the format (per-column weight scales, per-row
+activation scales, int32 sums, scales and bias applied at the store) is defined and explained
+there. This module makes it fast; layers.py runs a layer's three other products with it.
 
-The product's inner loop, `_int8_tile`, is LLVM IR like kernels._tile, in one version per
-instruction set (isa.py). All versions are compiled into the same machine code, each LLVM function
-carrying the target features it needs, and `isa` (an integer argument, isa.code(name)) picks one
-at run time: a forced path never needs a recompile, and Numba's cache holds one copy for all.
+The product's inner loop, `_int8_tile`, is LLVM IR like fp32._tile, in one version per
+instruction set (isa.INT8). All versions are compiled into the same machine code, each LLVM
+function carrying the target features it needs, and `isa` (an integer argument, isa.INT8.code(name))
+picks one at run time: a forced path never needs a recompile, and Numba's cache holds one copy for all.
 
 | path     | tile (rows x columns) | per k-group of 4 and row                                        |
 |----------|-----------------------|-----------------------------------------------------------------|
@@ -22,21 +23,22 @@ The sums start at 0 (or, for vpdpbusd's unsigned activations, at -correction[j])
 vector registers (loop-carried values) for the whole K loop; the store converts them to fp32,
 multiplies by row scale x column scale and adds the bias.
 
-Legend:  M rows, K summed dimension (K4 = K / 4 groups), C hidden, F feed-forward width, P panels.
+Legend:  M rows, K summed dimension (K4 = K / 4 groups), P panels.
 
-Read next: int8_model.py, which calls these; int8.py, their twins.
+Read next: bf16.py, the same design on bf16 weights; then int8_model.py, which calls these.
 """
 
 import numba
 import numpy as np
 from numba import prange
 
-from . import kernels
-from .int8 import GROUP, PANEL
-from .isa import ISAS, TARGET_FEATURES
-from .kernels import f32, kernel, parallel_kernel
+from ..int8 import GROUP, PANEL
+from .fp32 import PANEL_ROWS, tile_row_counts, tile_rows
+from .isa import INT8
+from .rowwise import f32
+from .threads import kernel, parallel_kernel, take
 
-# tile shape per path, indexed by isa.code(name): the sums must fit the vector registers
+# tile shape per path, indexed by isa.INT8.code(name): the sums must fit the vector registers
 TILE_ROWS = (14, 6, 6, 4)  # vnni512: 14 x 2 zmm sums + 2 weights + 1 broadcast = 31 of 32
 TILE_COLUMNS = (32, 16, 8, 8)  # avxvnni and avx2: 6 x 2 ymm sums + 2 + 1 = 15 of 16
 # How the paths take the quantized activations (same values, in [-127, 127]): vpdpbusd reads bytes;
@@ -45,7 +47,6 @@ TILE_COLUMNS = (32, 16, 8, 8)  # avxvnni and avx2: 6 x 2 ymm sums + 2 + 1 = 15 o
 # instructions per k-group and 6 rows).
 ACTIVATION = (np.int8, np.int8, np.int16, np.int16)
 ACTIVATION_BYTES = tuple(np.dtype(dtype).itemsize for dtype in ACTIVATION)  # what Numba code can index
-PANEL_ROWS = kernels.PANEL_ROWS  # rows of x per work item of linear_int8_forward
 QMAX = f32(127.0)
 ZERO = f32(0.0)
 
@@ -92,8 +93,8 @@ def linear_int8_forward(out, column, q, scales, panels, column_scales, correctio
 
     out [M, >= column + P * PANEL] float32; q [M, K4 * 4] int8 and scales [M]: the quantized input
     (quantize_rows); panels [P, K4, PANEL * 4] int8; column_scales, bias [P * PANEL] float32;
-    corrections [P * PANEL] int32; isa: isa.code(name). Work items as kernels.linear_forward's."""
-    _check_activation(q, isa)
+    corrections [P * PANEL] int32; isa: isa.INT8.code(name). Work items as fp32.linear_forward's."""
+    check_activation(q, isa)
     taken = np.zeros(1, dtype=np.int64)
     for _ in prange(n_threads):
         _linear_items(out, column, q, scales, panels, column_scales, corrections, bias, isa, taken)
@@ -104,18 +105,18 @@ def _linear_items(out, column, q, scales, panels, column_scales, corrections, bi
     """One thread's part of linear_int8_forward: the (rows, panel) items it takes from `taken`."""
     P, M = panels.shape[0], q.shape[0]
     items = P * ((M + PANEL_ROWS - 1) // PANEL_ROWS)
-    item = kernels.take(taken)
+    item = take(taken)
     while item < items:
         first, p = item // P * PANEL_ROWS, item % P
         rows = slice(first, first + PANEL_ROWS)
-        _panels_product(
+        panels_product(
             out[rows, column:], q[rows], scales[rows], panels, column_scales, corrections, bias, p, p + 1, isa
         )
-        item = kernels.take(taken)
+        item = take(taken)
 
 
 @kernel
-def _panels_product(out, q, scales, panels, column_scales, corrections, bias, first, last, isa):
+def panels_product(out, q, scales, panels, column_scales, corrections, bias, first, last, isa):
     """out[:, first * PANEL : last * PANEL] = int8.product_from_parts for panels first..last-1,
     one tile at a time: a panel's column slice is read once from memory, then from cache."""
     M = q.shape[0]
@@ -125,7 +126,7 @@ def _panels_product(out, q, scales, panels, column_scales, corrections, bias, fi
             j = p * PANEL + c
             i = 0
             while i < M:
-                n = kernels._tile_rows(M - i, rows_most)
+                n = tile_rows(M - i, rows_most)
                 _int8_tile(
                     out[i : i + n, j:],
                     q[i : i + n],
@@ -140,7 +141,7 @@ def _panels_product(out, q, scales, panels, column_scales, corrections, bias, fi
 
 
 @kernel
-def _check_activation(q, isa):
+def check_activation(q, isa):
     """ValueError unless q's dtype is ACTIVATION[isa]: the tile has no loop for another pair and
     would leave out untouched. Checked before the parallel region (an exception inside one is lost)."""
     if q.itemsize != ACTIVATION_BYTES[isa]:
@@ -148,9 +149,8 @@ def _check_activation(q, isa):
 
 
 def tile_counts(isa: int) -> list:
-    """The row counts kernels._tile_rows can give for path `isa`: the tile has one loop for each."""
-    most = TILE_ROWS[isa]
-    return sorted({most, *(1 << b for b in range(most.bit_length()) if 1 << b < most)})
+    """The row counts fp32.tile_rows can give for path `isa`: the tile has one loop for each."""
+    return tile_row_counts(TILE_ROWS[isa])
 
 
 @kernel
@@ -209,8 +209,8 @@ else:
             after = builder.append_basic_block("int8_tile_done")
             choice = builder.switch(args[7], after)
             size = sig.args[1].dtype.bitwidth // 8
-            for code, name in enumerate(ISAS):
-                if ACTIVATION_BYTES[code] != size:  # _check_activation refuses that pair
+            for code, name in enumerate(INT8.names):
+                if ACTIVATION_BYTES[code] != size:  # check_activation refuses that pair
                     continue
                 block = builder.append_basic_block(f"int8_tile_{name}")
                 choice.add_case(ir.IntType(64)(code), block)
@@ -226,7 +226,7 @@ else:
         """The LLVM function of path `name` in `module` (made once per module): arguments out,
         out's row stride in bytes, q, q's, scales, panel, column_scales, corrections, bias, rows,
         groups (K4). It carries its path's target features, so that a CPU without them compiles it
-        too (it is then never called: isa.choose refuses the path)."""
+        too (it is then never called: isa.INT8.choose refuses the path)."""
         symbol = f"nprerank_int8_tile_{name}"
         if symbol in module.globals:
             return module.globals[symbol]
@@ -241,8 +241,8 @@ else:
         )
         function.linkage = "internal"
         function.attributes.add("noinline")
-        if TARGET_FEATURES[name]:  # llvmlite knows no string attributes by name; the set prints them as given
-            set.add(function.attributes, f'"target-features"="{TARGET_FEATURES[name]}"')
+        if INT8.target_features[name]:  # llvmlite knows no string attributes by name; the set prints them as given
+            set.add(function.attributes, f'"target-features"="{INT8.target_features[name]}"')
         _TileBuilder(function, name).emit()
         return function
 
@@ -251,7 +251,7 @@ else:
 
         def __init__(self, function, name: str):
             self.function, self.name = function, name
-            self.code = ISAS.index(name)
+            self.code = INT8.code(name)
             self.builder = ir.IRBuilder(function.append_basic_block("entry"))
             self.i8, self.i16, self.i32, self.i64 = (ir.IntType(n) for n in (8, 16, 32, 64))
             (
@@ -444,115 +444,3 @@ else:
                 value = b.fadd(b.fmul(b.sitofp(sums, floats), scale), bias)
                 b.store(value, self.at(self.out, b.add(out_row, self.i64(4 * done)), floats), align=4)
                 done += lanes
-
-
-# --- the steps of a layer after attention, at int8 --------------------------------------------
-# Scratch as kernels.py has it: made by the caller before the region (kernels.py, "scratch
-# memory"), a row per thread: fp32 in a kernels.make_workspace, the quantized rows in `codes`.
-
-
-@kernel
-def feed_forward_int8_sizes(M, n_threads, output_panels, up_panels):
-    """(floats of a thread's workspace row, values of its row of codes) for
-    output_feed_forward_int8 on M rows: projected, activation and scales; one block's quantized input."""
-    rows = kernels._rows_per_block(M, n_threads)
-    out_width, inner_width = output_panels.shape[0] * PANEL, up_panels.shape[0] * PANEL + kernels.STRIDE_PAD
-    floats = kernels._aligned(rows * out_width) + kernels._aligned(rows * inner_width) + kernels._aligned(rows)
-    return floats, rows * max(output_panels.shape[1], up_panels.shape[0] * PANEL // GROUP) * GROUP
-
-
-@kernel
-def _feed_forward_int8_scratch(scratch, codes, rows, output_panels, up_panels):
-    """Views into one thread's rows of the workspaces: projected [rows, C rounded up to whole
-    panels], activation [rows, F rounded up + STRIDE_PAD] (as kernels._feed_forward_scratch, with
-    int8.PANEL), scales [rows], and the codes, flat. Views only: nothing is allocated."""
-    out_width, inner_width = output_panels.shape[0] * PANEL, up_panels.shape[0] * PANEL + kernels.STRIDE_PAD
-    at = kernels._aligned(rows * out_width)
-    projected = scratch[: rows * out_width].reshape((rows, out_width))
-    activation = scratch[at : at + rows * inner_width].reshape((rows, inner_width))
-    at += kernels._aligned(rows * inner_width)
-    return projected, activation, scratch[at : at + rows], codes
-
-
-@parallel_kernel
-def output_feed_forward_int8(
-    hidden, context, output, norm1_weight, norm1_bias, up, down, norm2_weight, norm2_bias, eps, isa, workspace, codes
-):
-    """kernels.output_feed_forward with the three products at int8 (int8.forward's feed-forward):
-
-        h = layer_norm(hidden + linear_int8(context, attention_output))
-        hidden = layer_norm(h + linear_int8(gelu(linear_int8(h, intermediate)), output))
-
-    hidden [M, C] in place; context [M, C]; output, up, down: (panels, scale, correction, bias)
-    tuples of int8.Int8Product; workspace [threads, S] float32 and codes [threads, S'] of the
-    path's ACTIVATION dtype, S and S' at least feed_forward_int8_sizes'. Blocks of rows as
-    kernels.output_feed_forward, each input quantized as it is made."""
-    n_threads = workspace.shape[0]
-    floats, values = feed_forward_int8_sizes(hidden.shape[0], n_threads, output[0], up[0])
-    kernels._check_workspace(workspace, floats)
-    kernels._check_workspace(codes, values)
-    _check_activation(codes, isa)
-    taken = np.zeros(1, dtype=np.int64)
-    for thread in prange(n_threads):
-        _feed_forward_items(
-            hidden,
-            context,
-            output,
-            norm1_weight,
-            norm1_bias,
-            up,
-            down,
-            norm2_weight,
-            norm2_bias,
-            eps,
-            isa,
-            n_threads,
-            workspace[thread],
-            codes[thread],
-            taken,
-        )
-
-
-@kernel
-def _feed_forward_items(
-    hidden,
-    context,
-    output,
-    norm1_weight,
-    norm1_bias,
-    up,
-    down,
-    norm2_weight,
-    norm2_bias,
-    eps,
-    isa,
-    n_threads,
-    scratch,
-    codes,
-    taken,
-):
-    """One thread's part of output_feed_forward_int8: the blocks of rows it takes from `taken`."""
-    M = hidden.shape[0]
-    F4 = down[0].shape[1] * GROUP  # F rounded up to whole groups
-    C4 = output[0].shape[1] * GROUP
-    rows_per_block = kernels._rows_per_block(M, n_threads)
-    projected, activation, scales, codes = _feed_forward_int8_scratch(scratch, codes, rows_per_block, output[0], up[0])
-    block = kernels.take(taken)
-    while block * rows_per_block < M:
-        r = block * rows_per_block
-        h = hidden[r : r + rows_per_block]
-        n = h.shape[0]
-        q = codes[: n * C4].reshape((n, C4))
-        quantize_rows(q, scales[:n], context[r : r + n])
-        _panels_product(projected[:n], q, scales[:n], *output, 0, output[0].shape[0], isa)
-        kernels._add_layer_norm(h, projected[:n], norm1_weight, norm1_bias, eps)
-        quantize_rows(q, scales[:n], h)
-        _panels_product(activation[:n], q, scales[:n], *up, 0, up[0].shape[0], isa)
-        for i in range(n):
-            for f in range(F4):
-                activation[i, f] = kernels.gelu32(activation[i, f])  # padding columns: gelu(0) = 0
-        q = codes[: n * F4].reshape((n, F4))
-        quantize_rows(q, scales[:n], activation[:n, :F4])
-        _panels_product(projected[:n], q, scales[:n], *down, 0, down[0].shape[0], isa)
-        kernels._add_layer_norm(h, projected[:n], norm2_weight, norm2_bias, eps)
-        block = kernels.take(taken)

@@ -1,11 +1,12 @@
-"""Numba kernels for the bf16 fast path: the product on bf16 weight panels, and the layer steps.
+"""The bf16 product: on bf16 weight panels, per instruction set, and its plain-loop twin.
 
-Each kernel equals a function of bf16.py or kernels.py (named in its docstring; tests/test_bf16.py
-checks them): the format (bf16 weights packed in k-pairs, fp32 sums) is defined there. The
-product's inner loop, `_bf16_tile`, is LLVM IR like kernels._tile, in one version per instruction
-set. All versions are compiled into the same machine code, each LLVM function carrying the target
-features it needs, and `isa` (an integer argument, code(name)) picks one at run time: a forced path
-needs no recompile, and a CPU that cannot run a path still compiles it.
+Each kernel equals a function of nprerank/bf16.py, the format and its plain-NumPy oracle (named in
+its docstring; tests/test_bf16.py checks them): the format (bf16 weights packed in k-pairs, fp32
+sums) is defined there. layers.py runs a layer's three other products with block_product. The
+product's inner loop, `_bf16_tile`, is LLVM IR like fp32._tile, in one version per instruction
+set (isa.BF16). All versions are compiled into the same machine code, each LLVM function carrying
+the target features it needs, and `isa` (an integer argument, isa.BF16.code(name)) picks one at
+run time: a forced path needs no recompile, and a CPU that cannot run a path still compiles it.
 
 | path       | tile (rows x columns) | per k-pair and row                                            |
 |------------|-----------------------|---------------------------------------------------------------|
@@ -20,67 +21,32 @@ of the upper half (vpand 0xffff0000) the odd k's. No vpmovzxwd is needed: the pa
 vdpbf16ps wants already puts each bf16 value in a 32-bit lane.
 
 The sums start at the bias (or 0 for a further slice of K, added to out at the store, as
-kernels._tile does) and live in vector registers (loop-carried values) for the whole K loop.
+fp32._tile does) and live in vector registers (loop-carried values) for the whole K loop.
 The widening costs two integer operations per 8 or 16 weights, which vpslld and vpand take
 straight from memory, so the sums keep their registers: 6 x 2 + 2 widened weights + 1 broadcast
 = 15 of AVX2's 16.
 
-The instruction set is chosen here (`choose`), with isa.py's view of the CPU: the best this CPU
-has, unless `NPRERANK_BF16_ISA` (or FastModel's `isa=` at precision "bf16") names another.
+Legend:  M rows, K summed dimension (K2 = K / 2 pairs), P panels.
 
-Legend:  M rows, K summed dimension (K2 = K / 2 pairs), C hidden, F feed-forward width, P panels.
-
-Read next: bf16_model.py, which calls these; bf16.py, the format and the oracle.
+Read next: layers.py, which runs a layer's steps after attention at every precision; then
+bf16_model.py, which calls these.
 """
-
-import os
 
 import numba
 import numpy as np
 from numba import prange
 
-from . import isa as isa_table
-from . import kernels
-from .bf16 import PAIR
-from .kernels import PANEL, f32, kernel, parallel_kernel
+from ..bf16 import PAIR
+from .fp32 import DEPTH, PANEL, PANEL_ROWS, tile_row_counts, tile_rows  # DEPTH, K's slices: an even number, whole pairs
+from .isa import BF16
+from .rowwise import bits_of_float, f32, float_from_bits
+from .threads import kernel, parallel_kernel, take
 
-# --- the instruction sets, best first; the index is the kernels' isa code ---------------------
-ISAS = ("avx512bf16", "avx2", "generic")
-NEEDS = {"avx512bf16": ("avx512f", "avx512bw", "avx512bf16"), "avx2": ("avx2", "fma"), "generic": ()}
-TARGET_FEATURES = {"avx512bf16": "+avx512f,+avx512bw,+avx512bf16,+avx2,+fma", "avx2": "+avx2,+fma", "generic": ""}
-AVX512BF16 = 0  # code("avx512bf16"): the path that takes its activations as bf16
+AVX512BF16 = BF16.code("avx512bf16")  # the path that takes its activations as bf16
 TILE_ROWS = (14, 6, 6)  # avx512bf16: 14 x 2 zmm sums + 2 weights + 1 broadcast = 31 of 32
 LANES = (16, 8, 4)  # fp32 lanes per vector; a tile is two vectors wide
 ACTIVATION = (np.uint16, np.float32, np.float32)  # what each path's x is: bf16 bits, or fp32
 ACTIVATION_BYTES = tuple(np.dtype(dtype).itemsize for dtype in ACTIVATION)  # what Numba code can index
-DEPTH = kernels.DEPTH  # K summed in slices, as the fp32 product does (an even number: whole pairs)
-
-
-def supported(name: str, features: dict | None = None) -> bool:
-    """Whether this CPU (or `features`, LLVM's feature names) can execute path `name`."""
-    features = isa_table.host_features() if features is None else features
-    return all(features.get(flag) for flag in NEEDS[name])
-
-
-def choose(requested: str | None = None) -> str:
-    """The path to use: `requested`, else $NPRERANK_BF16_ISA, else the best this CPU supports.
-    ValueError when the name is not one of ISAS, or this CPU lacks what it needs."""
-    source = "isa"
-    if requested is None:
-        requested, source = os.environ.get("NPRERANK_BF16_ISA", "").strip() or None, "NPRERANK_BF16_ISA"
-    if requested is None:
-        return "generic" if numba.config.DISABLE_JIT else next(name for name in ISAS if supported(name))
-    if requested not in ISAS:
-        raise ValueError(f"{source} must be one of {', '.join(ISAS)}, got {requested!r}")
-    if not numba.config.DISABLE_JIT and not supported(requested):
-        lacking = [flag for flag in NEEDS[requested] if not isa_table.host_features().get(flag)]
-        raise ValueError(f"{source}={requested} needs {', '.join(lacking)}, which this CPU lacks")
-    return requested
-
-
-def code(name: str) -> int:
-    """The integer the kernels take for path `name`."""
-    return ISAS.index(name)
 
 
 @kernel
@@ -91,33 +57,11 @@ def tile_columns(isa):
 
 
 def tile_counts(isa: int) -> list:
-    """The row counts kernels._tile_rows can give for path `isa`: the tile has one loop for each."""
-    most = TILE_ROWS[isa]
-    return sorted({most, *(1 << b for b in range(most.bit_length()) if 1 << b < most)})
+    """The row counts fp32.tile_rows can give for path `isa`: the tile has one loop for each."""
+    return tile_row_counts(TILE_ROWS[isa])
 
 
 # --- activations rounded to bf16 (the avx512bf16 path only) ------------------------------------
-
-if numba.config.DISABLE_JIT:
-
-    def bits_of_float(x):
-        """The IEEE bits of the float32 x as a uint32 (plain Python when JIT is disabled)."""
-        return np.array(x, dtype=np.float32).view(np.uint32)[()]
-
-else:
-    from llvmlite import ir
-    from numba.core import types
-    from numba.extending import intrinsic
-
-    @intrinsic
-    def bits_of_float(typingctx, x):
-        """The IEEE bits of the float32 x as a uint32: one register move (kernels.float_from_bits' inverse)."""
-        signature = types.uint32(types.float32)
-
-        def codegen(context, builder, sig, args):
-            return builder.bitcast(args[0], ir.IntType(32))
-
-        return signature, codegen
 
 
 @kernel
@@ -151,8 +95,8 @@ def linear_bf16_naive(out, x, panels, bias, round_activations):
                         bits = (
                             (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
                         ) << np.uint32(16)
-                        value = kernels.float_from_bits(np.int32(bits))
-                    weight = kernels.float_from_bits(
+                        value = float_from_bits(np.int32(bits))
+                    weight = float_from_bits(
                         np.int32(np.uint32(panels[p, k // PAIR, PAIR * j + k % PAIR]) << np.uint32(16))
                     )
                     total += value * weight
@@ -161,11 +105,11 @@ def linear_bf16_naive(out, x, panels, bias, round_activations):
 
 @parallel_kernel
 def linear_bf16_forward(out, column, x, panels, bias, n_threads, isa, codes):
-    """out[:, column:] = bf16.linear_bf16(x, panels, bias), kernels.linear_forward's work items
+    """out[:, column:] = bf16.linear_bf16(x, panels, bias), fp32.linear_forward's work items
     (one panel's columns for up to PANEL_ROWS rows) on bf16 panels [P, K/2, 2 PANEL].
 
     x [M, K] float32; codes [>= M, >= K] uint16: where the avx512bf16 path rounds x to bf16
-    first (unused by the others); isa: code(name)."""
+    first (unused by the others); isa: isa.BF16.code(name)."""
     _check_codes(codes, x.shape[0], x.shape[1], isa)
     if isa == AVX512BF16:  # once for all panels
         for m in prange(x.shape[0]):
@@ -188,20 +132,20 @@ def _linear_items(out, column, x, codes, panels, bias, isa, taken):
     """One thread's part of linear_bf16_forward: the (rows, panel) items it takes from `taken`."""
     P, M = panels.shape[0], x.shape[0]
     rounded = codes[:M, : x.shape[1]]  # codes may have more rows than x
-    items = P * ((M + kernels.PANEL_ROWS - 1) // kernels.PANEL_ROWS)
-    item = kernels.take(taken)
+    items = P * ((M + PANEL_ROWS - 1) // PANEL_ROWS)
+    item = take(taken)
     while item < items:
-        first, p = item // P * kernels.PANEL_ROWS, item % P
-        rows = slice(first, first + kernels.PANEL_ROWS)
+        first, p = item // P * PANEL_ROWS, item % P
+        rows = slice(first, first + PANEL_ROWS)
         if isa == AVX512BF16:
             _panels_product(out[rows, column:], rounded[rows], panels, bias, p, p + 1, isa)
         else:
             _panels_product(out[rows, column:], x[rows], panels, bias, p, p + 1, isa)
-        item = kernels.take(taken)
+        item = take(taken)
 
 
 @kernel
-def _product(out, x, codes, panels, bias, isa):
+def block_product(out, x, codes, panels, bias, isa):
     """out = x @ all panels + bias for one block of rows: x rounded into codes first on the
     avx512bf16 path, fp32 as it is on the others."""
     if isa == AVX512BF16:
@@ -215,7 +159,7 @@ def _product(out, x, codes, panels, bias, isa):
 @kernel
 def _panels_product(out, x, panels, bias, first, last, isa):
     """out[:, first * PANEL : last * PANEL] = x @ panels[first:last] + bias, one tile at a time,
-    as kernels._panels_product: a panel's columns are read from memory once, then from cache."""
+    as fp32.panels_product: a panel's columns are read from memory once, then from cache."""
     M, K = x.shape
     rows_most, columns = TILE_ROWS[isa], tile_columns(isa)
     for p in range(first, last):
@@ -223,7 +167,7 @@ def _panels_product(out, x, panels, bias, first, last, isa):
             j = p * PANEL + c
             i = 0
             while i < M:
-                n = kernels._tile_rows(M - i, rows_most)
+                n = tile_rows(M - i, rows_most)
                 for k in range(0, K, DEPTH):
                     _bf16_tile(
                         out[i : i + n, j:],
@@ -241,7 +185,7 @@ if numba.config.DISABLE_JIT:
     def _bf16_tile(out, x, panel, bias, accumulate, isa):
         """One tile (plain NumPy when JIT is disabled): out[:, :columns] = x @ widen(panel) + bias,
         or += x @ widen(panel) when accumulate."""
-        from .bf16 import widen
+        from ..bf16 import widen
 
         columns = tile_columns(isa)
         x = widen(x) if x.dtype == np.uint16 else x
@@ -250,7 +194,9 @@ if numba.config.DISABLE_JIT:
         out[:, :columns] = out[:, :columns] + product if accumulate else product + bias[:columns]
 
 else:
-    from numba.core import cgutils
+    from llvmlite import ir
+    from numba.core import cgutils, types
+    from numba.extending import intrinsic
 
     @intrinsic
     def _bf16_tile(typingctx, out, x, panel, bias, accumulate, isa):
@@ -282,7 +228,7 @@ else:
             after = builder.append_basic_block("bf16_tile_done")
             choice = builder.switch(args[5], after)
             size = sig.args[1].dtype.bitwidth // 8
-            for number, name in enumerate(ISAS):
+            for number, name in enumerate(BF16.names):
                 if ACTIVATION_BYTES[number] != size:  # this x's dtype is not the path's
                     continue
                 block = builder.append_basic_block(f"bf16_tile_{name}")
@@ -298,7 +244,7 @@ else:
     def tile_function(module, name: str):
         """Path `name`'s LLVM function in `module` (made once per module): arguments out, out's row
         stride in bytes, x, x's, panel, panel's, bias, rows, pairs (K2), accumulate. It carries its
-        path's target features, so a CPU without them compiles it too (never calling it: choose
+        path's target features, so a CPU without them compiles it too (never calling it: isa.BF16.choose
         refuses the path)."""
         symbol = f"nprerank_bf16_tile_{name}_{PANEL}"
         if symbol in module.globals:
@@ -311,8 +257,8 @@ else:
         )
         function.linkage = "internal"
         function.attributes.add("noinline")
-        if TARGET_FEATURES[name]:  # llvmlite knows no string attributes by name; the set prints them as given
-            set.add(function.attributes, f'"target-features"="{TARGET_FEATURES[name]}"')
+        if BF16.target_features[name]:  # llvmlite knows no string attributes by name; the set prints them as given
+            set.add(function.attributes, f'"target-features"="{BF16.target_features[name]}"')
         _TileBuilder(function, name).emit()
         return function
 
@@ -320,7 +266,7 @@ else:
         """Emits one path's tile function: a loop over the k-pairs per row count, then the stores."""
 
         def __init__(self, function, name: str):
-            self.name, self.number = name, ISAS.index(name)
+            self.name, self.number = name, BF16.code(name)
             self.builder = ir.IRBuilder(function.append_basic_block("entry"))
             self.i32, self.i64 = ir.IntType(32), ir.IntType(64)
             (
@@ -452,118 +398,3 @@ else:
                         self.accumulate, b.fadd(final[2 * r + v], b.load(target, align=4)), final[2 * r + v]
                     )
                     b.store(total, target, align=4)
-
-
-# --- the steps of a layer after attention, at bf16 ----------------------------------------------
-# Scratch as kernels.py has it: made by the caller before the region (kernels.py, "scratch
-# memory"), a row per thread: fp32 in a kernels.make_workspace, the rounded rows in `codes`.
-
-
-@kernel
-def feed_forward_codes(M, n_threads, output_panels, up_panels, isa):
-    """uint16 values of a thread's row of codes for output_feed_forward_bf16 on M rows: one block's
-    rounded input on the avx512bf16 path (the widest of C and F), one otherwise (unused)."""
-    if isa != AVX512BF16:
-        return 1
-    widest = max(output_panels.shape[1] * PAIR, up_panels.shape[0] * PANEL)  # C, or F rounded up to whole panels
-    return kernels._rows_per_block(M, n_threads) * widest
-
-
-@parallel_kernel
-def output_feed_forward_bf16(
-    hidden,
-    context,
-    output_panels,
-    output_bias,
-    norm1_weight,
-    norm1_bias,
-    up_panels,
-    up_bias,
-    down_panels,
-    down_bias,
-    norm2_weight,
-    norm2_bias,
-    eps,
-    workspace,
-    isa,
-    codes,
-):
-    """kernels.output_feed_forward with its three products on bf16 panels:
-
-        h = layer_norm(hidden + linear_bf16(context, attention_output))
-        hidden = layer_norm(h + linear_bf16(gelu(linear_bf16(h, intermediate)), output))
-
-    hidden [M, C] in place; context [M, C]; *_panels bf16 [P, K/2, 2 PANEL] and *_bias; workspace
-    [threads, S] float32, S >= kernels.feed_forward_floats(M, threads, output_panels, up_panels);
-    codes [threads, S'] uint16, S' >= feed_forward_codes(...). The same blocks of rows as
-    kernels.output_feed_forward, each thread carrying its block through all the steps."""
-    n_threads = workspace.shape[0]
-    kernels._check_workspace(
-        workspace, kernels.feed_forward_floats(hidden.shape[0], n_threads, output_panels, up_panels)
-    )
-    kernels._check_workspace(codes, feed_forward_codes(hidden.shape[0], n_threads, output_panels, up_panels, isa))
-    taken = np.zeros(1, dtype=np.int64)
-    for thread in prange(n_threads):
-        _feed_forward_items(
-            hidden,
-            context,
-            output_panels,
-            output_bias,
-            norm1_weight,
-            norm1_bias,
-            up_panels,
-            up_bias,
-            down_panels,
-            down_bias,
-            norm2_weight,
-            norm2_bias,
-            eps,
-            n_threads,
-            workspace[thread],
-            isa,
-            codes[thread],
-            taken,
-        )
-
-
-@kernel
-def _feed_forward_items(
-    hidden,
-    context,
-    output_panels,
-    output_bias,
-    norm1_weight,
-    norm1_bias,
-    up_panels,
-    up_bias,
-    down_panels,
-    down_bias,
-    norm2_weight,
-    norm2_bias,
-    eps,
-    n_threads,
-    scratch,
-    isa,
-    codes,
-    taken,
-):
-    """One thread's part of output_feed_forward_bf16: kernels._feed_forward_items' steps, the
-    products made by _product."""
-    M = hidden.shape[0]
-    F = down_panels.shape[1] * PAIR
-    rows_per_block = kernels._rows_per_block(M, n_threads)
-    projected, activation = kernels._feed_forward_scratch(scratch, rows_per_block, output_panels, up_panels)
-    block = kernels.take(taken)
-    while block * rows_per_block < M:
-        r = block * rows_per_block
-        h = hidden[r : r + rows_per_block]
-        n = h.shape[0]
-        _product(projected[:n], context[r : r + n], codes, output_panels, output_bias, isa)
-        kernels._add_layer_norm(h, projected[:n], norm1_weight, norm1_bias, eps)
-        _product(activation[:n], h, codes, up_panels, up_bias, isa)
-        for i in range(n):
-            for f in range(F):
-                activation[i, f] = kernels.gelu32(activation[i, f])
-        _product(projected[:n], activation[:n, :F], codes, down_panels, down_bias, isa)
-        kernels._add_layer_norm(h, projected[:n], norm2_weight, norm2_bias, eps)
-        block = kernels.take(taken)
