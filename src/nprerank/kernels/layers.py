@@ -9,8 +9,8 @@ is one kernel, output_feed_forward, for all three precisions: only the products 
 `product` picks the precision's own when Numba compiles it (fp32.panels_product; int8's, each
 input quantized per row as int8.forward does; bf16's). At fp32 it equals reference.py
 (tests/test_kernels.py); at int8, int8.forward's steps (tests/test_quantized.py, through
-int8_model.py); at bf16, reference.py on bf16.rounded weights (tests/test_bf16.py, through
-bf16_model.py). encoder_layers runs whole fp32 layers (linear_forward, attention_forward and the
+int8_model.py); at bf16, reference.py with bf16.BF16Linears' products (tests/test_bf16.py,
+through bf16_model.py). encoder_layers runs whole fp32 layers (linear_forward, attention_forward and the
 rest) in one parallel region.
 
 A product's weights travel as one tuple, bias last: (panels, bias) at fp32 and bf16,
