@@ -48,7 +48,7 @@ def jsonl_records(n: int, seed: int = 0, docs: tuple = (0, 6)) -> list:
             documents.append(rng.choice([text, {"text": text}, {"id": f"d{i}-{j}", "text": text}]))
         record = {"query": sentence(rng, 1, 8), "documents": documents}
         if i % 3:
-            record["id"] = rng.choice([f"q{i}", i])
+            record["id"] = rng.choice([f"q{i}", 1000 + i])  # unique, and never a line number (an implicit id)
         records.append(record)
     return records
 
@@ -275,7 +275,7 @@ BAD_JSONL = [
 
 @pytest.mark.parametrize("bad,message", BAD_JSONL)
 def test_a_bad_jsonl_line_is_named_and_stops_the_run(tmp_path, tiny_model, capsys, bad, message):
-    good = '{"id": "ok", "query": "panda", "documents": ["a bear"]}'
+    good = '{"query": "panda", "documents": ["a bear"]}'  # ids are the line numbers: unique
     lines = [good] * (int(message.split()[1].rstrip(":")) - 1) + [bad]  # the bad one on its message's line
     (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     assert batch_cli(tmp_path / "in.jsonl", "-o", tmp_path / "out.jsonl", "--model", tiny_model) == 1
@@ -499,7 +499,7 @@ def test_trec_output_refuses_ids_that_would_split_its_columns(tmp_path, tiny_mod
         "query": "panda",
         "documents": [{"id": value if field == "doc" else "d1", "text": "a bear"}],
     }
-    write_jsonl(tmp_path / "in.jsonl", [good, bad, good])
+    write_jsonl(tmp_path / "in.jsonl", [good, bad, dict(good, id="ok2")])
     assert batch_cli(tmp_path / "in.jsonl", "-o", tmp_path / "out.trec", "--model", tiny_model, "--format", "trec") == 1
     err = capsys.readouterr().err
     assert "in.jsonl: line 2: field" in err and "cannot hold whitespace" in err and err.count("\n") == 1, err
@@ -655,3 +655,74 @@ def test_a_second_run_on_an_output_being_written_is_refused(tmp_path, tiny_model
                 held.close()
     assert batch_cli(tmp_path / "in.jsonl", "-o", tmp_path / "out.jsonl", "--model", tiny_model) == 0  # free again
     assert (tmp_path / "out.jsonl").read_bytes() == whole
+
+
+def test_a_stop_before_the_first_commit_resumes(tmp_path, tiny_model, reranker, capsys):
+    """The .progress file is written when the output is made: a bad line (or Ctrl-C, or a wrong
+    --model) before the first batch's commit leaves an output that reruns, not one that is refused."""
+    good = [{"id": f"g{i}", "query": "panda", "documents": [f"a bear number {i}"]} for i in range(3)]
+    lines = [json.dumps(good[0]), "{not json", json.dumps(good[1]), json.dumps(good[2])]
+    (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    assert batch_cli(tmp_path / "in.jsonl", "-o", out, "--model", tiny_model) == 1  # line 2 stops it
+    assert "line 2" in capsys.readouterr().err and (tmp_path / "out.jsonl.progress").exists()
+    assert batch_cli(tmp_path / "in.jsonl", "-o", out, "--model", tmp_path / "no-such-model") == 1
+    capsys.readouterr()
+    assert batch_cli(tmp_path / "in.jsonl", "-o", out, "--model", tiny_model, "--skip-bad") == 0
+    assert [r["id"] for r in read_jsonl(out)] == ["g0", "g1", "g2"]  # each once
+    expected = sigmoid(reranker.logits([("panda", g["documents"][0]) for g in good])).tolist()
+    assert [r["scores"][0] for r in read_jsonl(out)] == expected
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"_id": "doc0"}', "field 'text' is missing"),
+        ('{"_id": "doc0", "text": null}', "field 'text'"),
+        ('{"_id": "doc0", "text": 0}', "field 'text'"),
+        ('{"_id": "doc0", "text": "a bear", "title": 7}', "field 'title'"),
+    ],
+)
+def test_a_corpus_line_without_its_text_is_a_bad_line(tmp_path, tiny_model, capsys, line, message):
+    """Never scored as an empty passage: a corpus whose text sits under another key would rank
+    nothing while exiting 0."""
+    trio = trec_trio(tmp_path, n_queries=1, n_docs=4, per_query=2)
+    corpus = trio["corpus_path"].read_text().splitlines()
+    trio["corpus_path"].write_text("\n".join([line] + corpus[1:]) + "\n")  # doc0 is no longer well formed
+    run = [f"{next(iter(trio['queries']))} Q0 doc0 1 50.0 bm25"] + trio["run"].read_text().splitlines()
+    trio["run"].write_text("\n".join(run) + "\n")
+    common = ["--run", trio["run"], "--queries", trio["queries_path"], "--corpus", trio["corpus_path"]]
+    assert batch_cli(*common, "--model", tiny_model, "-o", tmp_path / "out.jsonl") == 1
+    err = capsys.readouterr().err
+    assert f"corpus.jsonl: line 1: {message}" in err and err.count("\n") == 1, err
+
+
+def test_a_query_id_used_twice_is_a_bad_line(tmp_path, tiny_model, capsys):
+    """A TREC run would hold the query twice, each ranked from 1; the JSONL output two records one
+    id. Also across a resume: the ids of the lines done before are read back."""
+    records = [{"id": 5, "query": "panda", "documents": ["a bear"]}, {"id": "6", "query": "cat", "documents": ["x"]}]
+    records.append({"id": "5", "query": "lizard", "documents": ["a reptile"]})
+    write_jsonl(tmp_path / "in.jsonl", records)
+    out = tmp_path / "out.trec"
+    assert batch_cli(tmp_path / "in.jsonl", "-o", out, "--model", tiny_model, "--format", "trec") == 1
+    assert "line 3: query id '5' was already used on line 1: ids must be unique" in capsys.readouterr().err
+    assert batch_cli(tmp_path / "in.jsonl", "-o", out, "--model", tiny_model, "--format", "trec", "--skip-bad") == 0
+    assert "skipped: " in capsys.readouterr().err
+    assert sorted({line.split()[0] for line in out.read_text().splitlines()}) == ["5", "6"]
+    assert len(out.read_text().splitlines()) == 2  # one document each, query 5 once
+
+
+def test_an_input_edited_in_place_does_not_resume(tmp_path, tiny_model, monkeypatch, capsys):
+    """Same size, other text: resuming would mix the old text's scores with the new one's."""
+    write_jsonl(tmp_path / "in.jsonl", jsonl_records(6, seed=3, docs=(1, 3)))
+    monkeypatch.setattr(batch, "local_scores", interrupted_after(2))
+    args = (tmp_path / "in.jsonl", "-o", tmp_path / "out.jsonl", "--model", tiny_model, "--batch-size", "1")
+    assert batch_cli(*args) == 130
+    monkeypatch.undo()
+    capsys.readouterr()
+    text = (tmp_path / "in.jsonl").read_text()
+    (tmp_path / "in.jsonl").write_text(text.replace("panda", "PANDA") if "panda" in text else text.upper())
+    stamp = (tmp_path / "in.jsonl").stat()
+    os.utime(tmp_path / "in.jsonl", ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 10**9))  # a later edit, surely
+    assert batch_cli(*args) == 1
+    assert "was started with other settings (modified" in capsys.readouterr().err

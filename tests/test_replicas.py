@@ -15,6 +15,7 @@ import time
 import httpx
 import numpy as np
 import psutil
+import pytest
 
 from test_server import Server, free_port
 
@@ -127,32 +128,23 @@ def test_a_model_that_does_not_load_stops_every_worker(tmp_path):
     assert "Traceback" not in done.stderr
 
 
-def test_a_port_in_use_is_one_clear_error(tmp_path, tiny_model):
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_port_in_use_is_one_clear_error(tmp_path, tiny_model, workers):
+    """One line and exit 1, with one worker as with several: the port is bound before the model
+    loads (no uvicorn log, no wasted load)."""
     import socket
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "nprerank",
-                "serve",
-                "--workers",
-                "2",
-                "--port",
-                str(port),
-                "--model",
-                str(tiny_model),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        command = [sys.executable, "-m", "nprerank", "serve", "--workers", workers, "--port", str(port)]
+        done = subprocess.run(command + ["--model", str(tiny_model)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 1
-    assert f"cannot listen on 127.0.0.1:{port}" in done.stderr and "Traceback" not in done.stderr
+    message = done.stderr.strip()
+    assert "\n" not in message and message.endswith(f"cannot listen on 127.0.0.1:{port}: Address already in use"), (
+        done.stderr
+    )
 
 
 def test_a_worker_accepts_nothing_until_it_can_score(tmp_path, tiny_model):

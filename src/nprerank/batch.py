@@ -124,16 +124,28 @@ class Source:
     # --- JSONL -------------------------------------------------------------------------------
 
     def _jsonl_jobs(self, start: int):
+        seen = {}  # query id -> the line that used it (~100 bytes a query): ids must be unique
         for number, (line_number, line) in enumerate(_records(self.jsonl)):
-            if number < start:
+            if number < start:  # done in an earlier run: only its id is read back
+                try:
+                    seen.setdefault(_jsonl_job(self.jsonl, line_number, line, number).qid, line_number)
+                except BadRecord:
+                    pass  # skipped as bad by that run
                 continue
             try:
                 job = _jsonl_job(self.jsonl, line_number, line, number)
+                if job.qid in seen:
+                    raise BadRecord(
+                        self.jsonl,
+                        line_number,
+                        f"query id {job.qid!r} was already used on line {seen[job.qid]}: ids must be unique",
+                    )
                 if self.trec:
                     _check_trec_ids(self.jsonl, line_number, job)
             except BadRecord as error:
                 self._bad(error)
                 continue
+            seen[job.qid] = line_number
             yield job
 
     # --- the TREC run, queries and corpus ---------------------------------------------------
@@ -313,8 +325,11 @@ def _corpus_line(path):
         record = _json_object(path, line_number, line)
         if "_id" not in record:
             raise BadRecord(path, line_number, "field '_id' is missing")
-        title = _text(path, line_number, "title", record.get("title") or "")
-        text = _text(path, line_number, "text", record.get("text") or "")
+        if "text" not in record:
+            raise BadRecord(path, line_number, "field 'text' is missing")
+        title = record.get("title")  # BEIR leaves it out, or empty, or null where there is none
+        title = "" if title is None else _text(path, line_number, "title", title)
+        text = _text(path, line_number, "text", record["text"])
         return _identifier(path, line_number, "_id", record["_id"]), (title + " " + text).strip()
 
     return parse
@@ -418,6 +433,8 @@ class Output:
                     f"{self.progress_path.name}): remove it or choose another --output"
                 )
             committed = 0
+        elif progress["records"] == 0:  # nothing committed yet (a bad --model, an early stop): afresh
+            committed = 0
         else:
             # a key only one side has (precision="int8") is a change too, told as its default's value
             before = {**UNRECORDED, **progress["settings"]}
@@ -442,6 +459,8 @@ class Output:
         self._lock()
         self.file.truncate(committed)  # drop a torn line or a batch written but never committed
         self.file.seek(committed)
+        if committed == 0:  # recorded at once: a stop before the first batch's commit resumes too
+            self.commit()
 
     def _lock(self) -> None:
         """One job per output: a second run on the same file would truncate and append under the
@@ -658,6 +677,7 @@ def run_from_args(args, say=None) -> int:
         model=str(args.model),
         inputs=[str(p.resolve()) for p in source.paths()],
         sizes=[p.stat().st_size for p in source.paths()],
+        modified=[p.stat().st_mtime_ns for p in source.paths()],  # an edit that keeps the size
         depth=source.depth,
         format=args.format,
         tag=args.tag,

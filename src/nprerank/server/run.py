@@ -322,7 +322,10 @@ def serve(
     must not take a request it would answer 503)."""
     uvicorn = require("uvicorn")
     from ..reranker import Reranker
+    from .replicas import bind
 
+    if sockets is None:  # tried before the model loads: a busy port is one line (OSError), as with
+        bind(host, port).close()  # --workers, not uvicorn's log and exit 3 after a wasted load
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
     limits = Limits(**limits)
 
