@@ -6,7 +6,8 @@ job runs on a Ray cluster with `--ray` (ray.py); both paths share everything her
 
 Inputs (a record is one query with its candidates; records are numbered in input order):
 - JSONL, one record a line: `{"id"?, "query", "documents": [str | {"id"?, "text"}]}`. A record
-  without an id is named by its line number, a document without one by its position.
+  without an id is named by its line number, a document without one by its position. Query
+  ids, given or so named, must be unique (a TREC run would hold the query twice).
 - The IR trio: a TREC run (`qid Q0 docid rank score tag`, a query's lines together, as pyserini
   and trec_eval write them), queries (TSV `qid<TAB>text`, or JSONL `{"_id", "text"}` as BEIR
   ships them) and a BEIR corpus (JSONL `{"_id", "text", "title"?}`). The `--depth` best of each
