@@ -169,12 +169,14 @@ def build_app(
                 error = ApiError("internal", f"internal error: {type(e).__name__}: {e}")
                 await refusal(dialect, error, close=True)(scope, receive, send)
 
-    async def read_body(request, dialect: Dialect) -> bytes:
+    def check_media(request, dialect: Dialect) -> None:
         if dialect.json_only:
             media = request.headers.get("content-type", "").split(";")[0].strip().lower()
             if media != "application/json" and not media.endswith("+json"):
                 got = f"got {media!r}" if media else "no Content-Type was sent"
                 raise ApiError("media_type", f"send the body as JSON with 'Content-Type: application/json' ({got})")
+
+    async def read_body(request) -> bytes:
         too_large = (
             f"the request body is larger than this server's limit of {limits.max_body_bytes} bytes (--max-body-bytes)"
         )
@@ -206,12 +208,19 @@ def build_app(
     async def rerank(request, dialect: Dialect):
         nonlocal admitted
         try:
-            check_key(request)
-            body = await read_body(request, dialect)
-        except ApiError as error:  # the body was not read whole: the connection cannot carry another request
+            # read whole first (bounded by size and time): a refusal of a body left unread must close
+            # the connection, and closing on unread bytes makes the kernel reset it, which can lose
+            # the answer before the client reads it (seen with --workers). A read body keeps it open.
+            body = await read_body(request)
+        except ApiError as error:  # too large, or too slow: the connection cannot carry another request
             return refusal(dialect, error, close=True)
         except ClientDisconnect:
             return Response(status_code=499)
+        try:
+            check_key(request)
+            check_media(request, dialect)
+        except ApiError as error:
+            return refusal(dialect, error)
         try:
             if admitted >= limits.queue_size:
                 raise ApiError(
