@@ -14,7 +14,7 @@ ray = pytest.importorskip("ray")
 
 from test_batch import batch_cli, interrupted_after, jsonl_records, trec_trio, write_jsonl  # noqa: E402
 
-from nprerank import Reranker  # noqa: E402
+from nprerank import Reranker, batch  # noqa: E402
 from nprerank import ray as nprerank_ray  # noqa: E402
 
 
@@ -91,10 +91,24 @@ def test_the_actor_in_a_users_own_pipeline(cluster, tiny_model):
         assert np.array_equal(np.asarray(row["logits"], dtype=np.float32), logits)
 
 
-def test_a_model_the_actors_cannot_load_is_one_line(cluster, tmp_path, tiny_model, capsys):
-    """The actors load the model, not the driver: their failure comes back as the local job's one line."""
+@pytest.mark.parametrize("name", ["empty-model", "no-such-model"])
+def test_a_model_that_cannot_load_is_one_line_before_ray_starts(tmp_path, tiny_model, capsys, monkeypatch, name):
+    """A folder the driver can see (or, for the local cluster it starts, any path) is loaded here
+    first: its error is one line, and Ray, which would print every actor's traceback, never starts."""
     write_jsonl(tmp_path / "in.jsonl", jsonl_records(2, docs=(1, 2)))
     (tmp_path / "empty-model").mkdir()
+    monkeypatch.setattr(nprerank_ray, "scores", lambda *a, **k: pytest.fail("Ray started for a broken model"))
+    assert batch_cli(tmp_path / "in.jsonl", "-o", tmp_path / "out.jsonl", "--model", tmp_path / name, "--ray") == 1
+    err = capsys.readouterr().err
+    assert err.startswith("nprerank: error:") and err.count("\n") == 1 and name in err, err
+
+
+def test_a_model_the_actors_cannot_load_is_one_line(cluster, tmp_path, tiny_model, capsys, monkeypatch):
+    """Where the driver cannot see the model (a path only the workers have), the actors' failure
+    comes back as the local job's one line."""
+    write_jsonl(tmp_path / "in.jsonl", jsonl_records(2, docs=(1, 2)))
+    (tmp_path / "empty-model").mkdir()
+    monkeypatch.setattr(batch, "check_model_here", lambda *a, **k: None)  # as if the driver could not see it
     assert (
         batch_cli(tmp_path / "in.jsonl", "-o", tmp_path / "out.jsonl", "--model", tmp_path / "empty-model", "--ray")
         == 1

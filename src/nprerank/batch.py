@@ -707,6 +707,7 @@ def run_from_args(args, say=None) -> int:
             if e.name not in ("ray", "pyarrow"):
                 raise
             raise OSError(f"`nprerank batch --ray` needs {e.name}: pip install 'nprerank[ray]'") from None
+        check_model_here(args.model, options, local_cluster=not args.ray)
         scored = on_ray.scores(
             jobs, args.model, options, address=args.ray or None, concurrency=args.concurrency, threads=args.threads
         )
@@ -724,6 +725,18 @@ def run_from_args(args, say=None) -> int:
         f"({rate:.1f} pairs/s) -> {args.output}"
     )
     return 0
+
+
+def check_model_here(model, options: dict, local_cluster: bool) -> None:
+    """Before a Ray job: load a model folder this process can see, memory-mapped by the reference
+    engine (no layout written, nothing copied), so that a missing or broken one is this process's
+    one-line ModelError, not a traceback from every actor (Ray prints those whatever log_to_driver
+    says). On a cluster at an ADDRESS a path only its workers have, or a repo id, is theirs to load."""
+    if not local_cluster and not Path(str(model)).exists():
+        return
+    from .reranker import Reranker
+
+    Reranker.from_pretrained(model, **{**options, "engine": "reference", "precision": "fp32"})
 
 
 def reranker_options(args) -> dict:
