@@ -674,11 +674,12 @@ def add_arguments(parser) -> None:
 def run_from_args(args, say=None) -> int:
     say = say or (lambda line: print(line, file=sys.stderr, flush=True))
     source = _source(args, say)
+    stats = [p.stat() for p in source.paths()]
     settings = dict(
         model=str(args.model),
         inputs=[str(p.resolve()) for p in source.paths()],
-        sizes=[p.stat().st_size for p in source.paths()],
-        modified=[p.stat().st_mtime_ns for p in source.paths()],  # an edit that keeps the size
+        sizes=[stat.st_size for stat in stats],
+        modified=[stat.st_mtime_ns for stat in stats],  # an edit that keeps the size
         depth=source.depth,
         format=args.format,
         tag=args.tag,
