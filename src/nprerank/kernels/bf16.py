@@ -198,6 +198,8 @@ else:
     from numba.core import cgutils, types
     from numba.extending import intrinsic
 
+    from .fp32 import carried_loop
+
     @intrinsic
     def _bf16_tile(typingctx, out, x, panel, bias, accumulate, isa):
         """One tile: out [rows, >= columns] float32; x [rows, 2 K2], float32, or uint16 for
@@ -369,24 +371,7 @@ else:
             the stores."""
             b = self.builder
             start = self.start * count
-            first_block, loop, done = b.block, b.append_basic_block("k"), b.append_basic_block("store")
-            b.cbranch(b.icmp_signed(">", self.pairs, self.i64(0)), loop, done)
-            b.position_at_end(loop)
-            g = b.phi(self.i64)
-            sums = [b.phi(self.floats) for _ in start]
-            updated = self.step(g, count, sums)
-            following = b.add(g, self.i64(1))
-            g.add_incoming(self.i64(0), first_block)
-            g.add_incoming(following, loop)
-            for phi, initial, then in zip(sums, start, updated):
-                phi.add_incoming(initial, first_block)
-                phi.add_incoming(then, loop)
-            b.cbranch(b.icmp_signed("<", following, self.pairs), loop, done)
-            b.position_at_end(done)
-            final = [b.phi(self.floats) for _ in start]
-            for phi, initial, then in zip(final, start, updated):
-                phi.add_incoming(initial, first_block)
-                phi.add_incoming(then, loop)
+            final = carried_loop(b, self.pairs, start, lambda g, sums: self.step(g, count, sums))
             for r in range(count):
                 for v in range(2):
                     target = self.at(

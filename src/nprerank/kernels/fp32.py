@@ -139,6 +139,33 @@ else:
 
         return signature, codegen
 
+    def carried_loop(builder, trip_count, start, step):
+        """`for g in range(trip_count): sums = step(g, sums)` in LLVM IR, the sums starting at the
+        values `start`: they are loop-carried values (phi nodes), which LLVM keeps in registers, the
+        point of every tile. step(g, sums) emits one iteration's code (no new blocks) and returns
+        the new sums. Returns the sums after the loop (`start` when trip_count <= 0), the builder
+        positioned after it. The K loop of this tile and of int8's and bf16's."""
+        i64 = ir.IntType(64)
+        first_block, loop, done = builder.block, builder.append_basic_block("k"), builder.append_basic_block("store")
+        builder.cbranch(builder.icmp_signed(">", trip_count, i64(0)), loop, done)
+        builder.position_at_end(loop)
+        g = builder.phi(i64)
+        sums = [builder.phi(value.type) for value in start]
+        updated = step(g, sums)
+        following = builder.add(g, i64(1))
+        g.add_incoming(i64(0), first_block)
+        g.add_incoming(following, loop)
+        for phi, initial, then in zip(sums, start, updated):
+            phi.add_incoming(initial, first_block)
+            phi.add_incoming(then, loop)
+        builder.cbranch(builder.icmp_signed("<", following, trip_count), loop, done)
+        builder.position_at_end(done)
+        final = [builder.phi(value.type) for value in start]
+        for phi, initial, then in zip(final, start, updated):
+            phi.add_incoming(initial, first_block)
+            phi.add_incoming(then, loop)
+        return final
+
     def _tile_function(module):
         """_tile's body, in LLVM IR because the point is where values live: the rows x 2 vectors of
         sums are loop-carried values (phi nodes), which LLVM keeps in registers. Numba has no vector
@@ -171,37 +198,19 @@ else:
             return builder.bitcast(builder.gep(pointer_, [i64(v * LANES)]), vector.as_pointer())
 
         def tile_loop(count):  # the K loop and the stores for a tile of `count` rows
-            first_block, loop, done = (
-                builder.block,
-                builder.append_basic_block("k"),
-                builder.append_basic_block("store"),
-            )
-            builder.cbranch(builder.icmp_signed(">", depth, i64(0)), loop, done)
-            builder.position_at_end(loop)
-            k = builder.phi(i64)
-            sums = [builder.phi(vector) for _ in range(2 * count)]
-            weights = address(panel, panel_stride, k, i64(0))
-            w = [
-                builder.load(vector_at(weights, v), align=4) for v in range(2)
-            ]  # this k's PANEL weights, for every row
-            updated = []
-            for r in range(count):
-                value = builder.load(address(x, x_stride, i64(r), k))
-                spread = builder.shuffle_vector(builder.insert_element(undefined, value, i64(0)), undefined, broadcast)
-                updated += [builder.call(multiply_add, [spread, w[v], sums[2 * r + v]]) for v in range(2)]
-            following = builder.add(k, i64(1))
-            k.add_incoming(i64(0), first_block)
-            k.add_incoming(following, loop)
-            for i, (phi, then) in enumerate(zip(sums, updated)):
-                phi.add_incoming(start[i % 2], first_block)
-                phi.add_incoming(then, loop)
-            builder.cbranch(builder.icmp_signed("<", following, depth), loop, done)
+            def step(k, sums):  # one k: this k's PANEL weights, for every row
+                weights = address(panel, panel_stride, k, i64(0))
+                w = [builder.load(vector_at(weights, v), align=4) for v in range(2)]
+                updated = []
+                for r in range(count):
+                    value = builder.load(address(x, x_stride, i64(r), k))
+                    spread = builder.shuffle_vector(
+                        builder.insert_element(undefined, value, i64(0)), undefined, broadcast
+                    )
+                    updated += [builder.call(multiply_add, [spread, w[v], sums[2 * r + v]]) for v in range(2)]
+                return updated
 
-            builder.position_at_end(done)
-            final = [builder.phi(vector) for _ in updated]
-            for i, (phi, then) in enumerate(zip(final, updated)):
-                phi.add_incoming(start[i % 2], first_block)
-                phi.add_incoming(then, loop)
+            final = carried_loop(builder, depth, start * count, step)
             for r in range(count):
                 row = address(out, out_stride, i64(r), i64(0))
                 for v in range(2):

@@ -178,6 +178,8 @@ else:
     from numba.core import cgutils, types
     from numba.extending import intrinsic
 
+    from .fp32 import carried_loop
+
     @intrinsic
     def _int8_tile(typingctx, out, q, scales, panel, column_scales, corrections, bias, isa):
         """One tile: out [rows, >= columns] float32, q [rows, K4 * 4] int8 or int16 (ACTIVATION[isa]),
@@ -377,24 +379,7 @@ else:
             """The K loop for a tile of `count` rows, sums carried in phi nodes, then the stores."""
             b = self.builder
             start = self.start() * count
-            first_block, loop, done = b.block, b.append_basic_block("k"), b.append_basic_block("store")
-            b.cbranch(b.icmp_signed(">", self.groups, self.i64(0)), loop, done)
-            b.position_at_end(loop)
-            g = b.phi(self.i64)
-            sums = [b.phi(self.accumulator) for _ in start]
-            updated = self.step(g, count, sums)
-            following = b.add(g, self.i64(1))
-            g.add_incoming(self.i64(0), first_block)
-            g.add_incoming(following, loop)
-            for phi, initial, then in zip(sums, start, updated):
-                phi.add_incoming(initial, first_block)
-                phi.add_incoming(then, loop)
-            b.cbranch(b.icmp_signed("<", following, self.groups), loop, done)
-            b.position_at_end(done)
-            final = [b.phi(self.accumulator) for _ in start]
-            for phi, initial, then in zip(final, start, updated):
-                phi.add_incoming(initial, first_block)
-                phi.add_incoming(then, loop)
+            final = carried_loop(b, self.groups, start, lambda g, sums: self.step(g, count, sums))
             for r in range(count):
                 self.store(r, final[r * self.vectors : (r + 1) * self.vectors])
 
