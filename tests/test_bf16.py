@@ -96,7 +96,7 @@ def product_case(seed, M, K, P):
 
 def product_tolerance(x, panels, round_activations):
     """1e-5 of sum_k |x| |w| per element: the fp32 rounding of two sums of the same terms."""
-    x = bf16.widen(bf16.to_bf16(x)) if round_activations else x
+    x = bf16.rounded_to_bf16(x) if round_activations else x
     return 1e-5 * (np.abs(x).astype(np.float64) @ np.abs(bf16.widen(bf16.unpack(panels))).T.astype(np.float64))
 
 

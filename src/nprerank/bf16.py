@@ -58,6 +58,16 @@ def widen(h: np.ndarray) -> np.ndarray:
     return (np.asarray(h, dtype=np.uint32) << 16).view(np.float32)
 
 
+def rounded_to_bf16(x: np.ndarray) -> np.ndarray:
+    """x rounded to bf16 and held as float32 (the values a bf16 product multiplies)."""
+    return widen(to_bf16(x))
+
+
+def round_linear(linear: Linear) -> Linear:
+    """`linear` with its weight rounded to bf16 (held as float32), its bias as it is."""
+    return Linear(rounded_to_bf16(linear.weight), linear.bias)
+
+
 def pack(linears: list) -> tuple:
     """Linears [J, K] side by side -> (panels [P, K/2, 2 PANEL] uint16, bias [P PANEL] float32),
     each Linear padded with zero columns to whole panels. ModelError when K is odd."""
@@ -85,7 +95,7 @@ def linear_bf16(x: np.ndarray, panels: np.ndarray, bias: np.ndarray, round_activ
     """The product's oracle: x [M, K] @ widen(W).T + bias -> [M, P PANEL] float32, the sums made in
     float64 (so only the kernels' fp32 summation differs). round_activations: x rounded to bf16
     first, as the AVX512-BF16 path does."""
-    x = widen(to_bf16(x)) if round_activations else np.asarray(x, dtype=np.float32)
+    x = rounded_to_bf16(x) if round_activations else np.asarray(x, dtype=np.float32)
     return (x.astype(np.float64) @ widen(unpack(panels)).astype(np.float64).T + bias).astype(np.float32)
 
 
@@ -139,25 +149,18 @@ class BF16Linears:
 
             round_activations = BF16.choose() == "avx512bf16"
         self.round_activations = round_activations
-        self.rounded = {
-            id(linear): Linear(widen(to_bf16(linear.weight)), linear.bias)
-            for layer in layers
-            for linear in _products(layer)
-        }
+        self.rounded = {id(linear): round_linear(linear) for layer in layers for linear in _products(layer)}
 
     def __call__(self, x, p: Linear):
         if id(p) not in self.rounded:
             return reference.linear(x, p)
-        x = widen(to_bf16(x)) if self.round_activations else x
+        x = rounded_to_bf16(x) if self.round_activations else x
         return reference.linear(x, self.rounded[id(p)])
 
 
 def rounded(weights: Weights) -> Weights:
     """`weights` with the encoder's product weights rounded to bf16 (held as float32): reference.forward
     on them equals the widening paths' forward up to fp32 rounding. In memory (no layout file)."""
-
-    def round_linear(linear: Linear) -> Linear:
-        return Linear(widen(to_bf16(linear.weight)), linear.bias)
 
     fields = [field for names in PRODUCTS.values() for field in names]
     layers = [
