@@ -54,13 +54,19 @@ def problem(M, K, J, seed=0, outliers=False):
 def test_quantize_rows_matches_twin(M, K, J, outliers):
     x, _ = problem(M, K, J, outliers=outliers)
     x[0] = 0  # a zero row: scale 0, all bytes 0
+    if M > 1:  # a row of ties: its largest is 127, so x * inverse is x and rint must round half to even
+        x[1] = np.resize(np.array([127.0, 2.5, -3.5, 0.5, -0.5, 126.5], np.float32), K)
+    # and the rows as the feed-forward hands them over: a slice of columns of a wider array, whose
+    # columns past K (huge here) must count for nothing
+    wider = np.pad(x, ((0, 0), (0, 16)), constant_values=1e6)[:, :K]
     want_q, want_scale = int8.quantize_rows(x)
     for dtype in (np.int8, np.int16):  # the paths' two ACTIVATION dtypes
-        q, scale = np.full(want_q.shape, 99, dtype), np.empty(M, np.float32)
-        int8_kernels.quantize_rows_forward(q, scale, x)
-        assert (q == want_q).all(), f"{int((q != want_q).sum())} values differ"
-        assert (scale == want_scale).all()
-        assert np.abs(q.astype(int)).max() <= 127  # -128 never appears: symmetric
+        for rows in (x, wider):
+            q, scale = np.full(want_q.shape, 99, dtype), np.empty(M, np.float32)
+            int8_kernels.quantize_rows_forward(q, scale, rows)
+            assert (q == want_q).all(), f"{int((q != want_q).sum())} values differ"
+            assert (scale == want_scale).all()
+            assert np.abs(q.astype(int)).max() <= 127  # -128 never appears: symmetric
 
 
 @pytest.mark.parametrize("path", RUNNABLE)

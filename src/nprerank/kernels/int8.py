@@ -35,7 +35,7 @@ from numba import prange
 from ..int8 import GROUP, PANEL
 from .fp32 import PANEL_ROWS, tile_row_counts, tile_rows
 from .isa import INT8
-from .rowwise import f32
+from .rowwise import bits_of_float, contiguous_row, f32, float_from_bits, rint32
 from .threads import kernel, parallel_kernel, take
 
 # tile shape per path, indexed by isa.INT8.code(name): the sums must fit the vector registers
@@ -49,6 +49,7 @@ ACTIVATION = (np.int8, np.int8, np.int16, np.int16)
 ACTIVATION_BYTES = tuple(np.dtype(dtype).itemsize for dtype in ACTIVATION)  # what Numba code can index
 QMAX = f32(127.0)
 ZERO = f32(0.0)
+MAGNITUDE = np.uint32(0x7FFFFFFF)  # a float32's bits without the sign
 
 
 # --- activations: one scale per row, as they are made -----------------------------------------
@@ -57,15 +58,22 @@ ZERO = f32(0.0)
 @kernel
 def _quantize_row(q, scales, x, m):
     """int8.quantize_rows for row m: q[m] [K4 * 4] (zero-padded), scales[m]; x [M, K]. q's
-    dtype is the path's ACTIVATION dtype: the values are int8's whatever it is."""
+    dtype is the path's ACTIVATION dtype: the values are int8's whatever it is.
+
+    Both loops vectorise: the largest |x| is found as the largest of the floats' bits with the
+    sign bit cleared (for floats that are not NaN the two orders agree, and an integer maximum
+    vectorises where a float one, with its NaN rules, does not), and rint32 rounds a vector at a
+    time. Done one value at a time, this took a fifth of an int8 layer's time."""
     K = x.shape[1]
-    largest = ZERO
+    row = contiguous_row(x, m)  # so that both loops vectorise when x is a slice of columns
+    largest_bits = np.uint32(0)
     for k in range(K):
-        largest = max(largest, abs(x[m, k]))
+        largest_bits = max(largest_bits, bits_of_float(row[k]) & MAGNITUDE)
+    largest = float_from_bits(np.int32(largest_bits))
     scales[m] = largest / QMAX
     inverse = QMAX / largest if largest > ZERO else ZERO
     for k in range(K):
-        q[m, k] = np.int32(np.rint(x[m, k] * inverse))  # in [-127, 127]
+        q[m, k] = np.int32(rint32(row[k] * inverse))  # in [-127, 127]
     for k in range(K, q.shape[1]):
         q[m, k] = 0
 
