@@ -132,9 +132,12 @@ def test_round_rows_matches_to_bf16():
     rng = np.random.default_rng(3)
     x = (rng.standard_normal((5, 33)) * 10.0 ** rng.integers(-30, 30, (5, 33))).astype(np.float32)
     x[0, :4] = [1.0 + 2**-8, 1.0 + 3 * 2**-8, -0.0, 0.0]  # ties to even, signed zeros
-    codes = np.zeros((5, 40), np.uint16)
-    bf16_kernels.round_rows(codes, x)
-    np.testing.assert_array_equal(codes[:, :33], bf16.to_bf16(x))
+    wider = np.pad(x, ((0, 0), (0, 7)), constant_values=3.0)[:, :33]  # a slice of columns, as the feed-forward's
+    for rows in (x, wider):
+        codes = np.zeros((5, 40), np.uint16)
+        bf16_kernels.round_rows(codes, rows)
+        np.testing.assert_array_equal(codes[:, :33], bf16.to_bf16(x))
+        assert not codes[:, 33:].any()  # nothing past K written
 
 
 @pytest.mark.skipif(not JIT, reason="machine code exists only with the JIT")

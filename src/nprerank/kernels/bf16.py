@@ -39,7 +39,7 @@ from numba import prange
 from ..bf16 import PAIR
 from .fp32 import DEPTH, PANEL, PANEL_ROWS, tile_row_counts, tile_rows  # DEPTH, K's slices: an even number, whole pairs
 from .isa import BF16
-from .rowwise import bits_of_float, f32, float_from_bits
+from .rowwise import bits_of_float, contiguous_row, f32, float_from_bits
 from .threads import kernel, parallel_kernel, take
 
 AVX512BF16 = BF16.code("avx512bf16")  # the path that takes its activations as bf16
@@ -68,8 +68,9 @@ def tile_counts(isa: int) -> list:
 def round_rows(codes, x):
     """codes [M, >= K] = bf16.to_bf16(x [M, K]): round to nearest, ties to even, row by row."""
     for m in range(x.shape[0]):
+        row = contiguous_row(x, m)  # so that the loop vectorises when x is a slice of columns
         for k in range(x.shape[1]):
-            bits = bits_of_float(x[m, k])
+            bits = bits_of_float(row[k])
             codes[m, k] = np.uint16(
                 (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
             )
