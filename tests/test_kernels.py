@@ -22,6 +22,8 @@ import pytest
 
 from nprerank import reference
 from nprerank.kernels import attention, fp32, layers, rowwise
+from nprerank import model as model_module
+from nprerank.kernels import threads as thread_kernels
 from nprerank.kernels.threads import SCRATCH_ALIGN, make_workspace
 from nprerank.config import ModelConfig
 from nprerank.layout import _pack
@@ -339,6 +341,38 @@ def test_fast_model_on_half_precision_checkpoints(dtype):
 @pytest.mark.skipif(not JIT, reason="the full-size model is far too slow with NUMBA_DISABLE_JIT=1")
 def test_fast_model_matches_reference_on_full_model(full_model):
     check_model("full size", full_model, [128, 3, 60, 200, 1, 37, 255, 90], seed=1)
+
+
+@pytest.mark.skipif(not model_module.ONE_REGION, reason="this threading layer runs a region per step")
+@pytest.mark.parametrize("precision", ["fp32", "int8", "bf16"])
+def test_one_region_equals_a_region_per_step(precision, monkeypatch):
+    """kernels.layers.encoder_layers runs layers 1..L-1 in one region, each layer's weights by
+    address: on a five-layer model it gives the very logits that a region per step gives (the
+    same kernels, each layer's weights passed as arrays), at every precision. A wrong address or
+    a layer's weights read twice would change them."""
+    weights, config = load(make_model(num_hidden_layers=5))
+    sequences = [[0, *range(5, 5 + n)] for n in (40, 3, 17, 1)]
+    one_region = FastModel(weights, config, threads=2, precision=precision)(sequences)
+    monkeypatch.setattr(model_module, "ONE_REGION", False)
+    per_step = FastModel(weights, config, threads=2, precision=precision)(sequences)
+    np.testing.assert_array_equal(one_region, per_step)
+
+
+@numba.njit
+def second_array_doubled(arrays_like, addresses):
+    view = thread_kernels.same_array_at(arrays_like, addresses[1])
+    view *= 2
+    return view.sum()
+
+
+def test_arrays_by_address():
+    """addresses_of refuses an array unlike the first; same_array_at is the array at the address."""
+    first, second = np.zeros((2, 3), np.float32), np.arange(6, dtype=np.float32).reshape(2, 3)
+    assert second_array_doubled(first, thread_kernels.addresses_of([first, second])) == 30
+    np.testing.assert_array_equal(second, 2 * np.arange(6).reshape(2, 3))  # the view was of `second` itself
+    for odd in (np.zeros((3, 3), np.float32), first.astype(np.float64), np.zeros((3, 2), np.float32).T):
+        with pytest.raises(ValueError, match="among arrays of"):
+            thread_kernels.addresses_of([first, odd])
 
 
 def test_fast_model_rejects_bad_sequences(tiny_model):

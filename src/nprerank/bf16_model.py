@@ -24,17 +24,20 @@ import numpy as np
 from .config import ModelConfig
 from .kernels import bf16 as bf16_kernels  # the format and oracle are ..bf16
 from .kernels.layers import feed_forward_codes
-from .model import classification_head, embeddings, encoder_layer, make_buffers
+from .model import classification_head, embeddings, encoder, layer_products, make_buffers
 from .weights import Weights
 
 
 class BF16Steps:
     """model.encoder_layer's `steps` at bf16: linear_forward with the signature of fp32's, the
     instruction set and the uint16 scratch for its rounded activations bound; isa, the path the
-    feed-forward's products take (kernels.layers.output_feed_forward, bf16 by its panels)."""
+    feed-forward's products take (kernels.layers.output_feed_forward, bf16 by its panels);
+    rounding: attention's two products on bf16 too, where vdpbf16ps makes them (avx512bf16)."""
 
-    def __init__(self, isa: int, rounded: np.ndarray):
-        self.isa, self.rounded = isa, rounded
+    products = staticmethod(layer_products)  # bf16 panels in fp32's LayerMatrices
+
+    def __init__(self, isa: int, rounded: np.ndarray, rounding: bool):
+        self.isa, self.rounded, self.rounding = isa, rounded, rounding
 
     def linear_forward(self, out, column, x, panels, bias, n_threads):
         bf16_kernels.linear_bf16_forward(out, column, x, panels, bias, n_threads, self.isa, self.rounded)
@@ -50,10 +53,9 @@ def forward(ids, offsets, weights: Weights, matrices: list, config: ModelConfig,
     output, intermediate = (m.attention_output, m.attention_output_bias), (m.intermediate, m.intermediate_bias)
     values = max(feed_forward_codes(rows, threads, output, intermediate) for rows in (N, B)) if rounding else 0
     buffers["codes"] = np.empty((threads, values), dtype=np.uint16)  # the feed-forward's rounded inputs
-    steps = BF16Steps(isa, np.empty((N, config.hidden_size) if rounding else (1, 1), dtype=np.uint16))
+    rounded = np.empty((N, config.hidden_size) if rounding else (1, 1), dtype=np.uint16)
+    buffers["row_codes"] = rounded  # the qkv product's rounded input, in every layer
+    steps = BF16Steps(isa, rounded, rounding)
     x = embeddings(ids, offsets, weights.embeddings, config)  # [N, C]
-    *layers, last = zip(weights.layers, matrices)
-    for layer, layer_matrices in layers:
-        x = encoder_layer(x, offsets, layer, layer_matrices, buffers, config, steps=steps)
-    x = encoder_layer(x, offsets, *last, buffers, config, first_tokens_only=True, steps=steps)  # [B, C]
+    x = encoder(x, offsets, list(zip(weights.layers, matrices)), buffers, config, steps)  # [B, C]
     return classification_head(x, weights.classifier)  # [B]

@@ -18,6 +18,8 @@ Read next: kernels/int8.py (the product), kernels/layers.py (the steps after att
 (the format and the oracle).
 """
 
+from types import SimpleNamespace
+
 import numba
 import numpy as np
 
@@ -27,7 +29,7 @@ from .kernels import int8 as int8_kernels  # the format and oracle are ..int8
 from .kernels import layers as layer_kernels  # "layers" is the list of Layers in forward
 from .kernels.threads import make_workspace
 from .int8 import GROUP, Int8Matrices, Int8Product
-from .model import classification_head, embeddings
+from .model import classification_head, embeddings, encoder
 from .weights import Layer, Weights
 
 
@@ -47,11 +49,18 @@ def _parts(product: Int8Product) -> tuple:
     return product.panels, product.scale, product.correction, product.bias
 
 
+def _products(m: Int8Matrices) -> tuple:
+    """A layer's qkv, attention output, intermediate and output products as kernels.layers takes them."""
+    return tuple(_parts(product) for product in (m.qkv, m.attention_output, m.intermediate, m.output))
+
+
 def encoder_layer(
-    x, offsets, p: Layer, m: Int8Matrices, buffers, config: ModelConfig, isa: int, first_tokens_only: bool = False
+    x, offsets, p: Layer, m: Int8Matrices, buffers, config: ModelConfig, first_tokens_only: bool = False, steps=None
 ):
     """model.encoder_layer at int8: the same three steps and the same last-layer shortcut (queries,
-    attention and feed-forward for the first tokens only). Returns the new hidden states [Q, C]."""
+    attention and feed-forward for the first tokens only). Returns the new hidden states [Q, C].
+    steps: forward's (the products' path, isa, and attention's, rounding)."""
+    isa = steps.isa
     workspace, codes = buffers["workspace"], buffers["codes"]
     threads = len(workspace)
     qkv = buffers["qkv"]  # [N, 3 * width]
@@ -69,7 +78,7 @@ def encoder_layer(
         linear(qkv, 0, x, m.qkv, buffers, isa, threads)
     context = buffers["context"][: len(hidden)]  # [Q, C]
     attention.attention_forward(
-        context, queries, qkv, width, offsets, query_offsets, config.num_attention_heads, workspace
+        context, queries, qkv, width, offsets, query_offsets, config.num_attention_heads, workspace, steps.rounding
     )
     layer_kernels.output_feed_forward(
         hidden,
@@ -109,9 +118,8 @@ def forward(ids, offsets, weights: Weights, matrices: list, config: ModelConfig,
         "workspace": make_workspace(threads, floats),  # [threads, S]: each thread's scratch
         "codes": np.empty((threads, values), dtype=int8_kernels.ACTIVATION[isa]),
     }
+    buffers["row_codes"], buffers["row_scales"] = buffers["q"], buffers["scales"]  # encoder_layers' names
+    steps = SimpleNamespace(products=_products, isa=isa, rounding=False)  # attention in fp32
     x = embeddings(ids, offsets, weights.embeddings, config)  # [N, C]
-    *layers, last = zip(weights.layers, matrices)
-    for layer, layer_matrices in layers:
-        x = encoder_layer(x, offsets, layer, layer_matrices, buffers, config, isa)
-    x = encoder_layer(x, offsets, *last, buffers, config, isa, first_tokens_only=True)  # [B, C]
+    x = encoder(x, offsets, list(zip(weights.layers, matrices)), buffers, config, steps, encoder_layer)  # [B, C]
     return classification_head(x, weights.classifier)  # [B]

@@ -16,8 +16,8 @@ What differs, and why:
   weight); attention; and all the rest, which works row by row (kernels.layers.output_feed_forward).
   Waking Numba's sleeping threads for a parallel region costs ~100 us, so all layers but the
   last run in one region (kernels.layers.encoder_layers), the threads meeting at spin barriers
-  between the steps; in groups of 11, 5 or 1 layers for deeper or shallower models (GROUP_SIZES: each
-  group size is compiled once, whatever the model's depth).
+  between the steps, at every precision. The layers' weights reach it by address (the first
+  layer's arrays stand for their type), so it is compiled once whatever the model's depth.
 - Position and token-type ids are numbered per sequence by the architecture (embedding_ids:
   XLM-R's or BERT's, architectures.py), the one place the two differ before the head.
 - The last layer computes queries, attention output and feed-forward for each sequence's first
@@ -52,7 +52,7 @@ from .blas import set_blas_threads
 from .config import ModelConfig
 from .kernels import attention, fp32, rowwise
 from .kernels import layers as layer_kernels  # "layers" is the list of Layers in this module
-from .kernels.threads import make_workspace
+from .kernels.threads import addresses_of, make_workspace
 from .layout import LayerMatrices, gemm_weights
 from .weights import Classifier, Embeddings, Layer, Weights, embedding_rows, refuse_if_changed
 
@@ -60,9 +60,23 @@ from .weights import Classifier, Embeddings, Layer, Weights, embedding_rows, ref
 # of Numba's workqueue layer (kernels.threads' choice) and of OpenMP, not promised by TBB.
 ONE_REGION = numba.config.THREADING_LAYER in ("workqueue", "omp")
 
-# model.encoder_layer's `steps` at fp32: what makes the qkv product, and the path the feed-forward's
-# products take (bf16_model.BF16Steps at bf16)
-FP32_STEPS = SimpleNamespace(linear_forward=fp32.linear_forward, isa=0)
+
+def layer_products(m: LayerMatrices) -> tuple:
+    """The qkv, attention output, intermediate and output products of a layer, each a (panels,
+    bias) tuple as kernels.layers takes them (at fp32 and bf16)."""
+    return (
+        (m.qkv, m.qkv_bias),
+        (m.attention_output, m.attention_output_bias),
+        (m.intermediate, m.intermediate_bias),
+        (m.output, m.output_bias),
+    )
+
+
+# The encoder's `steps` at fp32: what makes encoder_layer's qkv product (linear_forward), a layer's
+# product tuples (products), the path the products take (isa), whether attention's products
+# round to bf16 (rounding), and the layer of encoder_layer's role (bf16_model.BF16Steps and
+# int8_model.INT8 at the other precisions)
+FP32_STEPS = SimpleNamespace(linear_forward=fp32.linear_forward, products=layer_products, isa=0, rounding=False)
 
 # One forward pass at a time in the whole process, whatever the FastModel: Numba's workqueue layer
 # has one pool of threads and aborts the process (SIGABRT) when two Python threads launch parallel
@@ -181,8 +195,9 @@ def encoder_layer(
     (kernels.layers.output_feed_forward). Used for the last layer (and for every layer where
     encoder_layers cannot be). Returns the new hidden states [Q, C]: x itself, updated in
     place, or in the last layer a new [B, C] array of the first tokens' rows. steps: what makes
-    the qkv product (linear_forward) and the feed-forward's path (isa): FP32_STEPS, or
-    bf16_model.BF16Steps; the feed-forward's scratch is buffers' workspace and codes."""
+    the qkv product (linear_forward), the feed-forward's path (isa) and attention's products
+    (rounding: on bf16): FP32_STEPS, or bf16_model.BF16Steps; the feed-forward's scratch is
+    buffers' workspace and codes."""
     threads, workspace = len(buffers["workspace"]), buffers["workspace"]
     qkv = buffers["qkv"]  # [N, 3 * width]: query, key and value side by side
     panels, width = len(m.qkv) // 3, m.width  # per projection
@@ -198,7 +213,7 @@ def encoder_layer(
         steps.linear_forward(qkv, 0, x, m.qkv, m.qkv_bias, threads)
     context = buffers["context"][: len(hidden)]  # [Q, C]
     attention.attention_forward(
-        context, queries, qkv, width, offsets, query_offsets, config.num_attention_heads, workspace
+        context, queries, qkv, width, offsets, query_offsets, config.num_attention_heads, workspace, steps.rounding
     )
     layer_kernels.output_feed_forward(
         hidden,
@@ -218,17 +233,17 @@ def encoder_layer(
     return hidden
 
 
-def encoder_layers(x, offsets, layers: list, buffers, config: ModelConfig):
-    """encoder_layer for each (Layer, LayerMatrices) of `layers` in turn, in one parallel region
+def encoder_layers(x, offsets, layers: list, buffers, config: ModelConfig, steps=FP32_STEPS):
+    """encoder_layer for each (Layer, matrices) of `layers` in turn, in one parallel region
     (kernels.layers.encoder_layers): the threads meet at barriers between the steps instead of being
-    woken for each. x [N, C] is updated in place."""
-
-    def each(name):  # one array per layer, for layer_kernels.encoder_layers' tuples
-        return tuple(getattr(m, name) for _, m in layers)
-
-    def norms(name):  # (weights, biases) of a LayerNorm, one array per layer each
-        return tuple(getattr(p, name).weight for p, _ in layers), tuple(getattr(p, name).bias for p, _ in layers)
-
+    woken for each. x [N, C] is updated in place. steps: as encoder_layer's; the qkv product's
+    prepared rows are buffers' row_codes and row_scales."""
+    # per layer: its four products' parts (panels, scales, corrections, bias) and its LayerNorms
+    arrays = [[*(four_parts(product) for product in steps.products(m)), norm_parts(p)] for p, m in layers]  # [L][5][4]
+    # the first layer's arrays stand for their kind; every layer's travel as addresses (kernels/threads.py)
+    addresses = np.array([[addresses_of([a[k][i] for a in arrays]) for i in range(4)] for k in range(5)]).transpose(
+        2, 0, 1
+    )  # [L, 5, 4]
     layer_kernels.encoder_layers(
         x,
         buffers["qkv"],
@@ -237,42 +252,50 @@ def encoder_layers(x, offsets, layers: list, buffers, config: ModelConfig):
         layers[0][1].width,
         config.num_attention_heads,
         np.float32(config.layer_norm_eps),
-        each("qkv"),
-        each("qkv_bias"),
-        each("attention_output"),
-        each("attention_output_bias"),
-        *norms("attention_norm"),
-        each("intermediate"),
-        each("intermediate_bias"),
-        each("output"),
-        each("output_bias"),
-        *norms("output_norm"),
+        *arrays[0],  # qkv, output, up and down parts, norms
+        np.ascontiguousarray(addresses),
+        steps.isa,
+        steps.rounding,
+        buffers["row_codes"],
+        buffers["row_scales"],
         buffers["workspace"],
+        buffers["codes"],
     )
+
+
+NO_SCALES, NO_CORRECTIONS = np.empty(0, np.float32), np.empty(0, np.int32)
+
+
+def four_parts(product: tuple) -> tuple:
+    """(panels, scales, corrections, bias) of a product tuple: int8's as it is, fp32's and bf16's
+    (panels, bias) with empty scales and corrections."""
+    return product if len(product) == 4 else (product[0], NO_SCALES, NO_CORRECTIONS, product[1])
+
+
+def norm_parts(p: Layer) -> tuple:
+    """A layer's two LayerNorms as (attention norm weight, bias, output norm weight, bias)."""
+    return p.attention_norm.weight, p.attention_norm.bias, p.output_norm.weight, p.output_norm.bias
+
+
+def encoder(x, offsets, layers: list, buffers, config: ModelConfig, steps=FP32_STEPS, layer=None):
+    """All encoder layers on x [N, C], `layers` [(Layer, matrices)] * L: the first L - 1 in one
+    region (encoder_layers) where the threading layer allows, the last
+    for the first tokens only. Returns [B, C], each sequence's <s> row. layer: the precision's
+    encoder_layer (this module's by default; int8_model's at int8)."""
+    layer = layer or encoder_layer
+    *layers, last = layers
+    if layers and ONE_REGION:
+        encoder_layers(x, offsets, layers, buffers, config, steps)
+    else:
+        for p, m in layers:
+            x = layer(x, offsets, p, m, buffers, config, steps=steps)
+    return layer(x, offsets, *last, buffers, config, first_tokens_only=True, steps=steps)  # [B, C]
 
 
 def classification_head(first, p: Classifier):
     logits = np.empty(len(first), dtype=np.float32)  # [B]
     rowwise.classification_head_forward(logits, first, p.dense.weight, p.dense.bias, p.out_proj.weight, p.out_proj.bias)
     return logits
-
-
-# Layers per kernels.layers.encoder_layers call. Its weights come as tuples, one array per layer, and
-# Numba compiles it anew for every tuple length, which grows with the length (a 23-tuple for
-# bge-reranker-large took over ten minutes on a busy host). So layers go in groups of these
-# sizes only: 11 (bge-reranker-base's 12 layers less the last), 5 (MiniLM-L-6) and 1; compiled
-# once each and cached, whatever the depth. A group is a region: one thread wake-up (~0.1 ms).
-GROUP_SIZES = (11, 5, 1)
-
-
-def layer_groups(layers: list) -> list:
-    """layers -> consecutive groups with sizes from GROUP_SIZES, largest first (23 = 11 + 11 + 1)."""
-    groups, start = [], 0
-    while start < len(layers):
-        size = next(size for size in GROUP_SIZES if size <= len(layers) - start)
-        groups.append(layers[start : start + size])
-        start += size
-    return groups
 
 
 def make_buffers(offsets, m: LayerMatrices, config: ModelConfig) -> dict:
@@ -293,6 +316,8 @@ def make_buffers(offsets, m: LayerMatrices, config: ModelConfig) -> dict:
         "context": np.empty((N, config.hidden_size), dtype=np.float32),
         "workspace": make_workspace(threads, floats),  # [threads, S]: each thread's scratch
         "codes": np.empty((threads, 0), dtype=np.float32),  # [threads, 0]: fp32 needs none
+        "row_codes": np.empty((N, 0), dtype=np.float32),  # the qkv product's prepared rows: none at fp32
+        "row_scales": np.empty(0, dtype=np.float32),
     }
 
 
@@ -300,15 +325,7 @@ def forward(ids, offsets, weights: Weights, matrices: list, config: ModelConfig)
     """Packed ids [N] with offsets [B+1] -> [B] logits. matrices: layout.gemm_weights(weights)."""
     buffers = make_buffers(offsets, matrices[0], config)
     x = embeddings(ids, offsets, weights.embeddings, config)  # [N, C]
-    *layers, last = zip(weights.layers, matrices)
-    if layers and ONE_REGION:
-        for group in layer_groups(layers):
-            encoder_layers(x, offsets, group, buffers, config)
-    else:
-        for layer, layer_matrices in layers:
-            x = encoder_layer(x, offsets, layer, layer_matrices, buffers, config)
-    x = encoder_layer(x, offsets, *last, buffers, config, first_tokens_only=True)
-    # after the last layer x holds only the <s> row of each sequence: [B, C]
+    x = encoder(x, offsets, list(zip(weights.layers, matrices)), buffers, config)  # [B, C]: the <s> rows
     return classification_head(x, weights.classifier)  # [B]
 
 

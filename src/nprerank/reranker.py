@@ -77,8 +77,14 @@ class Reranker:
             self.model = FastModel(weights, config, threads=threads, precision=precision)
         else:
             # int8, bf16: the fast path's oracle, reference.py with that format's products
-            linear = precisions.load(row.oracle)(weights.layers) if row.oracle else reference.linear
-            self.model = reference.ReferenceModel(weights, config, threads=threads, linear=linear)
+            oracle = precisions.load(row.oracle)(weights.layers) if row.oracle else None
+            self.model = reference.ReferenceModel(
+                weights,
+                config,
+                threads=threads,
+                linear=oracle or reference.linear,
+                matmul=oracle.matmul if oracle else np.matmul,
+            )
         self.precision = precision
 
     @classmethod

@@ -70,10 +70,14 @@ def round_rows(codes, x):
     for m in range(x.shape[0]):
         row = contiguous_row(x, m)  # so that the loop vectorises when x is a slice of columns
         for k in range(x.shape[1]):
-            bits = bits_of_float(row[k])
-            codes[m, k] = np.uint16(
-                (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
-            )
+            codes[m, k] = bf16_bits(row[k])
+
+
+@kernel
+def bf16_bits(x):
+    """bf16.to_bf16 of one float32: its upper 16 bits, rounded to nearest, ties to even."""
+    bits = bits_of_float(x)
+    return np.uint16((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
 
 
 # --- the product ---------------------------------------------------------------------------------
@@ -111,17 +115,17 @@ def linear_bf16_forward(out, column, x, panels, bias, n_threads, isa, codes):
 
     x [M, K] float32; codes [>= M, >= K] uint16: where the avx512bf16 path rounds x to bf16
     first (unused by the others); isa: isa.BF16.code(name)."""
-    _check_codes(codes, x.shape[0], x.shape[1], isa)
+    check_codes(codes, x.shape[0], x.shape[1], isa)
     if isa == AVX512BF16:  # once for all panels
         for m in prange(x.shape[0]):
             round_rows(codes[m : m + 1], x[m : m + 1])
     taken = np.zeros(1, dtype=np.int64)
     for _ in prange(n_threads):
-        _linear_items(out, column, x, codes, panels, bias, isa, taken)
+        linear_items(out, column, x, codes, panels, bias, isa, taken)
 
 
 @kernel
-def _check_codes(codes, M, K, isa):
+def check_codes(codes, M, K, isa):
     """ValueError before a parallel region (where an exception is lost) when the avx512bf16 path's
     rounded activations would not fit in `codes`."""
     if isa == AVX512BF16 and (codes.shape[0] < M or codes.shape[1] < K):
@@ -129,7 +133,7 @@ def _check_codes(codes, M, K, isa):
 
 
 @kernel
-def _linear_items(out, column, x, codes, panels, bias, isa, taken):
+def linear_items(out, column, x, codes, panels, bias, isa, taken):
     """One thread's part of linear_bf16_forward: the (rows, panel) items it takes from `taken`."""
     P, M = panels.shape[0], x.shape[0]
     rounded = codes[:M, : x.shape[1]]  # codes may have more rows than x
@@ -139,9 +143,9 @@ def _linear_items(out, column, x, codes, panels, bias, isa, taken):
         first, p = item // P * PANEL_ROWS, item % P
         rows = slice(first, first + PANEL_ROWS)
         if isa == AVX512BF16:
-            _panels_product(out[rows, column:], rounded[rows], panels, bias, p, p + 1, isa)
+            panels_product(out[rows, column:], rounded[rows], panels, bias, p, p + 1, isa)
         else:
-            _panels_product(out[rows, column:], x[rows], panels, bias, p, p + 1, isa)
+            panels_product(out[rows, column:], x[rows], panels, bias, p, p + 1, isa)
         item = take(taken)
 
 
@@ -152,13 +156,13 @@ def block_product(out, x, codes, panels, bias, isa):
     if isa == AVX512BF16:
         rounded = codes[: x.shape[0] * x.shape[1]].reshape((x.shape[0], x.shape[1]))
         round_rows(rounded, x)
-        _panels_product(out, rounded, panels, bias, 0, panels.shape[0], isa)
+        panels_product(out, rounded, panels, bias, 0, panels.shape[0], isa)
     else:
-        _panels_product(out, x, panels, bias, 0, panels.shape[0], isa)
+        panels_product(out, x, panels, bias, 0, panels.shape[0], isa)
 
 
 @kernel
-def _panels_product(out, x, panels, bias, first, last, isa):
+def panels_product(out, x, panels, bias, first, last, isa):
     """out[:, first * PANEL : last * PANEL] = x @ panels[first:last] + bias, one tile at a time,
     as fp32.panels_product: a panel's columns are read from memory once, then from cache."""
     M, K = x.shape

@@ -56,7 +56,7 @@ MAGNITUDE = np.uint32(0x7FFFFFFF)  # a float32's bits without the sign
 
 
 @kernel
-def _quantize_row(q, scales, x, m):
+def quantize_row(q, scales, x, m):
     """int8.quantize_rows for row m: q[m] [K4 * 4] (zero-padded), scales[m]; x [M, K]. q's
     dtype is the path's ACTIVATION dtype: the values are int8's whatever it is.
 
@@ -82,14 +82,14 @@ def _quantize_row(q, scales, x, m):
 def quantize_rows(q, scales, x):
     """int8.quantize_rows(x) into q [M, K4 * 4] (int8 or int16) and scales [M] float32, row by row."""
     for m in range(x.shape[0]):
-        _quantize_row(q, scales, x, m)
+        quantize_row(q, scales, x, m)
 
 
 @parallel_kernel
 def quantize_rows_forward(q, scales, x):
     """quantize_rows with the rows shared among the threads."""
     for m in prange(x.shape[0]):
-        _quantize_row(q, scales, x, m)
+        quantize_row(q, scales, x, m)
 
 
 # --- the product ---------------------------------------------------------------------------------
@@ -105,11 +105,11 @@ def linear_int8_forward(out, column, q, scales, panels, column_scales, correctio
     check_activation(q, isa)
     taken = np.zeros(1, dtype=np.int64)
     for _ in prange(n_threads):
-        _linear_items(out, column, q, scales, panels, column_scales, corrections, bias, isa, taken)
+        linear_items(out, column, q, scales, panels, column_scales, corrections, bias, isa, taken)
 
 
 @kernel
-def _linear_items(out, column, q, scales, panels, column_scales, corrections, bias, isa, taken):
+def linear_items(out, column, q, scales, panels, column_scales, corrections, bias, isa, taken):
     """One thread's part of linear_int8_forward: the (rows, panel) items it takes from `taken`."""
     P, M = panels.shape[0], q.shape[0]
     items = P * ((M + PANEL_ROWS - 1) // PANEL_ROWS)

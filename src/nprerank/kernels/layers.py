@@ -30,9 +30,18 @@ from numba.np.numpy_support import as_dtype
 
 from . import bf16, fp32, int8
 from .attention import attention_floats, attention_items
-from .fp32 import TILE_ROWS, linear_items
+from .fp32 import TILE_ROWS
 from .rowwise import add_layer_norm, gelu32
-from .threads import FASTMATH, aligned, check_workspace, kernel, parallel_kernel, take, wait_for_all
+from .threads import (
+    FASTMATH,
+    aligned,
+    check_workspace,
+    kernel,
+    parallel_kernel,
+    same_array_at,
+    take,
+    wait_for_all,
+)
 
 BLOCK_TILES = 8  # tiles of rows a thread carries through the feed-forward at once (112 rows with AVX-512)
 STRIDE_PAD = 16  # floats added to each row of the [rows, F] activation (see _feed_forward_scratch)
@@ -66,6 +75,48 @@ def _bf16_product(out, x, weights, scales, codes, isa):
     bf16.block_product(out, x, codes, panels, bias, isa)
 
 
+def _fp32_rows(codes, scales, x, first, last, isa):
+    pass  # fp32's products take x as it is
+
+
+def _int8_rows(codes, scales, x, first, last, isa):
+    for m in range(first, last):
+        int8.quantize_row(codes, scales, x, m)  # as int8.forward quantizes each product's input
+
+
+def _bf16_rows(codes, scales, x, first, last, isa):
+    if isa == bf16.AVX512BF16:  # vdpbf16ps multiplies bf16 by bf16; the other paths take fp32
+        bf16.round_rows(codes[first:last], x[first:last])
+
+
+def _fp32_items(out, x, codes, scales, weights, isa, taken):
+    panels, bias = weights
+    fp32.linear_items(out, 0, x, panels, bias, taken)
+
+
+def _int8_items(out, x, codes, scales, weights, isa, taken):
+    int8.linear_items(out, 0, codes[: x.shape[0]], scales, *weights, isa, taken)
+
+
+def _bf16_items(out, x, codes, scales, weights, isa, taken):
+    panels, bias = weights
+    bf16.linear_items(out, 0, x, codes, panels, bias, isa, taken)
+
+
+def _fp32_row_codes(codes, scales, x, weights, isa):
+    pass
+
+
+def _int8_row_codes(codes, scales, x, weights, isa):
+    int8.check_activation(codes, isa)
+    if codes.shape[0] < x.shape[0] or codes.shape[1] < summed_width(weights) or scales.shape[0] < x.shape[0]:
+        raise ValueError("the row codes or scales are too small for the quantized rows")
+
+
+def _bf16_row_codes(codes, scales, x, weights, isa):
+    bf16.check_codes(codes, x.shape[0], x.shape[1], isa)
+
+
 def _fp32_codes(codes, M, n_threads, output, up, isa):
     pass  # fp32 quantizes and rounds nothing
 
@@ -79,10 +130,11 @@ def _bf16_codes(codes, M, n_threads, output, up, isa):
     check_workspace(codes, feed_forward_codes(M, n_threads, output, up) if isa == bf16.AVX512BF16 else 0)
 
 
-BY_PANELS = {  # the panels' dtype -> (how a block's product is made, what its codes must hold)
-    np.dtype(np.float32): (_fp32_product, _fp32_codes),
-    np.dtype(np.int8): (_int8_product, _int8_codes),
-    np.dtype(np.uint16): (_bf16_product, _bf16_codes),
+# the panels' dtype -> its (product, check_codes, prepare_rows, linear_items, check_row_codes)
+BY_PANELS = {
+    np.dtype(np.float32): (_fp32_product, _fp32_codes, _fp32_rows, _fp32_items, _fp32_row_codes),
+    np.dtype(np.int8): (_int8_product, _int8_codes, _int8_rows, _int8_items, _int8_row_codes),
+    np.dtype(np.uint16): (_bf16_product, _bf16_codes, _bf16_rows, _bf16_items, _bf16_row_codes),
 }
 COMPILED = dict(fastmath=FASTMATH, error_model="numpy")  # threads.OPTIONS; the caller's cache holds them
 
@@ -101,6 +153,45 @@ def check_codes(codes, M, n_threads, output, up, isa):
     at the precision of `output` (int8: feed_forward_codes values of its path's int8.ACTIVATION
     dtype; bf16's avx512bf16 path: as many uint16; fp32 and bf16's other paths: nothing)."""
     BY_PANELS[output[0].dtype][1](codes, M, n_threads, output, up, isa)
+
+
+def prepare_rows(codes, scales, x, first, last, isa):
+    """What a product at the precision of `codes` needs of rows first..last-1 of x [M, K], made
+    once for all its panels: int8 quantizes them into codes [M, K4 * 4] (its path's ACTIVATION
+    dtype) and scales [M]; bf16's avx512bf16 path rounds them into codes [M, K] uint16; fp32 (and
+    bf16's other paths) nothing. The precision is told by codes' dtype: float32 is fp32's."""
+    BY_ACTIVATION[codes.dtype](codes, scales, x, first, last, isa)
+
+
+def linear_items(out, x, codes, scales, weights, isa, taken):
+    """One thread's share of out = x @ W + bias at the precision of `weights`, over all rows and
+    panels (the (rows, panel) items of fp32.linear_items, int8's and bf16's), on the rows
+    prepare_rows made: x [M, K] fp32, codes and scales as prepare_rows says."""
+    BY_PANELS[weights[0].dtype][3](out, x, codes, scales, weights, isa, taken)
+
+
+def check_row_codes(codes, scales, x, weights, isa):
+    """ValueError unless codes and scales hold what prepare_rows makes of x for `weights`."""
+    BY_PANELS[weights[0].dtype][4](codes, scales, x, weights, isa)
+
+
+BY_ACTIVATION = {np.dtype(np.float32): _fp32_rows, np.dtype(np.int8): _int8_rows, np.dtype(np.int16): _int8_rows}
+BY_ACTIVATION[np.dtype(np.uint16)] = _bf16_rows
+
+
+@overload(prepare_rows, jit_options=COMPILED)
+def _compiled_prepare_rows(codes, scales, x, first, last, isa):
+    return BY_ACTIVATION[as_dtype(codes.dtype)]
+
+
+@overload(linear_items, jit_options=COMPILED)
+def _compiled_linear_items(out, x, codes, scales, weights, isa, taken):
+    return BY_PANELS[as_dtype(weights[0].dtype)][3]
+
+
+@overload(check_row_codes, jit_options=COMPILED)
+def _compiled_check_row_codes(codes, scales, x, weights, isa):
+    return BY_PANELS[as_dtype(weights[0].dtype)][4]
 
 
 @overload(product, jit_options=COMPILED)
@@ -252,6 +343,40 @@ def output_feed_forward(
 
 # --- whole layers, in one parallel region ----------------------------------------------------------
 
+ROWS_PER_ITEM = 32  # rows a thread quantizes (or rounds) at a time before the qkv product
+
+
+def _two_parts(panels, scales, corrections, bias):
+    return panels, bias  # fp32's and bf16's product tuple
+
+
+def _four_parts(panels, scales, corrections, bias):
+    return panels, scales, corrections, bias  # int8's (int8.Int8Product's fields)
+
+
+def product_tuple(panels, scales, corrections, bias):
+    """A product's weight tuple, as `product` and linear_items take it, from its four arrays (fp32
+    and bf16 have no scales or corrections, and pass empty ones): Numba's parallel regions take
+    tuples of arrays, not tuples of tuples, so encoder_layers gets each part apart."""
+    return (_four_parts if panels.dtype == np.int8 else _two_parts)(panels, scales, corrections, bias)
+
+
+@overload(product_tuple, jit_options=COMPILED)
+def _compiled_product_tuple(panels, scales, corrections, bias):
+    return _four_parts if as_dtype(panels.dtype) == np.dtype(np.int8) else _two_parts
+
+
+@kernel
+def _product_at(first, addresses):
+    """A layer's product tuple (product_tuple) from the first layer's four parts, `first`, and
+    that layer's four addresses (threads.addresses_of)."""
+    return product_tuple(
+        same_array_at(first[0], addresses[0]),
+        same_array_at(first[1], addresses[1]),
+        same_array_at(first[2], addresses[2]),
+        same_array_at(first[3], addresses[3]),
+    )
+
 
 @parallel_kernel
 def encoder_layers(
@@ -262,64 +387,81 @@ def encoder_layers(
     width,
     H,
     eps,
-    qkv_panels,
-    qkv_bias,
-    output_panels,
-    output_bias,
-    norm1_weight,
-    norm1_bias,
-    up_panels,
-    up_bias,
-    down_panels,
-    down_bias,
-    norm2_weight,
-    norm2_bias,
+    qkv_parts,
+    output_parts,
+    up_parts,
+    down_parts,
+    norms,
+    addresses,
+    isa,
+    rounding,
+    row_codes,
+    row_scales,
     workspace,
+    codes,
 ):
-    """Whole encoder layers on x [N, C] in place, in one parallel region: for each layer,
-    fp32.linear_forward (query, key, value), attention.attention_forward and output_feed_forward,
-    the threads meeting at a barrier after each step instead of leaving the region. The weight
-    arguments are tuples with one array per layer (layout.LayerMatrices' fields, the Layer's
-    LayerNorms). workspace [threads, S]: a row of scratch per thread, large enough for both steps
-    that use it.
+    """Whole encoder layers on x [N, C] in place, in one parallel region, at any precision: for
+    each layer, prepare_rows and linear_items (query, key and value in one product),
+    attention.attention_items and the feed-forward's blocks (_feed_forward_items), the threads
+    meeting at a barrier after each step instead of leaving the region.
+
+    qkv_parts, output_parts, up_parts, down_parts: the first layer's products, each as its four
+    parts (panels, scales, corrections, bias: product_tuple's; fp32 and bf16 pass empty scales and
+    corrections); norms: its (attention norm weight, bias, output norm weight, bias). addresses
+    [L, 5, 4] int64: layer l's arrays of the same kinds in the same order, by address
+    (threads.addresses_of; [l, 4] the norms). isa: the products' path (anything at fp32);
+    rounding: attention on bf16 (attention_forward's). row_codes [>= N, K'] and row_scales [>= N]:
+    prepare_rows' output for the qkv product (float32 [N, 0] at fp32). workspace [threads, S]: a
+    row of scratch per thread, large enough for attention and the feed-forward; codes [threads,
+    S'] as check_codes says.
 
     A region per step costs a wake-up of the sleeping threads each time (~110 us here, and on a
     busy host more, as a halted virtual CPU must be scheduled again): 36 of them for one pair's
-    first 11 layers. At the barriers the threads spin instead, for microseconds. The caller must
-    run it only where every prange iteration has a thread of its own (Numba's workqueue and OpenMP
-    layers do so); otherwise the first barrier waits for ever.
+    first 11 layers at fp32, 44 at int8, which quantizes x first. At the barriers the threads spin
+    instead, for microseconds. The caller must run it only where every prange iteration has a
+    thread of its own (Numba's workqueue and OpenMP layers do so); otherwise the first barrier
+    waits for ever.
     """
-    L, n_threads = len(qkv_panels), workspace.shape[0]
+    L, n_threads, N = addresses.shape[0], workspace.shape[0], x.shape[0]
+    output, up = product_tuple(*output_parts), product_tuple(*up_parts)
     check_workspace(
         workspace,
-        max(
-            attention_floats(offsets, offsets, context.shape[1] // H),
-            feed_forward_floats(x.shape[0], n_threads, (output_panels[0], output_bias[0]), (up_panels[0], up_bias[0])),
-        ),
+        max(attention_floats(offsets, offsets, context.shape[1] // H), feed_forward_floats(N, n_threads, output, up)),
     )
-    taken = np.zeros((L, 3), dtype=np.int64)  # a work counter per layer and step
+    check_codes(codes, N, n_threads, output, up, isa)
+    check_row_codes(row_codes, row_scales, x, product_tuple(*qkv_parts), isa)
+    taken = np.zeros((L, 4), dtype=np.int64)  # a work counter per layer and step
     arrivals = np.zeros(1, dtype=np.int64)  # barrier arrivals, all layers and steps together
     for thread in prange(n_threads):
         for layer in range(L):
-            linear_items(qkv, 0, x, qkv_panels[layer], qkv_bias[layer], taken[layer, 0:1])
-            wait_for_all(arrivals, n_threads * (3 * layer + 1))
-            attention_items(context, qkv, qkv, width, offsets, offsets, H, workspace[thread], taken[layer, 1:2])
-            wait_for_all(arrivals, n_threads * (3 * layer + 2))
+            at = addresses[layer]
+            item = take(taken[layer, 0:1])
+            while item * ROWS_PER_ITEM < N:
+                first = item * ROWS_PER_ITEM
+                prepare_rows(row_codes, row_scales, x, first, min(N, first + ROWS_PER_ITEM), isa)
+                item = take(taken[layer, 0:1])
+            wait_for_all(arrivals, n_threads * (4 * layer + 1))
+            linear_items(qkv, x, row_codes, row_scales, _product_at(qkv_parts, at[0]), isa, taken[layer, 1:2])
+            wait_for_all(arrivals, n_threads * (4 * layer + 2))
+            attention_items(
+                context, qkv, qkv, width, offsets, offsets, H, workspace[thread], taken[layer, 2:3], rounding
+            )
+            wait_for_all(arrivals, n_threads * (4 * layer + 3))
             _feed_forward_items(
                 x,
                 context,
-                (output_panels[layer], output_bias[layer]),
-                norm1_weight[layer],
-                norm1_bias[layer],
-                (up_panels[layer], up_bias[layer]),
-                (down_panels[layer], down_bias[layer]),
-                norm2_weight[layer],
-                norm2_bias[layer],
+                _product_at(output_parts, at[1]),
+                same_array_at(norms[0], at[4, 0]),
+                same_array_at(norms[1], at[4, 1]),
+                _product_at(up_parts, at[2]),
+                _product_at(down_parts, at[3]),
+                same_array_at(norms[2], at[4, 2]),
+                same_array_at(norms[3], at[4, 3]),
                 eps,
-                0,
+                isa,
                 n_threads,
                 workspace[thread],
-                workspace[thread, :0],
-                taken[layer, 2:3],
+                codes[thread],
+                taken[layer, 3:4],
             )
-            wait_for_all(arrivals, n_threads * (3 * layer + 3))
+            wait_for_all(arrivals, n_threads * (4 * layer + 4))

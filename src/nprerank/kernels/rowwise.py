@@ -142,6 +142,19 @@ def exp32(x):
 
 
 @kernel
+def largest(x):
+    """max(x) of a 1-D float32 array of at least one value, exactly. The comparisons are made on
+    integers that order as the floats do (a negative float's bits, less its sign, reversed), as
+    LLVM vectorises an integer maximum but not a float one (its NaN rules stop it): the softmax's
+    max over a row of 512 scores took as long as the products that made them."""
+    top = np.int32(-2147483648)
+    for j in range(x.shape[0]):
+        bits = np.int32(bits_of_float(x[j]))
+        top = max(top, bits ^ ((bits >> np.int32(31)) & np.int32(0x7FFFFFFF)))
+    return float_from_bits(top ^ ((top >> np.int32(31)) & np.int32(0x7FFFFFFF)))
+
+
+@kernel
 def gelu32(x):
     """reference.gelu for one float32: x * Phi(x) with the same erf formula (A&S 7.1.26)."""
     z = x * SQRT_HALF

@@ -13,6 +13,7 @@ threads; tests/test_engine_faults.py checks that no region allocates.
 Read next: rowwise.py, the elementwise maths and the row-by-row layers.
 """
 
+import ctypes
 import os
 
 import numba
@@ -132,3 +133,57 @@ def check_workspace(workspace, floats):
     starts, where an exception reaches the caller."""
     if workspace.shape[1] < floats:
         raise ValueError("the workspace is too small for this batch")
+
+
+# --- arrays passed by address: every layer's weights in one region ----------------------------------
+# kernels.layers.encoder_layers runs all layers in one region, so it needs every layer's weights.
+# As tuples of one array per layer, Numba compiles each `tuple[layer]` into a switch with a case
+# per layer, and the whole kernel anew for every tuple length (a region over 11 layers took 75 s
+# to compile, over 23 more than ten minutes); a parallel region cannot take tuples of tuples at
+# all. All layers' arrays of one kind have the same shape, dtype and strides, so the first
+# layer's array stands for the type, and the others travel as their addresses (addresses_of):
+# same_array_at makes the view. One compiled kernel, whatever the depth.
+
+
+def addresses_of(arrays: list) -> np.ndarray:
+    """[a.ctypes.data for a in arrays] as int64, after checking that each array has the first's
+    shape, dtype and strides (ValueError otherwise), so that same_array_at(arrays[0], address)
+    is that array. The arrays must outlive every kernel that is given their addresses."""
+    first = arrays[0]
+    for a in arrays:
+        if a.shape != first.shape or a.dtype != first.dtype or a.strides != first.strides:
+            raise ValueError(f"an array of {a.shape} {a.dtype} among arrays of {first.shape} {first.dtype}")
+    return np.array([a.ctypes.data for a in arrays], dtype=np.int64)
+
+
+if numba.config.DISABLE_JIT:
+
+    def same_array_at(like, address):
+        """The array of like's shape, dtype and strides at `address` (plain NumPy when JIT is disabled)."""
+        memory = (ctypes.c_char * max(like.nbytes, 1)).from_address(int(address))
+        return np.ndarray(like.shape, like.dtype, memory, strides=like.strides)
+
+else:
+    from numba.core import cgutils
+    from numba.np.arrayobj import populate_array
+
+    @intrinsic
+    def same_array_at(typingctx, like, address):
+        """The array of like's type, shape and strides at `address` (from addresses_of): a view
+        that owns nothing, valid while the array there lives."""
+        signature = like(like, address)
+
+        def codegen(context, builder, sig, args):
+            array = context.make_array(sig.args[0])(context, builder, args[0])
+            view = context.make_array(sig.return_type)(context, builder)
+            populate_array(
+                view,
+                data=builder.inttoptr(args[1], array.data.type),
+                shape=array.shape,
+                strides=array.strides,
+                itemsize=array.itemsize,
+                meminfo=cgutils.get_null_value(array.meminfo.type),
+            )
+            return view._getvalue()
+
+        return signature, codegen
