@@ -13,8 +13,6 @@ With NUMBA_DISABLE_JIT=1 every path "runs" (the tile is NumPy), so the avx512bf1
 (its activations rounded into `codes`, row slices of them per work item) is exercised on any host.
 """
 
-import math
-
 import numba
 import numpy as np
 import pytest
@@ -23,11 +21,10 @@ from test_kernels import assert_close
 
 from nprerank import bf16, reference
 from nprerank.config import ModelConfig, ModelError
-from nprerank.kernels import attention
 from nprerank.kernels import bf16 as bf16_kernels  # bf16 is the format and its oracle
 from nprerank.kernels.fp32 import PANEL
 from nprerank.kernels.isa import BF16
-from nprerank.kernels.threads import OPTIONS, make_workspace
+from nprerank.kernels.threads import OPTIONS
 from nprerank.layout import gemm_weights
 from nprerank.model import FastModel
 from nprerank.synthetic import make_model
@@ -195,52 +192,6 @@ def test_the_environment_forces_a_path(monkeypatch):
     assert BF16.choose() == best, "by default the best path this CPU has"
 
 
-# --- attention on bf16 (the avx512bf16 path) ------------------------------------------------------
-
-
-def rounded_attention(q, k, v):
-    """bf16.BF16Linears.matmul's attention for one head, in float64 after rounding: softmax(r(q)
-    r(k)^T / sqrt(D)) r(v) with the softmax's numerators rounded before the product and the
-    division after it, as the kernel does. q [Q, D], k and v [T, D] -> [Q, D]."""
-    r = bf16.rounded_to_bf16
-    scores = r(q).astype(np.float64) @ r(k).astype(np.float64).T / math.sqrt(q.shape[1])
-    numerators = np.exp(scores - scores.max(axis=1, keepdims=True)).astype(np.float32)
-    return r(numerators).astype(np.float64) @ r(v).astype(np.float64) / numerators.sum(axis=1, keepdims=True)
-
-
-@pytest.mark.skipif("avx512bf16" not in RUNNABLE, reason="this CPU cannot run the avx512bf16 path")
-@pytest.mark.parametrize("D", [6, 7, 64, 80])  # an odd head size pads its last pair; 80 > PANEL
-@pytest.mark.parametrize("lengths", [[1, 30, 100], [attention.KEY_BLOCK + 45, 3]])  # several key blocks
-def test_bf16_attention_matches_its_oracle(D, lengths):
-    """attention_forward with rounding=True against rounded_attention, head by head, for every
-    query and for the first tokens only (the last layer). A single key block is the oracle's
-    arithmetic; over several, each block's numerators are rounded against the running max, so a
-    few values round differently: the tolerance is a few bf16 steps of the context's scale."""
-    H = 2
-    C = H * D
-    rng = np.random.default_rng(D)
-    N = sum(lengths)
-    qkv = rng.standard_normal((N, 3 * C)).astype(np.float32) * 2
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    for query_offsets in (offsets, np.arange(len(offsets), dtype=np.int64)):
-        queries = qkv if query_offsets is offsets else np.ascontiguousarray(qkv[offsets[:-1]])
-        context = np.full((query_offsets[-1], C), np.nan, np.float32)
-        workspace = make_workspace(2, attention.attention_floats(offsets, query_offsets, D))
-        attention.attention_forward(context, queries, qkv, C, offsets, query_offsets, H, workspace, True)
-        for b in range(len(lengths)):
-            rows = slice(offsets[b], offsets[b + 1])
-            for h in range(H):
-                columns = slice(h * D, (h + 1) * D)
-                k, v = qkv[rows, C:][:, columns], qkv[rows, 2 * C :][:, columns]
-                q = queries[query_offsets[b] : query_offsets[b + 1], columns]
-                want = rounded_attention(q, k, v)
-                got = context[query_offsets[b] : query_offsets[b + 1], columns]
-                atol = 1e-4 if lengths[0] <= attention.KEY_BLOCK else 2e-2
-                assert_close(f"bf16 attention D={D} sequence {b} head {h}", got, want, atol=atol)
-                fp32 = reference.softmax(q @ k.T / np.float32(math.sqrt(D))) @ v
-                assert np.abs(got - fp32).max() > 1e-5, "attention was not rounded"
-
-
 # --- the whole model ---------------------------------------------------------------------------
 
 
@@ -261,27 +212,20 @@ def check_bf16_model(name, folder, lengths, bound, rounded_activations_checked=T
     fp32 = FastModel(weights, config, threads=2)(sequences)
     for isa in RUNNABLE:
         rounding = isa == "avx512bf16"
-        products = bf16.BF16Linears(weights.layers, rounding)  # on avx512bf16 attention's products too
-        oracle = reference.forward(*padded, weights, config, linear=products, matmul=products.matmul)
+        oracle = reference.forward(*padded, weights, config, linear=bf16.BF16Linears(weights.layers, rounding))
         got = FastModel(weights, config, threads=2, precision="bf16", isa=isa)(sequences)
         assert got.dtype == np.float32 and got.shape == (len(sequences),)
         # Rounding the activations to bf16's 8 bits lets fp32 summation order decide a rare rounding
         # (one in ~10^4 values flips by 2^-8), as int8's per-row quantization does: there the path
-        # is held to 100x the fp32 tolerance, and must be far nearer its own oracle than the one
-        # with fp32 activations (measured on the tiny models, three token seeds each: 1e-5 to 4e-5,
-        # once 7.8e-3 where a flip in attention's rounded probabilities cascaded, against 0.03 to
-        # 0.11).
+        # is held to int8's 30x tolerance, and must be far nearer its own oracle than the one with
+        # fp32 activations (measured: 1e-5 to 1e-3 against 0.03 to 0.11 on the tiny models).
         if rounded_activations_checked or not rounding:
             assert_close(
-                f"bf16 {name} {isa} vs reference with bf16 products", got, oracle, atol=1e-2 if rounding else 1e-4
+                f"bf16 {name} {isa} vs reference with bf16 products", got, oracle, atol=3e-3 if rounding else 1e-4
             )
         if rounding and rounded_activations_checked:
             weights_only = reference.forward(*padded, weights, config, linear=bf16.BF16Linears(weights.layers, False))
-            # typical pairs (the median), not the worst: a rare flip moves one pair as far as these do
-            nearest = np.median(np.abs(got - oracle))
-            assert nearest < np.median(np.abs(got - weights_only)) / 10, "activations not rounded"
-            linears_only = reference.forward(*padded, weights, config, linear=products)  # attention in fp32
-            assert nearest < np.median(np.abs(got - linears_only)) / 10, "attention not on bf16"
+            assert np.abs(got - oracle).max() < np.abs(got - weights_only).max() / 10, "activations not rounded"
         error = np.abs(got - fp32).max()
         print(f"{name} {isa}: max |logit - fp32 logit| {error:.4f}, logits' scale {np.abs(fp32).max():.2f}")
         assert error <= bound * np.abs(fp32).max(), f"{name} {isa}: bf16 moved a logit by {error}"

@@ -25,9 +25,8 @@ The format, named once here:
 its plain-loop twin in Numba, and the ISA paths are checked against that (tests/test_bf16.py).
 `rounded(weights)` is the whole model's oracle for the widening paths: reference.forward on it is
 what they compute (weights rounded, activations fp32), up to fp32 summation order. For the
-avx512bf16 path, which rounds the activations too and makes attention's two products on bf16
-as well, `BF16Linears(layers, round_activations=True)` passed to reference.forward as its `linear`
-and its `.matmul` as its `matmul` is.
+avx512bf16 path, which rounds the activations too, `BF16Linears(layers, round_activations=True)`
+passed to reference.forward as its `linear` is.
 
 Legend:  M rows (tokens), K the summed dimension, J output columns, P panels.
 
@@ -157,11 +156,6 @@ class BF16Linears:
             return reference.linear(x, p)
         x = rounded_to_bf16(x) if self.round_activations else x
         return reference.linear(x, self.rounded[id(p)])
-
-    def matmul(self, a, b):
-        """reference.attention's two products: a @ b, both rounded to bf16 first when the activations
-        are (the avx512bf16 path makes attention's products with vdpbf16ps too; the others in fp32)."""
-        return rounded_to_bf16(a) @ rounded_to_bf16(b) if self.round_activations else a @ b
 
 
 def rounded(weights: Weights) -> Weights:

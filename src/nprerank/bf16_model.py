@@ -5,10 +5,10 @@ contract (precisions.py's bf16 row: `FastModel(..., precision="bf16")` calls it)
 query/key/value, attention output, intermediate and output products made by kernels/bf16.py on bf16
 panels (bf16.py's format, memory-mapped from its own layout cache file, half the fp32 one).
 Everything else is model.py's, called as it is: embeddings, attention, LayerNorm, GELU and the
-classification head in fp32, the packed batch, the last layer's first-tokens-only shortcut. Each
-layer is model.encoder_layer's three parallel regions (the fp32 path's one region for all layers,
-kernels.layers.encoder_layers, is fp32-only): at rerank-100's sizes a region's ~0.1 ms wake-up is under 1%
-of a layer's time.
+classification head in fp32, the packed batch, the one region for all layers but the last
+(model.encoder), the last layer's first-tokens-only shortcut. Attention stays fp32: on bf16
+(vdpbf16ps, built and measured) it ran ~2% faster on rerank-100 and moved the logits 0.60 from
+fp32's instead of 0.41 (docs/performance.md).
 
 The error against fp32 is measured, not promised: tests/test_bf16.py bounds it on tiny models,
 docs/performance.md reports it on the full-size random model.
@@ -31,13 +31,12 @@ from .weights import Weights
 class BF16Steps:
     """model.encoder_layer's `steps` at bf16: linear_forward with the signature of fp32's, the
     instruction set and the uint16 scratch for its rounded activations bound; isa, the path the
-    feed-forward's products take (kernels.layers.output_feed_forward, bf16 by its panels);
-    rounding: attention's two products on bf16 too, where vdpbf16ps makes them (avx512bf16)."""
+    feed-forward's products take (kernels.layers.output_feed_forward, bf16 by its panels)."""
 
     products = staticmethod(layer_products)  # bf16 panels in fp32's LayerMatrices
 
-    def __init__(self, isa: int, rounded: np.ndarray, rounding: bool):
-        self.isa, self.rounded, self.rounding = isa, rounded, rounding
+    def __init__(self, isa: int, rounded: np.ndarray):
+        self.isa, self.rounded = isa, rounded
 
     def linear_forward(self, out, column, x, panels, bias, n_threads):
         bf16_kernels.linear_bf16_forward(out, column, x, panels, bias, n_threads, self.isa, self.rounded)
@@ -55,7 +54,7 @@ def forward(ids, offsets, weights: Weights, matrices: list, config: ModelConfig,
     buffers["codes"] = np.empty((threads, values), dtype=np.uint16)  # the feed-forward's rounded inputs
     rounded = np.empty((N, config.hidden_size) if rounding else (1, 1), dtype=np.uint16)
     buffers["row_codes"] = rounded  # the qkv product's rounded input, in every layer
-    steps = BF16Steps(isa, rounded, rounding)
+    steps = BF16Steps(isa, rounded)
     x = embeddings(ids, offsets, weights.embeddings, config)  # [N, C]
     x = encoder(x, offsets, list(zip(weights.layers, matrices)), buffers, config, steps)  # [B, C]
     return classification_head(x, weights.classifier)  # [B]

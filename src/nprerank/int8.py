@@ -190,8 +190,6 @@ class Int8Linears:
         product, out_features = self.products[id(p)]
         return linear_int8(x.astype(np.float32), product, out_features)
 
-    matmul = staticmethod(np.matmul)  # reference.attention's two products: fp32 at int8
-
 
 def forward(input_ids, attention_mask, weights, config):
     """reference.forward with the encoder's products at int8 (this module's format): [B] logits."""

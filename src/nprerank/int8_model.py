@@ -9,8 +9,10 @@ are model.py's, unchanged; what differs is each layer's products:
     context = attention(qkv)             kernels.attention.attention_forward, fp32
     x = output_feed_forward(x, context)  kernels.layers: the other three products at int8, block by block
 
-Each layer is three parallel regions (quantize + project, attention, the rest): at rerank-100's
-sizes a region's ~100 us wake-up is well under 1% of a layer's time.
+All layers but the last run in one parallel region, as at fp32 (model.encoder,
+kernels.layers.encoder_layers: the rows quantized, then the steps above, the threads meeting at
+barriers); encoder_layer below is the last layer (first tokens only), and every layer where the
+threading layer cannot hold one region. Four regions a layer cost one 128-token pair 15% of its time.
 
 Legend:  N tokens in the packed batch, B sequences, C hidden size, F feed-forward width.
 
@@ -59,7 +61,7 @@ def encoder_layer(
 ):
     """model.encoder_layer at int8: the same three steps and the same last-layer shortcut (queries,
     attention and feed-forward for the first tokens only). Returns the new hidden states [Q, C].
-    steps: forward's (the products' path, isa, and attention's, rounding)."""
+    steps: forward's (its isa: the products' path)."""
     isa = steps.isa
     workspace, codes = buffers["workspace"], buffers["codes"]
     threads = len(workspace)
@@ -78,7 +80,7 @@ def encoder_layer(
         linear(qkv, 0, x, m.qkv, buffers, isa, threads)
     context = buffers["context"][: len(hidden)]  # [Q, C]
     attention.attention_forward(
-        context, queries, qkv, width, offsets, query_offsets, config.num_attention_heads, workspace, steps.rounding
+        context, queries, qkv, width, offsets, query_offsets, config.num_attention_heads, workspace
     )
     layer_kernels.output_feed_forward(
         hidden,
@@ -119,7 +121,7 @@ def forward(ids, offsets, weights: Weights, matrices: list, config: ModelConfig,
         "codes": np.empty((threads, values), dtype=int8_kernels.ACTIVATION[isa]),
     }
     buffers["row_codes"], buffers["row_scales"] = buffers["q"], buffers["scales"]  # encoder_layers' names
-    steps = SimpleNamespace(products=_products, isa=isa, rounding=False)  # attention in fp32
+    steps = SimpleNamespace(products=_products, isa=isa)
     x = embeddings(ids, offsets, weights.embeddings, config)  # [N, C]
     x = encoder(x, offsets, list(zip(weights.layers, matrices)), buffers, config, steps, encoder_layer)  # [B, C]
     return classification_head(x, weights.classifier)  # [B]

@@ -73,10 +73,9 @@ def layer_products(m: LayerMatrices) -> tuple:
 
 
 # The encoder's `steps` at fp32: what makes encoder_layer's qkv product (linear_forward), a layer's
-# product tuples (products), the path the products take (isa), whether attention's products
-# round to bf16 (rounding), and the layer of encoder_layer's role (bf16_model.BF16Steps and
-# int8_model.INT8 at the other precisions)
-FP32_STEPS = SimpleNamespace(linear_forward=fp32.linear_forward, products=layer_products, isa=0, rounding=False)
+# product tuples (products) and the path the products take (isa); bf16_model.BF16Steps and
+# int8_model.forward's at the other precisions
+FP32_STEPS = SimpleNamespace(linear_forward=fp32.linear_forward, products=layer_products, isa=0)
 
 # One forward pass at a time in the whole process, whatever the FastModel: Numba's workqueue layer
 # has one pool of threads and aborts the process (SIGABRT) when two Python threads launch parallel
@@ -195,9 +194,8 @@ def encoder_layer(
     (kernels.layers.output_feed_forward). Used for the last layer (and for every layer where
     encoder_layers cannot be). Returns the new hidden states [Q, C]: x itself, updated in
     place, or in the last layer a new [B, C] array of the first tokens' rows. steps: what makes
-    the qkv product (linear_forward), the feed-forward's path (isa) and attention's products
-    (rounding: on bf16): FP32_STEPS, or bf16_model.BF16Steps; the feed-forward's scratch is
-    buffers' workspace and codes."""
+    the qkv product (linear_forward) and the feed-forward's path (isa): FP32_STEPS, or
+    bf16_model.BF16Steps; the feed-forward's scratch is buffers' workspace and codes."""
     threads, workspace = len(buffers["workspace"]), buffers["workspace"]
     qkv = buffers["qkv"]  # [N, 3 * width]: query, key and value side by side
     panels, width = len(m.qkv) // 3, m.width  # per projection
@@ -213,7 +211,7 @@ def encoder_layer(
         steps.linear_forward(qkv, 0, x, m.qkv, m.qkv_bias, threads)
     context = buffers["context"][: len(hidden)]  # [Q, C]
     attention.attention_forward(
-        context, queries, qkv, width, offsets, query_offsets, config.num_attention_heads, workspace, steps.rounding
+        context, queries, qkv, width, offsets, query_offsets, config.num_attention_heads, workspace
     )
     layer_kernels.output_feed_forward(
         hidden,
@@ -255,7 +253,6 @@ def encoder_layers(x, offsets, layers: list, buffers, config: ModelConfig, steps
         *arrays[0],  # qkv, output, up and down parts, norms
         np.ascontiguousarray(addresses),
         steps.isa,
-        steps.rounding,
         buffers["row_codes"],
         buffers["row_scales"],
         buffers["workspace"],

@@ -57,12 +57,8 @@ def gelu(x):
     return (0.5 * x * (1.0 + erf(x / math.sqrt(2.0)))).astype(x.dtype)
 
 
-def softmax_numerators(x):
-    return np.exp(x - x.max(axis=-1, keepdims=True))  # subtract the max for numerical stability
-
-
 def softmax(x):
-    e = softmax_numerators(x)
+    e = np.exp(x - x.max(axis=-1, keepdims=True))  # subtract the max for numerical stability
     return e / e.sum(axis=-1, keepdims=True)
 
 
@@ -77,7 +73,7 @@ def embeddings(input_ids, attention_mask, p: Embeddings, config: ModelConfig):
 QUERY_BLOCK = 512  # queries whose scores attention() holds at once
 
 
-def attention(x, padding, p: Layer, config: ModelConfig, linear=linear, matmul=np.matmul):
+def attention(x, padding, p: Layer, config: ModelConfig, linear=linear):
     B, T, C = x.shape
     H, D = config.num_attention_heads, config.head_size
 
@@ -94,10 +90,8 @@ def attention(x, padding, p: Layer, config: ModelConfig, linear=linear, matmul=n
     # [B, H, QUERY_BLOCK, T], not [B, H, T, T] (16 heads x 8192^2 floats would be 4.3 GB)
     for start in range(0, T, QUERY_BLOCK):
         rows = slice(start, start + QUERY_BLOCK)
-        scores = matmul(query[:, :, rows], key.transpose(0, 1, 3, 2)) / np.float32(math.sqrt(D))  # [B, H, rows, T]
-        # softmax(scores) @ value, divided by the sum after the product (D values a row, not T), as the kernel does
-        numerators = softmax_numerators(scores + mask)  # [B, H, rows, T]
-        context[:, :, rows] = matmul(numerators, value) / numerators.sum(axis=-1, keepdims=True)  # [B, H, rows, D]
+        scores = query[:, :, rows] @ key.transpose(0, 1, 3, 2) / np.float32(math.sqrt(D))  # [B, H, rows, T]
+        context[:, :, rows] = softmax(scores + mask) @ value  # [B, H, rows, D]
     context = context.transpose(0, 2, 1, 3).reshape(B, T, C)  # [B, T, C]
     return linear(context, p.attention_output)  # [B, T, C]
 
@@ -106,9 +100,9 @@ def feed_forward(x, p: Layer, linear=linear):
     return linear(gelu(linear(x, p.intermediate)), p.output)  # [B, T, C] -> [B, T, F] -> [B, T, C]
 
 
-def encoder_layer(x, padding, p: Layer, config: ModelConfig, linear=linear, matmul=np.matmul):
+def encoder_layer(x, padding, p: Layer, config: ModelConfig, linear=linear):
     # post-LN (original BERT): normalise after each residual sum, not before each block
-    x = layer_norm(x + attention(x, padding, p, config, linear, matmul), p.attention_norm, config.layer_norm_eps)
+    x = layer_norm(x + attention(x, padding, p, config, linear), p.attention_norm, config.layer_norm_eps)  # [B, T, C]
     return layer_norm(x + feed_forward(x, p, linear), p.output_norm, config.layer_norm_eps)  # [B, T, C]
 
 
@@ -118,18 +112,17 @@ def classification_head(x, p: Classifier):
     return linear(np.tanh(linear(first, p.dense)), p.out_proj)[:, 0]  # [B, C] -> [B, C] -> [B]
 
 
-def forward(input_ids, attention_mask, weights: Weights, config: ModelConfig, linear=linear, matmul=np.matmul):
+def forward(input_ids, attention_mask, weights: Weights, config: ModelConfig, linear=linear):
     """[B, T] token ids and [B, T] mask (1 = real token, 0 = padding) -> [B] logits.
 
-    `linear` makes the encoder's products (int8.forward passes its quantized one) and `matmul`
-    attention's two (bf16.BF16Linears.matmul rounds their inputs to bf16); the classification
-    head's are always this module's."""
+    `linear` makes the encoder's products (int8.forward passes its quantized one); the
+    classification head's are always this module's."""
     # The mask, not the pad id, says what is padding: a literal "<pad>" typed in a text is token 1
     # too, and transformers attends to it (though position_ids skips it, as it does here).
     padding = attention_mask == 0  # [B, T]
     x = embeddings(input_ids, attention_mask, weights.embeddings, config)  # [B, T, C]
     for layer in weights.layers:
-        x = encoder_layer(x, padding, layer, config, linear, matmul)  # [B, T, C]
+        x = encoder_layer(x, padding, layer, config, linear)  # [B, T, C]
     return classification_head(x, weights.classifier)  # [B]
 
 
@@ -146,15 +139,13 @@ def pad(sequences: list, pad_token_id: int) -> tuple:
 class ReferenceModel:
     """The reference engine behind model.FastModel's call: [ids] * B -> [B] float32 logits."""
 
-    def __init__(
-        self, weights: Weights, config: ModelConfig, threads: int | None = None, linear=linear, matmul=np.matmul
-    ):
+    def __init__(self, weights: Weights, config: ModelConfig, threads: int | None = None, linear=linear):
         from .model import set_threads  # NumPy's products run on OpenBLAS, whose threads it bounds
 
         check_all_finite(weights)  # as the fast engine does when it writes its layout
-        self.weights, self.config, self.linear, self.matmul = weights, config, linear, matmul  # as forward's
+        self.weights, self.config, self.linear = weights, config, linear  # linear: as forward's
         self.threads = set_threads(threads)
 
     def __call__(self, sequences: list) -> np.ndarray:
         refuse_if_changed(self.weights)  # ModelError rather than stale or mixed weights
-        return forward(*pad(sequences, self.config.pad_token_id), self.weights, self.config, self.linear, self.matmul)
+        return forward(*pad(sequences, self.config.pad_token_id), self.weights, self.config, self.linear)

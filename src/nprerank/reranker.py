@@ -77,14 +77,8 @@ class Reranker:
             self.model = FastModel(weights, config, threads=threads, precision=precision)
         else:
             # int8, bf16: the fast path's oracle, reference.py with that format's products
-            oracle = precisions.load(row.oracle)(weights.layers) if row.oracle else None
-            self.model = reference.ReferenceModel(
-                weights,
-                config,
-                threads=threads,
-                linear=oracle or reference.linear,
-                matmul=oracle.matmul if oracle else np.matmul,
-            )
+            linear = precisions.load(row.oracle)(weights.layers) if row.oracle else reference.linear
+            self.model = reference.ReferenceModel(weights, config, threads=threads, linear=linear)
         self.precision = precision
 
     @classmethod

@@ -18,9 +18,6 @@ import math
 import numpy as np
 from numba import prange
 
-from ..bf16 import PAIR
-from .bf16 import AVX512BF16, bf16_bits, round_rows
-from .bf16 import panels_product as bf16_panels_product
 from .fp32 import PANEL, TILE_ROWS, panels_product
 from .rowwise import ONE, contiguous_row, exp32, f32, largest
 from .threads import aligned, check_workspace, kernel, parallel_kernel, take
@@ -31,10 +28,9 @@ KEY_BLOCK = 512  # keys per block of the online softmax (a multiple of PANEL); m
 
 @kernel
 def _attention_sizes(T, count, D):
-    """Floats of (zeros, keys, values, scores, row state, out, block out, codes) for an item of T
-    keys and count queries. Only keys and values grow with T (2 T D floats); the scores of a block
-    of queries against a block of keys are the largest square part: no [T, T] matrix is ever made.
-    codes: the bf16 path's rounded queries or probabilities, two to a float."""
+    """Floats of (zeros, keys, values, scores, row state, out, block out) for an item of T keys
+    and count queries. Only keys and values grow with T (2 T D floats); the scores of a block of
+    queries against a block of keys are the largest square part: no [T, T] matrix is ever made."""
     span, head_width = -(-T // PANEL) * PANEL, -(-D // PANEL) * PANEL
     rows, columns = min(count, QUERY_BLOCK), min(span, KEY_BLOCK)
     return (
@@ -45,7 +41,6 @@ def _attention_sizes(T, count, D):
         2 * rows,
         rows * head_width,
         rows * head_width,
-        (rows * max(columns, head_width) + 1) // 2,
     )
 
 
@@ -64,19 +59,17 @@ def attention_floats(offsets, query_offsets, D):
 
 @kernel
 def _attention_scratch(scratch, T, count, D):
-    """Views into one thread's workspace row: zeros [max(KEY_BLOCK, Dp)], keys [D * span] (k^T
-    in panels, _panels_of), values [Dp * span] (one [Dp / PANEL, block, PANEL] array per block of
-    keys, back to back), scores [rows, columns], highest and total [rows] (the online softmax's running max and
-    sum), out and block_out [rows, Dp], codes [rows * max(columns, Dp)] uint16 (span, Dp: T, D
-    rounded up to whole panels; rows, columns: a block of queries and of keys). On the bf16 path
-    keys and values hold bf16 panels, two values to a float (_head_panels). Views only: nothing is
-    allocated."""
+    """Views into one thread's workspace row: zeros [max(KEY_BLOCK, Dp)], keys [span / PANEL, D,
+    PANEL], values [Dp * span] (one [Dp / PANEL, block, PANEL] array per block of keys, back to
+    back), scores [rows, columns], highest and total [rows] (the online softmax's running max and
+    sum), out and block_out [rows, Dp] (span, Dp: T, D rounded up to whole panels; rows, columns:
+    a block of queries and of keys). Views only: nothing is allocated."""
     span, head_width = -(-T // PANEL) * PANEL, -(-D // PANEL) * PANEL
     rows, columns = min(count, QUERY_BLOCK), min(span, KEY_BLOCK)
-    zeros_size, keys_size, values_size, scores_size, state_size, out_size, _, _ = _attention_sizes(T, count, D)
+    zeros_size, keys_size, values_size, scores_size, state_size, out_size, _ = _attention_sizes(T, count, D)
     at = aligned(zeros_size)  # where the next buffer starts
     zeros = scratch[:zeros_size]
-    keys = scratch[at : at + keys_size]
+    keys = scratch[at : at + keys_size].reshape((span // PANEL, D, PANEL))
     at += aligned(keys_size)
     values = scratch[at : at + values_size]
     at += aligned(values_size)
@@ -87,13 +80,11 @@ def _attention_scratch(scratch, T, count, D):
     out = scratch[at : at + out_size].reshape((rows, head_width))
     at += aligned(out_size)
     block_out = scratch[at : at + out_size].reshape((rows, head_width))
-    at += aligned(out_size)
-    codes = scratch[at : at + (rows * max(columns, head_width) + 1) // 2].view(np.uint16)
-    return zeros, keys, values, scores, highest, total, out, block_out, codes
+    return zeros, keys, values, scores, highest, total, out, block_out
 
 
 @parallel_kernel
-def attention_forward(context, queries, qkv, width, offsets, query_offsets, H, workspace, rounding=False):
+def attention_forward(context, queries, qkv, width, offsets, query_offsets, H, workspace):
     """softmax(q k^T / sqrt(D)) v of reference.attention, per packed sequence and head.
 
     context [Q, C]; the projections, biases included: queries[:, :C] [Q, C], and the keys and
@@ -107,20 +98,16 @@ def attention_forward(context, queries, qkv, width, offsets, query_offsets, H, w
     Both products go through `_tile`, like the linear layers: the head's keys and values are
     first copied into panels (zero-padded to whole panels), a few KB per head. The softmax's
     division is done after the product with v: on D values per query instead of T.
-
-    rounding: both products on bf16 instead, by bf16.py's avx512bf16 tile (vdpbf16ps, fp32 sums):
-    q, k, v and the softmax's numerators rounded to bf16 (bf16.BF16Linears.matmul is the oracle),
-    twice the multiply-adds per instruction. Only where that path runs.
     """
     n_threads = workspace.shape[0]
     check_workspace(workspace, attention_floats(offsets, query_offsets, context.shape[1] // H))
     taken = np.zeros(1, dtype=np.int64)  # work items: (sequence, head) pairs
     for thread in prange(n_threads):
-        attention_items(context, queries, qkv, width, offsets, query_offsets, H, workspace[thread], taken, rounding)
+        attention_items(context, queries, qkv, width, offsets, query_offsets, H, workspace[thread], taken)
 
 
 @kernel
-def attention_items(context, queries, qkv, width, offsets, query_offsets, H, scratch, taken, rounding=False):
+def attention_items(context, queries, qkv, width, offsets, query_offsets, H, scratch, taken):
     """One thread's part of attention_forward: the (sequence, head) items it takes from `taken`,
     in its own row of the workspace, `scratch`."""
     C = context.shape[1]
@@ -132,12 +119,9 @@ def attention_items(context, queries, qkv, width, offsets, query_offsets, H, scr
         b, h = item // H, item % H
         start, T = offsets[b], offsets[b + 1] - offsets[b]
         first, count = query_offsets[b], query_offsets[b + 1] - query_offsets[b]
-        zeros, keys, values, scores, highest, total, out, block_out, codes = _attention_scratch(scratch, T, count, D)
+        zeros, keys, values, scores, highest, total, out, block_out = _attention_scratch(scratch, T, count, D)
         zeros[:] = 0  # no bias
-        if rounding:
-            _bf16_head_panels(keys.view(np.uint32), values.view(np.uint32), key, value, start, T, D, h * D)
-        else:
-            _head_panels(keys, values, key, value, start, T, D, h * D)
+        _head_panels(keys, values, key, value, start, T, D, h * D)
         for q0 in range(0, count, QUERY_BLOCK):
             rows = min(QUERY_BLOCK, count - q0)
             _attend_block(
@@ -147,56 +131,37 @@ def attention_items(context, queries, qkv, width, offsets, query_offsets, H, scr
                 keys,
                 values,
                 T,
-                D,
                 zeros,
                 scores[:rows],
                 highest[:rows],
                 total[:rows],
                 out[:rows],
                 block_out[:rows],
-                codes,
-                rounding,
             )
         item = take(taken)
 
 
 @kernel
-def _panels_of(flat, count, K, group):
-    """flat's first values as `count` panels of K rows (rounded up to whole groups): [count,
-    K / group, group * PANEL], a panel's group values of each of its PANEL columns side by side
-    (group 1: fp32's layout; PAIR: bf16's, for vdpbf16ps, an odd K's last pair half zero)."""
-    K = _whole_groups(K, group)
-    return flat[: count * K * PANEL].reshape((count, K // group, group * PANEL))
-
-
-@kernel
-def _whole_groups(K, group):
-    return -(-K // group) * group
-
-
-@kernel
 def _head_panels(keys, values, key, value, start, T, D, column):
     """Copy one head's keys and values (columns column : column + D of rows start : start + T)
-    into panels (_panels_of) for the products, zero-padded to whole panels: keys as k^T, the k of
-    the product being d, [span / PANEL] panels; values block by block, each block of KEY_BLOCK
-    keys its own [Dp / PANEL] panels, the k being the key, so that the product with a block's
-    probabilities reads one contiguous array. keys and values: the flat scratch.
+    into panels for `_tile`, zero-padded to whole panels: keys as k^T [span / PANEL, D, PANEL];
+    values block by block, each block of KEY_BLOCK keys a [Dp / PANEL, its keys, PANEL] array,
+    so that the product with a block's probabilities reads one contiguous array.
 
     The innermost loops run over a whole row of a panel, PANEL values, a length LLVM knows: with
     a length known only at run time the copies took a quarter of attention's time at 512 tokens
     (and keys written a key at a time, a store every 128 bytes, as much again)."""
     head_width = -(-D // PANEL) * PANEL
     span = -(-T // PANEL) * PANEL
-    panels = _panels_of(keys, span // PANEL, D, 1)  # [span / PANEL, D, PANEL]
     for p in range(span // PANEL):
         if (p + 1) * PANEL <= T:  # a whole panel: loops of a fixed length, which LLVM unrolls
             for d in range(D):
                 for j in range(PANEL):
-                    panels[p, d, j] = key[start + p * PANEL + j, column + d]
+                    keys[p, d, j] = key[start + p * PANEL + j, column + d]
         else:  # the last keys, then zeros
             for d in range(D):
                 for j in range(PANEL):
-                    panels[p, d, j] = key[start + p * PANEL + j, column + d] if p * PANEL + j < T else 0
+                    keys[p, d, j] = key[start + p * PANEL + j, column + d] if p * PANEL + j < T else 0
     for k0 in range(0, span, KEY_BLOCK):
         block = _value_block(values, k0, span, head_width)  # [Dp / PANEL, columns, PANEL]
         for t in range(block.shape[1]):
@@ -211,61 +176,10 @@ def _head_panels(keys, values, key, value, start, T, D, column):
 
 
 @kernel
-def _bf16_pair(low, high):
-    """Two floats rounded to bf16 in one 32-bit lane, as vdpbf16ps reads a pair: low in bits 0-15."""
-    return np.uint32(bf16_bits(low)) | (np.uint32(bf16_bits(high)) << np.uint32(16))
-
-
-@kernel
-def _bf16_head_panels(keys, values, key, value, start, T, D, column):
-    """_head_panels on the bf16 path: the same panels with k in pairs (bf16.py's layout, an odd D's
-    last pair half zero), each pair rounded into one uint32 (_bf16_pair), so that a panel is
-    [K / 2, PANEL] uint32, fp32's shape. keys, values: the flat scratch as uint32. The keys' pairs
-    are neighbours in a row of k (d, d + 1); the values' are two keys (t, t + 1)."""
-    head_width = -(-D // PANEL) * PANEL
-    span = -(-T // PANEL) * PANEL
-    pairs = (D + 1) // PAIR
-    panels = _panels_of(keys, span // PANEL, pairs, 1)  # [span / PANEL, pairs, PANEL] uint32
-    for p in range(span // PANEL):
-        first = start + p * PANEL
-        if (p + 1) * PANEL <= T:  # a whole panel, in fixed-length loops (_head_panels)
-            for d2 in range(D // PAIR):
-                for j in range(PANEL):
-                    panels[p, d2, j] = _bf16_pair(key[first + j, column + 2 * d2], key[first + j, column + 2 * d2 + 1])
-        else:
-            for d2 in range(D // PAIR):
-                for j in range(PANEL):
-                    real = p * PANEL + j < T
-                    low = key[first + j, column + 2 * d2] if real else f32(0.0)
-                    panels[p, d2, j] = _bf16_pair(low, key[first + j, column + 2 * d2 + 1] if real else f32(0.0))
-        if D % PAIR:  # an odd D's last k, alone in its pair
-            for j in range(PANEL):
-                last = key[first + j, column + D - 1] if p * PANEL + j < T else f32(0.0)
-                panels[p, pairs - 1, j] = _bf16_pair(last, f32(0.0))
-    for k0 in range(0, span, KEY_BLOCK):
-        columns = min(KEY_BLOCK, span - k0)
-        block = _panels_of(values[k0 * head_width // PAIR :], head_width // PANEL, columns // PAIR, 1)
-        for t2 in range(columns // PAIR):
-            t = k0 + PAIR * t2  # keys t and t + 1: a pair; those past T are zeros
-            for q in range(head_width // PANEL):
-                d = column + q * PANEL
-                if t + 1 < T and (q + 1) * PANEL <= D:
-                    for j in range(PANEL):
-                        block[q, t2, j] = _bf16_pair(value[start + t, d + j], value[start + t + 1, d + j])
-                else:
-                    for j in range(PANEL):
-                        real = q * PANEL + j < D
-                        low = value[start + t, d + j] if real and t < T else f32(0.0)
-                        block[q, t2, j] = _bf16_pair(
-                            low, value[start + t + 1, d + j] if real and t + 1 < T else f32(0.0)
-                        )
-
-
-@kernel
 def _value_block(values, k0, span, head_width):
-    """The fp32 panels [Dp / PANEL, columns, PANEL] of the values of the key block starting at k0."""
+    """The [Dp / PANEL, columns, PANEL] view of the values of the key block starting at k0."""
     columns = min(KEY_BLOCK, span - k0)
-    return _panels_of(values[k0 * head_width :], head_width // PANEL, columns, 1)
+    return values[k0 * head_width : (k0 + columns) * head_width].reshape((head_width // PANEL, columns, PANEL))
 
 
 @kernel
@@ -282,25 +196,7 @@ def _exponentials(x, highest, scale):
 
 
 @kernel
-def _product(out, x, flat, offset, count, K, zeros, codes, rounding):
-    """out = x [rows, K] @ the `count` panels of K rows at flat[offset:] (in values of the panels'
-    dtype): fp32.panels_product, or with rounding, x rounded to bf16 into codes and bf16's
-    avx512bf16 tile on the bf16 panels flat holds, two to a float."""
-    if rounding:
-        pairs = _whole_groups(K, PAIR)  # an odd K (head size) gets a zero k: vdpbf16ps sums pairs
-        rounded = codes[: x.shape[0] * pairs].reshape((x.shape[0], pairs))
-        round_rows(rounded, x)
-        rounded[:, K:] = 0
-        panels = _panels_of(flat.view(np.uint16)[offset:], count, K, PAIR)
-        bf16_panels_product(out, rounded, panels, zeros, 0, count, AVX512BF16)
-    else:
-        panels_product(out, x, _panels_of(flat[offset:], count, K, 1), zeros, 0, count)
-
-
-@kernel
-def _attend_block(
-    context, query, column, keys, values, T, D, zeros, scores, highest, total, out, block_out, codes, rounding
-):
+def _attend_block(context, query, column, keys, values, T, zeros, scores, highest, total, out, block_out):
     """context[:, column : column + D] = softmax(q k^T / sqrt(D)) v for a block of queries, over
     the keys a block at a time with an online softmax (Milakov & Gimelshein 2018, as in
     FlashAttention): each row keeps its running max and sum of exponentials, and when a later
@@ -308,17 +204,15 @@ def _attend_block(
     Memory is a [rows, KEY_BLOCK] block of scores whatever T; with one block of keys (T <=
     KEY_BLOCK, most pairs) this is exactly reference.softmax's arithmetic. The division by the
     sum is done at the end, on D values per query instead of T."""
-    rows = query.shape[0]
+    rows, D = query.shape[0], keys.shape[1]
     head_width = out.shape[1]
-    span = -(-T // PANEL) * PANEL
+    span = keys.shape[0] * PANEL
     scale = f32(1.0 / math.sqrt(D))
-    depth = _whole_groups(D, PAIR) if rounding else D  # rows of a key panel
     q = query[:, column : column + D]
     for k0 in range(0, span, KEY_BLOCK):
         columns = min(KEY_BLOCK, span - k0)  # a whole number of panels
         real = min(columns, T - k0)  # the padded keys past T get no weight
-        # the block's key panels follow k0 / PANEL panels of D rows; its value panels, k0 keys' worth
-        _product(scores, q, keys, k0 * depth, columns // PANEL, D, zeros, codes, rounding)
+        panels_product(scores, q, keys[k0 // PANEL : (k0 + columns) // PANEL], zeros, 0, columns // PANEL)
         target = out if k0 == 0 else block_out
         for i in range(rows):
             block_highest = largest(scores[i, :real])
@@ -334,8 +228,8 @@ def _attend_block(
             total[i] += _exponentials(scores[i, :real], highest[i], scale)
             for j in range(real, columns):
                 scores[i, j] = f32(0.0)
-        _product(
-            target, scores[:, :columns], values, k0 * head_width, head_width // PANEL, columns, zeros, codes, rounding
+        panels_product(
+            target, scores[:, :columns], _value_block(values, k0, span, head_width), zeros, 0, head_width // PANEL
         )
         if k0 > 0:
             for i in range(rows):

@@ -1,4 +1,4 @@
-"""A layer's steps after attention, at every precision, and whole fp32 layers in one region.
+"""A layer's steps after attention, and whole layers in one region, at every precision.
 
 The rest of reference.encoder_layer after attention, in place on the hidden states:
 
@@ -10,8 +10,9 @@ is one kernel, output_feed_forward, for all three precisions: only the products 
 input quantized per row as int8.forward does; bf16's). At fp32 it equals reference.py
 (tests/test_kernels.py); at int8, int8.forward's steps (tests/test_quantized.py, through
 int8_model.py); at bf16, reference.py with bf16.BF16Linears' products (tests/test_bf16.py,
-through bf16_model.py). encoder_layers runs whole fp32 layers (linear_forward, attention_forward and the
-rest) in one parallel region.
+through bf16_model.py). encoder_layers runs whole layers (the query, key and value product,
+attention and the rest) in one parallel region, at every precision: prepare_rows and linear_items
+are its qkv product at the weights' precision, chosen as `product` is.
 
 A product's weights travel as one tuple, bias last: (panels, bias) at fp32 and bf16,
 (panels, column scales, corrections, bias) at int8 (int8.Int8Product's fields).
@@ -394,7 +395,6 @@ def encoder_layers(
     norms,
     addresses,
     isa,
-    rounding,
     row_codes,
     row_scales,
     workspace,
@@ -409,11 +409,10 @@ def encoder_layers(
     parts (panels, scales, corrections, bias: product_tuple's; fp32 and bf16 pass empty scales and
     corrections); norms: its (attention norm weight, bias, output norm weight, bias). addresses
     [L, 5, 4] int64: layer l's arrays of the same kinds in the same order, by address
-    (threads.addresses_of; [l, 4] the norms). isa: the products' path (anything at fp32);
-    rounding: attention on bf16 (attention_forward's). row_codes [>= N, K'] and row_scales [>= N]:
-    prepare_rows' output for the qkv product (float32 [N, 0] at fp32). workspace [threads, S]: a
-    row of scratch per thread, large enough for attention and the feed-forward; codes [threads,
-    S'] as check_codes says.
+    (threads.addresses_of; [l, 4] the norms). isa: the products' path (anything at fp32).
+    row_codes [>= N, K'] and row_scales [>= N]: prepare_rows' output for the qkv product (float32
+    [N, 0] at fp32). workspace [threads, S]: a row of scratch per thread, large enough for
+    attention and the feed-forward; codes [threads, S'] as check_codes says.
 
     A region per step costs a wake-up of the sleeping threads each time (~110 us here, and on a
     busy host more, as a halted virtual CPU must be scheduled again): 36 of them for one pair's
@@ -443,9 +442,7 @@ def encoder_layers(
             wait_for_all(arrivals, n_threads * (4 * layer + 1))
             linear_items(qkv, x, row_codes, row_scales, _product_at(qkv_parts, at[0]), isa, taken[layer, 1:2])
             wait_for_all(arrivals, n_threads * (4 * layer + 2))
-            attention_items(
-                context, qkv, qkv, width, offsets, offsets, H, workspace[thread], taken[layer, 2:3], rounding
-            )
+            attention_items(context, qkv, qkv, width, offsets, offsets, H, workspace[thread], taken[layer, 2:3])
             wait_for_all(arrivals, n_threads * (4 * layer + 3))
             _feed_forward_items(
                 x,
