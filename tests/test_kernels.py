@@ -359,6 +359,32 @@ def test_one_region_equals_a_region_per_step(precision, monkeypatch):
 
 
 @numba.njit
+def largest_of(x):
+    return rowwise.largest(x)
+
+
+def test_largest_is_the_max():
+    """rowwise.largest orders the floats by their bits (vectorised): equal to np.max on negatives,
+    signed zeros, denormals and infinities."""
+    rng = np.random.default_rng(7)
+    tiny = np.float32(1e-40)  # a denormal
+    cases = [
+        -rng.uniform(1, 9, 37).astype(np.float32),
+        np.array([-0.0, 0.0, -0.0], np.float32),
+        np.array([-0.0], np.float32),
+        np.array([-tiny, tiny, -1.0], np.float32),
+        np.array([-np.inf, -3.0], np.float32),
+        np.array([1.0, np.inf, -np.inf], np.float32),
+        rng.standard_normal(513).astype(np.float32),
+    ]
+    for x in cases:
+        got = largest_of(x)
+        assert got == x.max() and np.signbit(got) == np.signbit(x.max()) or (got == 0 and x.max() == 0), (x, got)
+    column = rng.standard_normal((5, 40)).astype(np.float32)[:, 3]  # a strided view
+    assert largest_of(column) == column.max()
+
+
+@numba.njit
 def second_array_doubled(arrays_like, addresses):
     view = thread_kernels.same_array_at(arrays_like, addresses[1])
     view *= 2

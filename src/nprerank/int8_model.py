@@ -57,7 +57,7 @@ def _products(m: Int8Matrices) -> tuple:
 
 
 def encoder_layer(
-    x, offsets, p: Layer, m: Int8Matrices, buffers, config: ModelConfig, first_tokens_only: bool = False, steps=None
+    x, offsets, p: Layer, m: Int8Matrices, buffers, config: ModelConfig, first_tokens_only: bool = False, *, steps
 ):
     """model.encoder_layer at int8: the same three steps and the same last-layer shortcut (queries,
     attention and feed-forward for the first tokens only). Returns the new hidden states [Q, C].

@@ -161,7 +161,7 @@ def _head_panels(keys, values, key, value, start, T, D, column):
         else:  # the last keys, then zeros
             for d in range(D):
                 for j in range(PANEL):
-                    keys[p, d, j] = key[start + p * PANEL + j, column + d] if p * PANEL + j < T else 0
+                    keys[p, d, j] = key[start + p * PANEL + j, column + d] if p * PANEL + j < T else f32(0.0)
     for k0 in range(0, span, KEY_BLOCK):
         block = _value_block(values, k0, span, head_width)  # [Dp / PANEL, columns, PANEL]
         for t in range(block.shape[1]):
@@ -172,7 +172,7 @@ def _head_panels(keys, values, key, value, start, T, D, column):
                 else:  # the columns past D, and the keys past T, are zeros
                     for j in range(PANEL):
                         d = q * PANEL + j
-                        block[q, t, j] = value[start + k0 + t, column + d] if k0 + t < T and d < D else 0
+                        block[q, t, j] = value[start + k0 + t, column + d] if k0 + t < T and d < D else f32(0.0)
 
 
 @kernel

@@ -415,8 +415,9 @@ def encoder_layers(
     attention and the feed-forward; codes [threads, S'] as check_codes says.
 
     A region per step costs a wake-up of the sleeping threads each time (~110 us here, and on a
-    busy host more, as a halted virtual CPU must be scheduled again): 36 of them for one pair's
-    first 11 layers at fp32, 44 at int8, which quantizes x first. At the barriers the threads spin
+    busy host more, as a halted virtual CPU must be scheduled again): 33 of them for one pair's
+    first 11 layers at fp32, 44 at int8 and bf16, which prepare x first; here 44 barriers at every
+    precision (fp32's first step does nothing). At the barriers the threads spin
     instead, for microseconds. The caller must run it only where every prange iteration has a
     thread of its own (Numba's workqueue and OpenMP layers do so); otherwise the first barrier
     waits for ever.

@@ -95,7 +95,8 @@ else:
         def codegen(context, builder, sig, args):
             array = context.make_array(sig.args[0])(context, builder, args[0])
             row_stride = cgutils.unpack_tuple(builder, array.strides)[0]
-            start = builder.gep(builder.bitcast(array.data, cgutils.voidptr_t), [builder.mul(args[1], row_stride)])
+            m = context.cast(builder, args[1], sig.args[1], types.intp)
+            start = builder.gep(builder.bitcast(array.data, cgutils.voidptr_t), [builder.mul(m, row_stride)])
             row = context.make_array(row_type)(context, builder)
             populate_array(
                 row,

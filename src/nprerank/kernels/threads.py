@@ -150,9 +150,12 @@ def addresses_of(arrays: list) -> np.ndarray:
     shape, dtype and strides (ValueError otherwise), so that same_array_at(arrays[0], address)
     is that array. The arrays must outlive every kernel that is given their addresses."""
     first = arrays[0]
-    for a in arrays:
-        if a.shape != first.shape or a.dtype != first.dtype or a.strides != first.strides:
-            raise ValueError(f"an array of {a.shape} {a.dtype} among arrays of {first.shape} {first.dtype}")
+    for a in arrays:  # what Numba's array type holds, and the view's shape and strides
+        kind, first_kind = (
+            (x.shape, x.dtype, x.strides, x.flags.writeable, x.flags.aligned, x.flags.c_contiguous) for x in (a, first)
+        )
+        if kind != first_kind:
+            raise ValueError(f"an array of (shape, dtype, strides, flags) {kind} among arrays of {first_kind}")
     return np.array([a.ctypes.data for a in arrays], dtype=np.int64)
 
 
@@ -160,7 +163,8 @@ if numba.config.DISABLE_JIT:
 
     def same_array_at(like, address):
         """The array of like's shape, dtype and strides at `address` (plain NumPy when JIT is disabled)."""
-        memory = (ctypes.c_char * max(like.nbytes, 1)).from_address(int(address))
+        span = sum((n - 1) * s for n, s in zip(like.shape, like.strides)) + like.itemsize if like.size else 1
+        memory = (ctypes.c_char * span).from_address(int(address))  # the bytes the strides reach
         return np.ndarray(like.shape, like.dtype, memory, strides=like.strides)
 
 else:
