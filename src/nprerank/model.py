@@ -236,12 +236,14 @@ def encoder_layers(x, offsets, layers: list, buffers, config: ModelConfig, steps
     (kernels.layers.encoder_layers): the threads meet at barriers between the steps instead of being
     woken for each. x [N, C] is updated in place. steps: as encoder_layer's; the qkv product's
     prepared rows are buffers' row_codes and row_scales."""
-    # per layer: its four products' parts (panels, scales, corrections, bias) and its LayerNorms
+    # each layer's arrays in the kernel's order: its four products' (panels, scales, corrections,
+    # bias), then its LayerNorms' (attention norm weight, bias, output norm weight, bias)
     arrays = [[*(four_parts(product) for product in steps.products(m)), norm_parts(p)] for p, m in layers]  # [L][5][4]
     # the first layer's arrays stand for their kind; every layer's travel as addresses (kernels/threads.py)
-    addresses = np.array([[addresses_of([a[k][i] for a in arrays]) for i in range(4)] for k in range(5)]).transpose(
-        2, 0, 1
-    )  # [L, 5, 4]
+    addresses = np.empty((len(layers), 5, 4), dtype=np.int64)  # [L, kind, part]
+    for kind in range(5):
+        for part in range(4):
+            addresses[:, kind, part] = addresses_of([a[kind][part] for a in arrays])
     layer_kernels.encoder_layers(
         x,
         buffers["qkv"],
@@ -251,7 +253,7 @@ def encoder_layers(x, offsets, layers: list, buffers, config: ModelConfig, steps
         config.num_attention_heads,
         np.float32(config.layer_norm_eps),
         *arrays[0],  # qkv, output, up and down parts, norms
-        np.ascontiguousarray(addresses),
+        addresses,
         steps.isa,
         buffers["row_codes"],
         buffers["row_scales"],

@@ -24,6 +24,8 @@ Read next: model.py, which calls these in reference.py's order (int8_model.py an
 at the other precisions).
 """
 
+from typing import NamedTuple
+
 import numpy as np
 from numba import prange
 from numba.extending import overload
@@ -131,11 +133,26 @@ def _bf16_codes(codes, M, n_threads, output, up, isa):
     check_workspace(codes, feed_forward_codes(M, n_threads, output, up) if isa == bf16.AVX512BF16 else 0)
 
 
-# the panels' dtype -> its (product, check_codes, prepare_rows, linear_items, check_row_codes)
-BY_PANELS = {
-    np.dtype(np.float32): (_fp32_product, _fp32_codes, _fp32_rows, _fp32_items, _fp32_row_codes),
-    np.dtype(np.int8): (_int8_product, _int8_codes, _int8_rows, _int8_items, _int8_row_codes),
-    np.dtype(np.uint16): (_bf16_product, _bf16_codes, _bf16_rows, _bf16_items, _bf16_row_codes),
+class Steps(NamedTuple):
+    """A precision's own functions behind this module's names (product, check_codes, ...)."""
+
+    product: object
+    check_codes: object
+    prepare_rows: object
+    linear_items: object
+    check_row_codes: object
+
+
+BY_PANELS = {  # the panels' dtype -> its precision's Steps
+    np.dtype(np.float32): Steps(_fp32_product, _fp32_codes, _fp32_rows, _fp32_items, _fp32_row_codes),
+    np.dtype(np.int8): Steps(_int8_product, _int8_codes, _int8_rows, _int8_items, _int8_row_codes),
+    np.dtype(np.uint16): Steps(_bf16_product, _bf16_codes, _bf16_rows, _bf16_items, _bf16_row_codes),
+}
+BY_ACTIVATION = {  # prepare_rows' codes dtype -> its precision's: int8's paths take int8 or int16
+    np.dtype(np.float32): _fp32_rows,
+    np.dtype(np.int8): _int8_rows,
+    np.dtype(np.int16): _int8_rows,
+    np.dtype(np.uint16): _bf16_rows,
 }
 COMPILED = dict(fastmath=FASTMATH, error_model="numpy")  # threads.OPTIONS; the caller's cache holds them
 
@@ -146,14 +163,14 @@ def product(out, x, weights, scales, codes, isa):
     are the block's scratch for int8's quantized x and for bf16's rounded x on the avx512bf16 path;
     isa: the int8 or bf16 path. (This body runs only when JIT is disabled; compiled, the overload
     below picks the function instead.)"""
-    BY_PANELS[weights[0].dtype][0](out, x, weights, scales, codes, isa)
+    BY_PANELS[weights[0].dtype].product(out, x, weights, scales, codes, isa)
 
 
 def check_codes(codes, M, n_threads, output, up, isa):
     """ValueError unless codes [threads, S'] holds what the feed-forward's products need on M rows,
     at the precision of `output` (int8: feed_forward_codes values of its path's int8.ACTIVATION
     dtype; bf16's avx512bf16 path: as many uint16; fp32 and bf16's other paths: nothing)."""
-    BY_PANELS[output[0].dtype][1](codes, M, n_threads, output, up, isa)
+    BY_PANELS[output[0].dtype].check_codes(codes, M, n_threads, output, up, isa)
 
 
 def prepare_rows(codes, scales, x, first, last, isa):
@@ -168,16 +185,12 @@ def linear_items(out, x, codes, scales, weights, isa, taken):
     """One thread's share of out = x @ W + bias at the precision of `weights`, over all rows and
     panels (the (rows, panel) items of fp32.linear_items, int8's and bf16's), on the rows
     prepare_rows made: x [M, K] fp32, codes and scales as prepare_rows says."""
-    BY_PANELS[weights[0].dtype][3](out, x, codes, scales, weights, isa, taken)
+    BY_PANELS[weights[0].dtype].linear_items(out, x, codes, scales, weights, isa, taken)
 
 
 def check_row_codes(codes, scales, x, weights, isa):
     """ValueError unless codes and scales hold what prepare_rows makes of x for `weights`."""
-    BY_PANELS[weights[0].dtype][4](codes, scales, x, weights, isa)
-
-
-BY_ACTIVATION = {np.dtype(np.float32): _fp32_rows, np.dtype(np.int8): _int8_rows, np.dtype(np.int16): _int8_rows}
-BY_ACTIVATION[np.dtype(np.uint16)] = _bf16_rows
+    BY_PANELS[weights[0].dtype].check_row_codes(codes, scales, x, weights, isa)
 
 
 @overload(prepare_rows, jit_options=COMPILED)
@@ -187,22 +200,22 @@ def _compiled_prepare_rows(codes, scales, x, first, last, isa):
 
 @overload(linear_items, jit_options=COMPILED)
 def _compiled_linear_items(out, x, codes, scales, weights, isa, taken):
-    return BY_PANELS[as_dtype(weights[0].dtype)][3]
+    return BY_PANELS[as_dtype(weights[0].dtype)].linear_items
 
 
 @overload(check_row_codes, jit_options=COMPILED)
 def _compiled_check_row_codes(codes, scales, x, weights, isa):
-    return BY_PANELS[as_dtype(weights[0].dtype)][4]
+    return BY_PANELS[as_dtype(weights[0].dtype)].check_row_codes
 
 
 @overload(product, jit_options=COMPILED)
 def _compiled_product(out, x, weights, scales, codes, isa):
-    return BY_PANELS[as_dtype(weights[0].dtype)][0]
+    return BY_PANELS[as_dtype(weights[0].dtype)].product
 
 
 @overload(check_codes, jit_options=COMPILED)
 def _compiled_check_codes(codes, M, n_threads, output, up, isa):
-    return BY_PANELS[as_dtype(output[0].dtype)][1]
+    return BY_PANELS[as_dtype(output[0].dtype)].check_codes
 
 
 @kernel
