@@ -56,7 +56,7 @@ MAGNITUDE = np.uint32(0x7FFFFFFF)  # a float32's bits without the sign
 
 
 @kernel
-def quantize_row(q, scales, x, m):
+def _quantize_row(q, scales, x, m):
     """int8.quantize_rows for row m: q[m] [K4 * 4] (zero-padded), scales[m]; x [M, K]. q's
     dtype is the path's ACTIVATION dtype: the values are int8's whatever it is.
 
@@ -82,14 +82,14 @@ def quantize_row(q, scales, x, m):
 def quantize_rows(q, scales, x):
     """int8.quantize_rows(x) into q [M, K4 * 4] (int8 or int16) and scales [M] float32, row by row."""
     for m in range(x.shape[0]):
-        quantize_row(q, scales, x, m)
+        _quantize_row(q, scales, x, m)
 
 
 @parallel_kernel
 def quantize_rows_forward(q, scales, x):
     """quantize_rows with the rows shared among the threads."""
     for m in prange(x.shape[0]):
-        quantize_row(q, scales, x, m)
+        _quantize_row(q, scales, x, m)
 
 
 # --- the product ---------------------------------------------------------------------------------
