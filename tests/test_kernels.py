@@ -179,6 +179,17 @@ def test_output_feed_forward_matches_reference():
         assert_close(f"output_feed_forward {threads} threads", got, want, atol=3e-5)
 
 
+@pytest.mark.parametrize("threads", [2, 3, 4])
+def test_feed_forward_blocks_come_in_whole_rounds_of_the_threads(threads):
+    """Every thread gets as many feed-forward blocks as the others: 3 blocks on 2 threads (one
+    128-token pair with AVX2's 6-row tiles) left one thread idle a third of the time."""
+    for M in range(threads * fp32.TILE_ROWS, 2000):
+        rows = layers._rows_per_block(M, threads)
+        blocks = -(-M // rows)
+        assert blocks % threads == 0, f"M={M}: {blocks} blocks of {rows} rows on {threads} threads"
+        assert rows <= layers.BLOCK_TILES * fp32.TILE_ROWS, f"M={M}: blocks of {rows} rows are too large"
+
+
 @pytest.mark.parametrize("C,H", [(30, 5), (64, 4), (4 * 80, 4)])  # head size 6, 16 and 80 (> PANEL)
 def test_attention_forward_matches_reference(C, H):
     """Query, key and value side by side in one [N, 3C] array, as model.py passes them. One
