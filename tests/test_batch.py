@@ -367,14 +367,15 @@ def test_an_output_from_elsewhere_or_other_settings_is_refused(tmp_path, tiny_mo
 
 
 def test_usage_errors(tmp_path, tiny_model, capsys):
+    """A wrong command line exits 2 (README), an input that cannot be used 1; one line each."""
     write_jsonl(tmp_path / "in.jsonl", jsonl_records(1))
-    assert batch_cli("-o", tmp_path / "out.jsonl", "--model", tiny_model) == 1
+    assert batch_cli("-o", tmp_path / "out.jsonl", "--model", tiny_model) == 2
     assert "no input" in capsys.readouterr().err
-    assert batch_cli(tmp_path / "in.jsonl", "--run", tmp_path / "in.jsonl", "-o", tmp_path / "o") == 1
+    assert batch_cli(tmp_path / "in.jsonl", "--run", tmp_path / "in.jsonl", "-o", tmp_path / "o") == 2
     assert "not both" in capsys.readouterr().err
     assert batch_cli(tmp_path / "missing.jsonl", "-o", tmp_path / "o", "--model", tiny_model) == 1
     assert "missing.jsonl: no such file" in capsys.readouterr().err
-    assert batch_cli(tmp_path / "in.jsonl", "-o", tmp_path / "o", "--model", tiny_model, "--depth", 1) == 1
+    assert batch_cli(tmp_path / "in.jsonl", "-o", tmp_path / "o", "--model", tiny_model, "--depth", 1) == 2
     assert "--depth picks the best of a --run's candidates" in capsys.readouterr().err
     os.mkfifo(tmp_path / "pipe.jsonl")
     for not_a_file in (tmp_path / "pipe.jsonl", tmp_path):
@@ -396,11 +397,66 @@ def test_usage_errors(tmp_path, tiny_model, capsys):
             == 1
         )
         assert f"{not_a_file}: not a regular file" in capsys.readouterr().err
-    assert batch_cli(tmp_path / "in.jsonl", "-o", tmp_path / "in.jsonl", "--model", tiny_model) == 1
+    assert batch_cli(tmp_path / "in.jsonl", "-o", tmp_path / "in.jsonl", "--model", tiny_model) == 2
     assert "is also an input" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_:
         batch_cli(tmp_path / "in.jsonl")  # no --output: nowhere to resume from
     assert exit_.value.code == 2
+
+
+@pytest.mark.parametrize(
+    "output,message",
+    [
+        (
+            "no/such/folder/out.jsonl",
+            "--output {tmp}/no/such/folder/out.jsonl: its folder {tmp}/no/such/folder does not exist",
+        ),
+        ("", "--output {tmp} is a folder; name a file in it"),
+        ("x" * 300 + ".jsonl", "{tmp}/" + "x" * 300 + ".jsonl: File name too long"),
+    ],
+)
+def test_an_output_that_cannot_be_written_is_one_line_before_the_model_loads(
+    tmp_path, tiny_model, capsys, monkeypatch, output, message
+):
+    write_jsonl(tmp_path / "in.jsonl", jsonl_records(1))
+    monkeypatch.setattr(Reranker, "from_pretrained", None)  # reached, it would fail with a TypeError
+    assert batch_cli(tmp_path / "in.jsonl", "-o", tmp_path / output, "--model", tiny_model) == 1
+    err = capsys.readouterr().err
+    assert err == f"nprerank: error: {message.format(tmp=tmp_path)}\n", err
+
+
+@pytest.mark.parametrize("content", [b"", b"\n\n  \r\n"])
+@pytest.mark.parametrize("trec", [False, True])
+def test_an_empty_input_is_an_error_not_a_finished_job(tmp_path, tiny_model, capsys, content, trec):
+    if trec:
+        trio = trec_trio(tmp_path, n_queries=2, per_query=2)
+        trio["run"].write_bytes(content)
+        args = ["--run", trio["run"], "--queries", trio["queries_path"], "--corpus", trio["corpus_path"]]
+        empty = trio["run"]
+    else:
+        empty = tmp_path / "in.jsonl"
+        empty.write_bytes(content)
+        args = [empty]
+    assert batch_cli(*args, "-o", tmp_path / "out.jsonl", "--model", tiny_model) == 1
+    assert (
+        capsys.readouterr().err
+        == f"nprerank: error: {empty}: nothing to rerank: the file is empty (or holds only blank lines)\n"
+    )
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_the_summary_counts_skipped_records_and_all_skipped_is_an_error(tmp_path, tiny_model, capsys):
+    good = '{"query": "panda", "documents": ["a bear"]}'
+    (tmp_path / "in.jsonl").write_text(f"{good}\nnot json\n", encoding="utf-8")
+    assert batch_cli(tmp_path / "in.jsonl", "-o", tmp_path / "one.jsonl", "--model", tiny_model, "--skip-bad") == 0
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.startswith("nprerank batch: 1 pair of 1 query in ") and ", 1 bad record skipped -> " in last, last
+    (tmp_path / "bad.jsonl").write_text('not json\n{"query": "panda", "passages": ["a bear"]}\n', encoding="utf-8")
+    assert batch_cli(tmp_path / "bad.jsonl", "-o", tmp_path / "none.jsonl", "--model", tiny_model, "--skip-bad") == 1
+    err = capsys.readouterr().err
+    assert "line 2: field 'documents' is missing (the record has 'query', 'passages')" in err
+    assert ", 2 bad records skipped -> " in err
+    assert err.endswith("nprerank: error: no record could be scored: all 2 bad records were skipped\n"), err
 
 
 def test_plain_progress_lines_say_pairs_rate_and_eta(tmp_path, tiny_model, monkeypatch, capsys):

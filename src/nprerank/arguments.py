@@ -3,6 +3,10 @@
 import argparse
 
 
+class UsageError(Exception):
+    """The command line is wrong (a missing or clashing option): `nprerank` exits with code 2."""
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1, else a usage error (exit 2) that quotes what was given."""
     try:

@@ -52,7 +52,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .arguments import positive_int
+from .arguments import UsageError, positive_int
 
 FORMATS = ("jsonl", "trec")
 DEPTH = 100  # --depth's default: the run's 100 best of each query, as BEIR reranks
@@ -91,6 +91,14 @@ class Source:
     skip_bad: bool = False
     say: object = field(default=lambda line: print(line, file=sys.stderr, flush=True))
     trec: bool = False  # the output is a TREC run: ids must be single whitespace-free fields
+    skipped: int = 0  # bad records passed over (--skip-bad) so far
+
+    def check_not_empty(self) -> None:
+        """ValueError unless the JSONL input or the run has a non-blank line: an empty input is
+        almost always a pipeline's mistake, and \"0 pairs\" must not read as a finished job."""
+        path = self.jsonl if self.jsonl is not None else self.run
+        if next(_records(path), None) is None:
+            raise ValueError(f"{path}: nothing to rerank: the file is empty (or holds only blank lines)")
 
     def paths(self) -> list:
         return [p for p in (self.jsonl, self.run, self.queries, self.corpus) if p is not None]
@@ -112,7 +120,7 @@ class Source:
                     except (ValueError, AttributeError, TypeError):  # UnicodeDecodeError is a ValueError
                         pass  # a bad line is reported when it is read for real
             return total
-        for number, (_, _, lines) in enumerate(_run_groups(self.run, skip_bad=True, say=None)):
+        for number, (_, _, lines) in enumerate(_run_groups(self.run, bad=lambda error: None)):
             if number >= start:
                 total += min(len(lines), self.depth)
         return total
@@ -120,6 +128,7 @@ class Source:
     def _bad(self, error: BadRecord) -> None:
         if not self.skip_bad:
             raise error
+        self.skipped += 1
         self.say(f"nprerank batch: skipped: {error}")
 
     # --- JSONL -------------------------------------------------------------------------------
@@ -154,7 +163,7 @@ class Source:
     def _trec_jobs(self, start: int):
         queries = LineIndex(self.queries, _query_line(self.queries), self._bad)
         corpus = LineIndex(self.corpus, _corpus_line(self.corpus), self._bad)
-        for number, (qid, line_number, lines) in enumerate(_run_groups(self.run, self.skip_bad, self.say)):
+        for number, (qid, line_number, lines) in enumerate(_run_groups(self.run, self._bad)):
             if number < start:
                 continue
             query = queries.get(qid)
@@ -227,7 +236,11 @@ def _jsonl_job(path, line_number: int, raw: bytes, number: int) -> Job:
     if "query" not in record:
         raise BadRecord(path, line_number, "field 'query' is missing")
     query = _text(path, line_number, "query", record["query"], empty_ok=False)
-    documents = record.get("documents")
+    if "documents" not in record:
+        raise BadRecord(
+            path, line_number, f"field 'documents' is missing (the record has {', '.join(map(repr, record))})"
+        )
+    documents = record["documents"]
     if not isinstance(documents, list):
         raise BadRecord(path, line_number, 'field \'documents\' must be a list of strings or {"id"?, "text"} objects')
     doc_ids, texts, named = [], [], False
@@ -264,8 +277,9 @@ def trec_field(text: str) -> str:
     return text
 
 
-def _run_groups(path, skip_bad: bool, say):
-    """A TREC run -> (qid, first line number, [(line number, docid, score)]) per query, in file order."""
+def _run_groups(path, bad):
+    """A TREC run -> (qid, first line number, [(line number, docid, score)]) per query, in file order.
+    A bad line is handed to `bad` (Source._bad: raise it, or count and log it) and passed over."""
     seen = set()
     qid, first, lines = None, 0, []
     for line_number, raw in _records(path):
@@ -289,10 +303,7 @@ def _run_groups(path, skip_bad: bool, say):
                     "must keep each query's lines together (sort it: sort -s -k1,1)",
                 )
         except BadRecord as error:
-            if not skip_bad:
-                raise
-            if say is not None:
-                say(f"nprerank batch: skipped: {error}")
+            bad(error)
             continue
         if fields[0] != qid:
             if qid is not None:
@@ -423,6 +434,10 @@ class Output:
 
     def __init__(self, path, settings: dict):
         self.path = Path(path)
+        if self.path.is_dir():
+            raise OSError(f"--output {self.path} is a folder; name a file in it")
+        if not self.path.parent.is_dir():
+            raise OSError(f"--output {self.path}: its folder {self.path.parent} does not exist")
         self.progress_path = self.path.with_name(self.path.name + ".progress")
         self.settings = settings
         self.done, self.written, self.pairs, self.finished = 0, 0, 0, False
@@ -694,11 +709,13 @@ def run_from_args(args, say=None) -> int:
     if output.finished:
         output.close()
         say(
-            f"nprerank batch: {args.output} is complete ({output.written} queries, {output.pairs} pairs); nothing to do"
+            f"nprerank batch: {args.output} is complete ({count(output.written, 'query')}, "
+            f"{count(output.pairs, 'pair')}); nothing to do"
         )
         return 0
     if output.done:
-        say(f"nprerank batch: resuming {args.output} after {output.written} queries ({output.pairs} pairs)")
+        so_far = f"{count(output.written, 'query')} ({count(output.pairs, 'pair')})"
+        say(f"nprerank batch: resuming {args.output} after {so_far}")
     options = reranker_options(args)
     jobs = source.jobs(output.done)
     if args.ray is not None:
@@ -721,11 +738,21 @@ def run_from_args(args, say=None) -> int:
         scored = local_scores(reranker, jobs)
     summary = run(source, output, scored, args.format, args.tag, args.batch_size, say)
     rate = summary["pairs"] / max(summary["seconds"], 1e-9)
+    skipped = f", {count(source.skipped, 'bad record')} skipped" if source.skipped else ""
     say(
-        f"nprerank batch: {summary['pairs']} pairs of {summary['records']} queries in {summary['seconds']:.1f} s "
-        f"({rate:.1f} pairs/s) -> {args.output}"
+        f"nprerank batch: {count(summary['pairs'], 'pair')} of {count(summary['records'], 'query')} in "
+        f"{summary['seconds']:.1f} s ({rate:.1f} pairs/s){skipped} -> {args.output}"
     )
+    if output.written == 0 and source.skipped:  # --skip-bad passed over every record: nothing was done
+        raise ValueError(f"no record could be scored: all {count(source.skipped, 'bad record')} were skipped")
     return 0
+
+
+def count(n: int, noun: str) -> str:
+    """'1 query', '2 queries', '0 pairs': a number and its noun, plural unless n is 1."""
+    if n == 1:
+        return f"1 {noun}"
+    return f"{n} {noun[:-1]}ies" if noun.endswith("y") else f"{n} {noun}s"
 
 
 def check_model_here(model, options: dict, local_cluster: bool) -> None:
@@ -758,14 +785,14 @@ def reranker_options(args) -> dict:
 def _source(args, say) -> Source:
     trio = (args.run, args.queries, args.corpus)
     if args.input is not None and any(trio):
-        raise ValueError("give either a JSONL INPUT or --run, --queries and --corpus, not both")
+        raise UsageError("give either a JSONL INPUT or --run, --queries and --corpus, not both")
     if args.input is None and not all(trio):
         missing = [name for name, value in zip(("--run", "--queries", "--corpus"), trio) if value is None]
-        raise ValueError(
+        raise UsageError(
             f"no input: give a JSONL INPUT, or --run, --queries and --corpus ({', '.join(missing)} missing)"
         )
     if args.input is not None and args.depth is not None:  # a JSONL record is scored whole: say so, not ignore it
-        raise ValueError(
+        raise UsageError(
             "--depth picks the best of a --run's candidates; a JSONL INPUT's documents are all scored "
             "(keep the ones you want in the file)"
         )
@@ -782,5 +809,6 @@ def _source(args, say) -> Source:
                 "pairs, to index ids, to resume); save it to a file first"
             )
         if args.output.resolve() == path.resolve():
-            raise ValueError(f"--output {args.output} is also an input")
+            raise UsageError(f"--output {args.output} is also an input")
+    source.check_not_empty()
     return source

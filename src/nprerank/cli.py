@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .arguments import positive_int
+from .arguments import UsageError, positive_int
 from .config import ModelError
 from .hub import DEFAULT_MODEL
 from .precisions import DEFAULT as PRECISION_DEFAULT
@@ -66,10 +66,6 @@ Lines end at \\n or \\r\\n only: a form feed, \\v or U+2028 inside a line stays 
 Output is best first: a table, or with --json Cloudflare's {"response": [{"id", "score", "text"}]};
 scores are sigmoid(logit) in [0, 1], or the logits themselves with --raw.
 """
-
-
-class UsageError(Exception):
-    """The command line is wrong: exit code 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -455,4 +451,9 @@ def _optional_module(name: str, command: str, install: str):
 
 
 def _one_line(error: Exception) -> str:
+    """The error as one line; an OSError from the system as "path: reason" (permission denied, a
+    full disk), not Python's "[Errno 13] Permission denied: 'path'"."""
+    if isinstance(error, OSError) and error.strerror and error.filename is not None:
+        paths = " -> ".join(str(name) for name in (error.filename, error.filename2) if name is not None)
+        return f"{paths}: {error.strerror}"
     return " ".join(str(error).split()) or type(error).__name__
