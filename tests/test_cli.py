@@ -639,3 +639,16 @@ def test_a_bad_isa_variable_is_one_line(tiny_model, precision, variable, value, 
         run("rerank", "--model", tiny_model, "--precision", precision, "q", "a", env={variable: value}), 1, phrase
     )
     assert run("rerank", "--model", tiny_model, "q", "a", env={variable: value}).returncode == 0
+
+
+@pytest.mark.parametrize("command", ["rerank", "batch", "serve", "bench"])
+def test_every_command_that_loads_a_model_takes_dash_m(command, tmp_path):
+    """`-m` is `--model` in each command that loads one (serve and bench once refused it), and a
+    folder that does not exist is one line naming it, before anything is served or measured."""
+    words = {"rerank": ["q", "a"], "batch": ["in.jsonl", "-o", "out.jsonl"], "serve": [], "bench": []}[command]
+    (tmp_path / "in.jsonl").write_text('{"query": "q", "documents": ["a"]}\n')
+    missing = str(tmp_path / "missing")
+    errors = [run(command, flag, missing, *words, cwd=tmp_path, timeout=60) for flag in ("--model", "-m")]
+    assert errors[0].returncode == errors[1].returncode != 0
+    assert errors[0].stderr == errors[1].stderr and errors[0].stderr.count("\n") == 1, errors[0].stderr
+    assert f"{missing}: no " in errors[0].stderr

@@ -768,13 +768,27 @@ def test_503_while_loading(tiny_model, reranker, tmp_path):
 
 
 def test_model_that_fails_to_load_stops_the_server(tmp_path):
-    server = Server(["--model", str(tmp_path / "no-such-model")], tmp_path / "log", env={"HF_HUB_OFFLINE": "1"})
+    """A folder that exists but holds no model fails in the model thread: logged, then the server
+    stops with exit 1."""
+    (tmp_path / "empty-model").mkdir()
+    server = Server(["--model", str(tmp_path / "empty-model")], tmp_path / "log", env={"HF_HUB_OFFLINE": "1"})
     try:
         assert server.process.wait(timeout=60) == 1, server.log()
     finally:
         server.stop()
-    assert "could not load the model" in server.log()
+    assert "could not load the model" in server.log() and "missing config.json" in server.log()
     assert "Traceback" not in server.log()
+
+
+def test_a_model_folder_that_does_not_exist_fails_before_anything_is_served(tmp_path):
+    missing = tmp_path / "no-such-model"
+    server = Server(["--model", str(missing)], tmp_path / "log", env={"HF_HUB_OFFLINE": "1"})
+    try:
+        assert server.process.wait(timeout=60) == 1, server.log()
+    finally:
+        server.stop()
+    assert f"{missing}: no such model folder" in server.log()
+    assert "Uvicorn running" not in server.log() and "Traceback" not in server.log()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

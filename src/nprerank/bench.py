@@ -1243,7 +1243,10 @@ def _names(allowed: tuple):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     model = parser.add_mutually_exclusive_group(required=True)
     model.add_argument(
-        "--model", metavar="PATH", help="a bge-reranker-base folder (config.json, tokenizer.json, model.safetensors)"
+        "--model",
+        "-m",
+        metavar="PATH",
+        help="a bge-reranker-base folder (config.json, tokenizer.json, model.safetensors)",
     )
     model.add_argument(
         "--random",

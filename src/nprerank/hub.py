@@ -47,12 +47,10 @@ def resolve(
     A repo id is looked up in the Hugging Face cache first (no network), then downloaded into it
     unless `offline` (default: the HF_HUB_OFFLINE environment variable) forbids it.
     """
-    path = Path(os.path.expanduser(str(name_or_path)))
-    if path.is_dir():
-        return path
-    if isinstance(name_or_path, os.PathLike):  # a Path is never a repo id
-        raise ModelError(f"{name_or_path}: no such model folder")
-    repo_id = _repo_id(str(name_or_path))
+    found = folder_or_repo_id(name_or_path)
+    if isinstance(found, Path):
+        return found
+    repo_id = found
     cached = _cached_folder(repo_id, revision, cache_dir)
     if cached is not None:
         return cached
@@ -120,6 +118,18 @@ def _remove(paths: list) -> None:
             shutil.rmtree(path, ignore_errors=True)
         else:
             path.unlink(missing_ok=True)
+
+
+def folder_or_repo_id(name_or_path) -> Path | str:
+    """The existing local folder `name_or_path` names, else it as a valid Hub repo id; a ModelError
+    if it is neither (a path that does not exist, a malformed id). No network: what a server checks
+    before it listens."""
+    path = Path(os.path.expanduser(str(name_or_path)))
+    if path.is_dir():
+        return path
+    if isinstance(name_or_path, os.PathLike):  # a Path is never a repo id
+        raise ModelError(f"{name_or_path}: no such model folder")
+    return _repo_id(str(name_or_path))
 
 
 def _repo_id(name: str) -> str:

@@ -26,6 +26,7 @@ import threading
 
 from ..arguments import positive_int
 from ..config import ModelError
+from ..hub import folder_or_repo_id
 from ..precisions import DEFAULT as PRECISION_DEFAULT
 from ..precisions import HELP as PRECISION_HELP
 from ..precisions import NAMES as PRECISION_NAMES
@@ -46,6 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     default = Limits()
     parser.add_argument(
         "--model",
+        "-m",
         default=os.environ.get("NPRERANK_MODEL") or DEFAULT_MODEL,
         help=f"model folder or Hugging Face repo id (default $NPRERANK_MODEL or {DEFAULT_MODEL})",
     )
@@ -335,6 +337,7 @@ def serve(
             options["truncation"] = limits.truncation
         return Reranker.from_pretrained(model, **options)
 
+    folder_or_repo_id(model)  # a folder that does not exist fails here, not after the port is served
     loader = load
     if preload:  # loaded now, before the port is served; later reloads (a changed checkpoint) load afresh
         loaded = [load()]
