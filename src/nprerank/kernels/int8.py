@@ -19,7 +19,14 @@ picks one at run time: a forced path never needs a recompile, and Numba's cache 
 
 (1) 16129 * 2 fits an int32 lane, so nothing saturates (vpmaddubsw would: 255 * 127 * 2 > 32767).
 
-The sums start at 0 (or, for vpdpbusd's unsigned activations, at -correction[j]) and live in
+vpdpbusd multiplies unsigned bytes by signed ones: its paths keep each quantized activation as
+value + 128 in a uint8 (made so by quantize_rows, activation_offset), so that the tile broadcasts a
+row's 4 bytes of a k-group straight from memory into every lane, and subtracts the +128's share,
+128 * sum_k W[k, j] = correction[j], where its sums start. (Shifted in the loop instead, with a xor,
+the bytes went through a general register to be broadcast, and the whole product ran 20-30%
+slower on Zen 4: 14 register-to-vector broadcasts per k-group beside the 28 vpdpbusd.)
+
+The sums start at 0 (or, on the vpdpbusd paths, at -correction[j]) and live in
 vector registers (loop-carried values) for the whole K loop; the store converts them to fp32,
 multiplies by row scale x column scale and adds the bias.
 
@@ -31,21 +38,24 @@ Read next: bf16.py, the same design on bf16 weights; then int8_model.py, which c
 import numba
 import numpy as np
 from numba import prange
+from numba.extending import overload
+from numba.np.numpy_support import as_dtype
 
 from ..int8 import GROUP, PANEL
 from .fp32 import PANEL_ROWS, tile_row_counts, tile_rows
 from .isa import INT8
 from .rowwise import bits_of_float, contiguous_row, f32, float_from_bits, rint32
-from .threads import kernel, parallel_kernel, take
+from .threads import FASTMATH, kernel, parallel_kernel, take
 
 # tile shape per path, indexed by isa.INT8.code(name): the sums must fit the vector registers
 TILE_ROWS = (14, 6, 6, 4)  # vnni512: 14 x 2 zmm sums + 2 weights + 1 broadcast = 31 of 32
 TILE_COLUMNS = (32, 16, 8, 8)  # avxvnni and avx2: 6 x 2 ymm sums + 2 + 1 = 15 of 16
-# How the paths take the quantized activations (same values, in [-127, 127]): vpdpbusd reads bytes;
-# the widening paths read them as int16 already, so that a row's 4 values of a k-group are one
-# 8-byte broadcast from memory instead of a load, a widening and a broadcast (16 -> 10 vector
-# instructions per k-group and 6 rows).
-ACTIVATION = (np.int8, np.int8, np.int16, np.int16)
+# How the paths take the quantized activations (the same values, in [-127, 127]): vpdpbusd's as
+# unsigned bytes, value + 128 (ACTIVATION_OFFSET; the module's docstring); the widening paths as
+# int16, so that a row's 4 values of a k-group are one 8-byte broadcast from memory instead of a
+# load, a widening and a broadcast (16 -> 10 vector instructions per k-group and 6 rows).
+ACTIVATION = (np.uint8, np.uint8, np.int16, np.int16)
+ACTIVATION_OFFSET = (128, 128, 0, 0)
 ACTIVATION_BYTES = tuple(np.dtype(dtype).itemsize for dtype in ACTIVATION)  # what Numba code can index
 QMAX = f32(127.0)
 ZERO = f32(0.0)
@@ -55,10 +65,28 @@ MAGNITUDE = np.uint32(0x7FFFFFFF)  # a float32's bits without the sign
 # --- activations: one scale per row, as they are made -----------------------------------------
 
 
+def activation_offset(q):
+    """What quantize_rows adds to each value it stores in q: 128 in uint8 (vpdpbusd's unsigned
+    operand), 0 in a signed dtype. (Plain Python when JIT is disabled; compiled, the overload below
+    gives the constant of q's type.)"""
+    return 128 if q.dtype == np.uint8 else 0
+
+
+@overload(activation_offset, jit_options=dict(fastmath=FASTMATH, error_model="numpy"))
+def _compiled_activation_offset(q):
+    offset = 128 if as_dtype(q.dtype) == np.dtype(np.uint8) else 0
+    return lambda q: offset
+
+
+def as_activation(q: np.ndarray, isa: int) -> np.ndarray:
+    """int8.quantize_rows' int8 codes as path `isa` takes them (ACTIVATION, ACTIVATION_OFFSET)."""
+    return (q.astype(np.int16) + ACTIVATION_OFFSET[isa]).astype(ACTIVATION[isa])
+
+
 @kernel
 def _quantize_row(q, scales, x, m):
     """int8.quantize_rows for row m: q[m] [K4 * 4] (zero-padded), scales[m]; x [M, K]. q's
-    dtype is the path's ACTIVATION dtype: the values are int8's whatever it is.
+    dtype is the path's ACTIVATION dtype: the values are int8's plus activation_offset(q).
 
     Both loops vectorise: the largest |x| is found as the largest of the floats' bits with the
     sign bit cleared (for floats that are not NaN the two orders agree, and an integer maximum
@@ -72,15 +100,17 @@ def _quantize_row(q, scales, x, m):
     largest = float_from_bits(np.int32(largest_bits))
     scales[m] = largest / QMAX
     inverse = QMAX / largest if largest > ZERO else ZERO
+    offset = activation_offset(q)
     for k in range(K):
-        q[m, k] = np.int32(rint32(row[k] * inverse))  # in [-127, 127]
+        q[m, k] = np.int32(rint32(row[k] * inverse)) + offset  # in [-127, 127], plus the offset
     for k in range(K, q.shape[1]):
-        q[m, k] = 0
+        q[m, k] = offset  # the value 0
 
 
 @kernel
 def quantize_rows(q, scales, x):
-    """int8.quantize_rows(x) into q [M, K4 * 4] (int8 or int16) and scales [M] float32, row by row."""
+    """int8.quantize_rows(x) into q [M, K4 * 4] (uint8 + 128, or int16: the path's ACTIVATION) and
+    scales [M] float32, row by row."""
     for m in range(x.shape[0]):
         _quantize_row(q, scales, x, m)
 
@@ -99,8 +129,8 @@ def quantize_rows_forward(q, scales, x):
 def linear_int8_forward(out, column, q, scales, panels, column_scales, corrections, bias, isa, n_threads):
     """out[:, column:] = int8.product_from_parts(q, scales, product), the panels shared by the threads.
 
-    out [M, >= column + P * PANEL] float32; q [M, K4 * 4] int8 and scales [M]: the quantized input
-    (quantize_rows); panels [P, K4, PANEL * 4] int8; column_scales, bias [P * PANEL] float32;
+    out [M, >= column + P * PANEL] float32; q [M, K4 * 4] (the path's ACTIVATION) and scales [M]:
+    the quantized input (quantize_rows); panels [P, K4, PANEL * 4] int8; column_scales, bias [P * PANEL] float32;
     corrections [P * PANEL] int32; isa: isa.INT8.code(name). Work items as fp32.linear_forward's."""
     check_activation(q, isa)
     taken = np.zeros(1, dtype=np.int64)
@@ -150,9 +180,10 @@ def panels_product(out, q, scales, panels, column_scales, corrections, bias, fir
 
 @kernel
 def check_activation(q, isa):
-    """ValueError unless q's dtype is ACTIVATION[isa]: the tile has no loop for another pair and
-    would leave out untouched. Checked before the parallel region (an exception inside one is lost)."""
-    if q.itemsize != ACTIVATION_BYTES[isa]:
+    """ValueError unless q's dtype is ACTIVATION[isa]: the tile has no loop for another size and
+    would leave out untouched, and int8 bytes on a vpdpbusd path would be read 128 off. Checked
+    before the parallel region (an exception inside one is lost)."""
+    if q.itemsize != ACTIVATION_BYTES[isa] or activation_offset(q) != ACTIVATION_OFFSET[isa]:
         raise ValueError("q's dtype is not the ACTIVATION dtype of this isa")
 
 
@@ -163,15 +194,16 @@ def tile_counts(isa: int) -> list:
 
 @kernel
 def int8_tile_naive(out, q, scales, panel, column_scales, corrections, bias, columns):
-    """_int8_tile's plain-loop twin: out[r, j] = float32(sum_g,i q[r, 4g+i] * panel[g, 4j+i]) *
-    (scales[r] * column_scales[j]) + bias[j] for j < columns. `corrections` is unused here: it
-    only undoes the +128 that vpdpbusd's path adds to every activation byte."""
+    """_int8_tile's plain-loop twin: out[r, j] = float32(sum_g,i x[r, 4g+i] * panel[g, 4j+i]) *
+    (scales[r] * column_scales[j]) + bias[j] for j < columns, where x = q - activation_offset(q),
+    the quantized values. `corrections` is unused here: the tile's way to take the offset out."""
+    offset = activation_offset(q)
     for r in range(q.shape[0]):
         for j in range(columns):
             total = 0
             for g in range(panel.shape[0]):
                 for i in range(GROUP):
-                    total += np.int32(q[r, g * GROUP + i]) * np.int32(panel[g, j * GROUP + i])
+                    total += (np.int32(q[r, g * GROUP + i]) - offset) * np.int32(panel[g, j * GROUP + i])
             out[r, j] = f32(total) * (scales[r] * column_scales[j]) + bias[j]
 
 
@@ -190,7 +222,7 @@ else:
 
     @intrinsic
     def _int8_tile(typingctx, out, q, scales, panel, column_scales, corrections, bias, isa):
-        """One tile: out [rows, >= columns] float32, q [rows, K4 * 4] int8 or int16 (ACTIVATION[isa]),
+        """One tile: out [rows, >= columns] float32, q [rows, K4 * 4] uint8 or int16 (ACTIVATION[isa]),
         scales [rows], panel
         [K4, >= columns * 4] int8 with rows PANEL * 4 bytes apart, column_scales, corrections and
         bias from the tile's first column; rows in tile_counts(isa), columns TILE_COLUMNS[isa].
@@ -202,7 +234,7 @@ else:
             rows = cgutils.unpack_tuple(builder, arrays[0].shape)[0]
             groups = cgutils.unpack_tuple(builder, arrays[3].shape)[0]
             strides = [cgutils.unpack_tuple(builder, arrays[i].strides)[0] for i in (0, 1)]
-            q = builder.bitcast(arrays[1].data, ir.IntType(8).as_pointer())  # int8 or int16: addressed in bytes
+            q = builder.bitcast(arrays[1].data, ir.IntType(8).as_pointer())  # uint8 or int16: addressed in bytes
             operands = [
                 arrays[0].data,
                 strides[0],
@@ -364,9 +396,8 @@ else:
                     ),
                     align=size,
                 )  # this row's 4 values of the group
-                if vnni:
-                    unsigned = b.xor(x4, self.i32(0x80808080))  # s8 + 128 as u8, in every byte
-                    spread = self.splat(unsigned, self.accumulator)
+                if vnni:  # already + 128 (activation_offset): a broadcast from memory
+                    spread = self.splat(x4, self.accumulator)
                     updated += [
                         b.call(self.dot, [sums[r * self.vectors + v], spread, w[v]]) for v in range(self.vectors)
                     ]

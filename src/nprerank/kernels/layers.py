@@ -147,9 +147,9 @@ BY_PANELS = {  # the panels' dtype -> its precision's Steps
     np.dtype(np.int8): Steps(_int8_product, _int8_codes, _int8_rows, _int8_items, _int8_row_codes),
     np.dtype(np.uint16): Steps(_bf16_product, _bf16_codes, _bf16_rows, _bf16_items, _bf16_row_codes),
 }
-BY_ACTIVATION = {  # prepare_rows' codes dtype -> its precision's: int8's paths take int8 or int16
+BY_ACTIVATION = {  # prepare_rows' codes dtype -> its precision's: int8's paths take uint8 or int16
     np.dtype(np.float32): _fp32_rows,
-    np.dtype(np.int8): _int8_rows,
+    np.dtype(np.uint8): _int8_rows,
     np.dtype(np.int16): _int8_rows,
     np.dtype(np.uint16): _bf16_rows,
 }
