@@ -410,3 +410,18 @@ def test_a_special_file_at_the_layout_cache_path(tiny_model, tmp_path, monkeypat
         matrices = gemm_weights(weights)
         assert (tmp_path / f"layout-{name}.safetensors").is_file()
     np.testing.assert_array_equal(matrices[0].qkv_bias[:32], weights.layers[0].query.bias)
+
+
+def test_a_collected_model_closes_its_files_without_a_resource_warning(tiny_model):
+    """The word embeddings stay in their file, read row by row (weights.RowsOnDisk): the file is
+    closed when the model goes, silently (apps run with -W error, and pytest reports the warning)."""
+    import gc
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        reranker = Reranker.from_pretrained(tiny_model)
+        reranker.compute_score(["q", "a"])
+        del reranker
+        gc.collect()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)], [str(w.message) for w in caught]

@@ -24,6 +24,7 @@ import math
 import mmap
 import os
 import re
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,7 +51,8 @@ class RowsOnDisk:
     def __init__(self, path: Path, offset: int, shape: tuple, dtype):
         self.path, self.offset, self.shape, self.dtype = path, offset, shape, np.dtype(dtype)
         self.row_bytes = shape[1] * self.dtype.itemsize
-        self.file = open_regular_file(path)  # closed when the table is collected
+        self.file = open_regular_file(path)
+        weakref.finalize(self, self.file.close)  # closed when the table is collected, without a ResourceWarning
 
     def __getitem__(self, ids) -> np.ndarray:
         ids = np.asarray(ids)  # [N]
