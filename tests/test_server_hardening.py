@@ -376,7 +376,11 @@ def test_a_client_that_reads_no_answer_is_cut_off(tiny_model, reranker, tmp_path
 def test_connection_limit_answers_in_dialect_shape(tiny_model, reranker, tmp_path):
     """--max-connections bounds open sockets: past it a request gets 429 in its dialect's shape; once
     the idle connections time out, requests are served again."""
-    server = Server(["--model", str(tiny_model), "--max-connections", "8", "--header-timeout", "2"], tmp_path / "log")
+    server = Server(
+        ["--model", str(tiny_model), "--max-connections", "8", "--header-timeout", "2"]
+        + ["--allowed-origin", "https://app.example"],
+        tmp_path / "log",
+    )
     try:
         server.wait(timeout=STARTUP)
         idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(8)]
@@ -386,6 +390,10 @@ def test_connection_limit_answers_in_dialect_shape(tiny_model, reranker, tmp_pat
         for dialect, (path, body) in DIALECTS.items():
             response = post(server.url + path, json=body("q", ["a"]))
             refused(dialect, response, 429, "--max-connections", cloudflare_code=3040, tei_type="overloaded")
+        # a page of an allowed origin can read the refusal (and its Retry-After) to back off
+        response = post(server.url + "/v1/rerank", json={"query": "q", "documents": ["a"]}, headers=ORIGIN)
+        cohere_error(response, 429, "--max-connections")
+        assert response.headers["access-control-allow-origin"] == ORIGIN["origin"]
         time.sleep(2.5)
         for s in idle:  # closed by the server at the header deadline
             assert read_all(s, timeout=5) == b""
@@ -521,8 +529,11 @@ def test_cross_site_post_is_refused(server, reranker):
     check_cloudflare(response, reranker, "q", ["a"])
 
 
+ORIGIN = {"origin": "https://app.example"}
+
+
 def test_allowed_origin_gets_cors(open_server, reranker):
-    origin = {"origin": "https://app.example"}
+    origin = ORIGIN
     preflight = httpx.options(
         open_server.url + "/v1/rerank",
         headers={
@@ -545,6 +556,14 @@ def test_allowed_origin_gets_cors(open_server, reranker):
         403,
         "Origin",
     )
+    # the gate's refusals reach an allowed origin's page readable too
+    response = post(
+        open_server.url + "/v1/rerank",
+        json={"query": "q", "documents": ["a"]},
+        headers={**origin, "host": "evil.example"},
+    )
+    cohere_error(response, 403, "--allowed-host")
+    assert response.headers["access-control-allow-origin"] == "https://app.example"
 
 
 # --- finding 10: shutdown, paths, half-close, errors anywhere -------------------------------------

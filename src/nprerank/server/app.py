@@ -133,7 +133,8 @@ def build_app(
         return None
 
     class Gate:
-        """Outermost middleware: the gate above, then the app; any failure below answers in shape.
+        """The gate above, then the app; any failure below answers in shape. Outermost but for
+        CORS (which adds its headers to the gate's refusals too).
 
         After --shutdown-timeout uvicorn cancels the requests still in progress: they answer 503
         "shutting down" in their dialect's shape instead of uvicorn's 500 text/plain.
@@ -333,14 +334,17 @@ def build_app(
     routes += [Route("/info", tei_info, methods=["GET"]), Route("/openapi.json", openapi, methods=["GET"])]
     middleware = [Middleware(Gate)]
     if access.any_origin or access.origins:  # browsers of the allowed origins get CORS headers and preflights
-        middleware.append(
+        # outside the gate, so that its refusals (429 over capacity, 503 shutting down, 500) reach a
+        # page of an allowed origin readable, Retry-After included, not as an opaque network error
+        middleware.insert(
+            0,
             Middleware(
                 CORSMiddleware,
                 allow_origins=["*"] if access.any_origin else sorted(access.origins),
                 allow_methods=["GET", "POST"],
                 allow_headers=["*"],
                 expose_headers=["Retry-After"],
-            )
+            ),
         )
     app = Starlette(
         routes=routes, lifespan=lifespan, middleware=middleware, exception_handlers={404: not_found, 405: not_found}
