@@ -7,6 +7,7 @@ resuming after a killed run and after an injected failure with a torn last line,
 and without --skip-bad, and the progress lines.
 """
 
+import errno
 import json
 import os
 import random
@@ -227,6 +228,15 @@ def test_resume_after_an_injected_failure_and_a_torn_line(tmp_path, tiny_model, 
     assert "nothing to do" in capsys.readouterr().err
     assert (tmp_path / "cut.trec").read_bytes() == (tmp_path / "whole.trec").read_bytes()
 
+    def read_only(file, mode="r", *rest, **options):  # a read-only file system, as root cannot make one
+        if any(c in mode for c in "wax+"):
+            raise OSError(errno.EROFS, "Read-only file system", str(file))
+        return open(file, mode, *rest, **options)
+
+    monkeypatch.setattr(batch, "open", read_only, raising=False)  # shadows the builtin in batch.py
+    assert batch_cli(*args, "-o", tmp_path / "cut.trec") == 0  # a finished job is read, not written
+    assert "nothing to do" in capsys.readouterr().err
+
 
 def test_resume_after_the_process_is_killed(tmp_path, tiny_model):
     write_jsonl(tmp_path / "in.jsonl", jsonl_records(600, seed=4, docs=(8, 16)))
@@ -412,7 +422,14 @@ def test_usage_errors(tmp_path, tiny_model, capsys):
             "--output {tmp}/no/such/folder/out.jsonl: its folder {tmp}/no/such/folder does not exist",
         ),
         ("", "--output {tmp} is a folder; name a file in it"),
+        ("in.jsonl/out.jsonl", "--output {tmp}/in.jsonl/out.jsonl: {tmp}/in.jsonl is a file, not a folder"),
+        ("/dev/null", "--output /dev/null is not a regular file; name a file to write the results to"),
         ("x" * 300 + ".jsonl", "{tmp}/" + "x" * 300 + ".jsonl: File name too long"),
+        (
+            "y" * 249 + ".jsonl",  # 255 bytes: the output's name fits, its .progress file's does not
+            "--output {tmp}/" + "y" * 249 + ".jsonl: the name is too long for the progress file kept beside it "
+            "(" + "y" * 249 + ".jsonl.progress); choose a shorter name (that file adds 9 characters)",
+        ),
     ],
 )
 def test_an_output_that_cannot_be_written_is_one_line_before_the_model_loads(
@@ -455,8 +472,11 @@ def test_the_summary_counts_skipped_records_and_all_skipped_is_an_error(tmp_path
     assert batch_cli(tmp_path / "bad.jsonl", "-o", tmp_path / "none.jsonl", "--model", tiny_model, "--skip-bad") == 1
     err = capsys.readouterr().err
     assert "line 2: field 'documents' is missing (the record has 'query', 'passages')" in err
-    assert ", 2 bad records skipped -> " in err
+    assert "nprerank batch: 0 pairs" not in err  # no summary that reads as a finished job
     assert err.endswith("nprerank: error: no record could be scored: all 2 bad records were skipped\n"), err
+    assert not (tmp_path / "none.jsonl").exists() and not (tmp_path / "none.jsonl.progress").exists()
+    (tmp_path / "bad.jsonl").write_text(f"{good}\n", encoding="utf-8")  # mended: the job runs afresh
+    assert batch_cli(tmp_path / "bad.jsonl", "-o", tmp_path / "none.jsonl", "--model", tiny_model) == 0
 
 
 def test_plain_progress_lines_say_pairs_rate_and_eta(tmp_path, tiny_model, monkeypatch, capsys):

@@ -42,6 +42,7 @@ Read next: ray.py (the same job as a Ray Data pipeline), reranker.py (what score
 """
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -58,6 +59,7 @@ FORMATS = ("jsonl", "trec")
 DEPTH = 100  # --depth's default: the run's 100 best of each query, as BEIR reranks
 PROGRESS_EVERY = 30.0  # seconds between plain progress lines when stderr is not a terminal
 PROGRESS_VERSION = 1  # bump when the .progress file or the output records change meaning
+PROGRESS_SUFFIX = ".progress"  # the job's state, in a file beside its output
 
 
 class BadRecord(ValueError):
@@ -436,9 +438,13 @@ class Output:
         self.path = Path(path)
         if self.path.is_dir():
             raise OSError(f"--output {self.path} is a folder; name a file in it")
+        if self.path.parent.exists() and not self.path.parent.is_dir():
+            raise OSError(f"--output {self.path}: {self.path.parent} is a file, not a folder")
         if not self.path.parent.is_dir():
             raise OSError(f"--output {self.path}: its folder {self.path.parent} does not exist")
-        self.progress_path = self.path.with_name(self.path.name + ".progress")
+        if self.path.exists() and not self.path.is_file():  # /dev/null, a FIFO: not a file to resume
+            raise OSError(f"--output {self.path} is not a regular file; name a file to write the results to")
+        self.progress_path = self.path.with_name(self.path.name + PROGRESS_SUFFIX)
         self.settings = settings
         self.done, self.written, self.pairs, self.finished = 0, 0, 0, False
         progress = self._read_progress()
@@ -471,6 +477,9 @@ class Output:
                 f"{self.path} is shorter ({size} bytes) than its {self.progress_path.name} says "
                 f"({committed}): it was changed; remove both to start over"
             )
+        if self.finished:  # nothing to write: a finished job is reported even where it cannot be written
+            self.file = None
+            return
         self.file = open(self.path, "ab")
         self._lock()
         self.file.truncate(committed)  # drop a torn line or a batch written but never committed
@@ -499,6 +508,12 @@ class Output:
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as e:
+            if getattr(e, "errno", None) == errno.ENAMETOOLONG:  # the output's name fits, with ".progress" not
+                raise OSError(
+                    f"--output {self.path}: the name is too long for the progress file kept beside it "
+                    f"({self.progress_path.name}); choose a shorter name "
+                    f"(that file adds {len(PROGRESS_SUFFIX)} characters)"
+                ) from None
             raise ValueError(
                 f"{self.progress_path}: unreadable ({e}); remove it and the output to start over"
             ) from None
@@ -546,7 +561,8 @@ class Output:
         os.replace(temporary, self.progress_path)
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
 
 
 # --- progress ---------------------------------------------------------------------------------
@@ -737,14 +753,16 @@ def run_from_args(args, say=None) -> int:
         warm_up(reranker, say=say)  # a first run compiles the kernels: say so, before the silent wait
         scored = local_scores(reranker, jobs)
     summary = run(source, output, scored, args.format, args.tag, args.batch_size, say)
+    if output.written == 0 and source.skipped:  # --skip-bad passed over every record: nothing was done
+        output.path.unlink()  # empty: no output, and no finished job to resume, is left behind
+        output.progress_path.unlink()
+        raise ValueError(f"no record could be scored: all {count(source.skipped, 'bad record')} were skipped")
     rate = summary["pairs"] / max(summary["seconds"], 1e-9)
     skipped = f", {count(source.skipped, 'bad record')} skipped" if source.skipped else ""
     say(
         f"nprerank batch: {count(summary['pairs'], 'pair')} of {count(summary['records'], 'query')} in "
         f"{summary['seconds']:.1f} s ({rate:.1f} pairs/s){skipped} -> {args.output}"
     )
-    if output.written == 0 and source.skipped:  # --skip-bad passed over every record: nothing was done
-        raise ValueError(f"no record could be scored: all {count(source.skipped, 'bad record')} were skipped")
     return 0
 
 
