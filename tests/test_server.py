@@ -768,27 +768,47 @@ def test_503_while_loading(tiny_model, reranker, tmp_path):
 
 
 def test_model_that_fails_to_load_stops_the_server(tmp_path):
-    """A folder that exists but holds no model fails in the model thread: logged, then the server
-    stops with exit 1."""
-    (tmp_path / "empty-model").mkdir()
-    server = Server(["--model", str(tmp_path / "empty-model")], tmp_path / "log", env={"HF_HUB_OFFLINE": "1"})
+    """A folder that holds the model's files but cannot be loaded (a broken config.json) fails in
+    the model thread: logged, then the server stops with exit 1."""
+    folder = tmp_path / "broken-model"
+    folder.mkdir()
+    for name in ("config.json", "tokenizer.json", "model.safetensors"):
+        (folder / name).write_text("{")
+    server = Server(["--model", str(folder)], tmp_path / "log", env={"HF_HUB_OFFLINE": "1"})
     try:
         assert server.process.wait(timeout=60) == 1, server.log()
     finally:
         server.stop()
-    assert "could not load the model" in server.log() and "missing config.json" in server.log()
+    assert "could not load the model" in server.log() and "config.json" in server.log()
+    assert f"the model {folder} could not be loaded (the error is above)" in server.log()
     assert "Traceback" not in server.log()
 
 
-def test_a_model_folder_that_does_not_exist_fails_before_anything_is_served(tmp_path):
-    missing = tmp_path / "no-such-model"
-    server = Server(["--model", str(missing)], tmp_path / "log", env={"HF_HUB_OFFLINE": "1"})
+@pytest.mark.parametrize(
+    "model, phrase",
+    [
+        ("{tmp}/no-such-model", "{tmp}/no-such-model: no such model folder"),
+        ("{tmp}/empty", "{tmp}/empty: missing config.json, tokenizer.json, model.safetensors"),
+        ("{tmp}/a-file", "{tmp}/a-file is a file; a model is a folder"),
+        ("", "no model named"),
+        ("BAAI/not-cached-here", "BAAI/not-cached-here is not in the Hugging Face cache"),
+        ("a/b/c", "a/b/c: no such model folder"),
+    ],
+)
+def test_a_model_that_cannot_load_fails_before_anything_is_served(tmp_path, model, phrase):
+    """What can be known without the network is checked before the server listens: one line,
+    exit 1, and no moment where it answers a port it must close."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "a-file").write_text("not a model")
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    server = Server(["--model", model.format(tmp=tmp_path)], tmp_path / "log", env=env)
     try:
         assert server.process.wait(timeout=60) == 1, server.log()
     finally:
         server.stop()
-    assert f"{missing}: no such model folder" in server.log()
+    assert phrase.format(tmp=tmp_path) in server.log(), server.log()
     assert "Uvicorn running" not in server.log() and "Traceback" not in server.log()
+    assert len(server.log().strip().splitlines()) == 1, server.log()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

@@ -28,13 +28,12 @@ import numpy as np
 
 from . import precisions, reference
 from .config import ModelConfig, ModelError, default_max_length
-from .hub import resolve
+from .hub import check_folder, resolve
 from .tokenizer import SPECIAL_TOKENS_IN_PAIR, TRUNCATIONS, PairTokenizer, check_pairs, check_text
 from .weights import load_weights
 
 LONG_DOCUMENTS = ("truncate", "chunk")
 ENGINES = ("fast", "reference")
-MODEL_FILES = ("config.json", "tokenizer.json", "model.safetensors")
 
 
 class Reranker:
@@ -103,11 +102,7 @@ class Reranker:
         (bf16.py's; ModelError for a model with an odd hidden or feed-forward size); their logit
         errors on random models are in docs/performance.md; "fp32", the default, is exact.
         ModelError for a folder or checkpoint we cannot run; ValueError for a bad option."""
-        folder = resolve(check_text("path", path) if isinstance(path, str) else path)
-        # exists(), not is_file(): a FIFO or a folder in its place is refused by its reader, by name
-        missing = [name for name in MODEL_FILES if not (folder / name).exists()]
-        if missing:
-            raise ModelError(f"{folder}: missing {', '.join(missing)} (a model folder needs {', '.join(MODEL_FILES)})")
+        folder = check_folder(resolve(check_text("path", path) if isinstance(path, str) else path))
         config = ModelConfig.from_json(folder / "config.json")
         if max_length is None:
             max_length = default_max_length(config, folder / "tokenizer_config.json")

@@ -26,7 +26,7 @@ import threading
 
 from ..arguments import positive_int
 from ..config import ModelError
-from ..hub import folder_or_repo_id
+from ..hub import check_without_network
 from ..precisions import DEFAULT as PRECISION_DEFAULT
 from ..precisions import HELP as PRECISION_HELP
 from ..precisions import NAMES as PRECISION_NAMES
@@ -337,7 +337,7 @@ def serve(
             options["truncation"] = limits.truncation
         return Reranker.from_pretrained(model, **options)
 
-    folder_or_repo_id(model)  # a folder that does not exist fails here, not after the port is served
+    check_without_network(model)  # a model that cannot load fails here, not after the port is served
     loader = load
     if preload:  # loaded now, before the port is served; later reloads (a changed checkpoint) load afresh
         loaded = [load()]
@@ -373,7 +373,7 @@ def serve(
     with _signals_end_quietly():
         server.run(sockets=sockets)
     if app.state.batcher.state == "failed":
-        raise ModelError(f"could not load the model {model}: {app.state.batcher.problem}")
+        raise ModelError(f"the model {model} could not be loaded (the error is above)")  # as replicas.py says
 
 
 @contextlib.contextmanager
