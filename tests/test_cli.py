@@ -652,3 +652,13 @@ def test_every_command_that_loads_a_model_takes_dash_m(command, tmp_path):
     assert errors[0].returncode == errors[1].returncode != 0
     assert errors[0].stderr == errors[1].stderr and errors[0].stderr.count("\n") == 1, errors[0].stderr
     assert f"{missing}: no " in errors[0].stderr
+
+
+def test_the_command_line_imports_numba_only_when_a_command_needs_it():
+    """`import nprerank` leaves Reranker (numpy's kernels, Numba, LLVM) for first use, so that the
+    command line answers --help and usage errors quickly, and a Ctrl-C while Numba loads reaches
+    main's handler (one line, exit 130) instead of a traceback from the imports."""
+    code = "import sys, nprerank.cli; print('numba' in sys.modules); from nprerank import Reranker; print(Reranker)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["False", "<class 'nprerank.reranker.Reranker'>"], done.stdout

@@ -16,7 +16,17 @@ docs/architecture.md walks the forward pass with shapes.
 """
 
 from .config import ModelConfig, ModelError
-from .reranker import Reranker
 
 __version__ = "0.1.0"
 __all__ = ["Reranker", "ModelConfig", "ModelError", "__version__"]
+
+
+def __getattr__(name: str):
+    """`nprerank.Reranker`, imported when first asked for (PEP 562): it brings numpy, Numba and the
+    kernels, and the command line (cli.py, which imports this package first) must be able to answer
+    --help, a usage error or a Ctrl-C before that, as one line."""
+    if name == "Reranker":
+        from .reranker import Reranker
+
+        return Reranker
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
