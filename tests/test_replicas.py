@@ -105,6 +105,13 @@ def test_a_killed_worker_is_replaced(tmp_path, tiny_model):
 
 
 def test_a_model_that_does_not_load_stops_every_worker(tmp_path):
+    """A folder that holds the model's files but does not load (a broken config.json) fails in
+    the process that prepares the caches, before any worker starts. (A folder that does not exist
+    is refused earlier still: test_server.py's test_a_model_that_cannot_load_fails_before...)"""
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    for name in ("config.json", "tokenizer.json", "model.safetensors"):
+        (broken / name).write_text("{")
     port = free_port()
     done = subprocess.run(
         [
@@ -117,14 +124,14 @@ def test_a_model_that_does_not_load_stops_every_worker(tmp_path):
             "--port",
             str(port),
             "--model",
-            str(tmp_path / "no-such-model"),
+            str(broken),
         ],
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert done.returncode == 1, done.stderr
-    assert "no-such-model" in done.stderr and "could not be loaded" in done.stderr
+    assert "config.json" in done.stderr and f"the model {broken} could not be loaded" in done.stderr
     assert "Traceback" not in done.stderr
 
 

@@ -795,13 +795,14 @@ def test_model_that_fails_to_load_stops_the_server(tmp_path):
         ("a/b/c", "a/b/c: no such model folder"),
     ],
 )
-def test_a_model_that_cannot_load_fails_before_anything_is_served(tmp_path, model, phrase):
-    """What can be known without the network is checked before the server listens: one line,
-    exit 1, and no moment where it answers a port it must close."""
+@pytest.mark.parametrize("workers", [[], ["--workers", "2"]])
+def test_a_model_that_cannot_load_fails_before_anything_is_served(tmp_path, model, phrase, workers):
+    """What can be known without the network is checked before the server listens (or starts a
+    worker): one line, exit 1, and no moment where it answers a port it must close."""
     (tmp_path / "empty").mkdir()
     (tmp_path / "a-file").write_text("not a model")
     env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    server = Server(["--model", model.format(tmp=tmp_path)], tmp_path / "log", env=env)
+    server = Server(["--model", model.format(tmp=tmp_path), *workers], tmp_path / "log", env=env)
     try:
         assert server.process.wait(timeout=60) == 1, server.log()
     finally:

@@ -208,6 +208,7 @@ def serve_from_args(args: argparse.Namespace) -> None:
     if args.workers > 1:
         from .replicas import serve_replicas
 
+        check_without_network(args.model)  # in this process: one line, before any worker starts
         return serve_replicas(args.workers, options)
     serve(**options)
 
