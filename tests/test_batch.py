@@ -801,4 +801,26 @@ def test_an_input_edited_in_place_does_not_resume(tmp_path, tiny_model, monkeypa
     stamp = (tmp_path / "in.jsonl").stat()
     os.utime(tmp_path / "in.jsonl", ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 10**9))  # a later edit, surely
     assert batch_cli(*args) == 1
-    assert "was started with other settings (modified" in capsys.readouterr().err
+    assert "was started with other settings (an input file has been edited since)" in capsys.readouterr().err
+
+
+def test_the_same_model_folder_written_otherwise_resumes(tmp_path, tiny_model, monkeypatch, capsys):
+    """A job started with --model FOLDER resumes with FOLDER/, a relative path or a link to it."""
+    write_jsonl(tmp_path / "in.jsonl", jsonl_records(6, seed=3, docs=(1, 3)))
+    monkeypatch.setattr(batch, "local_scores", interrupted_after(2))
+    args = (tmp_path / "in.jsonl", "-o", tmp_path / "out.jsonl", "--batch-size", "1")
+    assert batch_cli(*args, "--model", tiny_model) == 130
+    monkeypatch.undo()
+    (tmp_path / "link").symlink_to(tiny_model)
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    for written, said in (
+        (f"{tiny_model}/", "resuming"),
+        ("link", "nothing to do"),
+        (os.path.relpath(tiny_model), "nothing to do"),
+    ):
+        assert batch_cli(*args, "--model", written) == 0
+        assert said in capsys.readouterr().err, written  # not "started with other settings"
+    write_jsonl(tmp_path / "again.jsonl", jsonl_records(6, seed=3, docs=(1, 3)))
+    assert batch_cli(tmp_path / "again.jsonl", "-o", tmp_path / "whole.jsonl", "--model", tiny_model) == 0
+    assert (tmp_path / "out.jsonl").read_bytes() == (tmp_path / "whole.jsonl").read_bytes()

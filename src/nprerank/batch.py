@@ -461,9 +461,12 @@ class Output:
             # a key only one side has (precision="int8") is a change too, told as its default's value
             before = {**UNRECORDED, **progress["settings"]}
             now = {**UNRECORDED, **settings}
-            changed = [k for k in dict.fromkeys([*now, *before]) if before.get(k) != now.get(k)]
+            changed = [k for k in dict.fromkeys([*now, *before]) if not _same_setting(k, before.get(k), now.get(k))]
             if changed:
-                was = ", ".join(f"{k} {before.get(k)!r} now {now.get(k)!r}" for k in changed)
+                told = [f"{k} {before.get(k)!r} now {now.get(k)!r}" for k in changed if k not in INPUT_STATE]
+                if set(changed) & set(INPUT_STATE):  # sizes and times in nanoseconds: say what they mean
+                    told.append("an input file has been edited since")
+                was = ", ".join(told)
                 raise ValueError(
                     f"{self.path} was started with other settings ({was}): rerun with the same "
                     f"ones, or remove it and {self.progress_path.name}"
@@ -702,12 +705,29 @@ def add_arguments(parser) -> None:
     )
 
 
+def _is_folder(model) -> bool:
+    return Path(os.path.expanduser(str(model))).is_dir()
+
+
+INPUT_STATE = ("sizes", "modified")  # settings that tell an input file was edited, not chosen otherwise
+
+
+def _same_setting(key: str, before, now) -> bool:
+    """Whether a job's setting is unchanged: a model folder is the same folder however it is
+    written (relative, with a trailing slash, through a link)."""
+    if key == "model" and isinstance(before, str) and isinstance(now, str):
+        folders = [Path(os.path.expanduser(name)) for name in (before, now)]
+        if all(folder.is_dir() for folder in folders):
+            return folders[0].resolve() == folders[1].resolve()
+    return before == now
+
+
 def run_from_args(args, say=None) -> int:
     say = say or (lambda line: print(line, file=sys.stderr, flush=True))
     source = _source(args, say)
     stats = [p.stat() for p in source.paths()]
     settings = dict(
-        model=str(args.model),
+        model=str(Path(os.path.expanduser(str(args.model))).resolve()) if _is_folder(args.model) else str(args.model),
         inputs=[str(p.resolve()) for p in source.paths()],
         sizes=[stat.st_size for stat in stats],
         modified=[stat.st_mtime_ns for stat in stats],  # an edit that keeps the size
