@@ -318,6 +318,7 @@ def test_bad_trec_inputs_are_named_and_skippable(tmp_path, tiny_model, capsys):
         "docid": (run[:1] + [f"{first_qid} Q0 nosuchdoc 1 1.0 bm25"] + run[1:], "docid 'nosuchdoc' is not in"),
         "qid": (["999 Q0 doc1 1 1.0 bm25"] + run, "run.trec: line 1: query id '999' is not in"),
         "regrouped": (run + [run[0]], "appears again after other queries"),
+        "twice": (run[:1] + run, f"docid {run[0].split()[2]!r} is listed for query {first_qid!r} on line 1 too"),
     }
     for name, (lines, message) in cases.items():
         trio["run"].write_text("\n".join(lines) + "\n")
@@ -824,3 +825,20 @@ def test_the_same_model_folder_written_otherwise_resumes(tmp_path, tiny_model, m
     write_jsonl(tmp_path / "again.jsonl", jsonl_records(6, seed=3, docs=(1, 3)))
     assert batch_cli(tmp_path / "again.jsonl", "-o", tmp_path / "whole.jsonl", "--model", tiny_model) == 0
     assert (tmp_path / "out.jsonl").read_bytes() == (tmp_path / "whole.jsonl").read_bytes()
+
+
+@pytest.mark.parametrize(
+    "documents, message",
+    [
+        ([{"id": "d", "text": "a"}, {"id": "d", "text": "b"}], "documents[1] has the id 'd' of documents[0]"),
+        ([{"id": "1", "text": "a"}, "b"], "documents[1] has the id '1' of documents[0]"),  # "b" is numbered 1
+    ],
+)
+def test_trec_output_refuses_a_document_id_twice_in_a_record(tmp_path, tiny_model, capsys, documents, message):
+    """trec_eval reads one line per (query, document): a ranking naming a document twice is
+    malformed. JSONL output keeps scores by position, so there it is no error."""
+    write_jsonl(tmp_path / "in.jsonl", [{"id": "q", "query": "panda", "documents": documents}])
+    assert batch_cli(tmp_path / "in.jsonl", "-o", tmp_path / "out.trec", "--model", tiny_model, "--format", "trec") == 1
+    err = capsys.readouterr().err
+    assert "in.jsonl: line 1: " in err and message in err and err.count("\n") == 1, err
+    assert batch_cli(tmp_path / "in.jsonl", "-o", tmp_path / "out.jsonl", "--model", tiny_model) == 0

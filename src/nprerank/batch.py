@@ -47,6 +47,7 @@ import json
 import os
 import sys
 import time
+import weakref
 from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -270,6 +271,15 @@ def _check_trec_ids(path, line_number: int, job: Job) -> None:
                 line_number,
                 f"field {name!r} is {value!r:.60}: a TREC run's ids cannot hold whitespace (use --format jsonl)",
             )
+    first = {}
+    for i, doc_id in enumerate(job.doc_ids):  # unnamed documents are numbered: "0" may meet an id "0"
+        if first.setdefault(doc_id, i) != i:
+            raise BadRecord(
+                path,
+                line_number,
+                f"documents[{i}] has the id {doc_id!r:.60} of documents[{first[doc_id]}]: a TREC run "
+                "lists each document of a query once (give every document its own id, or use --format jsonl)",
+            )
 
 
 def trec_field(text: str) -> str:
@@ -282,7 +292,7 @@ def trec_field(text: str) -> str:
 def _run_groups(path, bad):
     """A TREC run -> (qid, first line number, [(line number, docid, score)]) per query, in file order.
     A bad line is handed to `bad` (Source._bad: raise it, or count and log it) and passed over."""
-    seen = set()
+    seen, listed = set(), {}  # queries met; the current query's docids -> their line
     qid, first, lines = None, 0, []
     for line_number, raw in _records(path):
         try:
@@ -304,14 +314,21 @@ def _run_groups(path, bad):
                     f"query {fields[0]!r} appears again after other queries: the run "
                     "must keep each query's lines together (sort it: sort -s -k1,1)",
                 )
+            if fields[0] == qid and fields[2] in listed:  # scored twice, it would be ranked twice
+                raise BadRecord(
+                    path,
+                    line_number,
+                    f"docid {fields[2]!r:.60} is listed for query {qid!r:.60} on line {listed[fields[2]]} too",
+                )
         except BadRecord as error:
             bad(error)
             continue
         if fields[0] != qid:
             if qid is not None:
                 yield qid, first, lines
-            qid, first, lines = fields[0], line_number, []
+            qid, first, lines, listed = fields[0], line_number, [], {}
             seen.add(qid)
+        listed[fields[2]] = line_number
         lines.append((line_number, fields[2], score))
     if qid is not None:
         yield qid, first, lines
@@ -373,8 +390,9 @@ class LineIndex:
                 offset += len(raw)
         hashes, offsets = np.frombuffer(hashes, dtype=np.int64), np.frombuffer(offsets, dtype=np.int64)
         order = np.argsort(hashes, kind="stable")
-        self.hashes, self.offsets = hashes[order], offsets[order]
+        self.hashes, self.offsets = hashes[order], offsets[order]  # an id on two lines: the first is read
         self.file = open(path, "rb")
+        weakref.finalize(self, self.file.close)  # closed with the index, without a ResourceWarning
 
     def _parse(self, line_number, raw):
         return self.parse(line_number, _decode(self.path, line_number, raw))
