@@ -824,7 +824,7 @@ def _progress(message: str) -> None:
 def resolve_model(args) -> tuple:
     """(folder, description) from --model or --random; ModelError with the reason otherwise."""
     if getattr(args, "outliers", False) and not args.random:
-        raise ModelError("--outliers shapes the --random model only; give --random with it")
+        raise ValueError("--outliers shapes the --random model only; give --random with it")
     if getattr(args, "random_shape", None):
         return random_shape(args.random_shape)
     if args.random:
@@ -844,10 +844,9 @@ def resolve_model(args) -> tuple:
             "random weights, bge-reranker-base shape, real-size tokenizer "
             f"(synthetic.make_model(seed=1, real_size_tokenizer=True, outliers={outliers}))",
         )
-    folder = Path(args.model)
-    for name in ("config.json", "tokenizer.json", "model.safetensors"):
-        if not (folder / name).is_file():
-            raise ModelError(f"{folder}: no {name} (--model wants a bge-reranker-base folder)")
+    from .hub import check_folder, resolve
+
+    folder = check_folder(resolve(args.model))  # a folder, or a Hub repo id as everywhere else
     return folder, str(folder)
 
 
@@ -1316,7 +1315,10 @@ def run_from_args(args) -> int:
     measure, report_of = (bench_scale.run, bench_scale.format_report) if args.scale else (run, format_report)
     try:
         report = measure(args)
-    except (ModelError, ValueError, OSError) as e:
+    except (ModelError, OSError) as e:  # a model or a file that cannot be used: 1, as in every command
+        print(f"nprerank bench: error: {e}", file=sys.stderr)
+        return 1
+    except ValueError as e:  # options that cannot work together
         print(f"nprerank bench: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(report, indent=1) if args.json else report_of(report))
