@@ -443,7 +443,7 @@ def test_an_output_that_cannot_be_written_is_one_line_before_the_model_loads(
     assert err == f"nprerank: error: {message.format(tmp=tmp_path)}\n", err
 
 
-@pytest.mark.parametrize("content", [b"", b"\n\n  \r\n"])
+@pytest.mark.parametrize("content", [b"", b"\n\n  \r\n", "\ufeff\n\n".encode()])
 @pytest.mark.parametrize("trec", [False, True])
 def test_an_empty_input_is_an_error_not_a_finished_job(tmp_path, tiny_model, capsys, content, trec):
     if trec:

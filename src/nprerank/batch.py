@@ -60,6 +60,7 @@ FORMATS = ("jsonl", "trec")
 DEPTH = 100  # --depth's default: the run's 100 best of each query, as BEIR reranks
 PROGRESS_EVERY = 30.0  # seconds between plain progress lines when stderr is not a terminal
 PROGRESS_VERSION = 1  # bump when the .progress file or the output records change meaning
+BOM = "\ufeff".encode()  # the byte order mark Windows editors put at the start of a UTF-8 file
 PROGRESS_SUFFIX = ".progress"  # the job's state, in a file beside its output
 
 
@@ -191,7 +192,7 @@ def _records(path):
     a line that is not UTF-8 is a bad record for the caller, and must not end the iteration."""
     with open(path, "rb") as file:
         for line_number, raw in enumerate(file, 1):
-            if raw.strip():
+            if raw.strip() and raw.strip() != BOM:  # a byte order mark alone is a blank line too
                 yield line_number, raw
 
 
