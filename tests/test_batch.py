@@ -375,6 +375,10 @@ def test_an_output_from_elsewhere_or_other_settings_is_refused(tmp_path, tiny_mo
     (tmp_path / "out.jsonl").write_text("")  # someone emptied it: resuming would pad it with zeros
     assert batch_cli(tmp_path / "in.jsonl", "-o", tmp_path / "out.jsonl", "--model", tiny_model) == 1
     assert "is shorter (0 bytes) than its out.jsonl.progress says" in capsys.readouterr().err
+    (tmp_path / "out.jsonl").unlink()  # someone deleted it and left the progress file
+    assert batch_cli(tmp_path / "in.jsonl", "-o", tmp_path / "out.jsonl", "--model", tiny_model) == 1
+    err = capsys.readouterr().err
+    assert "out.jsonl is gone, but out.jsonl.progress beside it records" in err and "to start over" in err, err
 
 
 def test_usage_errors(tmp_path, tiny_model, capsys):

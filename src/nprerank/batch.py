@@ -493,6 +493,11 @@ class Output:
             committed, self.done, self.pairs = progress["bytes"], progress["records"], progress["pairs"]
             self.written = progress["written"]
             self.finished = progress.get("done", False)
+        if committed and not self.path.exists():
+            raise ValueError(
+                f"{self.path} is gone, but {self.progress_path.name} beside it records {committed} bytes "
+                f"written: restore it, or remove {self.progress_path} to start over"
+            )
         size = self.path.stat().st_size if self.path.exists() else 0
         if size < committed:  # truncate() would pad it with zeros: something else changed the file
             raise ValueError(
