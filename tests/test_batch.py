@@ -392,6 +392,8 @@ def test_usage_errors(tmp_path, tiny_model, capsys):
     assert "missing.jsonl: no such file" in capsys.readouterr().err
     assert batch_cli(tmp_path / "in.jsonl", "-o", tmp_path / "o", "--model", tiny_model, "--depth", 1) == 2
     assert "--depth picks the best of a --run's candidates" in capsys.readouterr().err
+    assert batch_cli(tmp_path / "in.jsonl", "-o", tmp_path / "o", "--model", tiny_model, "--concurrency", 2) == 2
+    assert "--concurrency sets how many Ray actors score; give --ray with it" in capsys.readouterr().err
     os.mkfifo(tmp_path / "pipe.jsonl")
     for not_a_file in (tmp_path / "pipe.jsonl", tmp_path):
         assert batch_cli(not_a_file, "-o", tmp_path / "o", "--model", tiny_model) == 1

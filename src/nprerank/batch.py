@@ -858,6 +858,8 @@ def _source(args, say) -> Source:
             "--depth picks the best of a --run's candidates; a JSONL INPUT's documents are all scored "
             "(keep the ones you want in the file)"
         )
+    if args.concurrency is not None and args.ray is None:  # the actors of a Ray run; alone it would do nothing
+        raise UsageError("--concurrency sets how many Ray actors score; give --ray with it")
     depth = args.depth if args.depth is not None else DEPTH
     source = Source(
         args.input, args.run, args.queries, args.corpus, depth, args.skip_bad, say, trec=args.format == "trec"
