@@ -394,6 +394,10 @@ def test_usage_errors(tmp_path, tiny_model, capsys):
     assert "--depth picks the best of a --run's candidates" in capsys.readouterr().err
     assert batch_cli(tmp_path / "in.jsonl", "-o", tmp_path / "o", "--model", tiny_model, "--concurrency", 2) == 2
     assert "--concurrency sets how many Ray actors score; give --ray with it" in capsys.readouterr().err
+    for dash in (["-", "-o", tmp_path / "o"], [tmp_path / "in.jsonl", "-o", "-"]):
+        assert batch_cli(*dash, "--model", tiny_model) == 2
+        assert "batch reads and writes files, not stdin or stdout" in capsys.readouterr().err
+    assert not (tmp_path / "-").exists() and not os.path.exists("-")
     os.mkfifo(tmp_path / "pipe.jsonl")
     for not_a_file in (tmp_path / "pipe.jsonl", tmp_path):
         assert batch_cli(not_a_file, "-o", tmp_path / "o", "--model", tiny_model) == 1

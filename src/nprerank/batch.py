@@ -860,6 +860,11 @@ def _source(args, say) -> Source:
         )
     if args.concurrency is not None and args.ray is None:  # the actors of a Ray run; alone it would do nothing
         raise UsageError("--concurrency sets how many Ray actors score; give --ray with it")
+    if "-" in (str(args.output), str(args.input), *map(str, trio)):  # the Unix "stdin/stdout" name
+        raise UsageError(
+            "batch reads and writes files, not stdin or stdout (it reads its inputs more than once, "
+            "and resumes from its output): name the files"
+        )
     depth = args.depth if args.depth is not None else DEPTH
     source = Source(
         args.input, args.run, args.queries, args.corpus, depth, args.skip_bad, say, trec=args.format == "trec"
