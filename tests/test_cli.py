@@ -256,10 +256,14 @@ def test_interrupt_exits_130_without_traceback(tiny_model):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # as a terminal's Ctrl-C finds it: a test run started in the background of a script
+        # (`cmd &` without job control) ignores SIGINT, its children inherit that, and Python then
+        # installs no KeyboardInterrupt handler at all (the reason this test failed in such runs)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
-    # wait until it is blocked reading its contexts from stdin (read(2) on fd 0): a fixed sleep
-    # raced a loaded host, where the signal then landed in the imports, and CPython drops a
-    # KeyboardInterrupt raised in an import lock's weakref callback ("Exception ignored")
+    # wait until it is blocked reading its contexts from stdin (read(2) on fd 0), not a fixed
+    # sleep: a signal that lands in the imports can be lost (CPython drops a KeyboardInterrupt
+    # raised in an import lock's weakref callback, "Exception ignored")
     read = {"x86_64": "0", "aarch64": "63"}.get(platform.machine())
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
