@@ -729,8 +729,10 @@ def add_arguments(parser) -> None:
     )
 
 
-def _is_folder(model) -> bool:
-    return Path(os.path.expanduser(str(model))).is_dir()
+def _model_folder(model) -> Path | None:
+    """The folder `--model` names, resolved (absolute, links followed), or None for a repo id."""
+    folder = Path(os.path.expanduser(str(model)))
+    return folder.resolve() if folder.is_dir() else None
 
 
 INPUT_STATE = ("sizes", "modified")  # settings that tell an input file was edited, not chosen otherwise
@@ -740,9 +742,9 @@ def _same_setting(key: str, before, now) -> bool:
     """Whether a job's setting is unchanged: a model folder is the same folder however it is
     written (relative, with a trailing slash, through a link)."""
     if key == "model" and isinstance(before, str) and isinstance(now, str):
-        folders = [Path(os.path.expanduser(name)) for name in (before, now)]
-        if all(folder.is_dir() for folder in folders):
-            return folders[0].resolve() == folders[1].resolve()
+        folders = [_model_folder(name) for name in (before, now)]
+        if None not in folders:
+            return folders[0] == folders[1]
     return before == now
 
 
@@ -751,7 +753,7 @@ def run_from_args(args, say=None) -> int:
     source = _source(args, say)
     stats = [p.stat() for p in source.paths()]
     settings = dict(
-        model=str(Path(os.path.expanduser(str(args.model))).resolve()) if _is_folder(args.model) else str(args.model),
+        model=str(_model_folder(args.model) or args.model),
         inputs=[str(p.resolve()) for p in source.paths()],
         sizes=[stat.st_size for stat in stats],
         modified=[stat.st_mtime_ns for stat in stats],  # an edit that keeps the size

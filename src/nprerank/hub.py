@@ -34,8 +34,7 @@ from pathlib import Path
 from .config import ModelError
 
 DEFAULT_MODEL = "BAAI/bge-reranker-base"
-MODEL_FILES = ("config.json", "tokenizer.json", "model.safetensors")  # what a model folder holds
-REQUIRED_FILES = ("config.json", "tokenizer.json", "model.safetensors")
+REQUIRED_FILES = ("config.json", "tokenizer.json", "model.safetensors")  # what a model folder holds
 OPTIONAL_FILES = ("tokenizer_config.json", "special_tokens_map.json")  # small; other tools like to find them
 DEFAULT_TIMEOUT = 5.0  # seconds to wait for the Hub's first answer before calling it unreachable
 
@@ -130,18 +129,18 @@ def folder_or_repo_id(name_or_path) -> Path | str:
     if path.is_dir():
         return path
     if path.exists():
-        raise ModelError(f"{name_or_path} is a file; a model is a folder ({', '.join(MODEL_FILES)})")
+        raise ModelError(f"{name_or_path} is a file; a model is a folder ({', '.join(REQUIRED_FILES)})")
     if isinstance(name_or_path, os.PathLike):  # a Path is never a repo id
         raise ModelError(f"{name_or_path}: no such model folder")
     return _repo_id(str(name_or_path))
 
 
 def check_folder(folder: Path) -> Path:
-    """`folder`, or a ModelError naming the MODEL_FILES it lacks."""
+    """`folder`, or a ModelError naming the REQUIRED_FILES it lacks."""
     # exists(), not is_file(): a FIFO or a folder in its place is refused by its reader, by name
-    missing = [name for name in MODEL_FILES if not (folder / name).exists()]
+    missing = [name for name in REQUIRED_FILES if not (folder / name).exists()]
     if missing:
-        raise ModelError(f"{folder}: missing {', '.join(missing)} (a model folder needs {', '.join(MODEL_FILES)})")
+        raise ModelError(f"{folder}: missing {', '.join(missing)} (a model folder needs {', '.join(REQUIRED_FILES)})")
     return folder
 
 
@@ -151,9 +150,11 @@ def check_without_network(name_or_path) -> None:
     id not cached while HF_HUB_OFFLINE is set. A repo id to download is left to the load. What a
     server checks before it listens, so that it never answers a port it must then close."""
     found = folder_or_repo_id(name_or_path)
-    if isinstance(found, str) and not _offline(None) and _cached_folder(found, None, None) is None:
-        return
-    check_folder(resolve(name_or_path))
+    if isinstance(found, str):
+        if not _offline(None) and _cached_folder(found, None, None) is None:
+            return
+        found = resolve(found)  # cached, or the offline error
+    check_folder(found)
 
 
 def _repo_id(name: str) -> str:
